@@ -1,0 +1,20 @@
+//! What every reconciler is handed: built once per leadership term.
+
+use crate::{leader::Leadership, metrics::Metrics};
+use kube::{Client, runtime::events::Recorder};
+use std::time::Duration;
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub leadership: Leadership,
+    pub config: Config,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How often an object is reconciled again with nothing changed: the backstop that
+    /// makes state converge even if a watch event was lost.
+    pub resync: Duration,
+}

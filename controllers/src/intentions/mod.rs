@@ -1,0 +1,192 @@
+//! The intentions reconciler: validates each ServiceIntentions, decides which object is
+//! in force for its destination, and reports both in status and Events.
+//!
+//! The compiled form sidecars consume, and the scan for pods that should be meshed but
+//! are not, arrive with the mesh issue; this module is where they will live.
+
+mod conflicts;
+mod validate;
+
+use crate::{
+    context::Context,
+    leader,
+    status::{self, HasStatus, Outcome},
+};
+use capstan_crds::{
+    ServiceIntentions, ServiceIntentionsStatus,
+    conditions::{self, ConditionStatus, READY},
+};
+use conflicts::Verdict;
+use futures::StreamExt;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::ListParams,
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use std::{future::Future, sync::Arc, time::Duration};
+
+const CONTROLLER: &str = "intentions";
+
+/// Condition reasons this reconciler sets on Ready.
+pub mod reasons {
+    pub const ACCEPTED: &str = "Accepted";
+    pub const CONFLICT: &str = "Conflict";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listing ServiceIntentions")]
+    List(#[source] kube::Error),
+    #[error(transparent)]
+    Status(#[from] status::Error),
+    #[error(transparent)]
+    Leader(#[from] leader::Error),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::List(_) => "list",
+            Self::Status(status::Error::Leader(_)) | Self::Leader(_) => "not_leader",
+            Self::Status(status::Error::Contended { .. }) => "status_contended",
+            Self::Status(_) => "status",
+        }
+    }
+}
+
+impl HasStatus for ServiceIntentions {
+    type Status = ServiceIntentionsStatus;
+
+    fn status(&self) -> Option<&ServiceIntentionsStatus> {
+        self.status.as_ref()
+    }
+}
+
+/// Runs the reconciler until `shutdown` resolves (in-flight reconciles finish first).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let api = Api::<ServiceIntentions>::all(ctx.client.clone());
+    let controller = Controller::new(api.clone(), watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let rivals_store = store.clone();
+    controller
+        // Another object's change (above all its deletion) can change this one's verdict.
+        .watches(api, watcher::Config::default(), move |changed: ServiceIntentions| {
+            let dest = conflicts::destination(&changed);
+            let changed_key = conflicts::key(&changed);
+            rivals_store
+                .state()
+                .into_iter()
+                .filter(move |o| conflicts::destination(o) == dest && conflicts::key(o) != changed_key)
+                .map(|o| ObjectRef::from(o.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |obj, ctx| reconcile(obj, ctx, store.clone()),
+            error_policy,
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+#[tracing::instrument(skip(obj, ctx, store), fields(ns = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+async fn reconcile(obj: Arc<ServiceIntentions>, ctx: Arc<Context>, store: Store<ServiceIntentions>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.start(CONTROLLER);
+    ctx.leadership.ensure()?;
+    if obj.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let generation = obj.metadata.generation;
+
+    let problems = validate::validate(&obj.spec);
+    let mut verdict = conflicts::verdict(&obj, store.state().iter().map(|o| o.as_ref()));
+    if matches!(verdict, Verdict::Shadowed { .. }) {
+        // The cache can still hold an object deleted while our watch was down (it is
+        // only swapped at the end of a relist): confirm a conflict with a live read
+        // before reporting it.
+        let live = Api::<ServiceIntentions>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::List)?;
+        verdict = conflicts::verdict(&obj, live.items.iter());
+    }
+
+    let (ready, reason, message, conflicts) = match (&verdict, problems.is_empty()) {
+        (_, false) => (ConditionStatus::False, reasons::INVALID_SPEC, problems.join("; "), vec![]),
+        (Verdict::Shadowed { by }, true) => (
+            ConditionStatus::False,
+            reasons::CONFLICT,
+            format!(
+                "destination {}/{} is already governed by ServiceIntentions {by}, which is older; \
+                 merge the sources into it or delete one of them",
+                conflicts::destination(&obj).0,
+                obj.spec.destination.name
+            ),
+            vec![by.clone()],
+        ),
+        (Verdict::InForce { shadowed }, true) => {
+            let mut message = format!("{} source(s) in force", obj.spec.sources.len());
+            if !shadowed.is_empty() {
+                message.push_str(&format!("; newer objects for the same destination are ignored: {}", shadowed.join(", ")));
+            }
+            (ConditionStatus::True, reasons::ACCEPTED, message, shadowed.clone())
+        }
+    };
+
+    let api = Api::<ServiceIntentions>::namespaced(ctx.client.clone(), &ns);
+    let condition = conditions::new(READY, ready, reason, message.clone(), generation);
+    let sources = i32::try_from(obj.spec.sources.len()).unwrap_or(i32::MAX);
+    let outcome = status::update(&api, &name, &ctx.leadership, &ctx.metrics, CONTROLLER, |status| {
+        status.observed_generation = generation;
+        status.sources = Some(sources);
+        status.conflicts = conflicts.clone();
+        conditions::upsert(&mut status.conditions, condition.clone());
+    })
+    .await?;
+
+    if let Outcome::Written { before, .. } = outcome {
+        let previous = conditions::get(&before.conditions, READY);
+        let flipped = previous.is_none_or(|c| c.status != ready.as_str() || c.reason != reason);
+        if flipped {
+            publish(&ctx, &obj, ready, reason, message).await;
+        }
+    }
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+async fn publish(ctx: &Context, obj: &ServiceIntentions, ready: ConditionStatus, reason: &str, note: String) {
+    let event = Event {
+        type_: if ready == ConditionStatus::True { EventType::Normal } else { EventType::Warning },
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if ctx.leadership.ensure().is_err() {
+        return;
+    }
+    if let Err(error) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::warn!(%error, "Publishing an event");
+    }
+}
+
+fn error_policy(_obj: Arc<ServiceIntentions>, error: &Error, ctx: Arc<Context>) -> Action {
+    let label = error.metric_label();
+    ctx.metrics.failed(CONTROLLER, label);
+    if label == "not_leader" {
+        // The term is ending; the controller is about to be dropped.
+        return Action::await_change();
+    }
+    tracing::warn!(error = %error, source = ?std::error::Error::source(error), "Reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,189 @@
+//! capstan-controller: every Capstan reconciler, run by whichever replica holds the
+//! leader Lease.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+mod context;
+mod intentions;
+mod leader;
+mod metrics;
+mod status;
+
+use anyhow::Context as _;
+use capstan_crds::ServiceIntentions;
+use capstan_telemetry::{AdminServer, Health, LoggingArgs, Registry};
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::events::{Recorder, Reporter},
+};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(name = "capstan-controller", version, about)]
+struct Args {
+    #[command(flatten)]
+    logging: LoggingArgs,
+    /// Where /healthz and /metrics are served.
+    #[arg(long, env = "CAPSTAN_CONTROLLER_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+    admin_addr: SocketAddr,
+    /// Namespace of the leader Lease (the namespace Capstan runs in).
+    #[arg(long, env = "CAPSTAN_CONTROLLER_NAMESPACE", default_value = "capstan-system")]
+    namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "CAPSTAN_CONTROLLER_LEASE_NAME", default_value = "capstan-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease and in Events (the pod name in a cluster).
+    #[arg(long, env = "CAPSTAN_CONTROLLER_IDENTITY")]
+    identity: Option<String>,
+    /// How long a leader's Lease lasts without renewal before a standby takes over.
+    #[arg(long, env = "CAPSTAN_CONTROLLER_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// How long a leader keeps trying to renew before it stops acting as leader.
+    #[arg(long, env = "CAPSTAN_CONTROLLER_RENEW_DEADLINE_SECONDS", default_value_t = 10)]
+    renew_deadline_seconds: u64,
+    /// How often the leader renews and standbys retry.
+    #[arg(long, env = "CAPSTAN_CONTROLLER_RETRY_PERIOD_SECONDS", default_value_t = 2)]
+    retry_period_seconds: u64,
+    /// How often every object is reconciled again with nothing changed.
+    #[arg(long, env = "CAPSTAN_CONTROLLER_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.logging.init();
+    anyhow::ensure!(
+        args.renew_deadline_seconds < args.lease_duration_seconds && args.retry_period_seconds < args.renew_deadline_seconds,
+        "need retry period < renew deadline < lease duration"
+    );
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+
+    let mut registry = capstan_telemetry::registry("capstan_controller");
+    let metrics = metrics::Metrics::register(&mut registry);
+    let health = Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;
+    let admin = tokio::spawn(admin.serve(stopped(stop_rx.clone())));
+    tokio::spawn(async move {
+        capstan_telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let client = Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    tracing::info!(%identity, namespace = %args.namespace, "Starting capstan-controller");
+
+    let mut elector = leader::Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &args.namespace),
+        leader::Config {
+            lease_name: args.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(args.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(args.renew_deadline_seconds),
+            retry_period: Duration::from_secs(args.retry_period_seconds),
+        },
+    );
+    let ctx = Arc::new(context::Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "capstan-controller".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+        leadership: elector.leadership(),
+        config: context::Config {
+            resync: Duration::from_secs(args.resync_seconds),
+        },
+    });
+
+    tokio::select! {
+        () = wait_for_crds(&client) => {}
+        () = stopped(stop_rx.clone()) => return finish(admin).await,
+    }
+
+    loop {
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = stopped(stop_rx.clone()) => break,
+        }
+        metrics.leader.set(1);
+        metrics.leader_terms.inc();
+        // Reconcilers stop on either a shutdown or the end of this term.
+        let (term_tx, term_rx) = watch::channel(false);
+        let stop = stopped(stop_rx.clone());
+        let end_of_term = stopped(term_rx);
+        let controllers = tokio::spawn(run_controllers(ctx.clone(), async move {
+            tokio::select! { () = stop => {}, () = end_of_term => {} }
+        }));
+        tokio::select! {
+            _ = elector.hold() => {
+                // The term is over: stop at once, without waiting for in-flight work,
+                // which could no longer write anyway (every write checks the term).
+                controllers.abort();
+                metrics.leader.set(0);
+                let _ = term_tx.send(true);
+                continue;
+            }
+            () = stopped(stop_rx.clone()) => {
+                // In-flight reconciles finish, then the Lease is released so a standby
+                // takes over now rather than after the lease duration.
+                if tokio::time::timeout(Duration::from_secs(20), controllers).await.is_err() {
+                    tracing::warn!("Reconcilers did not stop within 20s");
+                }
+                metrics.leader.set(0);
+                elector.release().await;
+                break;
+            }
+        }
+    }
+    health.set(false);
+    finish(admin).await
+}
+
+/// Every reconciler, concurrently, until `shutdown` resolves.
+async fn run_controllers(ctx: Arc<context::Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    intentions::run(ctx, shutdown).await;
+}
+
+/// Resolves once the receiver has seen `true`.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn finish(admin: tokio::task::JoinHandle<Result<(), capstan_telemetry::Error>>) -> anyhow::Result<()> {
+    admin.await??;
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+/// Waits until the API serves our kinds, so a controller started before its CRDs
+/// (a fresh install) waits for them instead of crashing into a restart loop.
+async fn wait_for_crds(client: &Client) {
+    let api = Api::<ServiceIntentions>::all(client.clone());
+    let mut warned = false;
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(error) if !warned => {
+                tracing::warn!(%error, "Waiting for the Capstan CRDs to be served");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "capstan".into());
+    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on loopback, for tests and local use.
+#
+#   hack/cluster.sh build   build (once, cached by version) every binary the cluster needs
+#   hack/cluster.sh up      build if needed, start the cluster, write its kubeconfig
+#   hack/cluster.sh env     print `export KUBECONFIG=...` for the running cluster
+#   hack/cluster.sh status  exit 0 if the cluster answers, 1 otherwise
+#   hack/cluster.sh down    stop every process of the cluster and wait until they are gone
+#
+# kube-apiserver, kube-controller-manager and kube-scheduler come from the k8s.io/kubernetes
+# Go module, etcd from go.etcd.io/etcd/server/v3, kwok/kwokctl and helm from theirs, all at
+# the versions pinned in hack/versions.env. kwokctl's binary runtime assembles them; kwok
+# provides simulated nodes spread over two datacenters (topology.kubernetes.io/region).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=versions.env
+source "$ROOT/hack/versions.env"
+
+CACHE=${CAPSTAN_CACHE:-$ROOT/.cache}
+BIN=$CACHE/bin
+CLUSTER_NAME=${CAPSTAN_CLUSTER_NAME:-capstan}
+export KWOK_WORKDIR=$CACHE/kwok
+CLUSTER_DIR=$KWOK_WORKDIR/clusters/$CLUSTER_NAME
+KUBECONFIG_OUT=$CACHE/kubeconfig
+
+KUBE_DIR=$BIN/kubernetes-$KUBE_VERSION
+ETCD_DIR=$BIN/etcd-$ETCD_VERSION
+KWOK_DIR=$BIN/kwok-$KWOK_VERSION
+HELM_DIR=$BIN/helm-$HELM_VERSION
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# build_into DIR NAME CMD...: runs CMD with $OUT set to a scratch folder, then moves the
+# folder into place, so an interrupted build never leaves a half-filled cache entry.
+build_into() {
+  local dir=$1 name=$2; shift 2
+  if [ -d "$dir" ]; then return 0; fi
+  log "building $name (first run only; cached in ${dir#"$ROOT"/})"
+  local started=$SECONDS
+  OUT=$(mktemp -d "$BIN/.tmp.XXXXXX")
+  if ! "$@" >"$OUT.log" 2>&1; then
+    tail -n 40 "$OUT.log" >&2
+    rm -rf "$OUT" "$OUT.log"
+    die "building $name failed"
+  fi
+  rm -f "$OUT.log"
+  mv "$OUT" "$dir"
+  log "built $name in $((SECONDS - started))s"
+}
+
+build_kubernetes() {
+  local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  local ld="" pkg
+  # Kubernetes' own build stamps these; without them the server reports v0.0.0-master,
+  # which kubectl cannot parse.
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  (cd "$ROOT/hack/go/kubernetes" &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ld" -o "$OUT/" \
+      k8s.io/kubernetes/cmd/kube-apiserver \
+      k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler)
+}
+
+build_etcd() {
+  (cd "$ROOT/hack/go/etcd" &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3 &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$OUT/etcdctl" go.etcd.io/etcd/etcdctl/v3)
+}
+
+build_kwok() {
+  CGO_ENABLED=0 GOBIN=$OUT go install -trimpath -ldflags "-s -w" \
+    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+}
+
+build_helm() {
+  CGO_ENABLED=0 GOBIN=$OUT go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+}
+
+cmd_build() {
+  command -v go >/dev/null || die "the Go toolchain is needed to build the control plane"
+  mkdir -p "$BIN"
+  build_into "$ETCD_DIR" "etcd $ETCD_VERSION" build_etcd
+  build_into "$KWOK_DIR" "kwok $KWOK_VERSION" build_kwok
+  build_into "$HELM_DIR" "helm $HELM_VERSION" build_helm
+  build_into "$KUBE_DIR" "kubernetes $KUBE_VERSION" build_kubernetes
+}
+
+
+kubectl_() { kubectl --kubeconfig "$KUBECONFIG_OUT" "$@"; }
+
+# The cluster answers: its kubeconfig exists and the API server is healthy.
+cluster_answers() {
+  [ -f "$KUBECONFIG_OUT" ] && kubectl_ get --raw /readyz >/dev/null 2>&1
+}
+
+component_pids() {
+  local f
+  for f in "$CLUSTER_DIR"/pids/*.pid; do
+    [ -f "$f" ] && cat "$f"
+  done
+  return 0
+}
+
+# Prints the last lines of every component's log, for a failed start.
+print_logs() {
+  local f
+  for f in "$CLUSTER_DIR"/logs/*.log; do
+    [ -f "$f" ] || continue
+    printf '\n--- %s (last 30 lines) ---\n' "${f#"$ROOT"/}" >&2
+    tail -n 30 "$f" >&2
+  done
+}
+
+# Simulated nodes: two datacenters (regions), two zones each. kwok keeps them Ready
+# and moves pods bound to them to Running.
+nodes_yaml() {
+  local i region zone
+  for i in 1 2 3 4; do
+    region=dc$(( (i + 1) / 2 )); zone=$region-$(( (i + 1) % 2 == 0 ? 1 : 2 ))
+    cat <<NODE
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-node-$i
+  annotations:
+    kwok.x-k8s.io/node: fake
+  labels:
+    kubernetes.io/hostname: kwok-node-$i
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    node.kubernetes.io/instance-type: kwok
+    topology.kubernetes.io/region: $region
+    topology.kubernetes.io/zone: $zone
+    type: kwok
+status:
+  allocatable: {cpu: "32", memory: 128Gi, pods: "110"}
+  capacity: {cpu: "32", memory: 128Gi, pods: "110"}
+  nodeInfo: {architecture: amd64, operatingSystem: linux, kubeletVersion: fake, kubeProxyVersion: fake}
+NODE
+  done
+}
+
+cmd_up() {
+  cmd_build
+  if cluster_answers; then
+    log "cluster '$CLUSTER_NAME' is already running"
+    cmd_env
+    return 0
+  fi
+  # A cluster folder with no live API server is left from a crash: clear it first.
+  [ -d "$CLUSTER_DIR" ] && cmd_down
+  mkdir -p "$CACHE"
+  log "starting cluster '$CLUSTER_NAME' (Kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
+  local started=$SECONDS
+  # Every component listens on loopback only; RBAC (Node,RBAC authorization) and the
+  # default admission plugins are on, as on a real cluster.
+  if ! "$KWOK_DIR/kwokctl" create cluster --name "$CLUSTER_NAME" --runtime binary \
+      --kube-apiserver-binary "$KUBE_DIR/kube-apiserver" \
+      --kube-controller-manager-binary "$KUBE_DIR/kube-controller-manager" \
+      --kube-scheduler-binary "$KUBE_DIR/kube-scheduler" \
+      --etcd-binary "$ETCD_DIR/etcd" \
+      --kwok-controller-binary "$KWOK_DIR/kwok" \
+      --kube-authorization --kube-admission \
+      --extra-args kube-apiserver=bind-address=127.0.0.1 \
+      --extra-args kube-controller-manager=bind-address=127.0.0.1 \
+      --extra-args kube-scheduler=bind-address=127.0.0.1 \
+      --kubeconfig "$KUBECONFIG_OUT" \
+      --wait 120s >"$CACHE/kwokctl-create.log" 2>&1; then
+    cat "$CACHE/kwokctl-create.log" >&2
+    print_logs
+    die "the cluster did not start"
+  fi
+  if ! nodes_yaml | kubectl_ apply -f - >/dev/null ||
+     ! kubectl_ wait --for=condition=Ready node --all --timeout=60s >/dev/null; then
+    print_logs
+    die "the simulated nodes did not become Ready"
+  fi
+  log "cluster '$CLUSTER_NAME' is up in $((SECONDS - started))s with 4 nodes in 2 regions (dc1, dc2)"
+  cmd_env
+}
+
+cmd_env() {
+  [ -f "$KUBECONFIG_OUT" ] || die "no cluster: run $0 up"
+  echo "export KUBECONFIG=$KUBECONFIG_OUT"
+  log "use it with: eval \"\$($0 env)\"; kubectl get nodes -L topology.kubernetes.io/region"
+}
+
+cmd_status() {
+  cluster_answers
+}
+
+cmd_down() {
+  local pids pid waited=0
+  pids=$(component_pids)
+  if [ -d "$CLUSTER_DIR" ]; then
+    "$KWOK_DIR/kwokctl" delete cluster --name "$CLUSTER_NAME" >"$CACHE/kwokctl-delete.log" 2>&1 ||
+      log "kwokctl delete cluster failed (see ${CACHE#"$ROOT"/}/kwokctl-delete.log); stopping the processes directly"
+  fi
+  # kwokctl returns before its processes have exited: wait for each by its own pid,
+  # and kill what is still there after 20 s.
+  for pid in $pids; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in $pids; do
+    while kill -0 "$pid" 2>/dev/null; do
+      if [ $waited -ge 200 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+      sleep 0.1; waited=$((waited + 1))
+    done
+  done
+  rm -rf "$CLUSTER_DIR" "$KUBECONFIG_OUT"
+  log "cluster '$CLUSTER_NAME' is down"
+}
+
+case "${1:-}" in
+  build) cmd_build ;;
+  up) cmd_up ;;
+  env) cmd_env ;;
+  status) cmd_status ;;
+  down) cmd_down ;;
+  *) echo "usage: $0 build|up|env|status|down" >&2; exit 2 ;;
+esac
