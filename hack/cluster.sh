@@ -39,7 +39,7 @@ build_into() {
   if [ -d "$dir" ]; then return 0; fi
   log "building $name (first run only; cached in ${dir#"$ROOT"/})"
   local started=$SECONDS
-  OUT=$(mktemp -d "$BIN/.tmp.XXXXXX")
+  OUT=$(mktemp -d "$BIN/.tmp.XXXXXX"); chmod 755 "$OUT"
   if ! "$@" >"$OUT.log" 2>&1; then
     tail -n 40 "$OUT.log" >&2
     rm -rf "$OUT" "$OUT.log"
@@ -104,7 +104,8 @@ cluster_answers() {
 component_pids() {
   local f
   for f in "$CLUSTER_DIR"/pids/*.pid; do
-    [ -f "$f" ] && cat "$f"
+    # kwokctl writes the pid without a trailing newline
+    [ -f "$f" ] && echo "$(<"$f")"
   done
   return 0
 }
@@ -161,18 +162,15 @@ cmd_up() {
   mkdir -p "$CACHE"
   log "starting cluster '$CLUSTER_NAME' (Kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
   local started=$SECONDS
-  # Every component listens on loopback only; RBAC (Node,RBAC authorization) and the
-  # default admission plugins are on, as on a real cluster.
-  if ! "$KWOK_DIR/kwokctl" create cluster --name "$CLUSTER_NAME" --runtime binary \
+  # Every component listens on loopback only (hack/kwokctl.yaml); RBAC (Node,RBAC
+  # authorization) and the default admission plugins are on, as on a real cluster.
+  if ! "$KWOK_DIR/kwokctl" -c "$ROOT/hack/kwokctl.yaml" create cluster --name "$CLUSTER_NAME" --runtime binary \
       --kube-apiserver-binary "$KUBE_DIR/kube-apiserver" \
       --kube-controller-manager-binary "$KUBE_DIR/kube-controller-manager" \
       --kube-scheduler-binary "$KUBE_DIR/kube-scheduler" \
       --etcd-binary "$ETCD_DIR/etcd" \
       --kwok-controller-binary "$KWOK_DIR/kwok" \
       --kube-authorization --kube-admission \
-      --extra-args kube-apiserver=bind-address=127.0.0.1 \
-      --extra-args kube-controller-manager=bind-address=127.0.0.1 \
-      --extra-args kube-scheduler=bind-address=127.0.0.1 \
       --kubeconfig "$KUBECONFIG_OUT" \
       --wait 120s >"$CACHE/kwokctl-create.log" 2>&1; then
     cat "$CACHE/kwokctl-create.log" >&2

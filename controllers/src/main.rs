@@ -11,7 +11,7 @@ mod status;
 
 use anyhow::Context as _;
 use capstan_crds::ServiceIntentions;
-use capstan_telemetry::{AdminServer, Health, LoggingArgs, Registry};
+use capstan_telemetry::{AdminServer, Health, LoggingArgs};
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{

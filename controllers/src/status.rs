@@ -12,6 +12,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
 use std::{fmt::Debug, time::Duration};
 
 const ATTEMPTS: u32 = 8;
@@ -74,8 +75,9 @@ where
         }
         let patch = serde_json::json!({
             "metadata": { "resourceVersion": fresh.meta().resource_version },
-            "status": after,
+            "status": merge_patch(&to_json(&before), &to_json(&after)),
         });
+        tracing::debug!(%name, %patch, "Writing status");
         // The lease could have been lost during the read: check once more right before
         // the write, the last moment this process can still hold back.
         leadership.ensure()?;
@@ -95,4 +97,51 @@ where
         }
     }
     Err(Error::Contended { name: name.to_owned() })
+}
+
+fn to_json(status: &impl Serialize) -> Value {
+    serde_json::to_value(status).expect("a status serializes")
+}
+
+/// The JSON merge patch (RFC 7386) that turns `before` into `after`. Fields that
+/// `after` leaves out (empty lists and unset options are not serialized) become
+/// explicit nulls: a plain merge patch of `after` would leave their old values in place.
+fn merge_patch(before: &Value, after: &Value) -> Value {
+    match (before, after) {
+        (Value::Object(before), Value::Object(after)) => {
+            let mut patch = serde_json::Map::new();
+            for (key, new) in after {
+                match before.get(key) {
+                    Some(old) if old == new => {}
+                    Some(old) => {
+                        patch.insert(key.clone(), merge_patch(old, new));
+                    }
+                    None => {
+                        patch.insert(key.clone(), new.clone());
+                    }
+                }
+            }
+            for key in before.keys().filter(|k| !after.contains_key(*k)) {
+                patch.insert(key.clone(), Value::Null);
+            }
+            Value::Object(patch)
+        }
+        _ => after.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_patch;
+    use serde_json::json;
+
+    #[test]
+    fn removed_fields_become_nulls_and_unchanged_ones_are_left_out() {
+        let before = json!({"conflicts": ["a/b"], "sources": 2, "nested": {"keep": 1, "drop": 2}});
+        let after = json!({"sources": 3, "nested": {"keep": 1}, "conditions": []});
+        assert_eq!(
+            merge_patch(&before, &after),
+            json!({"conflicts": null, "sources": 3, "nested": {"drop": null}, "conditions": []})
+        );
+    }
 }

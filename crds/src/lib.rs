@@ -10,7 +10,7 @@ pub mod mesh;
 
 pub use conditions::{Condition, ConditionStatus};
 pub use mesh::{
-    HttpHeaderMatch, HttpMatch, IntentionAction, IntentionDestination, IntentionPermission,
+    HttpHeaderMatch, HttpMatch, HttpMethod, IntentionAction, IntentionDestination, IntentionPermission,
     IntentionSource, ServiceIntentions, ServiceIntentionsSpec, ServiceIntentionsStatus,
 };
 

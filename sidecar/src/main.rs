@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-use capstan_telemetry::{Health, LoggingArgs, Registry};
+use capstan_telemetry::{Health, LoggingArgs};
 use clap::Parser;
 use std::net::SocketAddr;
 

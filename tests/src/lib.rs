@@ -1,1 +1,356 @@
+//! The end-to-end harness. Every helper talks to the real cluster KUBECONFIG names and
+//! runs Capstan's real binaries as processes.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    coordination::v1::Lease,
+    core::v1::{Namespace, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+use std::{
+    future::Future,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+/// Where the shared release of the chart lives, as a user would install it.
+pub const SYSTEM_NAMESPACE: &str = "capstan-system";
+pub const RELEASE: &str = "capstan";
+/// The chart's controller ServiceAccount and leader Lease for release `capstan`.
+pub const CONTROLLER_SA: &str = "capstan-controller";
+pub const LEASE_NAME: &str = "capstan-controller";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A workspace binary, built by `cargo build --workspace` before the tests run.
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
+    path
+}
+
+pub async fn client() -> Client {
+    Client::try_default().await.expect("a cluster in KUBECONFIG (run through hack/test.sh)")
+}
+
+/// Runs a command to completion; fails with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("{program} {} failed ({}):\n{stdout}{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(stdout)
+}
+
+/// `kubectl` with stdin, returning (success, stdout + stderr): for tests that expect refusals.
+pub fn kubectl_stdin(args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl on PATH");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Polls `check` until it returns Some, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A namespace of its own for one test, labelled for bulk clean-up, deleted on drop.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([("capstan.dev/e2e".to_owned(), "true".to_owned())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("creating a test namespace");
+        Self { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl").args(["delete", "namespace", &self.name, "--wait=false"]).output();
+    }
+}
+
+/// Installs (or upgrades) the chart once per test process, as release `capstan` in
+/// `capstan-system`. Its controller and webhook Deployments are scaled to zero: the
+/// tests run those binaries themselves, out of the cluster, so that they can kill,
+/// pause and restart them; on a cluster with real nodes (kind) in-cluster replicas
+/// would otherwise compete for the Lease.
+pub fn install_chart() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let chart = repo_root().join("charts/capstan");
+        run(
+            "helm",
+            &[
+                "upgrade", "--install", RELEASE, chart.to_str().unwrap(),
+                "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
+                "--set", "controller.replicas=0", "--set", "webhook.replicas=0",
+                "--wait", "--timeout", "120s",
+            ],
+        )
+        .expect("helm install of the chart");
+        run("kubectl", &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"])
+            .expect("the CRDs become established");
+    });
+}
+
+/// A kubeconfig that authenticates as `namespace/serviceaccount` with a token from the
+/// TokenRequest API: the same identity, and so the same RBAC, the pod would have.
+pub async fn serviceaccount_kubeconfig(client: &Client, namespace: &str, serviceaccount: &str) -> Result<PathBuf> {
+    let request = TokenRequest {
+        metadata: ObjectMeta::default(),
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        },
+        status: None,
+    };
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(serviceaccount, &PostParams::default(), &request)
+        .await
+        .context("TokenRequest for the chart's ServiceAccount")?
+        .status
+        .context("TokenRequest returned no status")?
+        .token;
+    let admin = run("kubectl", &["config", "view", "--minify", "--raw", "-o", "json"])?;
+    let admin: serde_json::Value = serde_json::from_str(&admin)?;
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": cluster}],
+        "users": [{"name": serviceaccount, "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": serviceaccount}}],
+        "current-context": "test",
+    });
+    let path = std::env::temp_dir().join(format!("capstan-e2e-{serviceaccount}-{:08x}.kubeconfig", rand::random::<u32>()));
+    std::fs::write(&path, serde_json::to_vec(&config)?)?;
+    Ok(path)
+}
+
+/// Deletes the controller's Lease, so a test starts with no leader from an earlier test.
+pub async fn clear_lease(client: &Client) {
+    let _ = Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .delete(LEASE_NAME, &DeleteParams::default())
+        .await;
+}
+
+pub async fn lease_holder(client: &Client) -> Option<String> {
+    Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .get_opt(LEASE_NAME)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Timings a test gives the controller's leader election.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseTimings {
+    pub duration: u64,
+    pub renew_deadline: u64,
+    pub retry_period: u64,
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        Self {
+            duration: 6,
+            renew_deadline: 4,
+            retry_period: 1,
+        }
+    }
+}
+
+/// A capstan-controller process, out of the cluster, as the chart's ServiceAccount.
+pub struct ControllerProcess {
+    pub identity: String,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl ControllerProcess {
+    pub async fn start(client: &Client, identity: &str, timings: LeaseTimings) -> Result<Self> {
+        install_chart();
+        let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
+        let admin = free_port();
+        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}.log"));
+        let child = Command::new(bin("capstan-controller"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("CAPSTAN_LOG", "info,capstan_controllers=debug")
+            .args([
+                "--log-format", "json",
+                "--identity", identity,
+                "--namespace", SYSTEM_NAMESPACE,
+                "--lease-name", LEASE_NAME,
+                "--admin-addr", &admin.to_string(),
+                "--lease-duration-seconds", &timings.duration.to_string(),
+                "--renew-deadline-seconds", &timings.renew_deadline.to_string(),
+                "--retry-period-seconds", &timings.retry_period.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting capstan-controller")?;
+        let process = Self {
+            identity: identity.to_owned(),
+            admin,
+            log,
+            child,
+        };
+        eventually(Duration::from_secs(20), "the controller's /healthz", || async {
+            (http_get(admin, "/healthz").await.ok()? .0 == 200).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        run("kill", &[&format!("-{signal}"), &self.pid()]).expect("signalling the controller");
+    }
+
+    /// Waits for the process to exit, up to `timeout`; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let child = &mut self.child;
+        eventually(timeout, "the controller to exit", || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await
+        .map(|s| s.code())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin, "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body)
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an un-labelled metric line such as `capstan_controller_leader 1`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A tiny HTTP/1.1 GET over loopback (the admin endpoints), returning (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let code = response.split_whitespace().nth(1).context("no status line")?.parse()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The Ready condition's (status, reason) of a ServiceIntentions, if it has one.
+pub fn ready_of(obj: &capstan_crds::ServiceIntentions) -> Option<(String, String)> {
+    let status = obj.status.as_ref()?;
+    let ready = capstan_crds::conditions::get(&status.conditions, capstan_crds::conditions::READY)?;
+    Some((ready.status.clone(), ready.reason.clone()))
+}
+
+/// Waits until `name` in `ns` reports Ready with `status`/`reason` for its current generation.
+pub async fn wait_ready(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Result<capstan_crds::ServiceIntentions> {
+    let api = Api::<capstan_crds::ServiceIntentions>::namespaced(client.clone(), ns);
+    eventually(timeout, &format!("{ns}/{name} Ready={status} ({reason})"), || {
+        let api = api.clone();
+        async move {
+            let obj = api.get(name).await.ok()?;
+            let observed = obj.status.as_ref()?.observed_generation;
+            (ready_of(&obj)? == (status.to_owned(), reason.to_owned()) && observed == obj.metadata.generation)
+                .then_some(obj)
+        }
+    })
+    .await
+}
 

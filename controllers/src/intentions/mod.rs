@@ -108,7 +108,7 @@ async fn reconcile(obj: Arc<ServiceIntentions>, ctx: Arc<Context>, store: Store<
     let name = obj.name_any();
     let generation = obj.metadata.generation;
 
-    let problems = validate::validate(&obj.spec);
+    let problems = validate::validate(&obj.spec, &conflicts::destination(&obj).0);
     let mut verdict = conflicts::verdict(&obj, store.state().iter().map(|o| o.as_ref()));
     if matches!(verdict, Verdict::Shadowed { .. }) {
         // The cache can still hold an object deleted while our watch was down (it is

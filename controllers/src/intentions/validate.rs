@@ -1,13 +1,24 @@
 //! Checks the CRD schema cannot express (pure). The schema and CEL rules refuse most bad
-//! input at the door; what remains (regular expressions that do not compile) is reported
-//! in status here, so a bad object is visible instead of silently ignored.
+//! input at the door; what remains (regular expressions that do not compile, a source
+//! listed twice: a quadratic CEL rule would exceed the API server's cost budget) is
+//! reported in status here, so a bad object is visible instead of silently ignored.
 
 use capstan_crds::ServiceIntentionsSpec;
+use std::collections::HashMap;
 
 /// Every problem found, each naming its field path as the API server would.
-pub fn validate(spec: &ServiceIntentionsSpec) -> Vec<String> {
+/// `destination_namespace` is what an unset source namespace means.
+pub fn validate(spec: &ServiceIntentionsSpec, destination_namespace: &str) -> Vec<String> {
     let mut problems = Vec::new();
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
     for (i, source) in spec.sources.iter().enumerate() {
+        let namespace = source.namespace.as_deref().unwrap_or(destination_namespace);
+        if let Some(first) = seen.insert((&source.name, namespace), i) {
+            problems.push(format!(
+                "spec.sources[{i}]: duplicate of spec.sources[{first}] (name {:?}, namespace {namespace:?})",
+                source.name
+            ));
+        }
         for (j, permission) in source.permissions.iter().flatten().enumerate() {
             let at = format!("spec.sources[{i}].permissions[{j}].http");
             if let Some(re) = &permission.http.path_regex {
@@ -56,12 +67,30 @@ mod tests {
     }
 
     #[test]
+    fn a_source_listed_twice_is_reported() {
+        let mut spec = spec_with(HttpMatch::default());
+        let web = |namespace: Option<&str>| IntentionSource {
+            name: "web".into(),
+            namespace: namespace.map(Into::into),
+            action: Some(IntentionAction::Deny),
+            ..Default::default()
+        };
+        // Unset means the destination's namespace: these two name the same source.
+        spec.sources.push(web(Some("shop")));
+        spec.sources.push(web(Some("other")));
+        assert_eq!(
+            validate(&spec, "shop"),
+            vec![r#"spec.sources[1]: duplicate of spec.sources[0] (name "web", namespace "shop")"#]
+        );
+    }
+
+    #[test]
     fn valid_regexes_pass() {
         let spec = spec_with(HttpMatch {
             path_regex: Some("^/v[0-9]+/items$".into()),
             ..Default::default()
         });
-        assert!(validate(&spec).is_empty());
+        assert!(validate(&spec, "shop").is_empty());
     }
 
     #[test]
@@ -75,7 +104,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let problems = validate(&spec);
+        let problems = validate(&spec, "shop");
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("spec.sources[0].permissions[0].http.pathRegex: invalid regular expression"));
         assert!(problems[1].starts_with("spec.sources[0].permissions[0].http.header[0].regex:"));

@@ -8,10 +8,12 @@ use crate::conditions::{self, Condition};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+// Field formats are OpenAPI `pattern`s and enums rather than CEL: they cost nothing
+// against the API server's CEL budget, which nested lists multiply. CEL is kept for
+// rules across fields.
+
 /// A DNS-1123 label (a Kubernetes service or namespace name) or `*` for any.
-const NAME_OR_WILDCARD: &str = "self == '*' || self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
-const NAME_OR_WILDCARD_MESSAGE: &str =
-    "must be '*' or a lowercase RFC 1123 label (letters, digits and '-'; at most 63 characters)";
+const NAME_OR_WILDCARD: &str = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$";
 
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -36,12 +38,11 @@ const NAME_OR_WILDCARD_MESSAGE: &str =
 pub struct ServiceIntentionsSpec {
     /// The service these intentions protect.
     pub destination: IntentionDestination,
-    /// Who may (or may not) connect, most specific match first. With no matching source,
-    /// the cluster default applies (deny unless the chart says otherwise).
-    #[schemars(length(max = 64))]
-    #[x_kube(validation = kube::core::Rule::new(
-        "self.all(s, self.exists_one(t, t.name == s.name && (has(t.namespace) ? t.namespace : '') == (has(s.namespace) ? s.namespace : '')))"
-    ).message("each name and namespace pair may appear only once").reason(kube::core::Reason::FieldValueDuplicate))]
+    /// Who may (or may not) connect; the most specific match decides. With no matching
+    /// source, the cluster default applies (deny unless the chart says otherwise). A
+    /// name and namespace pair may appear once (checked by the controller: a CEL rule
+    /// for it would cost quadratically).
+    #[schemars(length(max = 128))]
     #[serde(default)]
     pub sources: Vec<IntentionSource>,
 }
@@ -50,12 +51,10 @@ pub struct ServiceIntentionsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct IntentionDestination {
     /// The destination service's name, or `*` for every service in the namespace.
-    #[x_kube(validation = kube::core::Rule::new(NAME_OR_WILDCARD).message(NAME_OR_WILDCARD_MESSAGE))]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = NAME_OR_WILDCARD))]
     pub name: String,
     /// The destination's namespace; the object's own namespace when unset.
-    #[x_kube(validation = kube::core::Rule::new(NAME_OR_WILDCARD).message(NAME_OR_WILDCARD_MESSAGE))]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = NAME_OR_WILDCARD))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
 }
@@ -66,12 +65,10 @@ pub struct IntentionDestination {
     .message("set exactly one of action (L4) or permissions (L7)"))]
 pub struct IntentionSource {
     /// The source service's name, or `*` for any service.
-    #[x_kube(validation = kube::core::Rule::new(NAME_OR_WILDCARD).message(NAME_OR_WILDCARD_MESSAGE))]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = NAME_OR_WILDCARD))]
     pub name: String,
     /// The source's namespace (`*` for any); the destination's namespace when unset.
-    #[x_kube(validation = kube::core::Rule::new(NAME_OR_WILDCARD).message(NAME_OR_WILDCARD_MESSAGE))]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = NAME_OR_WILDCARD))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Free text for people reading the intention.
@@ -82,7 +79,7 @@ pub struct IntentionSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<IntentionAction>,
     /// L7: HTTP rules evaluated in order; the first match decides, no match denies.
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = 32))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<Vec<IntentionPermission>>,
 }
@@ -107,12 +104,10 @@ pub struct IntentionPermission {
     "[has(self.pathExact), has(self.pathPrefix), has(self.pathRegex)].filter(x, x).size() <= 1"
 ).message("set at most one of pathExact, pathPrefix and pathRegex"))]
 pub struct HttpMatch {
-    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/')").message("must start with '/'"))]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_exact: Option<String>,
-    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/')").message("must start with '/'"))]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
     /// An RE2-syntax regular expression matched against the whole path.
@@ -121,13 +116,10 @@ pub struct HttpMatch {
     pub path_regex: Option<String>,
     /// HTTP methods this rule matches; every method when empty.
     #[schemars(length(max = 9))]
-    #[x_kube(validation = kube::core::Rule::new(
-        "self.all(m, m in ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE', 'PATCH'])"
-    ).message("each method must be an upper-case HTTP method such as GET or POST"))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<String>,
+    pub methods: Vec<HttpMethod>,
     /// Header conditions; all of them must hold.
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub header: Vec<HttpHeaderMatch>,
 }
@@ -139,9 +131,7 @@ pub struct HttpMatch {
 ).message("set exactly one of present, exact, prefix, suffix and regex"))]
 pub struct HttpHeaderMatch {
     /// The header's name, matched case-insensitively.
-    #[x_kube(validation = kube::core::Rule::new("self.matches('^[A-Za-z0-9!#$%&\\'*+.^_`|~-]+$')")
-        .message("must be an HTTP header name (RFC 9110 token)"))]
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub present: Option<bool>,
@@ -160,6 +150,20 @@ pub struct HttpHeaderMatch {
     /// Inverts the match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invert: Option<bool>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Connect,
+    Options,
+    Trace,
+    Patch,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

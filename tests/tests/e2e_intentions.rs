@@ -1,0 +1,256 @@
+//! ServiceIntentions through the real API server and a real capstan-controller.
+
+use capstan_crds::{ServiceIntentions, conditions};
+use capstan_tests::*;
+use k8s_openapi::api::events::v1::Event;
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use std::time::Duration;
+
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn example_applied_with_kubectl_reaches_ready() -> anyhow::Result<()> {
+    let client = client().await;
+    clear_lease(&client).await;
+    let _controller = ControllerProcess::start(&client, "intentions-example", LeaseTimings::default()).await?;
+    let example = repo_root().join("examples/intentions.yaml");
+    run("kubectl", &["apply", "-f", example.to_str().unwrap()])?;
+
+    let api = wait_ready(&client, "shop", "api", "True", "Accepted", READY_WITHIN).await?;
+    assert_eq!(api.status.as_ref().unwrap().sources, Some(3));
+    wait_ready(&client, "shop", "db", "True", "Accepted", READY_WITHIN).await?;
+
+    // The printer columns say what a user needs at a glance.
+    let table = run("kubectl", &["get", "serviceintentions", "-n", "shop"])?;
+    let header = table.lines().next().unwrap_or_default();
+    for column in ["NAME", "DESTINATION", "SOURCES", "READY", "REASON", "AGE"] {
+        assert!(header.contains(column), "missing column {column}: {table}");
+    }
+    assert!(table.lines().any(|l| l.starts_with("api ") && l.contains("True") && l.contains("Accepted")), "{table}");
+    // ...and the category and short name reach it too.
+    assert!(run("kubectl", &["get", "capstan", "-n", "shop"])?.contains("api"));
+    assert!(run("kubectl", &["get", "sint", "-n", "shop"])?.contains("db"));
+
+    // The controller said so in an Event.
+    let events = Api::<Event>::namespaced(client.clone(), "shop");
+    let found = eventually(Duration::from_secs(10), "an Accepted event for shop/api", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("Accepted")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("api")
+            })
+        }
+    })
+    .await?;
+    assert_eq!(found.reporting_controller.as_deref(), Some("capstan-controller"));
+
+    run("kubectl", &["delete", "-f", example.to_str().unwrap(), "--wait=false"])?;
+    Ok(())
+}
+
+/// Bad input is refused at the door, with a message that names the field.
+#[tokio::test]
+async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
+    let client = client().await;
+    install_chart();
+    let ns = TestNamespace::new(&client, "e2e-invalid").await;
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "both action and permissions",
+            "sources: [{name: web, action: allow, permissions: [{action: allow, http: {pathPrefix: /}}]}]",
+            "spec.sources[0]: Invalid value: set exactly one of action (L4) or permissions (L7)",
+        ),
+        (
+            "neither action nor permissions",
+            "sources: [{name: web}]",
+            "set exactly one of action (L4) or permissions (L7)",
+        ),
+        (
+            "upper-case service name",
+            "sources: [{name: Web, action: allow}]",
+            "spec.sources[0].name: Invalid value: \"Web\"",
+        ),
+        (
+            "regex metacharacters in a name",
+            "sources: [{name: 'web.*', action: allow}]",
+            "spec.sources[0].name: Invalid value: \"web.*\"",
+        ),
+        ("unknown action", "sources: [{name: web, action: maybe}]", "spec.sources[0].action: Unsupported value: \"maybe\""),
+        (
+            "relative path prefix",
+            "sources: [{name: web, permissions: [{action: allow, http: {pathPrefix: admin}}]}]",
+            "spec.sources[0].permissions[0].http.pathPrefix: Invalid value: \"admin\"",
+        ),
+        (
+            "two path matchers",
+            "sources: [{name: web, permissions: [{action: allow, http: {pathPrefix: /a, pathExact: /a}}]}]",
+            "set at most one of pathExact, pathPrefix and pathRegex",
+        ),
+        (
+            "lower-case method",
+            "sources: [{name: web, permissions: [{action: allow, http: {methods: [get]}}]}]",
+            "spec.sources[0].permissions[0].http.methods[0]: Unsupported value: \"get\"",
+        ),
+        (
+            "header with two matchers",
+            "sources: [{name: web, permissions: [{action: allow, http: {header: [{name: x-a, exact: b, prefix: c}]}}]}]",
+            "spec.sources[0].permissions[0].http.header[0]",
+        ),
+        ("unknown field", "sources: []\n  bogus: 1", "unknown field \"spec.bogus\""),
+    ];
+    for (what, spec_tail, expected) in cases {
+        let manifest = format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata:\n  name: bad\n  namespace: {}\nspec:\n  destination: {{name: api}}\n  {spec_tail}\n",
+            ns.name
+        );
+        let (ok, output) = kubectl_stdin(&["create", "-f", "-"], &manifest);
+        assert!(!ok, "{what}: accepted, but must be refused:\n{manifest}");
+        assert!(output.contains(expected), "{what}: the refusal must say {expected:?}, it said:\n{output}");
+    }
+    let (ok, output) = kubectl_stdin(
+        &["create", "-f", "-"],
+        &format!("apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: bad, namespace: {}}}\nspec: {{sources: []}}\n", ns.name),
+    );
+    assert!(!ok && output.contains("spec.destination: Required value"), "{output}");
+    Ok(())
+}
+
+/// What the schema cannot check (a regular expression that does not compile, a source
+/// listed twice) is reported in status by the controller, naming the field, instead
+/// of being silently ignored; fixing the spec makes the object Ready.
+#[tokio::test]
+async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::Result<()> {
+    let client = client().await;
+    clear_lease(&client).await;
+    let _controller = ControllerProcess::start(&client, "intentions-invalid", LeaseTimings::default()).await?;
+    let ns = TestNamespace::new(&client, "e2e-spec").await;
+    let cases = [
+        (
+            "regex",
+            "[{name: web, permissions: [{action: allow, http: {pathRegex: '/v1/('}}]}]",
+            "spec.sources[0].permissions[0].http.pathRegex: invalid regular expression",
+        ),
+        (
+            "duplicate",
+            "[{name: web, action: allow}, {name: web, namespace: NS, action: deny}]",
+            "spec.sources[1]: duplicate of spec.sources[0] (name \"web\", namespace \"NS\")",
+        ),
+    ];
+    for (name, sources, expected) in cases {
+        let (sources, expected) = (sources.replace("NS", &ns.name), expected.replace("NS", &ns.name));
+        let manifest = format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: {name}, namespace: {}}}\nspec:\n  destination: {{name: {name}}}\n  sources: {sources}\n",
+            ns.name
+        );
+        let (ok, output) = kubectl_stdin(&["create", "-f", "-"], &manifest);
+        assert!(ok, "{output}");
+        let obj = wait_ready(&client, &ns.name, name, "False", "InvalidSpec", READY_WITHIN).await?;
+        let ready = conditions::get(&obj.status.as_ref().unwrap().conditions, conditions::READY).unwrap();
+        assert!(ready.message.starts_with(&expected), "{name}: {}", ready.message);
+    }
+    let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
+    let fixed = serde_json::json!({"spec": {"sources": [{"name": "web", "action": "allow"}]}});
+    api.patch("duplicate", &PatchParams::default(), &Patch::Merge(&fixed)).await?;
+    wait_ready(&client, &ns.name, "duplicate", "True", "Accepted", READY_WITHIN).await?;
+    Ok(())
+}
+
+/// Two objects for one destination: the older is in force, the newer reports the
+/// conflict, and deleting the older hands the destination to the newer.
+#[tokio::test]
+async fn conflicting_objects_are_reported_and_resolve_on_delete() -> anyhow::Result<()> {
+    let client = client().await;
+    clear_lease(&client).await;
+    let _controller = ControllerProcess::start(&client, "intentions-conflict", LeaseTimings::default()).await?;
+    let ns = TestNamespace::new(&client, "e2e-conflict").await;
+    let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &intention("first", "api")).await?;
+    wait_ready(&client, &ns.name, "first", "True", "Accepted", READY_WITHIN).await?;
+    // Creation timestamps have one-second resolution: make the order unambiguous.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    api.create(&PostParams::default(), &intention("second", "api")).await?;
+
+    let second = wait_ready(&client, &ns.name, "second", "False", "Conflict", READY_WITHIN).await?;
+    assert_eq!(second.status.unwrap().conflicts, vec![format!("{}/first", ns.name)]);
+    let first = eventually(READY_WITHIN, "first to list the shadowed object", || {
+        let api = api.clone();
+        async move { api.get("first").await.ok().filter(|o| o.status.as_ref().is_some_and(|s| !s.conflicts.is_empty())) }
+    })
+    .await?;
+    assert_eq!(first.status.unwrap().conflicts, vec![format!("{}/second", ns.name)]);
+
+    api.delete("first", &DeleteParams::default()).await?;
+    let second = wait_ready(&client, &ns.name, "second", "True", "Accepted", READY_WITHIN).await?;
+    assert!(second.status.as_ref().unwrap().conflicts.is_empty(), "{:?}", second.status);
+    Ok(())
+}
+
+/// K5: status writes race with another writer of the same status. The controller
+/// retries on 409 with a fresh read, and neither writer's condition is lost.
+#[tokio::test]
+async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
+    let client = client().await;
+    clear_lease(&client).await;
+    let controller = ControllerProcess::start(&client, "intentions-k5", LeaseTimings::default()).await?;
+    let ns = TestNamespace::new(&client, "e2e-k5").await;
+    let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &intention("contended", "api")).await?;
+    wait_ready(&client, &ns.name, "contended", "True", "Accepted", READY_WITHIN).await?;
+
+    // A second, well-behaved writer (read, change its own condition, write with the
+    // resourceVersion it read) hammers the status while the spec keeps changing.
+    let writer_api = api.clone();
+    let writer = tokio::spawn(async move {
+        let mut written = 0u32;
+        for i in 0..400u32 {
+            let Ok(fresh) = writer_api.get_status("contended").await else { continue };
+            let mut status = fresh.status.clone().unwrap_or_default();
+            conditions::upsert(
+                &mut status.conditions,
+                conditions::new("ExternalCheck", conditions::ConditionStatus::True, "Checked", format!("write {i}"), None),
+            );
+            let patch = serde_json::json!({"metadata": {"resourceVersion": fresh.metadata.resource_version}, "status": status});
+            if writer_api.patch_status("contended", &PatchParams::default(), &Patch::Merge(&patch)).await.is_ok() {
+                written = i;
+            }
+        }
+        written
+    });
+    let mut generation = 1;
+    for round in 0..20u32 {
+        let patch = serde_json::json!({"spec": {"sources": [{"name": format!("client-{round}"), "action": "allow"}]}});
+        generation = api.patch("contended", &PatchParams::default(), &Patch::Merge(&patch)).await?.metadata.generation.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last_external = writer.await?;
+
+    let obj = wait_ready(&client, &ns.name, "contended", "True", "Accepted", READY_WITHIN).await?;
+    let status = obj.status.unwrap();
+    assert_eq!(status.observed_generation, Some(generation), "the controller's status is for the last spec");
+    let external = conditions::get(&status.conditions, "ExternalCheck").expect("the other writer's condition survived");
+    assert_eq!(external.message, format!("write {last_external}"), "the other writer's last update survived");
+
+    let metrics = controller.metrics().await?;
+    let conflicts: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("capstan_controller_status_conflicts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(conflicts > 0.0, "the race produced no 409 to retry; metrics:\n{metrics}");
+    Ok(())
+}
+
+fn intention(name: &str, destination: &str) -> ServiceIntentions {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "mesh.capstan.dev/v1alpha1",
+        "kind": "ServiceIntentions",
+        "metadata": {"name": name},
+        "spec": {"destination": {"name": destination}, "sources": [{"name": "web", "action": "allow"}]},
+    }))
+    .unwrap()
+}
