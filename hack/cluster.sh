@@ -6,6 +6,8 @@
 #   hack/cluster.sh env     print `export KUBECONFIG=...` for the running cluster
 #   hack/cluster.sh status  exit 0 if the cluster answers, 1 otherwise
 #   hack/cluster.sh down    stop every process of the cluster and wait until they are gone
+#   hack/cluster.sh restart-apiserver [--compact]
+#                           restart kube-apiserver (compacting etcd meanwhile): failure tests
 #
 # kube-apiserver, kube-controller-manager and kube-scheduler come from the k8s.io/kubernetes
 # Go module, etcd from go.etcd.io/etcd/server/v3, kwok/kwokctl and helm from theirs, all at
@@ -198,7 +200,9 @@ cmd_status() {
 
 cmd_down() {
   local pids pid waited=0
-  pids=$(component_pids)
+  # The recorded pids, and any process still running a binary of this cluster's (one
+  # started by hand, or left by an interrupted restart).
+  pids="$(component_pids) $(pgrep -f "^$CLUSTER_DIR/bin/" || true)"
   if [ -d "$CLUSTER_DIR" ]; then
     "$KWOK_DIR/kwokctl" delete cluster --name "$CLUSTER_NAME" >"$CACHE/kwokctl-delete.log" 2>&1 ||
       log "kwokctl delete cluster failed (see ${CACHE#"$ROOT"/}/kwokctl-delete.log); stopping the processes directly"
@@ -218,11 +222,72 @@ cmd_down() {
   log "cluster '$CLUSTER_NAME' is down"
 }
 
+# Starts a component again with the command line and working folder it had, logging
+# where kwokctl logs it, and records its new pid where `down` will find it.
+relaunch() {
+  local name=$1 cwd=$2; shift 2
+  # setsid may fork, so the process writes its own pid before it becomes the component.
+  # Nothing of ours stays attached to the caller's stdout, or a caller that reads it
+  # (a test capturing output) would wait for the component to exit.
+  (cd "$cwd" && exec setsid sh -c 'echo $$ >"$0"; exec "$@"' "$CLUSTER_DIR/pids/$name.pid" "$@") \
+    >>"$CLUSTER_DIR/logs/$name.log" 2>&1 </dev/null &
+}
+
+# Kills kube-apiserver and starts it again with the same command line, as a crash and
+# restart of the control plane would. With --compact, etcd's history is compacted while
+# the API server is down, so every watcher's resourceVersion is gone when it returns and
+# it must relist (410 Gone). Components that exit meanwhile (the controller-manager and
+# scheduler give up when they cannot renew their own leases) are started again too.
+# The failure tests (K2) use it.
+cmd_restart_apiserver() {
+  local started=$SECONDS name pid etcd="" arg
+  [ -f "$CLUSTER_DIR/pids/kube-apiserver.pid" ] || die "no cluster: run $0 up"
+  declare -A cmdlines=() cwds=()
+  for name in kube-apiserver kube-controller-manager kube-scheduler kwok-controller; do
+    pid=$(<"$CLUSTER_DIR/pids/$name.pid")
+    cmdlines[$name]=$(tr '\0' '\n' <"/proc/$pid/cmdline") || die "$name (pid $pid) is not running"
+    cwds[$name]=$(readlink "/proc/$pid/cwd")
+  done
+  local -a args=()
+  mapfile -t args <<<"${cmdlines[kube-apiserver]}"
+  for arg in "${args[@]}"; do
+    case $arg in --etcd-servers=*) etcd=${arg#--etcd-servers=} ;; esac
+  done
+  pid=$(<"$CLUSTER_DIR/pids/kube-apiserver.pid")
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  if [ "${1:-}" = "--compact" ]; then
+    local revision
+    revision=$("$ETCD_DIR/etcdctl" --endpoints "$etcd" get / --prefix --keys-only --limit 1 -w json |
+      grep -o '"revision":[0-9]*' | head -n 1 | cut -d: -f2)
+    [ -n "$revision" ] || die "could not read etcd's revision"
+    "$ETCD_DIR/etcdctl" --endpoints "$etcd" compact "$revision" >/dev/null
+    log "compacted etcd at revision $revision"
+  fi
+  relaunch kube-apiserver "${cwds[kube-apiserver]}" "${args[@]}"
+  until kubectl_ get --raw /readyz >/dev/null 2>&1; do
+    if [ $((SECONDS - started)) -gt 60 ]; then
+      print_logs
+      die "kube-apiserver did not come back"
+    fi
+    sleep 0.2
+  done
+  for name in kube-controller-manager kube-scheduler kwok-controller; do
+    if ! kill -0 "$(<"$CLUSTER_DIR/pids/$name.pid")" 2>/dev/null; then
+      mapfile -t args <<<"${cmdlines[$name]}"
+      relaunch "$name" "${cwds[$name]}" "${args[@]}"
+      log "restarted $name, which exited while the API server was away"
+    fi
+  done
+  log "kube-apiserver restarted in $((SECONDS - started))s"
+}
+
 case "${1:-}" in
   build) cmd_build ;;
   up) cmd_up ;;
   env) cmd_env ;;
   status) cmd_status ;;
   down) cmd_down ;;
-  *) echo "usage: $0 build|up|env|status|down" >&2; exit 2 ;;
+  restart-apiserver) shift; cmd_restart_apiserver "$@" ;;
+  *) echo "usage: $0 build|up|env|status|down|restart-apiserver [--compact]" >&2; exit 2 ;;
 esac

@@ -234,7 +234,7 @@ impl ControllerProcess {
         let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}.log"));
         let child = Command::new(bin("capstan-controller"))
             .env("KUBECONFIG", &kubeconfig)
-            .env("CAPSTAN_LOG", "info,capstan_controllers=debug")
+            .env("CAPSTAN_LOG", "info,capstan_controller=debug,kube_runtime::watcher=debug")
             .args([
                 "--log-format", "json",
                 "--identity", identity,
