@@ -85,7 +85,10 @@ pub enum TermEnd {
 
 impl Elector {
     pub fn new(api: Api<Lease>, config: Config) -> Self {
-        assert!(config.renew_deadline < config.lease_duration, "renew deadline must be below the lease duration");
+        assert!(
+            config.renew_deadline < config.lease_duration,
+            "renew deadline must be below the lease duration"
+        );
         Self {
             api,
             config,
@@ -107,7 +110,9 @@ impl Elector {
                     return;
                 }
                 Ok(false) => {}
-                Err(error) => tracing::warn!(%error, lease = %self.config.lease_name, "Acquiring the leader lease"),
+                Err(error) => {
+                    tracing::warn!(%error, lease = %self.config.lease_name, "Acquiring the leader lease")
+                }
             }
             tokio::time::sleep(jittered(self.config.retry_period)).await;
         }
@@ -142,7 +147,9 @@ impl Elector {
     /// waiting out the lease duration. Only a Lease still ours is touched.
     pub async fn release(&mut self) {
         self.leadership.end();
-        let Ok(Some(lease)) = self.api.get_opt(&self.config.lease_name).await else { return };
+        let Ok(Some(lease)) = self.api.get_opt(&self.config.lease_name).await else {
+            return;
+        };
         let spec = lease.spec.clone().unwrap_or_default();
         if spec.holder_identity.as_deref() != Some(&self.config.identity) {
             return;
@@ -156,7 +163,11 @@ impl Elector {
                 ..spec
             }),
         };
-        match self.api.replace(&self.config.lease_name, &PostParams::default(), &released).await {
+        match self
+            .api
+            .replace(&self.config.lease_name, &PostParams::default(), &released)
+            .await
+        {
             Ok(_) => tracing::info!(lease = %self.config.lease_name, "Released leadership"),
             Err(error) => tracing::warn!(%error, "Releasing the leader lease"),
         }
@@ -204,12 +215,16 @@ impl Elector {
             });
         }
         if !ours && holder.is_some() {
-            let held_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration_secs).max(1) as u64);
+            let held_for =
+                Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration_secs).max(1) as u64);
             let since = self.observed.as_ref().map(|o| o.since).unwrap_or(started);
             if since.elapsed() < held_for {
                 return Ok(false);
             }
-            tracing::info!(previous = holder.as_deref().unwrap_or(""), "Leader lease expired; taking over");
+            tracing::info!(
+                previous = holder.as_deref().unwrap_or(""),
+                "Leader lease expired; taking over"
+            );
         }
 
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
@@ -218,7 +233,11 @@ impl Elector {
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.config.identity.clone()),
                 lease_duration_seconds: Some(duration_secs),
-                acquire_time: if ours { spec.acquire_time.clone() } else { Some(now.clone()) },
+                acquire_time: if ours {
+                    spec.acquire_time.clone()
+                } else {
+                    Some(now.clone())
+                },
                 renew_time: Some(now),
                 lease_transitions: Some(transitions),
                 ..spec
@@ -226,7 +245,11 @@ impl Elector {
         };
         // `current.metadata` carries its resourceVersion: the API server refuses this write
         // with 409 if anyone else wrote the Lease since we read it.
-        match self.api.replace(&self.config.lease_name, &PostParams::default(), &next).await {
+        match self
+            .api
+            .replace(&self.config.lease_name, &PostParams::default(), &next)
+            .await
+        {
             Ok(_) => Ok(self.won(started)),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e),
@@ -256,6 +279,9 @@ mod tests {
         leadership.extend(Instant::now() + Duration::from_secs(10));
         assert!(leadership.ensure().is_ok());
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(leadership.ensure().is_err(), "a paused holder must not act past its deadline");
+        assert!(
+            leadership.ensure().is_err(),
+            "a paused holder must not act past its deadline"
+        );
     }
 }

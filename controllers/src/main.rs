@@ -34,7 +34,11 @@ struct Args {
     #[arg(long, env = "CAPSTAN_CONTROLLER_NAMESPACE", default_value = "capstan-system")]
     namespace: String,
     /// Name of the leader Lease.
-    #[arg(long, env = "CAPSTAN_CONTROLLER_LEASE_NAME", default_value = "capstan-controller")]
+    #[arg(
+        long,
+        env = "CAPSTAN_CONTROLLER_LEASE_NAME",
+        default_value = "capstan-controller"
+    )]
     lease_name: String,
     /// This replica's identity in the Lease and in Events (the pod name in a cluster).
     #[arg(long, env = "CAPSTAN_CONTROLLER_IDENTITY")]
@@ -58,7 +62,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.logging.init();
     anyhow::ensure!(
-        args.renew_deadline_seconds < args.lease_duration_seconds && args.retry_period_seconds < args.renew_deadline_seconds,
+        args.renew_deadline_seconds < args.lease_duration_seconds
+            && args.retry_period_seconds < args.renew_deadline_seconds,
         "need retry period < renew deadline < lease duration"
     );
     let identity = args.identity.clone().unwrap_or_else(default_identity);
@@ -74,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let client = Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
     tracing::info!(%identity, namespace = %args.namespace, "Starting capstan-controller");
 
     let mut elector = leader::Elector::new(
@@ -148,7 +155,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Every reconciler, concurrently, until `shutdown` resolves.
-async fn run_controllers(ctx: Arc<context::Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+async fn run_controllers(
+    ctx: Arc<context::Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     intentions::run(ctx, shutdown).await;
 }
 

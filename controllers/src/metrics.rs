@@ -41,15 +41,31 @@ impl Metrics {
             leader_terms: Counter::default(),
         };
         registry.register("reconcile_runs", "Reconciliations started", metrics.runs.clone());
-        registry.register("reconcile_failures", "Reconciliations that failed, by error class", metrics.failures.clone());
-        registry.register("reconcile_duration_seconds", "Time one reconciliation took", metrics.duration.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciliations that failed, by error class",
+            metrics.failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconciliation took",
+            metrics.duration.clone(),
+        );
         registry.register(
             "status_conflicts",
             "Status writes refused with 409 Conflict and retried on a fresh read",
             metrics.status_conflicts.clone(),
         );
-        registry.register("leader", "1 while this replica holds the leader lease", metrics.leader.clone());
-        registry.register("leader_terms", "Times this replica became leader", metrics.leader_terms.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            metrics.leader.clone(),
+        );
+        registry.register(
+            "leader_terms",
+            "Times this replica became leader",
+            metrics.leader_terms.clone(),
+        );
         metrics
     }
 
@@ -57,13 +73,18 @@ impl Metrics {
     pub fn start(&self, controller: &'static str) -> RunTimer {
         self.runs.get_or_create(&ControllerLabels { controller }).inc();
         RunTimer {
-            histogram: self.duration.get_or_create(&ControllerLabels { controller }).clone(),
+            histogram: self
+                .duration
+                .get_or_create(&ControllerLabels { controller })
+                .clone(),
             started: Instant::now(),
         }
     }
 
     pub fn failed(&self, controller: &'static str, error: &'static str) {
-        self.failures.get_or_create(&FailureLabels { controller, error }).inc();
+        self.failures
+            .get_or_create(&FailureLabels { controller, error })
+            .inc();
     }
 }
 

@@ -42,7 +42,10 @@ pub enum Error {
 pub enum Outcome<S> {
     Unchanged,
     /// The status as it was before, and as written.
-    Written { before: S, after: S },
+    Written {
+        before: S,
+        after: S,
+    },
 }
 
 pub trait HasStatus {
@@ -81,10 +84,16 @@ where
         // The lease could have been lost during the read: check once more right before
         // the write, the last moment this process can still hold back.
         leadership.ensure()?;
-        match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => return Ok(Outcome::Written { before, after }),
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                metrics.status_conflicts.get_or_create(&crate::metrics::ControllerLabels { controller }).inc();
+                metrics
+                    .status_conflicts
+                    .get_or_create(&crate::metrics::ControllerLabels { controller })
+                    .inc();
                 tracing::debug!(%name, attempt, "Status write conflicted; retrying on a fresh read");
                 tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt + 1))).await;
             }
@@ -96,7 +105,9 @@ where
             }
         }
     }
-    Err(Error::Contended { name: name.to_owned() })
+    Err(Error::Contended {
+        name: name.to_owned(),
+    })
 }
 
 fn to_json(status: &impl Serialize) -> Value {

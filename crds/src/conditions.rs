@@ -83,22 +83,34 @@ mod tests {
     #[test]
     fn upsert_keeps_transition_time_while_status_holds() {
         let mut list = vec![];
-        upsert(&mut list, new(READY, ConditionStatus::False, "Pending", "", Some(1)));
+        upsert(
+            &mut list,
+            new(READY, ConditionStatus::False, "Pending", "", Some(1)),
+        );
         let first = list[0].last_transition_time.clone();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        upsert(&mut list, new(READY, ConditionStatus::False, "StillPending", "", Some(2)));
+        upsert(
+            &mut list,
+            new(READY, ConditionStatus::False, "StillPending", "", Some(2)),
+        );
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].last_transition_time, first);
         assert_eq!(list[0].reason, "StillPending");
         std::thread::sleep(std::time::Duration::from_millis(5));
-        upsert(&mut list, new(READY, ConditionStatus::True, "Accepted", "", Some(2)));
+        upsert(
+            &mut list,
+            new(READY, ConditionStatus::True, "Accepted", "", Some(2)),
+        );
         assert!(list[0].last_transition_time > first);
     }
 
     #[test]
     fn upsert_leaves_other_writers_conditions() {
         let mut list = vec![new("ExternalCheck", ConditionStatus::True, "Fine", "", None)];
-        upsert(&mut list, new(READY, ConditionStatus::True, "Accepted", "", Some(1)));
+        upsert(
+            &mut list,
+            new(READY, ConditionStatus::True, "Accepted", "", Some(1)),
+        );
         assert_eq!(list.len(), 2);
         assert!(get(&list, "ExternalCheck").is_some());
     }

@@ -14,8 +14,8 @@ pub use mesh::{
     IntentionSource, ServiceIntentions, ServiceIntentionsSpec, ServiceIntentionsStatus,
 };
 
-use kube::core::crd::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::crd::CustomResourceExt;
 
 /// Every CRD Capstan serves, in the order crdgen writes them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
@@ -69,22 +69,42 @@ mod tests {
         }
         let mut present: Vec<String> = std::fs::read_dir(&dir)
             .expect("the chart's crds folder exists")
-            .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
+            .map(|e| {
+                e.expect("readable entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         present.sort();
         expected.sort();
-        assert_eq!(present, expected, "the chart holds CRD templates crdgen no longer writes");
+        assert_eq!(
+            present, expected,
+            "the chart holds CRD templates crdgen no longer writes"
+        );
     }
 
     #[test]
     fn every_crd_is_structural_with_status_and_category() {
         for crd in all_crds() {
             let version = &crd.spec.versions[0];
-            assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
-            assert_eq!(crd.spec.names.categories.as_deref(), Some(&[CATEGORY.to_owned()][..]));
+            assert!(
+                version
+                    .subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some()
+            );
+            assert_eq!(
+                crd.spec.names.categories.as_deref(),
+                Some(&[CATEGORY.to_owned()][..])
+            );
             let schema = serde_json::to_value(&version.schema).unwrap();
             let text = schema.to_string();
-            assert!(!text.contains("\"anyOf\"") && !text.contains("\"oneOf\""), "non-structural: {text}");
+            assert!(
+                !text.contains("\"anyOf\"") && !text.contains("\"oneOf\""),
+                "non-structural: {text}"
+            );
         }
     }
 }

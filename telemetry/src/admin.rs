@@ -51,7 +51,9 @@ struct AdminState {
 
 impl AdminServer {
     pub async fn bind(addr: SocketAddr, registry: Registry, health: Health) -> Result<Self, Error> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
         Ok(Self {
             listener,
             state: Arc::new(AdminState { registry, health }),
@@ -60,7 +62,9 @@ impl AdminServer {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves.

@@ -31,7 +31,11 @@ pub fn registry(prefix: &str) -> Registry {
     use prometheus_client::metrics::{family::Family, gauge::Gauge};
     let mut registry = Registry::with_prefix(prefix);
     let info = Family::<Vec<(String, String)>, Gauge>::default();
-    info.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+    info.get_or_create(&vec![(
+        "version".to_owned(),
+        env!("CARGO_PKG_VERSION").to_owned(),
+    )])
+    .set(1);
     registry.register("build_info", "The running Capstan version", info);
     registry
 }

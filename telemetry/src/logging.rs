@@ -36,7 +36,12 @@ impl LoggingArgs {
         let registry = tracing_subscriber::registry().with(filter);
         if json {
             registry
-                .with(fmt::layer().json().with_current_span(false).with_writer(std::io::stderr))
+                .with(
+                    fmt::layer()
+                        .json()
+                        .with_current_span(false)
+                        .with_writer(std::io::stderr),
+                )
                 .init();
         } else {
             registry.with(fmt::layer().with_writer(std::io::stderr)).init();

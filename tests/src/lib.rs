@@ -30,27 +30,46 @@ pub const CONTROLLER_SA: &str = "capstan-controller";
 pub const LEASE_NAME: &str = "capstan-controller";
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A workspace binary, built by `cargo build --workspace` before the tests run.
 pub fn bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
     let path = target.join("debug").join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
     path
 }
 
 pub async fn client() -> Client {
-    Client::try_default().await.expect("a cluster in KUBECONFIG (run through hack/test.sh)")
+    Client::try_default()
+        .await
+        .expect("a cluster in KUBECONFIG (run through hack/test.sh)")
 }
 
 /// Runs a command to completion; fails with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("{program} {} failed ({}):\n{stdout}{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{program} {} failed ({}):\n{stdout}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(stdout)
 }
@@ -67,7 +86,11 @@ pub fn kubectl_stdin(args: &[&str], stdin: &str) -> (bool, String) {
         .expect("kubectl on PATH");
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -115,7 +138,9 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let _ = Command::new("kubectl").args(["delete", "namespace", &self.name, "--wait=false"]).output();
+        let _ = Command::new("kubectl")
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .output();
     }
 }
 
@@ -131,21 +156,44 @@ pub fn install_chart() {
         run(
             "helm",
             &[
-                "upgrade", "--install", RELEASE, chart.to_str().unwrap(),
-                "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
-                "--set", "controller.replicas=0", "--set", "webhook.replicas=0",
-                "--wait", "--timeout", "120s",
+                "upgrade",
+                "--install",
+                RELEASE,
+                chart.to_str().unwrap(),
+                "--namespace",
+                SYSTEM_NAMESPACE,
+                "--create-namespace",
+                "--set",
+                "controller.replicas=0",
+                "--set",
+                "webhook.replicas=0",
+                "--wait",
+                "--timeout",
+                "120s",
             ],
         )
         .expect("helm install of the chart");
-        run("kubectl", &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"])
-            .expect("the CRDs become established");
+        run(
+            "kubectl",
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                "--timeout=60s",
+            ],
+        )
+        .expect("the CRDs become established");
     });
 }
 
 /// A kubeconfig that authenticates as `namespace/serviceaccount` with a token from the
 /// TokenRequest API: the same identity, and so the same RBAC, the pod would have.
-pub async fn serviceaccount_kubeconfig(client: &Client, namespace: &str, serviceaccount: &str) -> Result<PathBuf> {
+pub async fn serviceaccount_kubeconfig(
+    client: &Client,
+    namespace: &str,
+    serviceaccount: &str,
+) -> Result<PathBuf> {
     let request = TokenRequest {
         metadata: ObjectMeta::default(),
         spec: TokenRequestSpec {
@@ -173,7 +221,10 @@ pub async fn serviceaccount_kubeconfig(client: &Client, namespace: &str, service
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": serviceaccount}}],
         "current-context": "test",
     });
-    let path = std::env::temp_dir().join(format!("capstan-e2e-{serviceaccount}-{:08x}.kubeconfig", rand::random::<u32>()));
+    let path = std::env::temp_dir().join(format!(
+        "capstan-e2e-{serviceaccount}-{:08x}.kubeconfig",
+        rand::random::<u32>()
+    ));
     std::fs::write(&path, serde_json::to_vec(&config)?)?;
     Ok(path)
 }
@@ -234,16 +285,27 @@ impl ControllerProcess {
         let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}.log"));
         let child = Command::new(bin("capstan-controller"))
             .env("KUBECONFIG", &kubeconfig)
-            .env("CAPSTAN_LOG", "info,capstan_controller=debug,kube_runtime::watcher=debug")
+            .env(
+                "CAPSTAN_LOG",
+                "info,capstan_controller=debug,kube_runtime::watcher=debug",
+            )
             .args([
-                "--log-format", "json",
-                "--identity", identity,
-                "--namespace", SYSTEM_NAMESPACE,
-                "--lease-name", LEASE_NAME,
-                "--admin-addr", &admin.to_string(),
-                "--lease-duration-seconds", &timings.duration.to_string(),
-                "--renew-deadline-seconds", &timings.renew_deadline.to_string(),
-                "--retry-period-seconds", &timings.retry_period.to_string(),
+                "--log-format",
+                "json",
+                "--identity",
+                identity,
+                "--namespace",
+                SYSTEM_NAMESPACE,
+                "--lease-name",
+                LEASE_NAME,
+                "--admin-addr",
+                &admin.to_string(),
+                "--lease-duration-seconds",
+                &timings.duration.to_string(),
+                "--renew-deadline-seconds",
+                &timings.renew_deadline.to_string(),
+                "--retry-period-seconds",
+                &timings.retry_period.to_string(),
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -256,7 +318,7 @@ impl ControllerProcess {
             child,
         };
         eventually(Duration::from_secs(20), "the controller's /healthz", || async {
-            (http_get(admin, "/healthz").await.ok()? .0 == 200).then_some(())
+            (http_get(admin, "/healthz").await.ok()?.0 == 200).then_some(())
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
@@ -314,14 +376,22 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// A tiny HTTP/1.1 GET over loopback (the admin endpoints), returning (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
-    let code = response.split_whitespace().nth(1).context("no status line")?.parse()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -353,4 +423,3 @@ pub async fn wait_ready(
     })
     .await
 }
-

@@ -14,7 +14,9 @@ use std::time::Duration;
 #[tokio::test]
 async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -> anyhow::Result<()> {
     let Some(cluster) = std::env::var_os("CAPSTAN_CLUSTER_CONTROL") else {
-        eprintln!("SKIPPED: needs a cluster whose API server the suite may restart (hack/test.sh sets CAPSTAN_CLUSTER_CONTROL)");
+        eprintln!(
+            "SKIPPED: needs a cluster whose API server the suite may restart (hack/test.sh sets CAPSTAN_CLUSTER_CONTROL)"
+        );
         return Ok(());
     };
     let client = client().await;
@@ -29,10 +31,26 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     let ns = TestNamespace::new(&client, "e2e-k2").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &intention("first")).await?;
-    wait_ready(&client, &ns.name, "first", "True", "Accepted", Duration::from_secs(30)).await?;
+    wait_ready(
+        &client,
+        &ns.name,
+        "first",
+        "True",
+        "Accepted",
+        Duration::from_secs(30),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     api.create(&PostParams::default(), &intention("second")).await?;
-    wait_ready(&client, &ns.name, "second", "False", "Conflict", Duration::from_secs(30)).await?;
+    wait_ready(
+        &client,
+        &ns.name,
+        "second",
+        "False",
+        "Conflict",
+        Duration::from_secs(30),
+    )
+    .await?;
 
     // The controller misses the delete: it is frozen, then its API server goes away and
     // comes back with the history it was watching from compacted.
@@ -42,22 +60,45 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     controller.signal("CONT");
 
     let client = capstan_tests::client().await;
-    wait_ready(&client, &ns.name, "second", "True", "Accepted", Duration::from_secs(45))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\ncontroller log:\n{}", controller.logs()))?;
+    wait_ready(
+        &client,
+        &ns.name,
+        "second",
+        "True",
+        "Accepted",
+        Duration::from_secs(45),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\ncontroller log:\n{}", controller.logs()))?;
     // The scenario happened as intended: the resumed watch was refused with 410 Gone...
-    assert!(controller.logs().contains("too old resource version"), "no 410 Gone was seen:\n{}", controller.logs());
+    assert!(
+        controller.logs().contains("too old resource version"),
+        "no 410 Gone was seen:\n{}",
+        controller.logs()
+    );
     // ...and it was the same term throughout: convergence came from the relist, not a restart.
     let metrics = controller.metrics().await?;
     assert_eq!(metric(&metrics, "capstan_controller_leader"), Some(1.0));
-    assert_eq!(metric(&metrics, "capstan_controller_leader_terms_total"), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "capstan_controller_leader_terms_total"),
+        Some(1.0),
+        "{metrics}"
+    );
 
     // And the watch is live again: new work is picked up.
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     let mut third = intention("third");
     third.spec.destination.name = "other".into();
     api.create(&PostParams::default(), &third).await?;
-    wait_ready(&client, &ns.name, "third", "True", "Accepted", Duration::from_secs(30)).await?;
+    wait_ready(
+        &client,
+        &ns.name,
+        "third",
+        "True",
+        "Accepted",
+        Duration::from_secs(30),
+    )
+    .await?;
     Ok(())
 }
 

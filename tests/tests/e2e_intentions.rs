@@ -15,7 +15,8 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 async fn example_applied_with_kubectl_reaches_ready() -> anyhow::Result<()> {
     let client = client().await;
     clear_lease(&client).await;
-    let _controller = ControllerProcess::start(&client, "intentions-example", LeaseTimings::default()).await?;
+    let _controller =
+        ControllerProcess::start(&client, "intentions-example", LeaseTimings::default()).await?;
     let example = repo_root().join("examples/intentions.yaml");
     run("kubectl", &["apply", "-f", example.to_str().unwrap()])?;
 
@@ -29,7 +30,12 @@ async fn example_applied_with_kubectl_reaches_ready() -> anyhow::Result<()> {
     for column in ["NAME", "DESTINATION", "SOURCES", "READY", "REASON", "AGE"] {
         assert!(header.contains(column), "missing column {column}: {table}");
     }
-    assert!(table.lines().any(|l| l.starts_with("api ") && l.contains("True") && l.contains("Accepted")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("api ") && l.contains("True") && l.contains("Accepted")),
+        "{table}"
+    );
     // ...and the category and short name reach it too.
     assert!(run("kubectl", &["get", "capstan", "-n", "shop"])?.contains("api"));
     assert!(run("kubectl", &["get", "sint", "-n", "shop"])?.contains("db"));
@@ -49,7 +55,10 @@ async fn example_applied_with_kubectl_reaches_ready() -> anyhow::Result<()> {
     .await?;
     assert_eq!(found.reporting_controller.as_deref(), Some("capstan-controller"));
 
-    run("kubectl", &["delete", "-f", example.to_str().unwrap(), "--wait=false"])?;
+    run(
+        "kubectl",
+        &["delete", "-f", example.to_str().unwrap(), "--wait=false"],
+    )?;
     Ok(())
 }
 
@@ -80,7 +89,11 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
             "sources: [{name: 'web.*', action: allow}]",
             "spec.sources[0].name: Invalid value: \"web.*\"",
         ),
-        ("unknown action", "sources: [{name: web, action: maybe}]", "spec.sources[0].action: Unsupported value: \"maybe\""),
+        (
+            "unknown action",
+            "sources: [{name: web, action: maybe}]",
+            "spec.sources[0].action: Unsupported value: \"maybe\"",
+        ),
         (
             "relative path prefix",
             "sources: [{name: web, permissions: [{action: allow, http: {pathPrefix: admin}}]}]",
@@ -101,7 +114,11 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
             "sources: [{name: web, permissions: [{action: allow, http: {header: [{name: x-a, exact: b, prefix: c}]}}]}]",
             "spec.sources[0].permissions[0].http.header[0]",
         ),
-        ("unknown field", "sources: []\n  bogus: 1", "unknown field \"spec.bogus\""),
+        (
+            "unknown field",
+            "sources: []\n  bogus: 1",
+            "unknown field \"spec.bogus\"",
+        ),
     ];
     for (what, spec_tail, expected) in cases {
         let manifest = format!(
@@ -110,13 +127,22 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
         );
         let (ok, output) = kubectl_stdin(&["create", "-f", "-"], &manifest);
         assert!(!ok, "{what}: accepted, but must be refused:\n{manifest}");
-        assert!(output.contains(expected), "{what}: the refusal must say {expected:?}, it said:\n{output}");
+        assert!(
+            output.contains(expected),
+            "{what}: the refusal must say {expected:?}, it said:\n{output}"
+        );
     }
     let (ok, output) = kubectl_stdin(
         &["create", "-f", "-"],
-        &format!("apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: bad, namespace: {}}}\nspec: {{sources: []}}\n", ns.name),
+        &format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: bad, namespace: {}}}\nspec: {{sources: []}}\n",
+            ns.name
+        ),
     );
-    assert!(!ok && output.contains("spec.destination: Required value"), "{output}");
+    assert!(
+        !ok && output.contains("spec.destination: Required value"),
+        "{output}"
+    );
     Ok(())
 }
 
@@ -127,7 +153,8 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
 async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::Result<()> {
     let client = client().await;
     clear_lease(&client).await;
-    let _controller = ControllerProcess::start(&client, "intentions-invalid", LeaseTimings::default()).await?;
+    let _controller =
+        ControllerProcess::start(&client, "intentions-invalid", LeaseTimings::default()).await?;
     let ns = TestNamespace::new(&client, "e2e-spec").await;
     let cases = [
         (
@@ -155,7 +182,8 @@ async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::R
     }
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     let fixed = serde_json::json!({"spec": {"sources": [{"name": "web", "action": "allow"}]}});
-    api.patch("duplicate", &PatchParams::default(), &Patch::Merge(&fixed)).await?;
+    api.patch("duplicate", &PatchParams::default(), &Patch::Merge(&fixed))
+        .await?;
     wait_ready(&client, &ns.name, "duplicate", "True", "Accepted", READY_WITHIN).await?;
     Ok(())
 }
@@ -166,27 +194,45 @@ async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::R
 async fn conflicting_objects_are_reported_and_resolve_on_delete() -> anyhow::Result<()> {
     let client = client().await;
     clear_lease(&client).await;
-    let _controller = ControllerProcess::start(&client, "intentions-conflict", LeaseTimings::default()).await?;
+    let _controller =
+        ControllerProcess::start(&client, "intentions-conflict", LeaseTimings::default()).await?;
     let ns = TestNamespace::new(&client, "e2e-conflict").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &intention("first", "api")).await?;
+    api.create(&PostParams::default(), &intention("first", "api"))
+        .await?;
     wait_ready(&client, &ns.name, "first", "True", "Accepted", READY_WITHIN).await?;
     // Creation timestamps have one-second resolution: make the order unambiguous.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    api.create(&PostParams::default(), &intention("second", "api")).await?;
+    api.create(&PostParams::default(), &intention("second", "api"))
+        .await?;
 
     let second = wait_ready(&client, &ns.name, "second", "False", "Conflict", READY_WITHIN).await?;
-    assert_eq!(second.status.unwrap().conflicts, vec![format!("{}/first", ns.name)]);
+    assert_eq!(
+        second.status.unwrap().conflicts,
+        vec![format!("{}/first", ns.name)]
+    );
     let first = eventually(READY_WITHIN, "first to list the shadowed object", || {
         let api = api.clone();
-        async move { api.get("first").await.ok().filter(|o| o.status.as_ref().is_some_and(|s| !s.conflicts.is_empty())) }
+        async move {
+            api.get("first")
+                .await
+                .ok()
+                .filter(|o| o.status.as_ref().is_some_and(|s| !s.conflicts.is_empty()))
+        }
     })
     .await?;
-    assert_eq!(first.status.unwrap().conflicts, vec![format!("{}/second", ns.name)]);
+    assert_eq!(
+        first.status.unwrap().conflicts,
+        vec![format!("{}/second", ns.name)]
+    );
 
     api.delete("first", &DeleteParams::default()).await?;
     let second = wait_ready(&client, &ns.name, "second", "True", "Accepted", READY_WITHIN).await?;
-    assert!(second.status.as_ref().unwrap().conflicts.is_empty(), "{:?}", second.status);
+    assert!(
+        second.status.as_ref().unwrap().conflicts.is_empty(),
+        "{:?}",
+        second.status
+    );
     Ok(())
 }
 
@@ -199,7 +245,8 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
     let controller = ControllerProcess::start(&client, "intentions-k5", LeaseTimings::default()).await?;
     let ns = TestNamespace::new(&client, "e2e-k5").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &intention("contended", "api")).await?;
+    api.create(&PostParams::default(), &intention("contended", "api"))
+        .await?;
     wait_ready(&client, &ns.name, "contended", "True", "Accepted", READY_WITHIN).await?;
 
     // A second, well-behaved writer (read, change its own condition, write with the
@@ -208,14 +255,26 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
     let writer = tokio::spawn(async move {
         let mut written = 0u32;
         for i in 0..400u32 {
-            let Ok(fresh) = writer_api.get_status("contended").await else { continue };
+            let Ok(fresh) = writer_api.get_status("contended").await else {
+                continue;
+            };
             let mut status = fresh.status.clone().unwrap_or_default();
             conditions::upsert(
                 &mut status.conditions,
-                conditions::new("ExternalCheck", conditions::ConditionStatus::True, "Checked", format!("write {i}"), None),
+                conditions::new(
+                    "ExternalCheck",
+                    conditions::ConditionStatus::True,
+                    "Checked",
+                    format!("write {i}"),
+                    None,
+                ),
             );
             let patch = serde_json::json!({"metadata": {"resourceVersion": fresh.metadata.resource_version}, "status": status});
-            if writer_api.patch_status("contended", &PatchParams::default(), &Patch::Merge(&patch)).await.is_ok() {
+            if writer_api
+                .patch_status("contended", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .is_ok()
+            {
                 written = i;
             }
         }
@@ -224,16 +283,30 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
     let mut generation = 1;
     for round in 0..20u32 {
         let patch = serde_json::json!({"spec": {"sources": [{"name": format!("client-{round}"), "action": "allow"}]}});
-        generation = api.patch("contended", &PatchParams::default(), &Patch::Merge(&patch)).await?.metadata.generation.unwrap();
+        generation = api
+            .patch("contended", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?
+            .metadata
+            .generation
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let last_external = writer.await?;
 
     let obj = wait_ready(&client, &ns.name, "contended", "True", "Accepted", READY_WITHIN).await?;
     let status = obj.status.unwrap();
-    assert_eq!(status.observed_generation, Some(generation), "the controller's status is for the last spec");
-    let external = conditions::get(&status.conditions, "ExternalCheck").expect("the other writer's condition survived");
-    assert_eq!(external.message, format!("write {last_external}"), "the other writer's last update survived");
+    assert_eq!(
+        status.observed_generation,
+        Some(generation),
+        "the controller's status is for the last spec"
+    );
+    let external =
+        conditions::get(&status.conditions, "ExternalCheck").expect("the other writer's condition survived");
+    assert_eq!(
+        external.message,
+        format!("write {last_external}"),
+        "the other writer's last update survived"
+    );
 
     let metrics = controller.metrics().await?;
     let conflicts: f64 = metrics
@@ -241,7 +314,10 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
         .filter(|l| l.starts_with("capstan_controller_status_conflicts_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(conflicts > 0.0, "the race produced no 409 to retry; metrics:\n{metrics}");
+    assert!(
+        conflicts > 0.0,
+        "the race produced no 409 to retry; metrics:\n{metrics}"
+    );
     Ok(())
 }
 

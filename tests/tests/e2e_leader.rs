@@ -28,10 +28,30 @@ async fn standby_takes_over_within_the_lease_duration_when_the_leader_is_killed(
 
     // Only the leader reconciles: the standby reports itself as not leading and writes nothing.
     create(&client, &ns.name, "before").await?;
-    wait_ready(&client, &ns.name, "before", "True", "Accepted", Duration::from_secs(20)).await?;
-    assert_eq!(metric(&leader.metrics().await?, "capstan_controller_leader"), Some(1.0));
-    assert_eq!(metric(&standby.metrics().await?, "capstan_controller_leader"), Some(0.0));
-    assert_eq!(metric(&standby.metrics().await?, "capstan_controller_reconcile_runs_total"), None);
+    wait_ready(
+        &client,
+        &ns.name,
+        "before",
+        "True",
+        "Accepted",
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(
+        metric(&leader.metrics().await?, "capstan_controller_leader"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&standby.metrics().await?, "capstan_controller_leader"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &standby.metrics().await?,
+            "capstan_controller_reconcile_runs_total"
+        ),
+        None
+    );
 
     let mut leader = leader;
     let killed_at = Instant::now();
@@ -39,12 +59,26 @@ async fn standby_takes_over_within_the_lease_duration_when_the_leader_is_killed(
     wait_for_holder(&client, "k1-kill-b").await?;
     let took = killed_at.elapsed();
     // The Lease lasts 6 s after its last renewal; the standby retries every second.
-    assert!(took <= Duration::from_secs(TIMINGS.duration + 3), "takeover took {took:?}");
+    assert!(
+        took <= Duration::from_secs(TIMINGS.duration + 3),
+        "takeover took {took:?}"
+    );
     leader.wait_exit(Duration::from_secs(5)).await?;
 
     create(&client, &ns.name, "after").await?;
-    wait_ready(&client, &ns.name, "after", "True", "Accepted", Duration::from_secs(20)).await?;
-    assert_eq!(reporters(&client, &ns.name, "after").await?, vec!["k1-kill-b".to_owned()]);
+    wait_ready(
+        &client,
+        &ns.name,
+        "after",
+        "True",
+        "Accepted",
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(
+        reporters(&client, &ns.name, "after").await?,
+        vec!["k1-kill-b".to_owned()]
+    );
     Ok(())
 }
 
@@ -63,11 +97,20 @@ async fn a_paused_leader_does_not_act_when_it_resumes() -> anyhow::Result<()> {
     wait_for_holder(&client, "k1-pause-b").await?;
     // Work arrives while the old leader is frozen: the new leader does it...
     create(&client, &ns.name, "during").await?;
-    wait_ready(&client, &ns.name, "during", "True", "Accepted", Duration::from_secs(20)).await?;
+    wait_ready(
+        &client,
+        &ns.name,
+        "during",
+        "True",
+        "Accepted",
+        Duration::from_secs(20),
+    )
+    .await?;
     // ...and it keeps changing, so the old leader's watch has news to act on when it thaws.
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     let patch = serde_json::json!({"spec": {"sources": [{"name": "web", "action": "deny"}]}});
-    api.patch("during", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    api.patch("during", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
 
     old.signal("CONT");
     // The old leader notices its term is over, steps down and stands by.
@@ -78,9 +121,20 @@ async fn a_paused_leader_does_not_act_when_it_resumes() -> anyhow::Result<()> {
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(old.is_running(), "the old leader stands by rather than exiting");
-    assert_eq!(metric(&old.metrics().await?, "capstan_controller_leader"), Some(0.0));
+    assert_eq!(
+        metric(&old.metrics().await?, "capstan_controller_leader"),
+        Some(0.0)
+    );
     assert_eq!(lease_holder(&client).await.as_deref(), Some("k1-pause-b"));
-    wait_ready(&client, &ns.name, "during", "True", "Accepted", Duration::from_secs(20)).await?;
+    wait_ready(
+        &client,
+        &ns.name,
+        "during",
+        "True",
+        "Accepted",
+        Duration::from_secs(20),
+    )
+    .await?;
     // Every Event about the object came from the new leader: none from the thawed one.
     let reporters = reporters(&client, &ns.name, "during").await?;
     assert_eq!(reporters, vec!["k1-pause-b".to_owned()], "{}", old.logs());
@@ -94,18 +148,28 @@ async fn a_paused_leader_does_not_act_when_it_resumes() -> anyhow::Result<()> {
     // retry periods instead of waiting out the lease duration.
     let stopped_at = Instant::now();
     new.signal("TERM");
-    assert_eq!(new.wait_exit(Duration::from_secs(10)).await?, Some(0), "{}", new.logs());
+    assert_eq!(
+        new.wait_exit(Duration::from_secs(10)).await?,
+        Some(0),
+        "{}",
+        new.logs()
+    );
     assert!(new.logs().contains("Released leadership"), "{}", new.logs());
     wait_for_holder(&client, "k1-pause-a").await?;
     let took = stopped_at.elapsed();
-    assert!(took < Duration::from_secs(TIMINGS.duration), "handover after SIGTERM took {took:?}");
+    assert!(
+        took < Duration::from_secs(TIMINGS.duration),
+        "handover after SIGTERM took {took:?}"
+    );
     Ok(())
 }
 
 async fn wait_for_holder(client: &Client, identity: &str) -> anyhow::Result<()> {
-    eventually(Duration::from_secs(20), &format!("{identity} to hold the lease"), || async {
-        (lease_holder(client).await.as_deref() == Some(identity)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        &format!("{identity} to hold the lease"),
+        || async { (lease_holder(client).await.as_deref() == Some(identity)).then_some(()) },
+    )
     .await
 }
 
@@ -116,13 +180,17 @@ async fn create(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
         "metadata": {"name": name},
         "spec": {"destination": {"name": name}, "sources": [{"name": "web", "action": "allow"}]},
     }))?;
-    Api::<ServiceIntentions>::namespaced(client.clone(), ns).create(&PostParams::default(), &obj).await?;
+    Api::<ServiceIntentions>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &obj)
+        .await?;
     Ok(())
 }
 
 /// The distinct `reportingInstance`s of the Events about one object.
 async fn reporters(client: &Client, ns: &str, name: &str) -> anyhow::Result<Vec<String>> {
-    let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await?;
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
     let mut found: Vec<String> = events
         .items
         .into_iter()

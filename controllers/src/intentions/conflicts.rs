@@ -92,7 +92,10 @@ mod tests {
                 shadowed: vec!["shop/b".into()]
             }
         );
-        assert_eq!(verdict(&b, [&a, &b, &other]), Verdict::Shadowed { by: "shop/a".into() });
+        assert_eq!(
+            verdict(&b, [&a, &b, &other]),
+            Verdict::Shadowed { by: "shop/a".into() }
+        );
     }
 
     #[test]

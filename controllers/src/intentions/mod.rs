@@ -77,16 +77,20 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let rivals_store = store.clone();
     controller
         // Another object's change (above all its deletion) can change this one's verdict.
-        .watches(api, watcher::Config::default(), move |changed: ServiceIntentions| {
-            let dest = conflicts::destination(&changed);
-            let changed_key = conflicts::key(&changed);
-            rivals_store
-                .state()
-                .into_iter()
-                .filter(move |o| conflicts::destination(o) == dest && conflicts::key(o) != changed_key)
-                .map(|o| ObjectRef::from(o.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            api,
+            watcher::Config::default(),
+            move |changed: ServiceIntentions| {
+                let dest = conflicts::destination(&changed);
+                let changed_key = conflicts::key(&changed);
+                rivals_store
+                    .state()
+                    .into_iter()
+                    .filter(move |o| conflicts::destination(o) == dest && conflicts::key(o) != changed_key)
+                    .map(|o| ObjectRef::from(o.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(
             move |obj, ctx| reconcile(obj, ctx, store.clone()),
@@ -98,7 +102,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
 }
 
 #[tracing::instrument(skip(obj, ctx, store), fields(ns = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
-async fn reconcile(obj: Arc<ServiceIntentions>, ctx: Arc<Context>, store: Store<ServiceIntentions>) -> Result<Action, Error> {
+async fn reconcile(
+    obj: Arc<ServiceIntentions>,
+    ctx: Arc<Context>,
+    store: Store<ServiceIntentions>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.start(CONTROLLER);
     ctx.leadership.ensure()?;
     if obj.metadata.deletion_timestamp.is_some() {
@@ -122,7 +130,12 @@ async fn reconcile(obj: Arc<ServiceIntentions>, ctx: Arc<Context>, store: Store<
     }
 
     let (ready, reason, message, conflicts) = match (&verdict, problems.is_empty()) {
-        (_, false) => (ConditionStatus::False, reasons::INVALID_SPEC, problems.join("; "), vec![]),
+        (_, false) => (
+            ConditionStatus::False,
+            reasons::INVALID_SPEC,
+            problems.join("; "),
+            vec![],
+        ),
         (Verdict::Shadowed { by }, true) => (
             ConditionStatus::False,
             reasons::CONFLICT,
@@ -137,9 +150,17 @@ async fn reconcile(obj: Arc<ServiceIntentions>, ctx: Arc<Context>, store: Store<
         (Verdict::InForce { shadowed }, true) => {
             let mut message = format!("{} source(s) in force", obj.spec.sources.len());
             if !shadowed.is_empty() {
-                message.push_str(&format!("; newer objects for the same destination are ignored: {}", shadowed.join(", ")));
+                message.push_str(&format!(
+                    "; newer objects for the same destination are ignored: {}",
+                    shadowed.join(", ")
+                ));
             }
-            (ConditionStatus::True, reasons::ACCEPTED, message, shadowed.clone())
+            (
+                ConditionStatus::True,
+                reasons::ACCEPTED,
+                message,
+                shadowed.clone(),
+            )
         }
     };
 
@@ -166,7 +187,11 @@ async fn reconcile(obj: Arc<ServiceIntentions>, ctx: Arc<Context>, store: Store<
 
 async fn publish(ctx: &Context, obj: &ServiceIntentions, ready: ConditionStatus, reason: &str, note: String) {
     let event = Event {
-        type_: if ready == ConditionStatus::True { EventType::Normal } else { EventType::Warning },
+        type_: if ready == ConditionStatus::True {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
         reason: reason.to_owned(),
         note: Some(note),
         action: "Reconcile".into(),

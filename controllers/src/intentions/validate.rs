@@ -37,7 +37,13 @@ pub fn validate(spec: &ServiceIntentionsSpec, destination_namespace: &str) -> Ve
 fn check_regex(problems: &mut Vec<String>, field: &str, pattern: &str) {
     // The size limit keeps a hostile pattern from costing the sidecar memory or time.
     if let Err(error) = regex::RegexBuilder::new(pattern).size_limit(1 << 20).build() {
-        let first_line = error.to_string().lines().last().unwrap_or_default().trim().to_owned();
+        let first_line = error
+            .to_string()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         problems.push(format!("{field}: invalid regular expression: {first_line}"));
     }
 }
@@ -46,7 +52,8 @@ fn check_regex(problems: &mut Vec<String>, field: &str, pattern: &str) {
 mod tests {
     use super::*;
     use capstan_crds::{
-        HttpHeaderMatch, HttpMatch, IntentionAction, IntentionDestination, IntentionPermission, IntentionSource,
+        HttpHeaderMatch, HttpMatch, IntentionAction, IntentionDestination, IntentionPermission,
+        IntentionSource,
     };
 
     fn spec_with(http: HttpMatch) -> ServiceIntentionsSpec {
@@ -106,7 +113,10 @@ mod tests {
         });
         let problems = validate(&spec, "shop");
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("spec.sources[0].permissions[0].http.pathRegex: invalid regular expression"));
+        assert!(
+            problems[0]
+                .starts_with("spec.sources[0].permissions[0].http.pathRegex: invalid regular expression")
+        );
         assert!(problems[1].starts_with("spec.sources[0].permissions[0].http.header[0].regex:"));
     }
 }

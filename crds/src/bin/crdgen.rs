@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     match mode.as_deref() {
         Some("--stdout") => {
             for crd in capstan_crds::all_crds() {
-                print!("---\n{}", serde_yaml_ng::to_string(&crd).expect("a CRD serializes"));
+                print!(
+                    "---\n{}",
+                    serde_yaml_ng::to_string(&crd).expect("a CRD serializes")
+                );
             }
             ExitCode::SUCCESS
         }

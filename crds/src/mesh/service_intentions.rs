@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 /// A DNS-1123 label (a Kubernetes service or namespace name) or `*` for any.
 const NAME_OR_WILDCARD: &str = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$";
 
+// clippy reads the repeated `type_ = "string"` of several printcolumn(...) entries as a
+// duplicated attribute; they are separate columns.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "mesh.capstan.dev",
@@ -29,8 +32,16 @@ const NAME_OR_WILDCARD: &str = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$";
     status = "ServiceIntentionsStatus",
     printcolumn(name = "Destination", type_ = "string", json_path = ".spec.destination.name"),
     printcolumn(name = "Sources", type_ = "integer", json_path = ".status.sources"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     doc = "Which services may connect to one destination service, decided by service identity"
 )]
@@ -187,6 +198,10 @@ pub struct ServiceIntentionsStatus {
 impl ServiceIntentions {
     /// The destination's namespace: the spec's, or the object's own.
     pub fn destination_namespace(&self) -> Option<&str> {
-        self.spec.destination.namespace.as_deref().or(self.metadata.namespace.as_deref())
+        self.spec
+            .destination
+            .namespace
+            .as_deref()
+            .or(self.metadata.namespace.as_deref())
     }
 }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test Capstan has: formatting and lints, unit tests, then the end-to-end
+# suite against a real Kubernetes control plane (the cluster KUBECONFIG names if one
+# answers, else a local one this script starts from hack/cluster.sh and stops again).
+#
+#   CAPSTAN_KEEP_CLUSTER=1 hack/test.sh   leave the local test cluster running afterwards
+#   hack/test.sh -- <filter>              pass a name filter to the end-to-end tests
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+started=$SECONDS
+
+filter=()
+if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
+
+say "building the control-plane binaries (cached after the first run)"
+"$ROOT/hack/cluster.sh" build
+
+say "cargo fmt --check"
+cargo fmt --all --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo build"
+cargo build --workspace --locked
+say "unit tests"
+cargo test --workspace --exclude capstan-tests --locked
+
+use_cluster capstan-test
+if [ -n "$CAPSTAN_STARTED_CLUSTER" ]; then
+  # The suite may restart this cluster's API server (failure scenario K2).
+  export CAPSTAN_CLUSTER_CONTROL="$ROOT/hack/cluster.sh"
+  export CAPSTAN_CLUSTER_NAME=$CAPSTAN_STARTED_CLUSTER
+  if [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; then
+    trap 'CAPSTAN_CLUSTER_NAME=$CAPSTAN_STARTED_CLUSTER "$ROOT/hack/cluster.sh" down' EXIT
+  fi
+fi
+
+say "end-to-end tests against $(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+# One at a time: they share the cluster-wide controller Lease and chart release.
+cargo test -p capstan-tests --locked -- --test-threads=1 "${filter[@]}"
+say "all tests passed in $((SECONDS - started))s"

@@ -1,0 +1,231 @@
+//! The Helm chart against the real API server: lint, install (every object accepted),
+//! uninstall (CRDs kept), and K7, a review of every ServiceAccount's permissions.
+
+use capstan_tests::*;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use serde_json::Value;
+
+fn chart() -> String {
+    repo_root().join("charts/capstan").to_string_lossy().into_owned()
+}
+
+#[test]
+fn chart_passes_helm_lint_strict() {
+    let out = run("helm", &["lint", "--strict", &chart()]).expect("helm lint --strict");
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+}
+
+/// Every object `helm install` sent exists in the cluster, as the API server stored it.
+fn assert_release_objects_exist(release: &str, namespace: &str) -> usize {
+    let manifest = run("helm", &["get", "manifest", release, "-n", namespace]).expect("helm get manifest");
+    let documents = manifest.split("\n---").filter(|d| d.contains("kind:")).count();
+    let (ok, out) = kubectl_stdin(&["get", "-f", "-", "-o", "name"], &manifest);
+    assert!(
+        ok,
+        "objects of release {release} missing from the cluster:\n{out}"
+    );
+    assert_eq!(out.lines().count(), documents, "{out}");
+    documents
+}
+
+#[tokio::test]
+async fn helm_install_is_accepted_and_crds_are_established_and_kept() -> anyhow::Result<()> {
+    let client = client().await;
+    install_chart();
+    assert!(assert_release_objects_exist(RELEASE, SYSTEM_NAMESPACE) >= 10);
+    let crd = Api::<CustomResourceDefinition>::all(client.clone())
+        .get("serviceintentions.mesh.capstan.dev")
+        .await?;
+    let established = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(
+        established
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True"),
+        "{established:?}"
+    );
+    assert_eq!(
+        crd.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep")
+    );
+
+    // A second release with the chart's defaults (two replicas of each Deployment) in a
+    // namespace of its own; the CRDs stay with the first release.
+    let ns = TestNamespace::new(&client, "e2e-helm").await;
+    run(
+        "helm",
+        &[
+            "install",
+            "second",
+            &chart(),
+            "-n",
+            &ns.name,
+            "--set",
+            "crds.enabled=false",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )?;
+    assert_release_objects_exist("second", &ns.name);
+    let pods: Value = serde_json::from_str(&run(
+        "kubectl",
+        &[
+            "get",
+            "pods",
+            "-n",
+            &ns.name,
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "-o",
+            "json",
+        ],
+    )?)?;
+    let pods = pods["items"].as_array().unwrap();
+    assert_eq!(pods.len(), 2, "the controller runs two replicas");
+    for pod in pods {
+        assert_eq!(pod["status"]["phase"], "Running", "{pod}");
+        let sc = &pod["spec"]["containers"][0]["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+    }
+    run("helm", &["uninstall", "second", "-n", &ns.name, "--wait"])?;
+    let (gone, out) = kubectl_stdin(&["get", "clusterrole", "second-capstan-controller"], "");
+    assert!(!gone && out.contains("NotFound"), "{out}");
+    Ok(())
+}
+
+/// K7: no rule with a wildcard, no Secret access, nothing that escalates; bindings only
+/// to the chart's own ServiceAccounts.
+#[test]
+fn rbac_rules_are_least_privilege() {
+    let rendered = run("helm", &["template", RELEASE, &chart(), "-n", SYSTEM_NAMESPACE]).unwrap();
+    let mut roles = 0;
+    for document in serde_yaml_ng::Deserializer::from_str(&rendered) {
+        let object: Value = serde::Deserialize::deserialize(document).unwrap();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        match kind {
+            "ClusterRole" | "Role" => {
+                roles += 1;
+                for rule in object["rules"].as_array().expect("rules") {
+                    for field in ["apiGroups", "resources", "verbs", "resourceNames"] {
+                        for value in rule[field].as_array().into_iter().flatten() {
+                            let value = value.as_str().unwrap();
+                            assert!(!value.contains('*'), "{kind} {name}: wildcard in {field}: {rule}");
+                            if field == "resources" {
+                                assert!(
+                                    !value.starts_with("secrets"),
+                                    "{kind} {name} grants Secrets: {rule}"
+                                );
+                            }
+                            if field == "verbs" {
+                                assert!(
+                                    !["escalate", "bind", "impersonate"].contains(&value),
+                                    "{kind} {name}: {rule}"
+                                );
+                            }
+                        }
+                    }
+                    assert!(rule.get("nonResourceURLs").is_none(), "{kind} {name}: {rule}");
+                }
+            }
+            "ClusterRoleBinding" | "RoleBinding" => {
+                for subject in object["subjects"].as_array().unwrap() {
+                    assert_eq!(subject["kind"], "ServiceAccount", "{name}");
+                    assert_eq!(subject["namespace"], SYSTEM_NAMESPACE, "{name}");
+                    assert!(
+                        subject["name"].as_str().unwrap().starts_with("capstan-"),
+                        "{name}"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(roles >= 2, "no roles rendered:\n{rendered}");
+}
+
+/// K7 against the API server's own authorizer: what each ServiceAccount can and cannot do.
+#[test]
+fn serviceaccounts_can_do_only_their_job() {
+    install_chart();
+    let as_sa = |sa: &str| format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{sa}");
+    let can = |sa: &str, args: &[&str]| -> bool {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        let who = as_sa(sa);
+        all.push(&who);
+        std::process::Command::new("kubectl")
+            .args(&all)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let controller = CONTROLLER_SA;
+    let allowed: &[&[&str]] = &[
+        &["watch", "serviceintentions.mesh.capstan.dev", "-A"],
+        &[
+            "patch",
+            "serviceintentions.mesh.capstan.dev",
+            "--subresource=status",
+            "-n",
+            "default",
+        ],
+        &["create", "events.events.k8s.io", "-n", "default"],
+        &[
+            "update",
+            "leases.coordination.k8s.io/capstan-controller",
+            "-n",
+            SYSTEM_NAMESPACE,
+        ],
+    ];
+    for args in allowed {
+        assert!(can(controller, args), "the controller needs: {args:?}");
+    }
+    let denied: &[&[&str]] = &[
+        &["get", "secrets", "-A"],
+        &["get", "secrets", "-n", SYSTEM_NAMESPACE],
+        &["list", "pods", "-A"],
+        &["patch", "serviceintentions.mesh.capstan.dev", "-n", "default"],
+        &["delete", "serviceintentions.mesh.capstan.dev", "-n", "default"],
+        &[
+            "update",
+            "leases.coordination.k8s.io/kube-controller-manager",
+            "-n",
+            "kube-system",
+        ],
+        &[
+            "update",
+            "leases.coordination.k8s.io/someone-else",
+            "-n",
+            SYSTEM_NAMESPACE,
+        ],
+        &["create", "leases.coordination.k8s.io", "-n", "default"],
+        &[
+            "patch",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+        ],
+        &["create", "clusterrolebindings.rbac.authorization.k8s.io"],
+        &["*", "*"],
+    ];
+    for args in denied {
+        assert!(
+            !can(controller, args),
+            "the controller must not be able to: {args:?}"
+        );
+    }
+    // The webhook does not call the API yet: it may do nothing at all.
+    for args in allowed.iter().chain(denied) {
+        assert!(
+            !can("capstan-webhook", args),
+            "the webhook must not be able to: {args:?}"
+        );
+    }
+}
