@@ -6,8 +6,8 @@
 #   hack/cluster.sh env     print `export KUBECONFIG=...` for the running cluster
 #   hack/cluster.sh status  exit 0 if the cluster answers, 1 otherwise
 #   hack/cluster.sh down    stop every process of the cluster and wait until they are gone
-#   hack/cluster.sh restart-apiserver [--compact]
-#                           restart kube-apiserver (compacting etcd meanwhile): failure tests
+#   hack/cluster.sh restart-apiserver   kill kube-apiserver and start it again (failure tests)
+#   hack/cluster.sh compact-etcd        compact etcd's history, forcing watchers to relist
 #
 # kube-apiserver, kube-controller-manager and kube-scheduler come from the k8s.io/kubernetes
 # Go module, etcd from go.etcd.io/etcd/server/v3, kwok/kwokctl and helm from theirs, all at
@@ -234,13 +234,11 @@ relaunch() {
 }
 
 # Kills kube-apiserver and starts it again with the same command line, as a crash and
-# restart of the control plane would. With --compact, etcd's history is compacted while
-# the API server is down, so every watcher's resourceVersion is gone when it returns and
-# it must relist (410 Gone). Components that exit meanwhile (the controller-manager and
-# scheduler give up when they cannot renew their own leases) are started again too.
-# The failure tests (K2) use it.
+# restart of the control plane would. Components that exit meanwhile (the
+# controller-manager and scheduler give up when they cannot renew their own leases) are
+# started again too. The failure tests (K2) use it.
 cmd_restart_apiserver() {
-  local started=$SECONDS name pid etcd="" arg
+  local started=$SECONDS name pid
   [ -f "$CLUSTER_DIR/pids/kube-apiserver.pid" ] || die "no cluster: run $0 up"
   declare -A cmdlines=() cwds=()
   for name in kube-apiserver kube-controller-manager kube-scheduler kwok-controller; do
@@ -250,20 +248,9 @@ cmd_restart_apiserver() {
   done
   local -a args=()
   mapfile -t args <<<"${cmdlines[kube-apiserver]}"
-  for arg in "${args[@]}"; do
-    case $arg in --etcd-servers=*) etcd=${arg#--etcd-servers=} ;; esac
-  done
   pid=$(<"$CLUSTER_DIR/pids/kube-apiserver.pid")
   kill -KILL "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-  if [ "${1:-}" = "--compact" ]; then
-    local revision
-    revision=$("$ETCD_DIR/etcdctl" --endpoints "$etcd" get / --prefix --keys-only --limit 1 -w json |
-      grep -o '"revision":[0-9]*' | head -n 1 | cut -d: -f2)
-    [ -n "$revision" ] || die "could not read etcd's revision"
-    "$ETCD_DIR/etcdctl" --endpoints "$etcd" compact "$revision" >/dev/null
-    log "compacted etcd at revision $revision"
-  fi
   relaunch kube-apiserver "${cwds[kube-apiserver]}" "${args[@]}"
   until kubectl_ get --raw /readyz >/dev/null 2>&1; do
     if [ $((SECONDS - started)) -gt 60 ]; then
@@ -282,12 +269,29 @@ cmd_restart_apiserver() {
   log "kube-apiserver restarted in $((SECONDS - started))s"
 }
 
+# Compacts etcd's history up to now, so every watch older than this moment must relist
+# (the API server answers 410 Gone): what a long partition or a slow client meets.
+cmd_compact_etcd() {
+  local pid arg etcd="" revision
+  pid=$(<"$CLUSTER_DIR/pids/kube-apiserver.pid") || die "no cluster: run $0 up"
+  while IFS= read -r -d '' arg; do
+    case $arg in --etcd-servers=*) etcd=${arg#--etcd-servers=} ;; esac
+  done <"/proc/$pid/cmdline"
+  [ -n "$etcd" ] || die "could not find etcd's address"
+  revision=$("$ETCD_DIR/etcdctl" --endpoints "$etcd" get / --prefix --keys-only --limit 1 -w json |
+    grep -o '"revision":[0-9]*' | head -n 1 | cut -d: -f2)
+  [ -n "$revision" ] || die "could not read etcd's revision"
+  "$ETCD_DIR/etcdctl" --endpoints "$etcd" compact "$revision" >/dev/null
+  log "compacted etcd at revision $revision"
+}
+
 case "${1:-}" in
   build) cmd_build ;;
   up) cmd_up ;;
   env) cmd_env ;;
   status) cmd_status ;;
   down) cmd_down ;;
-  restart-apiserver) shift; cmd_restart_apiserver "$@" ;;
-  *) echo "usage: $0 build|up|env|status|down|restart-apiserver [--compact]" >&2; exit 2 ;;
+  restart-apiserver) cmd_restart_apiserver ;;
+  compact-etcd) cmd_compact_etcd ;;
+  *) echo "usage: $0 build|up|env|status|down|restart-apiserver|compact-etcd" >&2; exit 2 ;;
 esac

@@ -52,14 +52,18 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     )
     .await?;
 
-    // The controller misses the delete: it is frozen, then its API server goes away and
-    // comes back with the history it was watching from compacted.
+    // The controller misses the delete: it is frozen while its API server goes away and
+    // comes back (so its watch connection is dead), the delete happens, and the history
+    // it was watching from is compacted away before it wakes.
+    let cluster = cluster.to_str().unwrap();
     controller.signal("STOP");
+    run(cluster, &["restart-apiserver"])?;
+    let client = capstan_tests::client().await;
+    let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     api.delete("first", &DeleteParams::default()).await?;
-    run(cluster.to_str().unwrap(), &["restart-apiserver", "--compact"])?;
+    run(cluster, &["compact-etcd"])?;
     controller.signal("CONT");
 
-    let client = capstan_tests::client().await;
     wait_ready(
         &client,
         &ns.name,
@@ -86,7 +90,6 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     );
 
     // And the watch is live again: new work is picked up.
-    let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     let mut third = intention("third");
     third.spec.destination.name = "other".into();
     api.create(&PostParams::default(), &third).await?;
