@@ -219,6 +219,10 @@ cmd_down() {
     done
   done
   rm -rf "$CLUSTER_DIR" "$KUBECONFIG_OUT"
+  # `down` promises that nothing of the cluster is left running: check it.
+  local left
+  left=$(pgrep -f "^$CLUSTER_DIR/bin/" || true)
+  [ -z "$left" ] || die "processes of cluster '$CLUSTER_NAME' survived down: $left"
   log "cluster '$CLUSTER_NAME' is down"
 }
 

@@ -31,7 +31,13 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ]; then
   export CAPSTAN_CLUSTER_CONTROL="$ROOT/hack/cluster.sh"
   export CAPSTAN_CLUSTER_NAME=$CAPSTAN_STARTED_CLUSTER
   if [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; then
-    trap 'CAPSTAN_CLUSTER_NAME=$CAPSTAN_STARTED_CLUSTER "$ROOT/hack/cluster.sh" down' EXIT
+    # Stop the cluster whatever happened; a `down` that leaves a process behind fails the run.
+    teardown() {
+      local rc=$?
+      "$ROOT/hack/cluster.sh" down || rc=1
+      exit $rc
+    }
+    trap teardown EXIT
   fi
 fi
 

@@ -278,6 +278,12 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
+    /// The only controller: no Lease left from an earlier test, so it leads at once.
+    pub async fn sole(client: &Client, identity: &str) -> Result<Self> {
+        clear_lease(client).await;
+        Self::start(client, identity, LeaseTimings::default()).await
+    }
+
     pub async fn start(client: &Client, identity: &str, timings: LeaseTimings) -> Result<Self> {
         install_chart();
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
@@ -400,6 +406,22 @@ pub fn ready_of(obj: &capstan_crds::ServiceIntentions) -> Option<(String, String
     let status = obj.status.as_ref()?;
     let ready = capstan_crds::conditions::get(&status.conditions, capstan_crds::conditions::READY)?;
     Some((ready.status.clone(), ready.reason.clone()))
+}
+
+/// A ServiceIntentions allowing `web` to reach `destination`.
+pub fn intention(name: &str, destination: &str) -> capstan_crds::ServiceIntentions {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "mesh.capstan.dev/v1alpha1",
+        "kind": "ServiceIntentions",
+        "metadata": {"name": name},
+        "spec": {"destination": {"name": destination}, "sources": [{"name": "web", "action": "allow"}]},
+    }))
+    .expect("a valid ServiceIntentions")
+}
+
+/// Waits until `name` in `ns` is Ready=True (Accepted) for its current generation.
+pub async fn wait_accepted(client: &Client, ns: &str, name: &str) -> Result<capstan_crds::ServiceIntentions> {
+    wait_ready(client, ns, name, "True", "Accepted", Duration::from_secs(30)).await
 }
 
 /// Waits until `name` in `ns` reports Ready with `status`/`reason` for its current generation.

@@ -30,18 +30,12 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     let controller = ControllerProcess::start(&client, "k2-relist", timings).await?;
     let ns = TestNamespace::new(&client, "e2e-k2").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &intention("first")).await?;
-    wait_ready(
-        &client,
-        &ns.name,
-        "first",
-        "True",
-        "Accepted",
-        Duration::from_secs(30),
-    )
-    .await?;
+    api.create(&PostParams::default(), &intention("first", "api"))
+        .await?;
+    wait_accepted(&client, &ns.name, "first").await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    api.create(&PostParams::default(), &intention("second")).await?;
+    api.create(&PostParams::default(), &intention("second", "api"))
+        .await?;
     wait_ready(
         &client,
         &ns.name,
@@ -90,27 +84,8 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     );
 
     // And the watch is live again: new work is picked up.
-    let mut third = intention("third");
-    third.spec.destination.name = "other".into();
-    api.create(&PostParams::default(), &third).await?;
-    wait_ready(
-        &client,
-        &ns.name,
-        "third",
-        "True",
-        "Accepted",
-        Duration::from_secs(30),
-    )
-    .await?;
+    api.create(&PostParams::default(), &intention("third", "other"))
+        .await?;
+    wait_accepted(&client, &ns.name, "third").await?;
     Ok(())
-}
-
-fn intention(name: &str) -> ServiceIntentions {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "mesh.capstan.dev/v1alpha1",
-        "kind": "ServiceIntentions",
-        "metadata": {"name": name},
-        "spec": {"destination": {"name": "api"}, "sources": [{"name": "web", "action": "allow"}]},
-    }))
-    .unwrap()
 }

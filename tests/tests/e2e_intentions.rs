@@ -14,15 +14,13 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 #[tokio::test]
 async fn example_applied_with_kubectl_reaches_ready() -> anyhow::Result<()> {
     let client = client().await;
-    clear_lease(&client).await;
-    let _controller =
-        ControllerProcess::start(&client, "intentions-example", LeaseTimings::default()).await?;
+    let _controller = ControllerProcess::sole(&client, "intentions-example").await?;
     let example = repo_root().join("examples/intentions.yaml");
     run("kubectl", &["apply", "-f", example.to_str().unwrap()])?;
 
-    let api = wait_ready(&client, "shop", "api", "True", "Accepted", READY_WITHIN).await?;
+    let api = wait_accepted(&client, "shop", "api").await?;
     assert_eq!(api.status.as_ref().unwrap().sources, Some(3));
-    wait_ready(&client, "shop", "db", "True", "Accepted", READY_WITHIN).await?;
+    wait_accepted(&client, "shop", "db").await?;
 
     // The printer columns say what a user needs at a glance.
     let table = run("kubectl", &["get", "serviceintentions", "-n", "shop"])?;
@@ -152,9 +150,7 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
 #[tokio::test]
 async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::Result<()> {
     let client = client().await;
-    clear_lease(&client).await;
-    let _controller =
-        ControllerProcess::start(&client, "intentions-invalid", LeaseTimings::default()).await?;
+    let _controller = ControllerProcess::sole(&client, "intentions-invalid").await?;
     let ns = TestNamespace::new(&client, "e2e-spec").await;
     let cases = [
         (
@@ -184,7 +180,7 @@ async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::R
     let fixed = serde_json::json!({"spec": {"sources": [{"name": "web", "action": "allow"}]}});
     api.patch("duplicate", &PatchParams::default(), &Patch::Merge(&fixed))
         .await?;
-    wait_ready(&client, &ns.name, "duplicate", "True", "Accepted", READY_WITHIN).await?;
+    wait_accepted(&client, &ns.name, "duplicate").await?;
     Ok(())
 }
 
@@ -193,14 +189,12 @@ async fn spec_errors_the_schema_cannot_see_are_reported_in_status() -> anyhow::R
 #[tokio::test]
 async fn conflicting_objects_are_reported_and_resolve_on_delete() -> anyhow::Result<()> {
     let client = client().await;
-    clear_lease(&client).await;
-    let _controller =
-        ControllerProcess::start(&client, "intentions-conflict", LeaseTimings::default()).await?;
+    let _controller = ControllerProcess::sole(&client, "intentions-conflict").await?;
     let ns = TestNamespace::new(&client, "e2e-conflict").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &intention("first", "api"))
         .await?;
-    wait_ready(&client, &ns.name, "first", "True", "Accepted", READY_WITHIN).await?;
+    wait_accepted(&client, &ns.name, "first").await?;
     // Creation timestamps have one-second resolution: make the order unambiguous.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     api.create(&PostParams::default(), &intention("second", "api"))
@@ -227,7 +221,7 @@ async fn conflicting_objects_are_reported_and_resolve_on_delete() -> anyhow::Res
     );
 
     api.delete("first", &DeleteParams::default()).await?;
-    let second = wait_ready(&client, &ns.name, "second", "True", "Accepted", READY_WITHIN).await?;
+    let second = wait_accepted(&client, &ns.name, "second").await?;
     assert!(
         second.status.as_ref().unwrap().conflicts.is_empty(),
         "{:?}",
@@ -241,13 +235,12 @@ async fn conflicting_objects_are_reported_and_resolve_on_delete() -> anyhow::Res
 #[tokio::test]
 async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
     let client = client().await;
-    clear_lease(&client).await;
-    let controller = ControllerProcess::start(&client, "intentions-k5", LeaseTimings::default()).await?;
+    let controller = ControllerProcess::sole(&client, "intentions-k5").await?;
     let ns = TestNamespace::new(&client, "e2e-k5").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &intention("contended", "api"))
         .await?;
-    wait_ready(&client, &ns.name, "contended", "True", "Accepted", READY_WITHIN).await?;
+    wait_accepted(&client, &ns.name, "contended").await?;
 
     // A second, well-behaved writer (read, change its own condition, write with the
     // resourceVersion it read) hammers the status while the spec keeps changing.
@@ -293,7 +286,7 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
     }
     let last_external = writer.await?;
 
-    let obj = wait_ready(&client, &ns.name, "contended", "True", "Accepted", READY_WITHIN).await?;
+    let obj = wait_accepted(&client, &ns.name, "contended").await?;
     let status = obj.status.unwrap();
     assert_eq!(
         status.observed_generation,
@@ -319,14 +312,4 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
         "the race produced no 409 to retry; metrics:\n{metrics}"
     );
     Ok(())
-}
-
-fn intention(name: &str, destination: &str) -> ServiceIntentions {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "mesh.capstan.dev/v1alpha1",
-        "kind": "ServiceIntentions",
-        "metadata": {"name": name},
-        "spec": {"destination": {"name": destination}, "sources": [{"name": "web", "action": "allow"}]},
-    }))
-    .unwrap()
 }

@@ -28,15 +28,7 @@ async fn standby_takes_over_within_the_lease_duration_when_the_leader_is_killed(
 
     // Only the leader reconciles: the standby reports itself as not leading and writes nothing.
     create(&client, &ns.name, "before").await?;
-    wait_ready(
-        &client,
-        &ns.name,
-        "before",
-        "True",
-        "Accepted",
-        Duration::from_secs(20),
-    )
-    .await?;
+    wait_accepted(&client, &ns.name, "before").await?;
     assert_eq!(
         metric(&leader.metrics().await?, "capstan_controller_leader"),
         Some(1.0)
@@ -66,15 +58,7 @@ async fn standby_takes_over_within_the_lease_duration_when_the_leader_is_killed(
     leader.wait_exit(Duration::from_secs(5)).await?;
 
     create(&client, &ns.name, "after").await?;
-    wait_ready(
-        &client,
-        &ns.name,
-        "after",
-        "True",
-        "Accepted",
-        Duration::from_secs(20),
-    )
-    .await?;
+    wait_accepted(&client, &ns.name, "after").await?;
     assert_eq!(
         reporters(&client, &ns.name, "after").await?,
         vec!["k1-kill-b".to_owned()]
@@ -97,15 +81,7 @@ async fn a_paused_leader_does_not_act_when_it_resumes() -> anyhow::Result<()> {
     wait_for_holder(&client, "k1-pause-b").await?;
     // Work arrives while the old leader is frozen: the new leader does it...
     create(&client, &ns.name, "during").await?;
-    wait_ready(
-        &client,
-        &ns.name,
-        "during",
-        "True",
-        "Accepted",
-        Duration::from_secs(20),
-    )
-    .await?;
+    wait_accepted(&client, &ns.name, "during").await?;
     // ...and it keeps changing, so the old leader's watch has news to act on when it thaws.
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
     let patch = serde_json::json!({"spec": {"sources": [{"name": "web", "action": "deny"}]}});
@@ -126,15 +102,7 @@ async fn a_paused_leader_does_not_act_when_it_resumes() -> anyhow::Result<()> {
         Some(0.0)
     );
     assert_eq!(lease_holder(&client).await.as_deref(), Some("k1-pause-b"));
-    wait_ready(
-        &client,
-        &ns.name,
-        "during",
-        "True",
-        "Accepted",
-        Duration::from_secs(20),
-    )
-    .await?;
+    wait_accepted(&client, &ns.name, "during").await?;
     // Every Event about the object came from the new leader: none from the thawed one.
     let reporters = reporters(&client, &ns.name, "during").await?;
     assert_eq!(reporters, vec!["k1-pause-b".to_owned()], "{}", old.logs());
@@ -174,14 +142,8 @@ async fn wait_for_holder(client: &Client, identity: &str) -> anyhow::Result<()> 
 }
 
 async fn create(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
-    let obj: ServiceIntentions = serde_json::from_value(serde_json::json!({
-        "apiVersion": "mesh.capstan.dev/v1alpha1",
-        "kind": "ServiceIntentions",
-        "metadata": {"name": name},
-        "spec": {"destination": {"name": name}, "sources": [{"name": "web", "action": "allow"}]},
-    }))?;
     Api::<ServiceIntentions>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &obj)
+        .create(&PostParams::default(), &intention(name, name))
         .await?;
     Ok(())
 }
