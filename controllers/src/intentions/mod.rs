@@ -4,7 +4,6 @@
 //! The compiled form sidecars consume, and the scan for pods that should be meshed but
 //! are not, arrive with the mesh issue; this module is where they will live.
 
-mod conflicts;
 mod validate;
 
 use crate::{
@@ -16,7 +15,7 @@ use capstan_crds::{
     ServiceIntentions, ServiceIntentionsStatus,
     conditions::{self, ConditionStatus, READY},
 };
-use conflicts::Verdict;
+use capstan_mesh::in_force::{self as conflicts, Verdict};
 use futures::StreamExt;
 use kube::{
     Api, Resource, ResourceExt,

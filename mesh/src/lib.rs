@@ -1,0 +1,10 @@
+//! The mesh's pure core: which ServiceIntentions is in force for a destination, how
+//! request paths are normalized, and how intentions decide connections and requests.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod decide;
+pub mod in_force;
+pub mod path;
+
+pub use decide::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request};
