@@ -55,6 +55,8 @@ Capstan is running. Try, in another shell:
   kubectl apply -f - <<<'{"apiVersion":"mesh.capstan.dev/v1alpha1","kind":"ServiceIntentions",
     "metadata":{"name":"api-2","namespace":"shop"},"spec":{"destination":{"name":"api"}}}'
                                                    # a second object for one destination: Conflict
+  target/debug/capstan intentions check admin api -n shop --path /admin --method POST
+                                                   # what would the sidecar decide, and by which rule?
   curl -s localhost:8080/metrics | grep capstan_   # the controller's metrics
 
 Ctrl-C stops the controller. hack/cluster.sh down stops the local cluster, if one was started.

@@ -313,3 +313,84 @@ async fn status_survives_concurrent_writers() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `capstan intentions check` answers from the intentions in the cluster, as the sidecar
+/// would decide, naming the deciding rule; its exit status says allowed (0) or denied (1).
+#[tokio::test]
+async fn intentions_check_decides_from_the_cluster() -> anyhow::Result<()> {
+    let client = client().await;
+    install_chart();
+    let ns = TestNamespace::new(&client, "e2e-check").await;
+    let manifest = std::fs::read_to_string(repo_root().join("examples/intentions.yaml"))?
+        .replace("namespace: shop", &format!("namespace: {}", ns.name))
+        .replace("name: shop\n", &format!("name: {}\n", ns.name));
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    assert!(ok, "{out}");
+    let n = ns.name.as_str();
+    let cases: &[(&[&str], i32, String)] = &[
+        (
+            &["web", "api"],
+            0,
+            format!("{n}/web -> {n}/api: ALLOW by {n}/api sources[0]"),
+        ),
+        (
+            &["cart", "api"],
+            1,
+            format!("{n}/cart -> {n}/api: DENY by {n}/api sources[2]"),
+        ),
+        (
+            &["other/cart", "api"],
+            1,
+            format!("other/cart -> {n}/api: DENY by {n}/api sources[2]"),
+        ),
+        (
+            &["web", "db"],
+            1,
+            format!("{n}/web -> {n}/db: DENY by cluster default"),
+        ),
+        (
+            &["api", "db"],
+            0,
+            format!("{n}/api -> {n}/db: ALLOW by {n}/db sources[0]"),
+        ),
+        (
+            &["admin", "api"],
+            0,
+            format!(
+                "{n}/admin -> {n}/api: L7: the connection is accepted and each request is decided by {n}/api sources[1].permissions"
+            ),
+        ),
+        (
+            &["admin", "api", "--path", "/admin/users"],
+            0,
+            format!("{n}/admin -> {n}/api GET /admin/users: ALLOW by {n}/api sources[1].permissions[0]"),
+        ),
+        (
+            &["admin", "api", "--path", "/admin/users", "--method", "post"],
+            1,
+            format!("{n}/admin -> {n}/api POST /admin/users: DENY by {n}/api sources[1].permissions[1]"),
+        ),
+        (
+            &["admin", "api", "--path", "/%2Fadmin"],
+            1,
+            format!("{n}/admin -> {n}/api GET /%2Fadmin: DENY by invalid request path"),
+        ),
+    ];
+    for (args, code, expected) in cases {
+        let mut all = vec!["intentions", "check", "-n", n];
+        all.extend_from_slice(args);
+        let out = std::process::Command::new(bin("capstan")).args(&all).output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(*code),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.starts_with(expected.as_str()),
+            "{args:?}: expected {expected:?}, got {stdout:?}"
+        );
+    }
+    Ok(())
+}
