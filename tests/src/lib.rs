@@ -419,6 +419,21 @@ pub fn intention(name: &str, destination: &str) -> capstan_crds::ServiceIntentio
     .expect("a valid ServiceIntentions")
 }
 
+/// Creates `first` then `second`, both for destination `api`, and waits until `first`
+/// is Accepted and `second` reports the Conflict: the older object is in force.
+pub async fn create_conflicting_pair(client: &Client, ns: &str) -> Result<()> {
+    let api = Api::<capstan_crds::ServiceIntentions>::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &intention("first", "api"))
+        .await?;
+    wait_accepted(client, ns, "first").await?;
+    // Creation timestamps have one-second resolution: make the order unambiguous.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    api.create(&PostParams::default(), &intention("second", "api"))
+        .await?;
+    wait_ready(client, ns, "second", "False", "Conflict", Duration::from_secs(30)).await?;
+    Ok(())
+}
+
 /// Waits until `name` in `ns` is Ready=True (Accepted) for its current generation.
 pub async fn wait_accepted(client: &Client, ns: &str, name: &str) -> Result<capstan_crds::ServiceIntentions> {
     wait_ready(client, ns, name, "True", "Accepted", Duration::from_secs(30)).await

@@ -29,22 +29,7 @@ async fn controller_relists_after_api_server_restart_and_sees_missed_deletes() -
     };
     let controller = ControllerProcess::start(&client, "k2-relist", timings).await?;
     let ns = TestNamespace::new(&client, "e2e-k2").await;
-    let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &intention("first", "api"))
-        .await?;
-    wait_accepted(&client, &ns.name, "first").await?;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    api.create(&PostParams::default(), &intention("second", "api"))
-        .await?;
-    wait_ready(
-        &client,
-        &ns.name,
-        "second",
-        "False",
-        "Conflict",
-        Duration::from_secs(30),
-    )
-    .await?;
+    create_conflicting_pair(&client, &ns.name).await?;
 
     // The controller misses the delete: it is frozen while its API server goes away and
     // comes back (so its watch connection is dead), the delete happens, and the history

@@ -192,15 +192,8 @@ async fn conflicting_objects_are_reported_and_resolve_on_delete() -> anyhow::Res
     let _controller = ControllerProcess::sole(&client, "intentions-conflict").await?;
     let ns = TestNamespace::new(&client, "e2e-conflict").await;
     let api = Api::<ServiceIntentions>::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &intention("first", "api"))
-        .await?;
-    wait_accepted(&client, &ns.name, "first").await?;
-    // Creation timestamps have one-second resolution: make the order unambiguous.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    api.create(&PostParams::default(), &intention("second", "api"))
-        .await?;
-
-    let second = wait_ready(&client, &ns.name, "second", "False", "Conflict", READY_WITHIN).await?;
+    create_conflicting_pair(&client, &ns.name).await?;
+    let second = api.get("second").await?;
     assert_eq!(
         second.status.unwrap().conflicts,
         vec![format!("{}/first", ns.name)]
