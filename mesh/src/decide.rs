@@ -165,12 +165,18 @@ enum ValueMatch {
 
 const WILDCARD: &str = "*";
 
-fn regex(pattern: &str) -> Option<regex::Regex> {
-    // Anchored: a rule matches the whole value, as Envoy's safe_regex does.
+/// Compiles a rule's regular expression the one way every part of Capstan does, so an
+/// object the reconciler reports valid is one the sidecar can enforce. Anchored: a rule
+/// matches the whole value, as Envoy's safe_regex does. The size limit keeps a hostile
+/// pattern from costing the sidecar memory or time.
+pub fn compile_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(1 << 20)
         .build()
-        .ok()
+}
+
+fn regex(pattern: &str) -> Option<regex::Regex> {
+    compile_pattern(pattern).ok()
 }
 
 impl Policy {

@@ -7,4 +7,4 @@ pub mod decide;
 pub mod in_force;
 pub mod path;
 
-pub use decide::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request};
+pub use decide::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request, compile_pattern};

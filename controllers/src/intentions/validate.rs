@@ -35,8 +35,7 @@ pub fn validate(spec: &ServiceIntentionsSpec, destination_namespace: &str) -> Ve
 }
 
 fn check_regex(problems: &mut Vec<String>, field: &str, pattern: &str) {
-    // The size limit keeps a hostile pattern from costing the sidecar memory or time.
-    if let Err(error) = regex::RegexBuilder::new(pattern).size_limit(1 << 20).build() {
+    if let Err(error) = capstan_mesh::compile_pattern(pattern) {
         let first_line = error
             .to_string()
             .lines()
