@@ -5,6 +5,7 @@
 #
 #   CAPSTAN_KEEP_CLUSTER=1 hack/test.sh   leave the local test cluster running afterwards
 #   hack/test.sh -- <filter>              pass a name filter to the end-to-end tests
+#   CAPSTAN_TEST_CLUSTER=name hack/test.sh  use another local cluster name (parallel work)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -25,7 +26,7 @@ cargo build --workspace --locked
 say "unit tests"
 cargo test --workspace --exclude capstan-tests --locked
 
-use_cluster capstan-test
+use_cluster "${CAPSTAN_TEST_CLUSTER:-capstan-test}"
 if [ -n "$CAPSTAN_STARTED_CLUSTER" ]; then
   # The suite may restart this cluster's API server (failure scenario K2).
   export CAPSTAN_CLUSTER_CONTROL="$ROOT/hack/cluster.sh"
