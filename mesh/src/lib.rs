@@ -6,5 +6,7 @@
 pub mod decide;
 pub mod in_force;
 pub mod path;
+pub mod svid;
 
 pub use decide::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request, compile_pattern};
+pub use svid::{SpiffeId, SvidClientVerifier, SvidError, SvidServerVerifier, TrustBundle};
