@@ -5,8 +5,10 @@
 
 pub mod decide;
 pub mod in_force;
+pub mod injection;
 pub mod path;
 pub mod svid;
+pub mod validate;
 
 pub use decide::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request, compile_pattern};
 pub use svid::{SpiffeId, SvidClientVerifier, SvidError, SvidServerVerifier, TrustBundle};

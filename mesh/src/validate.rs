@@ -1,10 +1,66 @@
-//! Checks the CRD schema cannot express (pure). The schema and CEL rules refuse most bad
-//! input at the door; what remains (regular expressions that do not compile, a source
-//! listed twice: a quadratic CEL rule would exceed the API server's cost budget) is
-//! reported in status here, so a bad object is visible instead of silently ignored.
+//! ServiceIntentions checks the CRD schema cannot express (pure), shared by the
+//! validating webhook (which refuses bad objects at the door) and the intentions
+//! reconciler (which reports the same problems in status for objects that got past it:
+//! created while the webhook was absent, or before a Service changed protocol).
+//!
+//! What remains after the schema and CEL rules: regular expressions that do not compile,
+//! a source listed twice (a quadratic CEL rule would exceed the API server's cost
+//! budget), and L7 permissions for a destination whose Service speaks plain TCP (the
+//! schema cannot see other objects).
 
 use capstan_crds::ServiceIntentionsSpec;
+use k8s_openapi::api::core::v1::Service;
 use std::collections::HashMap;
+
+/// Service port `appProtocol`s that make a destination speak HTTP (the mesh contract);
+/// any other value, or none, means plain TCP.
+pub const HTTP_APP_PROTOCOLS: &[&str] = &["http", "http2", "kubernetes.io/h2c"];
+
+/// Whether a destination Service speaks HTTP: one of its ports declares an HTTP
+/// `appProtocol`.
+pub fn speaks_http(service: &Service) -> bool {
+    service
+        .spec
+        .iter()
+        .flat_map(|spec| spec.ports.iter().flatten())
+        .filter_map(|port| port.app_protocol.as_deref())
+        .any(|protocol| {
+            HTTP_APP_PROTOCOLS
+                .iter()
+                .any(|p| protocol.eq_ignore_ascii_case(p))
+        })
+}
+
+/// L7 permissions aimed at a destination that speaks plain TCP: the sidecar could never
+/// apply them (it sees bytes, not requests), so they would silently deny everything.
+/// `service` is the Service named like the destination; `None` (no such Service yet, or
+/// a `*` destination) has nothing to check against.
+pub fn l7_on_tcp(spec: &ServiceIntentionsSpec, service: Option<&Service>) -> Vec<String> {
+    let Some(service) = service else {
+        return Vec::new();
+    };
+    if spec.destination.name == "*" || speaks_http(service) {
+        return Vec::new();
+    }
+    let service_name = format!(
+        "{}/{}",
+        service.metadata.namespace.as_deref().unwrap_or_default(),
+        service.metadata.name.as_deref().unwrap_or_default()
+    );
+    spec.sources
+        .iter()
+        .enumerate()
+        .filter(|(_, source)| source.permissions.is_some())
+        .map(|(i, _)| {
+            format!(
+                "spec.sources[{i}].permissions: L7 permissions need a destination that speaks HTTP, \
+                 but Service {service_name} has no port with appProtocol {} (it is plain TCP); \
+                 set appProtocol on the Service's port or use action instead",
+                HTTP_APP_PROTOCOLS.join(", ")
+            )
+        })
+        .collect()
+}
 
 /// Every problem found, each naming its field path as the API server would.
 /// `destination_namespace` is what an unset source namespace means.
@@ -35,7 +91,7 @@ pub fn validate(spec: &ServiceIntentionsSpec, destination_namespace: &str) -> Ve
 }
 
 fn check_regex(problems: &mut Vec<String>, field: &str, pattern: &str) {
-    if let Err(error) = capstan_mesh::compile_pattern(pattern) {
+    if let Err(error) = crate::compile_pattern(pattern) {
         let first_line = error
             .to_string()
             .lines()
@@ -54,6 +110,49 @@ mod tests {
         HttpHeaderMatch, HttpMatch, IntentionAction, IntentionDestination, IntentionPermission,
         IntentionSource,
     };
+
+    fn service(app_protocol: Option<&str>) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"ports": [
+                {"name": "metrics", "port": 9090},
+                {"name": "main", "port": 80, "appProtocol": app_protocol},
+            ]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn l7_permissions_for_a_plain_tcp_service_are_reported() {
+        let spec = spec_with(HttpMatch::default());
+        let problems = l7_on_tcp(&spec, Some(&service(None)));
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with(
+                "spec.sources[0].permissions: L7 permissions need a destination that speaks HTTP"
+            ) && problems[0].contains("Service shop/api"),
+            "{problems:?}"
+        );
+        assert_eq!(l7_on_tcp(&spec, Some(&service(Some("tcp")))).len(), 1);
+    }
+
+    #[test]
+    fn l7_permissions_for_an_http_service_or_an_unknown_one_pass() {
+        let spec = spec_with(HttpMatch::default());
+        for protocol in ["http", "HTTP2", "kubernetes.io/h2c"] {
+            assert!(
+                l7_on_tcp(&spec, Some(&service(Some(protocol)))).is_empty(),
+                "{protocol}"
+            );
+        }
+        // No Service yet: nothing to compare against (the reconciler checks again later).
+        assert!(l7_on_tcp(&spec, None).is_empty());
+        // L4 sources never need HTTP.
+        let mut l4 = spec.clone();
+        l4.sources[0].permissions = None;
+        l4.sources[0].action = Some(IntentionAction::Allow);
+        assert!(l7_on_tcp(&l4, Some(&service(None))).is_empty());
+    }
 
     fn spec_with(http: HttpMatch) -> ServiceIntentionsSpec {
         ServiceIntentionsSpec {

@@ -4,8 +4,6 @@
 //! The compiled form sidecars consume, and the scan for pods that should be meshed but
 //! are not, arrive with the mesh issue; this module is where they will live.
 
-mod validate;
-
 use crate::{
     context::Context,
     leader,
@@ -15,7 +13,10 @@ use capstan_crds::{
     ServiceIntentions, ServiceIntentionsStatus,
     conditions::{self, ConditionStatus, READY},
 };
-use capstan_mesh::in_force::{self as conflicts, Verdict};
+use capstan_mesh::{
+    in_force::{self as conflicts, Verdict},
+    validate,
+};
 use futures::StreamExt;
 use kube::{
     Api, Resource, ResourceExt,

@@ -1,0 +1,1056 @@
+//! Sidecar injection (pure): whether a pod is meshed, whether it already is, and the
+//! JSON patch (RFC 6902) that meshes it. The webhook is the only caller; keeping the
+//! decision here, free of IO, lets it be tested against fixtures and benchmarked alone.
+//!
+//! Decisions (see the mesh README):
+//! - A pod is meshed when its namespace is labelled `capstan.dev/mesh=enabled` or it is
+//!   annotated `capstan.dev/inject: "true"`; an explicit `"false"` opts it out, also in a
+//!   labelled namespace (as in Consul). The namespace label is therefore a default, not
+//!   an enforcement boundary: what keeps an opted-out pod away from protected services is
+//!   intentions' default deny (an unmeshed pod has no mesh certificate, so no server
+//!   sidecar accepts it). kube-system and Capstan's own namespace are never meshed.
+//! - Injection is idempotent: a pod that already carries the proxy is left alone
+//!   (reinvocation, a re-submitted pod). The marker is the proxy container, not the
+//!   `capstan.dev/injected` annotation, which a tenant could set by hand to escape.
+//! - A pod that would defeat the redirect is refused rather than meshed (M16): an app
+//!   container running as the proxy UID (its traffic is never redirected), one with
+//!   NET_ADMIN/NET_RAW or privileged (it could undo the iptables rules), and
+//!   hostNetwork (the redirect would rewrite the node's own rules).
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+        Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+pub const LABEL_MESH: &str = "capstan.dev/mesh";
+pub const LABEL_MESH_ENABLED: &str = "enabled";
+/// Set by the API server on every namespace to its own name; tenants cannot change it.
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+pub const ANNOTATION_INJECT: &str = "capstan.dev/inject";
+pub const ANNOTATION_INJECTED: &str = "capstan.dev/injected";
+pub const ANNOTATION_UPSTREAMS: &str = "capstan.dev/upstreams";
+pub const ANNOTATION_APP_PORT: &str = "capstan.dev/app-port";
+
+pub const PROXY_CONTAINER: &str = "capstan-proxy";
+pub const INIT_CONTAINER: &str = "capstan-init";
+pub const TOKEN_VOLUME: &str = "capstan-mesh-token";
+pub const TOKEN_AUDIENCE: &str = "capstan-mesh-ca";
+pub const TOKEN_DIR: &str = "/var/run/secrets/capstan.dev/mesh";
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+
+pub const PROXY_UID: i64 = 1337;
+pub const INBOUND_PORT: i32 = 20000;
+pub const OUTBOUND_PORT: i32 = 15001;
+pub const ADMIN_PORT: i32 = 15020;
+
+/// What the injector puts into pods; fixed for the life of the webhook process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The image holding `capstan-sidecar`.
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// The `capstan-sidecar` executable inside the image.
+    pub sidecar_command: String,
+    /// Written into `capstan.dev/injected`.
+    pub version: String,
+    /// CAPSTAN_CA_URL: the mesh CA endpoint.
+    pub ca_url: String,
+    /// Namespaces never meshed (kube-system and Capstan's own).
+    pub excluded_namespaces: Vec<String>,
+    pub proxy_cpu_request: String,
+    pub proxy_memory_request: String,
+    pub proxy_memory_limit: String,
+    /// CIDRs whose outbound traffic the redirect leaves alone (e.g. the API server's).
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            image: "capstan:0.1.0".into(),
+            image_pull_policy: None,
+            sidecar_command: "/usr/local/bin/capstan-sidecar".into(),
+            version: "0.1.0".into(),
+            ca_url: "https://capstan-engine.capstan-system.svc:8200".into(),
+            excluded_namespaces: vec!["kube-system".into(), "capstan-system".into()],
+            proxy_cpu_request: "10m".into(),
+            proxy_memory_request: "16Mi".into(),
+            proxy_memory_limit: "64Mi".into(),
+            exclude_outbound_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// Why a pod is, or is not, meshed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    /// Its namespace is labelled: the namespace enforces the mesh.
+    ByNamespace,
+    /// Annotated `capstan.dev/inject: "true"` in a namespace that is not labelled.
+    ByAnnotation,
+    No(Skip),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// kube-system or Capstan's own namespace.
+    ExcludedNamespace,
+    /// Annotated `capstan.dev/inject: "false"`.
+    OptedOut,
+    /// Neither the namespace nor the pod asks for it.
+    NotSelected,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExcludedNamespace => "excluded_namespace",
+            Self::OptedOut => "opted_out",
+            Self::NotSelected => "not_selected",
+        }
+    }
+}
+
+/// Whether a pod in `namespace` (whose labels are `namespace_labels`) should be meshed.
+pub fn wanted(
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    config: &Config,
+) -> Wanted {
+    // The request's namespace and the unforgeable name label must both be clear.
+    let name_label = namespace_labels.get(LABEL_NAMESPACE_NAME).map(String::as_str);
+    if config
+        .excluded_namespaces
+        .iter()
+        .any(|excluded| excluded == namespace || Some(excluded.as_str()) == name_label)
+    {
+        return Wanted::No(Skip::ExcludedNamespace);
+    }
+    match annotations.get(ANNOTATION_INJECT).map(|v| v.trim()) {
+        Some(v) if v.eq_ignore_ascii_case("false") => return Wanted::No(Skip::OptedOut),
+        _ => {}
+    }
+    if namespace_labels.get(LABEL_MESH).map(String::as_str) == Some(LABEL_MESH_ENABLED) {
+        return Wanted::ByNamespace;
+    }
+    match annotations.get(ANNOTATION_INJECT).map(|v| v.trim()) {
+        Some(v) if v.eq_ignore_ascii_case("true") => Wanted::ByAnnotation,
+        _ => Wanted::No(Skip::NotSelected),
+    }
+}
+
+/// Why a pod that should be meshed is refused; each names the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Refusal {
+    pub field: String,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The outcome of `inject` for a pod that should be meshed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Injection {
+    /// The pod already carries the proxy: nothing to add.
+    AlreadyInjected,
+    /// RFC 6902 operations that mesh the pod.
+    Patch(Vec<Value>),
+}
+
+/// Whether the pod already carries Capstan's proxy as injected (the idempotency marker).
+pub fn is_injected(pod: &Pod) -> bool {
+    pod.spec
+        .iter()
+        .flat_map(|spec| spec.init_containers.iter().flatten())
+        .any(|c| c.name == PROXY_CONTAINER)
+}
+
+/// Every reason the pod cannot be meshed safely (M16), each naming its field. Empty when
+/// it can be.
+pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
+    let mut refusals = Vec::new();
+    let Some(spec) = &pod.spec else {
+        return vec![Refusal::new("spec", "a pod without a spec cannot be meshed")];
+    };
+    if spec.host_network == Some(true) {
+        refusals.push(Refusal::new(
+            "spec.hostNetwork",
+            "a meshed pod cannot use the node's network: the traffic redirect would rewrite the node's own rules",
+        ));
+    }
+    let pod_uid = spec.security_context.as_ref().and_then(|sc| sc.run_as_user);
+    let lists = [
+        (
+            "spec.initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
+        ("spec.containers", spec.containers.as_slice()),
+    ];
+    for (list, containers) in lists {
+        for (i, container) in containers.iter().enumerate() {
+            let at = format!("{list}[{i}]");
+            if list == "spec.initContainers" && container.name == PROXY_CONTAINER {
+                if let Some(problem) = foreign_proxy(container, config) {
+                    refusals.push(Refusal::new(at, problem));
+                }
+                continue;
+            }
+            if list == "spec.initContainers" && container.name == INIT_CONTAINER && is_injected(pod) {
+                // Ours, from an earlier pass: it needs root and NET_ADMIN by design.
+                continue;
+            }
+            let sc = container.security_context.as_ref();
+            match (sc.and_then(|sc| sc.run_as_user), pod_uid) {
+                (Some(PROXY_UID), _) => refusals.push(Refusal::new(
+                    format!("{at}.securityContext.runAsUser"),
+                    format!(
+                        "container {:?} runs as UID {PROXY_UID}, the mesh proxy's UID, whose traffic is never redirected through the proxy; use another UID",
+                        container.name
+                    ),
+                )),
+                (None, Some(PROXY_UID)) => refusals.push(Refusal::new(
+                    "spec.securityContext.runAsUser",
+                    format!(
+                        "container {:?} inherits UID {PROXY_UID}, the mesh proxy's UID, whose traffic is never redirected through the proxy; use another UID",
+                        container.name
+                    ),
+                )),
+                _ => {}
+            }
+            if sc.and_then(|sc| sc.privileged) == Some(true) {
+                refusals.push(Refusal::new(
+                    format!("{at}.securityContext.privileged"),
+                    format!(
+                        "container {:?} is privileged and could undo the mesh's traffic redirect",
+                        container.name
+                    ),
+                ));
+            }
+            let added = sc
+                .and_then(|sc| sc.capabilities.as_ref())
+                .and_then(|c| c.add.as_ref())
+                .into_iter()
+                .flatten();
+            for capability in added {
+                let bare = capability.trim_start_matches("CAP_");
+                if ["NET_ADMIN", "NET_RAW", "ALL"].contains(&bare) {
+                    refusals.push(Refusal::new(
+                        format!("{at}.securityContext.capabilities.add"),
+                        format!(
+                            "container {:?} adds {capability}, with which it could undo the mesh's traffic redirect",
+                            container.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    if let Some(upstreams) = annotations.get(ANNOTATION_UPSTREAMS)
+        && let Err(message) = parse_upstreams(upstreams)
+    {
+        refusals.push(Refusal::new(
+            format!("metadata.annotations[{ANNOTATION_UPSTREAMS}]"),
+            message,
+        ));
+    }
+    if let Some(port) = annotations.get(ANNOTATION_APP_PORT)
+        && parse_port(port).is_none()
+    {
+        refusals.push(Refusal::new(
+            format!("metadata.annotations[{ANNOTATION_APP_PORT}]"),
+            format!("{port:?} is not a port number (1-65535)"),
+        ));
+    }
+    refusals
+}
+
+/// A `capstan-proxy` init container the injector did not make: a tenant's stand-in that
+/// would make the pod look meshed while nothing enforces anything.
+fn foreign_proxy(container: &Container, config: &Config) -> Option<String> {
+    if container.restart_policy.as_deref() != Some("Always") {
+        return Some(format!(
+            "a container named {PROXY_CONTAINER} is reserved for the mesh proxy, and this one is not a native sidecar (restartPolicy Always)"
+        ));
+    }
+    if container.image.as_deref() != Some(config.image.as_str()) {
+        return Some(format!(
+            "a container named {PROXY_CONTAINER} is reserved for the mesh proxy, and this one runs image {:?}, not {:?}",
+            container.image.as_deref().unwrap_or_default(),
+            config.image
+        ));
+    }
+    None
+}
+
+/// Parses `capstan.dev/upstreams`: `service[.namespace]:local-port`, comma separated.
+pub fn parse_upstreams(value: &str) -> Result<Vec<(String, Option<String>, u16)>, String> {
+    let mut upstreams = Vec::new();
+    for (i, entry) in value.split(',').map(str::trim).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        let (target, port) = entry
+            .rsplit_once(':')
+            .ok_or_else(|| format!("entry {i} ({entry:?}) is not service[.namespace]:local-port"))?;
+        let port =
+            parse_port(port).ok_or_else(|| format!("entry {i} ({entry:?}) has no valid local port"))?;
+        let (service, namespace) = match target.split_once('.') {
+            Some((s, n)) => (s, Some(n)),
+            None => (target, None),
+        };
+        for name in std::iter::once(service).chain(namespace) {
+            if !is_dns_label(name) {
+                return Err(format!(
+                    "entry {i} ({entry:?}): {name:?} is not a service or namespace name"
+                ));
+            }
+        }
+        upstreams.push((service.to_owned(), namespace.map(str::to_owned), port));
+    }
+    if upstreams.is_empty() {
+        return Err(
+            "no upstream listed; remove the annotation or list service[.namespace]:local-port".into(),
+        );
+    }
+    Ok(upstreams)
+}
+
+fn parse_port(value: &str) -> Option<u16> {
+    value.trim().parse::<u16>().ok().filter(|p| *p > 0)
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// The patch that meshes `pod`, or why it cannot be. `ca_bundle` is the PEM of the
+/// current mesh roots. Call only for pods `wanted` says to mesh.
+pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, Vec<Refusal>> {
+    let refused = refusals(pod, config);
+    if !refused.is_empty() {
+        return Err(refused);
+    }
+    if is_injected(pod) {
+        return Ok(Injection::AlreadyInjected);
+    }
+    let spec = pod.spec.as_ref().expect("refusals() checked the spec");
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let upstreams = annotations.get(ANNOTATION_UPSTREAMS).cloned();
+    // Explicit upstreams mean the app dials the proxy itself: no iptables redirect.
+    let redirect = upstreams.is_none();
+
+    let mut ops = Vec::new();
+    let mut app_probes = serde_json::Map::new();
+    if redirect {
+        // With the redirect on, a kubelet probe to an app port would land on the mTLS
+        // listener; the proxy answers it on the app's behalf instead.
+        for (i, container) in spec.containers.iter().enumerate() {
+            for (field, kind, probe) in [
+                ("livenessProbe", "livez", &container.liveness_probe),
+                ("readinessProbe", "readyz", &container.readiness_probe),
+                ("startupProbe", "startupz", &container.startup_probe),
+            ] {
+                let Some(probe) = probe else { continue };
+                let Some((path, original, rewritten)) = rewrite_probe(container, kind, probe) else {
+                    continue;
+                };
+                app_probes.insert(path, original);
+                ops.push(json!({
+                    "op": "replace",
+                    "path": format!("/spec/containers/{i}/{field}"),
+                    "value": rewritten,
+                }));
+            }
+        }
+    }
+
+    let app_port = annotations
+        .get(ANNOTATION_APP_PORT)
+        .and_then(|p| parse_port(p))
+        .map(i32::from)
+        .or_else(|| {
+            spec.containers
+                .first()
+                .and_then(|c| c.ports.as_ref())
+                .and_then(|ports| ports.first())
+                .map(|p| p.container_port)
+        });
+    let proxy = proxy_container(
+        config,
+        ca_bundle,
+        app_port,
+        upstreams.as_deref(),
+        redirect,
+        &app_probes,
+    );
+
+    // Init containers run in order: the redirect first, then the proxy (a native sidecar
+    // the kubelet waits for, through its startup probe, before anything else starts).
+    let mut ours = vec![to_value(&proxy)];
+    if redirect {
+        ours.insert(0, to_value(&init_container(config)));
+    }
+    if spec.init_containers.as_ref().is_none_or(Vec::is_empty) {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": ours}));
+    } else {
+        for container in ours.into_iter().rev() {
+            ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
+        }
+    }
+
+    let volume = to_value(&token_volume());
+    if spec.volumes.is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+    }
+
+    if pod.metadata.annotations.is_none() {
+        ops.push(json!({
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": {ANNOTATION_INJECTED: config.version},
+        }));
+    } else {
+        // add replaces an existing member: a hand-set annotation is overwritten.
+        ops.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", ANNOTATION_INJECTED.replace('~', "~0").replace('/', "~1")),
+            "value": config.version,
+        }));
+    }
+    Ok(Injection::Patch(ops))
+}
+
+fn to_value<T: k8s_openapi::serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("k8s-openapi types serialize")
+}
+
+/// The httpGet probe rewritten to the proxy's admin port, as (proxy path, the original
+/// target for CAPSTAN_APP_PROBES, the new probe). `None` leaves the probe as it is:
+/// tcpSocket, exec and grpc probes, probes aimed at another host, and named ports the
+/// container does not declare (the API server would refuse those anyway).
+fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> Option<(String, Value, Probe)> {
+    let get = probe.http_get.as_ref()?;
+    if get.host.as_deref().is_some_and(|h| !h.is_empty()) {
+        return None;
+    }
+    let port = match &get.port {
+        IntOrString::Int(port) => *port,
+        IntOrString::String(name) => {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))?
+                .container_port
+        }
+    };
+    let path = format!("/app-health/{}/{kind}", container.name);
+    let original = json!({
+        "port": port,
+        "path": get.path.clone().unwrap_or_else(|| "/".into()),
+        "scheme": get.scheme.clone().unwrap_or_else(|| "HTTP".into()),
+    });
+    let mut rewritten = probe.clone();
+    rewritten.http_get = Some(HTTPGetAction {
+        path: Some(path.clone()),
+        port: IntOrString::Int(ADMIN_PORT),
+        scheme: Some("HTTP".into()),
+        host: None,
+        http_headers: get.http_headers.clone(),
+    });
+    Some((path, original, rewritten))
+}
+
+fn field_env(name: &str, field: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field.into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+        value: None,
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn ready_probe(period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/ready".into()),
+            port: IntOrString::Int(ADMIN_PORT),
+            scheme: Some("HTTP".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Default::default()
+    }
+}
+
+fn proxy_container(
+    config: &Config,
+    ca_bundle: &str,
+    app_port: Option<i32>,
+    upstreams: Option<&str>,
+    redirect: bool,
+    app_probes: &serde_json::Map<String, Value>,
+) -> Container {
+    let mut env = vec![
+        field_env("CAPSTAN_NAMESPACE", "metadata.namespace"),
+        field_env("CAPSTAN_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field_env("CAPSTAN_POD_NAME", "metadata.name"),
+        env("CAPSTAN_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+        env("CAPSTAN_CA_URL", config.ca_url.clone()),
+        env("CAPSTAN_CA_BUNDLE", ca_bundle),
+        env("CAPSTAN_INBOUND_PORT", INBOUND_PORT.to_string()),
+        env("CAPSTAN_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
+    ];
+    if let Some(port) = app_port {
+        env.push(self::env("CAPSTAN_APP_PORT", port.to_string()));
+    }
+    if let Some(upstreams) = upstreams {
+        env.push(self::env("CAPSTAN_UPSTREAMS", upstreams.trim()));
+    }
+    if redirect {
+        env.push(self::env("CAPSTAN_OUTBOUND_PORT", OUTBOUND_PORT.to_string()));
+    }
+    if !app_probes.is_empty() {
+        env.push(self::env(
+            "CAPSTAN_APP_PROBES",
+            Value::Object(app_probes.clone()).to_string(),
+        ));
+    }
+    Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(config.image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec![config.sidecar_command.clone(), "proxy".into()]),
+        // A native sidecar: started before the app, kept running beside it, stopped
+        // after it, and not waited for by a Job's completion.
+        restart_policy: Some("Always".into()),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("capstan-mtls".into()),
+                container_port: INBOUND_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("capstan-admin".into()),
+                container_port: ADMIN_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        // The app starts only once the proxy holds a certificate and intentions.
+        startup_probe: Some(ready_probe(1, 120)),
+        readiness_probe: Some(ready_probe(5, 3)),
+        resources: Some(ResourceRequirements {
+            requests: Some(
+                [
+                    ("cpu".to_owned(), Quantity(config.proxy_cpu_request.clone())),
+                    ("memory".to_owned(), Quantity(config.proxy_memory_request.clone())),
+                ]
+                .into(),
+            ),
+            limits: Some([("memory".to_owned(), Quantity(config.proxy_memory_limit.clone()))].into()),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn init_container(config: &Config) -> Container {
+    let mut args = vec![
+        "init".to_owned(),
+        format!("--proxy-uid={PROXY_UID}"),
+        format!("--inbound-port={INBOUND_PORT}"),
+        format!("--outbound-port={OUTBOUND_PORT}"),
+        format!("--exclude-inbound-ports={ADMIN_PORT}"),
+    ];
+    if !config.exclude_outbound_cidrs.is_empty() {
+        args.push(format!(
+            "--exclude-outbound-cidrs={}",
+            config.exclude_outbound_cidrs.join(",")
+        ));
+    }
+    Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(config.image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec![config.sidecar_command.clone()]),
+        args: Some(args),
+        resources: Some(ResourceRequirements {
+            requests: Some(
+                [
+                    ("cpu".to_owned(), Quantity("10m".into())),
+                    ("memory".to_owned(), Quantity("16Mi".into())),
+                ]
+                .into(),
+            ),
+            limits: Some([("memory".to_owned(), Quantity("32Mi".into()))].into()),
+            ..Default::default()
+        }),
+        // iptables in the pod's network namespace needs root with NET_ADMIN and NET_RAW,
+        // and nothing else; it exits before any app container starts.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn token_volume() -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o440),
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                    path: "token".into(),
+                }),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn pod(value: Value) -> Pod {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn app_pod() -> Pod {
+        pod(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {
+                "serviceAccountName": "web",
+                "containers": [{
+                    "name": "app",
+                    "image": "web:1",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 7},
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 8081, "scheme": "HTTP"}},
+                    "startupProbe": {"tcpSocket": {"port": 8080}},
+                }],
+            },
+        }))
+    }
+
+    /// Applies the add/replace operations `inject` emits (the webhook's tests check the
+    /// same patches with the json-patch crate the API server's semantics follow).
+    fn apply(pod: &Pod, ops: &[Value]) -> Value {
+        let mut doc = serde_json::to_value(pod).unwrap();
+        for op in ops {
+            let path = op["path"].as_str().unwrap();
+            let mut parts: Vec<String> = path
+                .split('/')
+                .skip(1)
+                .map(|p| p.replace("~1", "/").replace("~0", "~"))
+                .collect();
+            let last = parts.pop().unwrap();
+            let mut target = &mut doc;
+            for part in &parts {
+                target = match target {
+                    Value::Array(a) => &mut a[part.parse::<usize>().unwrap()],
+                    other => other.get_mut(part.as_str()).unwrap(),
+                };
+            }
+            let value = op["value"].clone();
+            match (op["op"].as_str().unwrap(), target) {
+                ("add", Value::Array(a)) if last == "-" => a.push(value),
+                ("add", Value::Array(a)) => a.insert(last.parse().unwrap(), value),
+                ("replace", Value::Array(a)) => a[last.parse::<usize>().unwrap()] = value,
+                ("add" | "replace", Value::Object(o)) => {
+                    o.insert(last, value);
+                }
+                (op, _) => panic!("unexpected {op} at {path}"),
+            }
+        }
+        doc
+    }
+
+    fn injected(pod: &Pod) -> Value {
+        match inject(pod, &Config::default(), "ROOTS").unwrap() {
+            Injection::Patch(ops) => apply(pod, &ops),
+            Injection::AlreadyInjected => panic!("nothing injected"),
+        }
+    }
+
+    fn env_of(container: &Value, name: &str) -> Option<String> {
+        container["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(str::to_owned))
+    }
+
+    #[test]
+    fn the_namespace_label_or_the_annotation_selects_and_false_opts_out() {
+        let config = Config::default();
+        let enabled = labels(&[(LABEL_MESH, "enabled"), (LABEL_NAMESPACE_NAME, "shop")]);
+        let plain = labels(&[(LABEL_NAMESPACE_NAME, "shop")]);
+        let none = BTreeMap::new();
+        let opt_in = labels(&[(ANNOTATION_INJECT, "true")]);
+        let opt_out = labels(&[(ANNOTATION_INJECT, "false")]);
+        assert_eq!(wanted("shop", &enabled, &none, &config), Wanted::ByNamespace);
+        assert_eq!(wanted("shop", &enabled, &opt_in, &config), Wanted::ByNamespace);
+        assert_eq!(
+            wanted("shop", &enabled, &opt_out, &config),
+            Wanted::No(Skip::OptedOut)
+        );
+        assert_eq!(wanted("shop", &plain, &opt_in, &config), Wanted::ByAnnotation);
+        assert_eq!(
+            wanted("shop", &plain, &none, &config),
+            Wanted::No(Skip::NotSelected)
+        );
+        assert_eq!(
+            wanted("shop", &plain, &opt_out, &config),
+            Wanted::No(Skip::OptedOut)
+        );
+        // Another value than "enabled" does not select.
+        let other = labels(&[(LABEL_MESH, "disabled")]);
+        assert_eq!(
+            wanted("shop", &other, &none, &config),
+            Wanted::No(Skip::NotSelected)
+        );
+    }
+
+    #[test]
+    fn kube_system_and_capstans_namespace_are_never_meshed() {
+        let config = Config::default();
+        let opt_in = labels(&[(ANNOTATION_INJECT, "true")]);
+        for ns in ["kube-system", "capstan-system"] {
+            let ns_labels = labels(&[(LABEL_MESH, "enabled"), (LABEL_NAMESPACE_NAME, ns)]);
+            assert_eq!(
+                wanted(ns, &ns_labels, &opt_in, &config),
+                Wanted::No(Skip::ExcludedNamespace)
+            );
+        }
+    }
+
+    #[test]
+    fn injection_adds_the_redirect_then_the_native_sidecar_token_and_annotation() {
+        let pod = app_pod();
+        let out = injected(&pod);
+        let init = out["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(init.len(), 2);
+        assert_eq!(init[0]["name"], INIT_CONTAINER);
+        assert_eq!(
+            init[0]["securityContext"]["capabilities"]["add"],
+            json!(["NET_ADMIN", "NET_RAW"])
+        );
+        assert_eq!(init[0]["securityContext"]["runAsUser"], 0);
+        let proxy = &init[1];
+        assert_eq!(proxy["name"], PROXY_CONTAINER);
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+        assert_eq!(proxy["startupProbe"]["httpGet"]["port"], ADMIN_PORT);
+        assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+        let sc = &proxy["securityContext"];
+        assert_eq!(sc["runAsUser"], PROXY_UID);
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert!(sc["capabilities"].get("add").is_none());
+        assert_eq!(proxy["resources"]["requests"]["cpu"], "10m");
+        assert_eq!(proxy["resources"]["limits"]["memory"], "64Mi");
+        assert_eq!(env_of(proxy, "CAPSTAN_CA_BUNDLE").as_deref(), Some("ROOTS"));
+        assert_eq!(env_of(proxy, "CAPSTAN_APP_PORT").as_deref(), Some("8080"));
+        assert_eq!(env_of(proxy, "CAPSTAN_OUTBOUND_PORT").as_deref(), Some("15001"));
+        assert_eq!(env_of(proxy, "CAPSTAN_UPSTREAMS"), None);
+        let sa = proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "CAPSTAN_SERVICE_ACCOUNT")
+            .unwrap();
+        assert_eq!(
+            sa["valueFrom"]["fieldRef"]["fieldPath"],
+            "spec.serviceAccountName"
+        );
+        assert_eq!(proxy["volumeMounts"][0]["mountPath"], TOKEN_DIR);
+
+        let volume = &out["spec"]["volumes"][0];
+        assert_eq!(volume["name"], TOKEN_VOLUME);
+        let token = &volume["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(token["audience"], TOKEN_AUDIENCE);
+        assert_eq!(token["expirationSeconds"], 3600);
+        assert_eq!(out["metadata"]["annotations"][ANNOTATION_INJECTED], "0.1.0");
+        // The app container itself is untouched but for its probes.
+        assert_eq!(out["spec"]["containers"][0]["image"], "web:1");
+    }
+
+    #[test]
+    fn http_probes_are_rewritten_to_the_proxy_and_others_kept() {
+        let out = injected(&app_pod());
+        let app = &out["spec"]["containers"][0];
+        assert_eq!(
+            app["livenessProbe"]["httpGet"],
+            json!({"path": "/app-health/app/livez", "port": ADMIN_PORT, "scheme": "HTTP"})
+        );
+        assert_eq!(app["livenessProbe"]["periodSeconds"], 7);
+        assert_eq!(app["readinessProbe"]["httpGet"]["path"], "/app-health/app/readyz");
+        assert_eq!(app["startupProbe"], json!({"tcpSocket": {"port": 8080}}));
+        let proxy = &out["spec"]["initContainers"][1];
+        let probes: Value = serde_json::from_str(&env_of(proxy, "CAPSTAN_APP_PROBES").unwrap()).unwrap();
+        assert_eq!(
+            probes,
+            json!({
+                "/app-health/app/livez": {"port": 8080, "path": "/healthz", "scheme": "HTTP"},
+                "/app-health/app/readyz": {"port": 8081, "path": "/ready", "scheme": "HTTP"},
+            })
+        );
+    }
+
+    #[test]
+    fn explicit_upstreams_mean_no_redirect_and_no_probe_rewrite() {
+        let mut pod = app_pod();
+        pod.metadata.annotations = Some(labels(&[(ANNOTATION_UPSTREAMS, "api:8080, db.data:5432")]));
+        let out = injected(&pod);
+        let init = out["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(init.len(), 1);
+        assert_eq!(init[0]["name"], PROXY_CONTAINER);
+        assert_eq!(
+            env_of(&init[0], "CAPSTAN_UPSTREAMS").as_deref(),
+            Some("api:8080, db.data:5432")
+        );
+        assert_eq!(env_of(&init[0], "CAPSTAN_OUTBOUND_PORT"), None);
+        assert_eq!(
+            out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"],
+            "http"
+        );
+        // The existing annotations are kept, the marker added beside them.
+        assert_eq!(
+            out["metadata"]["annotations"][ANNOTATION_UPSTREAMS],
+            "api:8080, db.data:5432"
+        );
+        assert_eq!(out["metadata"]["annotations"][ANNOTATION_INJECTED], "0.1.0");
+    }
+
+    #[test]
+    fn existing_init_containers_and_volumes_run_after_ours() {
+        let mut pod = app_pod();
+        let spec = pod.spec.as_mut().unwrap();
+        spec.init_containers = Some(vec![Container {
+            name: "migrate".into(),
+            ..Default::default()
+        }]);
+        spec.volumes = Some(vec![Volume {
+            name: "data".into(),
+            ..Default::default()
+        }]);
+        let out = injected(&pod);
+        let names: Vec<_> = out["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        assert_eq!(out["spec"]["volumes"][1]["name"], TOKEN_VOLUME);
+    }
+
+    #[test]
+    fn a_second_pass_adds_nothing() {
+        let pod = app_pod();
+        let once: Pod = serde_json::from_value(injected(&pod)).unwrap();
+        assert_eq!(
+            inject(&once, &Config::default(), "ROOTS").unwrap(),
+            Injection::AlreadyInjected
+        );
+    }
+
+    #[test]
+    fn a_hand_set_injected_annotation_does_not_escape_injection() {
+        let mut pod = app_pod();
+        pod.metadata.annotations = Some(labels(&[(ANNOTATION_INJECTED, "0.1.0")]));
+        let out = injected(&pod);
+        assert_eq!(out["spec"]["initContainers"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_fake_proxy_container_is_refused() {
+        let mut pod = app_pod();
+        pod.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: PROXY_CONTAINER.into(),
+            image: Some("busybox".into()),
+            restart_policy: Some("Always".into()),
+            ..Default::default()
+        }]);
+        let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
+        assert_eq!(refused[0].field, "spec.initContainers[0]");
+        assert!(refused[0].message.contains("busybox"), "{refused:?}");
+    }
+
+    #[test]
+    fn m16_the_proxy_uid_net_admin_and_host_network_are_refused_naming_the_field() {
+        let mut pod = app_pod();
+        let spec = pod.spec.as_mut().unwrap();
+        spec.host_network = Some(true);
+        spec.containers[0].security_context = Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "CAP_NET_RAW".into(), "SYS_TIME".into()]),
+                drop: None,
+            }),
+            ..Default::default()
+        });
+        spec.containers.push(Container {
+            name: "helper".into(),
+            security_context: Some(SecurityContext {
+                privileged: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let fields: Vec<_> = inject(&pod, &Config::default(), "ROOTS")
+            .unwrap_err()
+            .into_iter()
+            .map(|r| r.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.hostNetwork",
+                "spec.containers[0].securityContext.runAsUser",
+                "spec.containers[0].securityContext.capabilities.add",
+                "spec.containers[0].securityContext.capabilities.add",
+                "spec.containers[1].securityContext.privileged",
+            ]
+        );
+    }
+
+    #[test]
+    fn m16_an_inherited_proxy_uid_is_refused_unless_the_container_overrides_it() {
+        let mut pod = app_pod();
+        let spec = pod.spec.as_mut().unwrap();
+        spec.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            run_as_user: Some(PROXY_UID),
+            ..Default::default()
+        });
+        let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
+        assert_eq!(refused[0].field, "spec.securityContext.runAsUser");
+        assert!(refused[0].message.contains("\"app\""));
+        pod.spec.as_mut().unwrap().containers[0].security_context = Some(SecurityContext {
+            run_as_user: Some(1000),
+            ..Default::default()
+        });
+        assert!(inject(&pod, &Config::default(), "ROOTS").is_ok());
+    }
+
+    #[test]
+    fn bad_annotations_are_refused_naming_them() {
+        let mut pod = app_pod();
+        pod.metadata.annotations = Some(labels(&[
+            (ANNOTATION_UPSTREAMS, "api:8080,Bad_Name:80"),
+            (ANNOTATION_APP_PORT, "http"),
+        ]));
+        let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
+        assert_eq!(refused[0].field, "metadata.annotations[capstan.dev/upstreams]");
+        assert!(refused[0].message.contains("Bad_Name"), "{refused:?}");
+        assert_eq!(refused[1].field, "metadata.annotations[capstan.dev/app-port]");
+    }
+
+    #[test]
+    fn upstreams_parse() {
+        assert_eq!(
+            parse_upstreams("api:8080,db.data:5432").unwrap(),
+            vec![
+                ("api".into(), None, 8080),
+                ("db".into(), Some("data".into()), 5432)
+            ]
+        );
+        assert!(parse_upstreams("api").is_err());
+        assert!(parse_upstreams("api:0").is_err());
+        assert!(parse_upstreams("api:70000").is_err());
+        assert!(parse_upstreams(" , ").is_err());
+    }
+}
