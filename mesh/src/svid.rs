@@ -22,13 +22,13 @@
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::fmt;
 use std::sync::Arc;
-use rustls::pki_types::TrustAnchor;
 use webpki::{EndEntityCert, ExtendedKeyUsageValidator, KeyPurposeIdIter};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -181,9 +181,7 @@ impl SpiffeId {
             ["ns", namespace, "sa", service_account] => {
                 Ok(SpiffeId::new(trust_domain, *namespace, *service_account))
             }
-            _ => Err(invalid(
-                "the path must be /ns/<namespace>/sa/<serviceaccount>",
-            )),
+            _ => Err(invalid("the path must be /ns/<namespace>/sa/<serviceaccount>")),
         }
     }
 
@@ -270,20 +268,32 @@ impl TrustBundle {
         Ok(bundle)
     }
 
-    fn anchors(&self) -> Result<Vec<TrustAnchor<'static>>, SvidError> {
-        self.roots
-            .iter()
-            .enumerate()
-            .map(|(i, root)| {
-                webpki::anchor_from_trusted_cert(root)
-                    .map(|anchor| anchor.to_owned())
-                    .map_err(|e| SvidError::Bundle {
-                        trust_domain: self.trust_domain.clone(),
-                        reason: format!("root {i} is not a usable certificate: {e:?}"),
-                    })
-            })
-            .collect()
+    fn anchors(&self) -> Result<Anchors, SvidError> {
+        let mut anchors = Anchors::default();
+        for (i, root) in self.roots.iter().enumerate() {
+            let unusable = |detail: String| SvidError::Bundle {
+                trust_domain: self.trust_domain.clone(),
+                reason: format!("root {i} is not a usable CA certificate: {detail}"),
+            };
+            let anchor = webpki::anchor_from_trusted_cert(root).map_err(|e| unusable(format!("{e:?}")))?;
+            let (_, cert) = X509Certificate::from_der(root).map_err(|e| unusable(e.to_string()))?;
+            let constraints = cert.basic_constraints().map_err(|e| unusable(e.to_string()))?;
+            anchors
+                .max_intermediates
+                .push(constraints.and_then(|bc| bc.value.path_len_constraint));
+            anchors.anchors.push(anchor.to_owned());
+        }
+        Ok(anchors)
     }
+}
+
+/// A bundle's roots as webpki trust anchors, with each root's pathLenConstraint: webpki
+/// keeps no basicConstraints of a trust anchor, so it would let an intermediate sign
+/// under a root that allows none (the engine's root has pathLen 0).
+#[derive(Default)]
+struct Anchors {
+    anchors: Vec<TrustAnchor<'static>>,
+    max_intermediates: Vec<Option<u32>>,
 }
 
 // === verification ===
@@ -390,24 +400,63 @@ fn verify_with_anchors(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     trust_domain: &str,
-    anchors: &[TrustAnchor<'_>],
+    anchors: &Anchors,
     now: UnixTime,
     role: PeerRole,
 ) -> Result<SpiffeId, SvidError> {
-    let leaf = EndEntityCert::try_from(end_entity)
-        .map_err(|e| SvidError::Malformed(format!("{e:?}")))?;
+    let untrusted = |detail: &str| SvidError::Untrusted {
+        trust_domain: trust_domain.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let leaf = EndEntityCert::try_from(end_entity).map_err(|e| SvidError::Malformed(format!("{e:?}")))?;
     // The chain first: nothing an untrusted certificate claims is worth looking at.
-    leaf.verify_for_usage(
-        algorithms().all,
-        anchors,
-        intermediates,
-        now,
-        role,
-        None,
-        None,
-    )
-    .map_err(|e| chain_error(e, trust_domain, role))?;
+    let path = leaf
+        .verify_for_usage(
+            algorithms().all,
+            &anchors.anchors,
+            intermediates,
+            now,
+            role,
+            None,
+            None,
+        )
+        .map_err(|e| chain_error(e, trust_domain, role))?;
+    let root = anchors
+        .anchors
+        .iter()
+        .position(|a| std::ptr::eq(a, path.anchor()))
+        .ok_or_else(|| untrusted("the verified path ends at no root of the bundle"))?;
+    let depth = path.intermediate_certificates().count();
+    if let Some(max) = anchors.max_intermediates[root]
+        && depth > max as usize
+    {
+        return Err(untrusted(&format!(
+            "{depth} intermediate(s) under a root whose pathLenConstraint allows {max}"
+        )));
+    }
+    // webpki does not look at an issuer's keyUsage (RFC 5280 §4.2.1.3 asks for
+    // keyCertSign): an intermediate that lists key usages without it signs nothing.
+    for issuer in path.intermediate_certificates() {
+        let der = issuer.der();
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| SvidError::Malformed(format!("an intermediate: {e}")))?;
+        if let Ok(Some(ku)) = cert.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(untrusted(
+                "an intermediate's key usage does not allow keyCertSign",
+            ));
+        }
+    }
     let id = leaf_spiffe_id(end_entity)?;
+    // Two DER parsers read this certificate: webpki for the chain, x509-parser for the
+    // SVID rules. Should they ever read its URI SANs differently, trust neither.
+    let webpki_uris: Vec<&str> = leaf.valid_uri_names().collect();
+    if webpki_uris != [id.to_string().as_str()] {
+        return Err(SvidError::Malformed(
+            "the certificate's URI SANs parse differently in webpki and x509-parser".to_owned(),
+        ));
+    }
     if id.trust_domain != trust_domain {
         return Err(SvidError::ForeignTrustDomain {
             id: id.to_string(),
@@ -423,10 +472,8 @@ fn chain_error(error: webpki::Error, trust_domain: &str, role: PeerRole) -> Svid
         E::CertExpired { .. } => SvidError::Expired,
         E::CertNotValidYet { .. } => SvidError::NotYetValid,
         E::CaUsedAsEndEntity => SvidError::LeafIsCa,
-        E::RequiredEkuNotFoundContext(_) => {
-            SvidError::WrongUsage(role.usage_name())
-        }
-        E::BadDer | E::BadDerTime | E::TrailingData(_) => {
+        E::RequiredEkuNotFoundContext(_) => SvidError::WrongUsage(role.usage_name()),
+        E::BadDer | E::BadDerTime | E::TrailingData(_) | E::InvalidCertValidity => {
             SvidError::Malformed(format!("{error:?}"))
         }
         other => SvidError::Untrusted {
@@ -444,8 +491,7 @@ pub fn peer_spiffe_id(end_entity: &CertificateDer<'_>) -> Result<SpiffeId, SvidE
 
 /// X509-SVID §4 and §5.2 on the leaf, then its one URI SAN parsed as a SPIFFE ID.
 fn leaf_spiffe_id(der: &[u8]) -> Result<SpiffeId, SvidError> {
-    let (rest, cert) = X509Certificate::from_der(der)
-        .map_err(|e| SvidError::Malformed(format!("{e}")))?;
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(format!("{e}")))?;
     if !rest.is_empty() {
         return Err(SvidError::Malformed(
             "trailing bytes after the certificate".to_owned(),
@@ -502,10 +548,19 @@ pub fn svid_error_of(error: &rustls::Error) -> Option<&SvidError> {
     }
 }
 
+/// The log line for a failed handshake: the SVID reason when one of these verifiers
+/// refused the peer (rustls alone would print it in Debug form), else rustls's message.
+pub fn describe_tls_error(error: &rustls::Error) -> String {
+    match svid_error_of(error) {
+        Some(reason) => format!("invalid peer certificate: {reason}"),
+        None => error.to_string(),
+    }
+}
+
 fn to_rustls(error: SvidError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(error),
-    )))
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+        error,
+    ))))
 }
 
 fn tls12_refused() -> rustls::Error {
@@ -519,7 +574,7 @@ fn tls12_refused() -> rustls::Error {
 /// connect is the intentions' business, decided after the handshake.
 pub struct SvidClientVerifier {
     trust_domain: String,
-    anchors: Vec<TrustAnchor<'static>>,
+    anchors: Anchors,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -534,6 +589,7 @@ impl SvidClientVerifier {
     pub fn try_new(bundle: TrustBundle) -> Result<Arc<Self>, SvidError> {
         let anchors = bundle.anchors()?;
         let hints = anchors
+            .anchors
             .iter()
             .map(|a| DistinguishedName::in_sequence(a.subject.as_ref()))
             .collect();
@@ -550,7 +606,7 @@ impl fmt::Debug for SvidClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidClientVerifier")
             .field("trust_domain", &self.trust_domain)
-            .field("roots", &self.anchors.len())
+            .field("roots", &self.anchors.anchors.len())
             .finish()
     }
 }
@@ -612,7 +668,7 @@ impl ClientCertVerifier for SvidClientVerifier {
 /// name the client dialled is ignored; the SPIFFE ID is the name that counts.
 pub struct SvidServerVerifier {
     trust_domain: String,
-    anchors: Vec<TrustAnchor<'static>>,
+    anchors: Anchors,
     expected: SpiffeId,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -642,7 +698,7 @@ impl fmt::Debug for SvidServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidServerVerifier")
             .field("trust_domain", &self.trust_domain)
-            .field("roots", &self.anchors.len())
+            .field("roots", &self.anchors.anchors.len())
             .field("expected", &self.expected.to_string())
             .finish()
     }
@@ -819,7 +875,9 @@ mod tests {
         let long_td = format!("spiffe://{}/ns/a/sa/b", "t".repeat(256));
         assert!(SpiffeId::parse(&long_td).unwrap_err().to_string().contains("255"));
         // A hostile ID is truncated in the message.
-        let error = SpiffeId::parse(&format!("x{}", "y".repeat(1000))).unwrap_err().to_string();
+        let error = SpiffeId::parse(&format!("x{}", "y".repeat(1000)))
+            .unwrap_err()
+            .to_string();
         assert!(error.len() < 400, "{error}");
     }
 
