@@ -29,7 +29,11 @@ pub enum CaError {
     Identity(String),
     #[error("the CSR could not be parsed, or its signature does not verify")]
     Csr,
-    #[error("the CSR asks for {0}, which is not the caller's identity {1}")]
+    /// The CSR names another workload: the caller asked for an identity it does not hold.
+    #[error("the CSR asks for the identity {requested}, but the token proves {expected}")]
+    ForeignIdentity { requested: String, expected: String },
+    /// The CSR names something that is not a SPIFFE ID at all (DNS name, IP, e-mail...).
+    #[error("the CSR asks for {0}; a mesh certificate carries only the caller's identity {1}")]
     ForeignName(String, String),
     #[error("the CSR asks to be a certificate authority")]
     WantsCa,
@@ -37,6 +41,10 @@ pub enum CaError {
     KeyAlgorithm,
     #[error("the CA certificate or key could not be loaded")]
     Load,
+    #[error("the CA's private key does not belong to its certificate")]
+    KeyMismatch,
+    #[error("invalid serving name {0:?}: a DNS name or an IP address")]
+    ServingName(String),
     #[error("signing failed")]
     Sign,
 }
@@ -130,16 +138,31 @@ impl MeshCa {
         })
     }
 
-    /// A CA stored earlier (its certificate and key in PEM).
+    /// A CA stored earlier (its certificate and key in PEM): a root, or an intermediate
+    /// under a user's root. Only the first certificate of `certificate_pem` is the CA;
+    /// any that follow are its chain, which the caller keeps. The key must be the
+    /// certificate's: a mismatched pair would sign leaves nobody can verify.
     pub fn from_pem(trust_domain: &str, certificate_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         validate_trust_domain(trust_domain)?;
         let key = KeyPair::from_pem(key_pem).map_err(|_| CaError::Load)?;
-        let issuer = Issuer::from_ca_cert_pem(certificate_pem, key).map_err(|_| CaError::Load)?;
-        let not_after = not_after_of(certificate_pem).ok_or(CaError::Load)?;
+        let (_, first) =
+            x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes()).map_err(|_| CaError::Load)?;
+        let certificate_pem = pem_of(&first.contents);
+        {
+            let certificate = first.parse_x509().map_err(|_| CaError::Load)?;
+            if !certificate.is_ca() {
+                return Err(CaError::Load);
+            }
+            if certificate.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(CaError::KeyMismatch);
+            }
+        }
+        let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key).map_err(|_| CaError::Load)?;
+        let not_after = not_after_of(&certificate_pem).ok_or(CaError::Load)?;
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             issuer,
-            certificate_pem: certificate_pem.to_owned(),
+            certificate_pem,
             not_after,
         })
     }
@@ -157,6 +180,43 @@ impl MeshCa {
         &self.trust_domain
     }
 
+    /// When the CA certificate itself expires (leaves never outlive it).
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
+    /// A TLS server certificate for the engine's own endpoint, with a fresh P-256 key:
+    /// `names` are DNS names or IP addresses. Returns (certificate PEM, key PEM).
+    pub fn issue_serving(&self, names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
+        let mut sans = Vec::with_capacity(names.len());
+        for name in names {
+            sans.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.clone()
+                        .try_into()
+                        .map_err(|_| CaError::ServingName(name.clone()))?,
+                ),
+            });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|_| CaError::Sign)?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "capstan-engine");
+        params.distinguished_name = name;
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = (now + ttl).min(self.not_after);
+        params.serial_number = Some(random_serial());
+        let certificate = params.signed_by(&key, &self.issuer).map_err(|_| CaError::Sign)?;
+        Ok((certificate.pem(), key.serialize_pem()))
+    }
+
     /// Signs a leaf for `identity` with the public key of `csr_pem`, valid for `ttl` but
     /// never beyond the root's own expiry.
     pub fn sign(&self, csr_pem: &str, identity: &WorkloadIdentity, ttl: Duration) -> Result<Leaf, CaError> {
@@ -169,7 +229,12 @@ impl MeshCa {
         for san in &csr.params.subject_alt_names {
             let asked = match san {
                 SanType::URI(uri) if uri.as_str() == spiffe_id => continue,
-                SanType::URI(uri) => format!("URI {}", uri.as_str()),
+                SanType::URI(uri) => {
+                    return Err(CaError::ForeignIdentity {
+                        requested: uri.as_str().to_owned(),
+                        expected: spiffe_id,
+                    });
+                }
                 SanType::DnsName(name) => format!("DNS name {}", name.as_str()),
                 SanType::IpAddress(ip) => format!("IP address {ip}"),
                 SanType::Rfc822Name(mail) => format!("e-mail {}", mail.as_str()),
@@ -233,6 +298,14 @@ fn random_serial() -> SerialNumber {
         .expect("the system RNG works");
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)
+}
+
+/// One DER certificate as PEM.
+pub fn pem_of(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 fn not_after_of(pem: &str) -> Option<OffsetDateTime> {
@@ -327,7 +400,10 @@ mod tests {
         ];
         for sans in cases {
             let error = ca.sign(&csr(sans.clone(), p256), &web(), DAY).unwrap_err();
-            assert!(matches!(error, CaError::ForeignName(..)), "{sans:?}: {error}");
+            assert!(
+                matches!(error, CaError::ForeignName(..) | CaError::ForeignIdentity { .. }),
+                "{sans:?}: {error}"
+            );
         }
         let key = KeyPair::generate_for(p256).unwrap();
         let mut params = CertificateParams::default();

@@ -1,8 +1,12 @@
-//! The Capstan secrets engine. Today: the mesh CA's signing core (`ca`). Its endpoint,
-//! storage in a Secret and rotation come with the rest of the mesh issue; the barrier,
-//! auth methods, policies, leases and secrets engines (KV v2, PKI with the mesh CA as one
-//! mount, database) with the secrets issue.
+//! The Capstan secrets engine. Today: the mesh CA (`ca`, the signing core; `mesh_ca`, its
+//! endpoint, storage in a Secret and rotation), served over HTTPS (`https`) by the
+//! `capstan-engine` binary through one router of mounts (`api`). The barrier, auth
+//! methods, policies, leases and secrets engines (KV v2, PKI with the mesh CA as one
+//! mount, database) come with the secrets issue, as further mounts.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod api;
 pub mod ca;
+pub mod https;
+pub mod mesh_ca;

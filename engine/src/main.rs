@@ -1,0 +1,160 @@
+//! capstan-engine: the engine's HTTPS API. Today it serves the mesh CA.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use anyhow::Context as _;
+use capstan_engine::{api, https, mesh_ca};
+use capstan_telemetry::{AdminServer, Health, LoggingArgs};
+use clap::Parser;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(name = "capstan-engine", version, about)]
+struct Args {
+    #[command(flatten)]
+    logging: LoggingArgs,
+    /// Where the HTTPS API (the mesh CA) is served.
+    #[arg(long, env = "CAPSTAN_ENGINE_LISTEN", default_value = "0.0.0.0:8200")]
+    listen: SocketAddr,
+    /// Where /healthz and /metrics are served (plain HTTP).
+    #[arg(long, env = "CAPSTAN_ENGINE_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+    admin_addr: SocketAddr,
+    /// Namespace of the CA Secret and the roots ConfigMap (the engine's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "capstan-system")]
+    namespace: String,
+    /// The Secret holding the CA (tls.crt, tls.key, ca.crt; see the README).
+    #[arg(long, env = "CAPSTAN_ENGINE_CA_SECRET", default_value = "capstan-mesh-ca")]
+    ca_secret: String,
+    /// The ConfigMap the public trust bundle is published to (key roots.pem).
+    #[arg(
+        long,
+        env = "CAPSTAN_ENGINE_ROOTS_CONFIGMAP",
+        default_value = "capstan-mesh-roots"
+    )]
+    roots_configmap: String,
+    /// The SPIFFE trust domain of the mesh.
+    #[arg(long, env = "CAPSTAN_ENGINE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The audience a sidecar's token must carry.
+    #[arg(
+        long,
+        env = "CAPSTAN_ENGINE_TOKEN_AUDIENCE",
+        default_value = "capstan-mesh-ca"
+    )]
+    token_audience: String,
+    /// Lifetime of a leaf certificate (e.g. `30s`, `24h`).
+    #[arg(long, env = "CAPSTAN_ENGINE_LEAF_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    leaf_ttl: Duration,
+    /// Lifetime of a root the engine generates.
+    #[arg(long, env = "CAPSTAN_ENGINE_ROOT_TTL", default_value = "3650days", value_parser = humantime::parse_duration)]
+    root_ttl: Duration,
+    /// How long a new root is trusted before it signs (sidecars must refresh their
+    /// roots from GET /v1/mesh/roots more often than this).
+    #[arg(long, env = "CAPSTAN_ENGINE_ROTATION_PROPAGATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    rotation_propagation: Duration,
+    /// DNS names and IPs of the engine's serving certificate (repeatable, or
+    /// comma-separated in the env var). Default: the Service's DNS names and 127.0.0.1.
+    #[arg(
+        long = "serving-san",
+        env = "CAPSTAN_ENGINE_SERVING_SANS",
+        value_delimiter = ','
+    )]
+    serving_sans: Vec<String>,
+    /// The engine's Service name, for the default serving names.
+    #[arg(long, env = "CAPSTAN_ENGINE_SERVICE_NAME", default_value = "capstan-engine")]
+    service_name: String,
+}
+
+impl Args {
+    fn serving_names(&self) -> Vec<String> {
+        if !self.serving_sans.is_empty() {
+            return self.serving_sans.clone();
+        }
+        let (svc, ns) = (&self.service_name, &self.namespace);
+        vec![
+            svc.clone(),
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ]
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.logging.init();
+    anyhow::ensure!(!args.leaf_ttl.is_zero(), "--leaf-ttl must be more than 0");
+    anyhow::ensure!(
+        args.root_ttl > args.leaf_ttl,
+        "--root-ttl must be longer than --leaf-ttl"
+    );
+    // One crypto provider for the whole process (kube's client included).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let mut registry = capstan_telemetry::registry("capstan_engine");
+    let metrics = mesh_ca::metrics::Metrics::register(&mut registry);
+    let health = Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;
+    let admin = tokio::spawn(admin.serve(stopped(stop_rx.clone())));
+    tokio::spawn(async move {
+        capstan_telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let config = mesh_ca::Config {
+        namespace: args.namespace.clone(),
+        secret_name: args.ca_secret.clone(),
+        roots_configmap: args.roots_configmap.clone(),
+        trust_domain: args.trust_domain.clone(),
+        token_audience: args.token_audience.clone(),
+        leaf_ttl: args.leaf_ttl,
+        root_ttl: args.root_ttl,
+        propagation: args.rotation_propagation,
+    };
+    tracing::info!(
+        namespace = %config.namespace,
+        secret = %config.secret_name,
+        trust_domain = %config.trust_domain,
+        audience = %config.token_audience,
+        leaf_ttl = ?config.leaf_ttl,
+        propagation = ?config.propagation,
+        "Starting capstan-engine"
+    );
+    let ca = mesh_ca::MeshCaService::new(client, config, metrics);
+
+    let resolver = Arc::new(https::ServingCert::default());
+    let tls = https::server_config(resolver.clone())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let router = api::router(api::Mounts { mesh_ca: ca.clone() });
+
+    let ca_task = tokio::spawn(ca.clone().run(stopped(stop_rx.clone())));
+    let cert_task = tokio::spawn(https::keep_serving_cert(
+        ca.clone(),
+        resolver,
+        args.serving_names(),
+        args.leaf_ttl,
+    ));
+    https::serve(listener, tls, router, stopped(stop_rx.clone())).await;
+
+    health.set(false);
+    cert_task.abort();
+    let _ = ca_task.await;
+    admin.await??;
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+/// Resolves once the receiver has seen `true`.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
