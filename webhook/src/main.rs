@@ -1,16 +1,36 @@
 //! capstan-webhook: Capstan's admission webhooks.
 //!
-//! Sidecar and agent injection (mutating) and the ServiceIntentions checks the CRD
-//! schema cannot express (validating) arrive with the mesh issue, together with the
-//! serving certificate Capstan mints and rotates itself. Until then the chart registers
-//! no webhook configuration, and this binary serves its admin endpoints so that its
-//! Deployment, Service and probes are exercised as they will be used.
+//! - `/mutate-pods` injects the mesh sidecar (capstan-mesh's `injection`, a pure function)
+//!   into pods of labelled namespaces and annotated pods, and refuses pods that would
+//!   defeat the mesh (M16);
+//! - `/validate-serviceintentions` refuses the ServiceIntentions the CRD schema cannot
+//!   (capstan-mesh's `validate`, shared with the reconciler).
+//!
+//! It serves HTTPS with a certificate it mints and rotates itself (see `certs`), kept in a
+//! Secret its replicas share, and keeps the `caBundle` of its webhook configurations
+//! current. Out of the cluster (tests, hack/run.sh), `--external-url` makes it point the
+//! configurations at itself by URL instead of by Service.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-use capstan_telemetry::{Health, LoggingArgs};
+mod admission;
+mod certs;
+mod metrics;
+mod rotation;
+
+use anyhow::Context as _;
+use capstan_mesh::injection;
+use capstan_telemetry::{AdminServer, Health, LoggingArgs};
 use clap::Parser;
-use std::net::SocketAddr;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    core::PartialObjectMeta,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{net::TcpListener, sync::watch};
 
 #[derive(Parser, Debug)]
 #[command(name = "capstan-webhook", version, about)]
@@ -20,14 +40,320 @@ struct Args {
     /// Where /healthz and /metrics are served.
     #[arg(long, env = "CAPSTAN_WEBHOOK_ADMIN_ADDR", default_value = "127.0.0.1:8081")]
     admin_addr: SocketAddr,
+    /// Where admission (HTTPS) is served.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Capstan's namespace: the Secret, the mesh roots ConfigMap, never meshed itself.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_NAMESPACE", default_value = "capstan-system")]
+    namespace: String,
+    /// The Service the API server reaches the webhook through (its DNS names go into the
+    /// serving certificate).
+    #[arg(long, env = "CAPSTAN_WEBHOOK_SERVICE", default_value = "capstan-webhook")]
+    service: String,
+    /// The Secret holding the webhook's CA and serving certificate.
+    #[arg(
+        long,
+        env = "CAPSTAN_WEBHOOK_TLS_SECRET",
+        default_value = "capstan-webhook-tls"
+    )]
+    tls_secret: String,
+    /// The MutatingWebhookConfiguration whose caBundle this process keeps current.
+    #[arg(
+        long,
+        env = "CAPSTAN_WEBHOOK_MUTATING_CONFIG",
+        default_value = "capstan-webhook"
+    )]
+    mutating_config: String,
+    /// The ValidatingWebhookConfiguration whose caBundle this process keeps current.
+    #[arg(
+        long,
+        env = "CAPSTAN_WEBHOOK_VALIDATING_CONFIG",
+        default_value = "capstan-webhook"
+    )]
+    validating_config: String,
+    /// Out of the cluster: the base URL (https://127.0.0.1:PORT) the API server calls
+    /// instead of the Service; written into the configurations' clientConfig.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_EXTERNAL_URL")]
+    external_url: Option<String>,
+    /// Lifetime of the webhook's CA.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_CA_VALIDITY_SECONDS", default_value_t = 365 * 86400)]
+    ca_validity_seconds: u64,
+    /// Lifetime of the serving certificate (renewed with a third of it left).
+    #[arg(long, env = "CAPSTAN_WEBHOOK_CERT_VALIDITY_SECONDS", default_value_t = 30 * 86400)]
+    cert_validity_seconds: u64,
+    /// How long a new CA is trusted in the caBundle before it signs the served leaf.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_CA_PROMOTE_AFTER_SECONDS", default_value_t = 300)]
+    ca_promote_after_seconds: u64,
+    /// How often the certificate and the configurations are checked.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_ROTATION_CHECK_SECONDS", default_value_t = 60)]
+    rotation_check_seconds: u64,
+    /// The image injected pods run the proxy from.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_PROXY_IMAGE", default_value = "capstan:0.1.0")]
+    proxy_image: String,
+    #[arg(long, env = "CAPSTAN_WEBHOOK_PROXY_IMAGE_PULL_POLICY")]
+    proxy_image_pull_policy: Option<String>,
+    /// The capstan-sidecar executable inside that image.
+    #[arg(
+        long,
+        env = "CAPSTAN_WEBHOOK_SIDECAR_COMMAND",
+        default_value = "/usr/local/bin/capstan-sidecar"
+    )]
+    sidecar_command: String,
+    /// The mesh CA endpoint proxies get certificates from (default: the engine Service).
+    #[arg(long, env = "CAPSTAN_WEBHOOK_CA_URL")]
+    ca_url: Option<String>,
+    /// The ConfigMap (in --namespace) the engine publishes the mesh roots in.
+    #[arg(
+        long,
+        env = "CAPSTAN_WEBHOOK_ROOTS_CONFIGMAP",
+        default_value = "capstan-mesh-roots"
+    )]
+    roots_configmap: String,
+    /// Namespaces never meshed, besides kube-system and --namespace (always excluded).
+    #[arg(
+        long = "exclude-namespace",
+        env = "CAPSTAN_WEBHOOK_EXCLUDE_NAMESPACES",
+        value_delimiter = ','
+    )]
+    exclude_namespaces: Vec<String>,
+    /// Outbound CIDRs the redirect leaves alone (comma list).
+    #[arg(long, env = "CAPSTAN_WEBHOOK_EXCLUDE_OUTBOUND_CIDRS", value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<String>,
+    #[arg(long, env = "CAPSTAN_WEBHOOK_PROXY_CPU_REQUEST", default_value = "10m")]
+    proxy_cpu_request: String,
+    #[arg(long, env = "CAPSTAN_WEBHOOK_PROXY_MEMORY_REQUEST", default_value = "16Mi")]
+    proxy_memory_request: String,
+    #[arg(long, env = "CAPSTAN_WEBHOOK_PROXY_MEMORY_LIMIT", default_value = "64Mi")]
+    proxy_memory_limit: String,
+}
+
+impl Args {
+    /// The names the serving certificate is valid for.
+    fn sans(&self) -> Vec<String> {
+        let (svc, ns) = (&self.service, &self.namespace);
+        let mut sans = vec![
+            svc.clone(),
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+        ];
+        if let Some(host) = self.external_url.as_deref().and_then(url_host) {
+            sans.push(host);
+        }
+        sans
+    }
+
+    fn injection(&self) -> injection::Config {
+        let mut excluded = vec!["kube-system".to_owned(), self.namespace.clone()];
+        excluded.extend(self.exclude_namespaces.iter().filter(|n| !n.is_empty()).cloned());
+        injection::Config {
+            image: self.proxy_image.clone(),
+            image_pull_policy: self.proxy_image_pull_policy.clone(),
+            sidecar_command: self.sidecar_command.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ca_url: self
+                .ca_url
+                .clone()
+                .unwrap_or_else(|| format!("https://capstan-engine.{}.svc:8200", self.namespace)),
+            excluded_namespaces: excluded,
+            proxy_cpu_request: self.proxy_cpu_request.clone(),
+            proxy_memory_request: self.proxy_memory_request.clone(),
+            proxy_memory_limit: self.proxy_memory_limit.clone(),
+            exclude_outbound_cidrs: self
+                .exclude_outbound_cidrs
+                .iter()
+                .filter(|c| !c.is_empty())
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The host of an https URL, without brackets or port.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    (!host.is_empty()).then(|| host.to_owned())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.logging.init();
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "Starting capstan-webhook");
-    let registry = capstan_telemetry::registry("capstan_webhook");
-    capstan_telemetry::serve_until_shutdown(args.admin_addr, registry, Health::default()).await?;
+
+    let mut registry = capstan_telemetry::registry("capstan_webhook");
+    let metrics = metrics::Metrics::register(&mut registry);
+    let health = Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;
+    let admin = tokio::spawn(admin.serve(stopped(stop_rx.clone())));
+    tokio::spawn(async move {
+        capstan_telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+
+    let resolver = Arc::new(certs::Resolver::default());
+    let rotator = rotation::Rotator {
+        client: client.clone(),
+        namespace: args.namespace.clone(),
+        secret: args.tls_secret.clone(),
+        sans: args.sans(),
+        lifetimes: certs::Lifetimes {
+            ca: Duration::from_secs(args.ca_validity_seconds),
+            leaf: Duration::from_secs(args.cert_validity_seconds),
+            promote_after: Duration::from_secs(args.ca_promote_after_seconds),
+        },
+        resolver: resolver.clone(),
+        metrics: metrics.clone(),
+        mutating: Some(args.mutating_config.clone()).filter(|n| !n.is_empty()),
+        validating: Some(args.validating_config.clone()).filter(|n| !n.is_empty()),
+        external_url: args.external_url.clone(),
+    };
+    // No admission is served before a certificate is: the first pass must succeed.
+    loop {
+        match rotator.run_once().await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "Preparing the serving certificate; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = stopped(stop_rx.clone()) => return finish(admin).await,
+        }
+    }
+    let rotation = tokio::spawn(rotator.run(Duration::from_secs(args.rotation_check_seconds)));
+
+    // Namespace labels decide injection; a metadata-only watch keeps them at hand.
+    let (namespaces, writer) = reflector::store();
+    let namespace_watch = tokio::spawn(
+        reflector(
+            writer,
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .for_each(|_| futures::future::ready(())),
+    );
+
+    let state = Arc::new(admission::AppState {
+        client: client.clone(),
+        config: args.injection(),
+        namespaces,
+        roots_namespace: args.namespace.clone(),
+        roots_configmap: args.roots_configmap.clone(),
+        roots: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(addr = %args.listen, "Serving admission");
+    serve(listener, Arc::new(tls), admission::router(state), stop_rx.clone()).await;
+
+    rotation.abort();
+    namespace_watch.abort();
+    health.set(false);
+    finish(admin).await
+}
+
+/// Accepts TLS connections until shutdown, then lets in-flight requests finish.
+async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    stop: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "Accepting a connection");
+                    continue;
+                }
+            },
+            () = stopped(stop.clone()) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stopped(stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+    }
+    if tokio::time::timeout(Duration::from_secs(10), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("Connections still open after 10s; closing them");
+    }
+}
+
+/// Resolves once the receiver has seen `true`.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn finish(admin: tokio::task::JoinHandle<Result<(), capstan_telemetry::Error>>) -> anyhow::Result<()> {
+    admin.await??;
+    tracing::info!("Stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_host;
+
+    #[test]
+    fn the_external_urls_host_goes_into_the_certificate() {
+        assert_eq!(url_host("https://127.0.0.1:9443").as_deref(), Some("127.0.0.1"));
+        assert_eq!(url_host("https://[::1]:9443/x").as_deref(), Some("::1"));
+        assert_eq!(
+            url_host("https://webhook.example").as_deref(),
+            Some("webhook.example")
+        );
+    }
 }

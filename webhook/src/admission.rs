@@ -1,0 +1,313 @@
+//! The admission handlers: `/mutate-pods` (sidecar injection) and
+//! `/validate-serviceintentions` (the checks the CRD schema cannot express).
+//!
+//! A decision (inject, skip, refuse) is an AdmissionResponse. A failure to decide (the
+//! API unreachable while reading the namespace) is an HTTP 500, so that the API server
+//! applies the webhook's failurePolicy: Fail for labelled namespaces (the pod waits),
+//! Ignore elsewhere. Handlers never panic on input: a body that does not parse is
+//! answered with an invalid response.
+
+use crate::metrics::Metrics;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use capstan_crds::ServiceIntentions;
+use capstan_mesh::{
+    injection::{self, Injection, Wanted},
+    validate,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use kube::{
+    Api, Client, ResourceExt,
+    core::{
+        DynamicObject, PartialObjectMeta,
+        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+    },
+    runtime::reflector::{ObjectRef, Store},
+};
+use parking_lot::Mutex;
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+pub const MUTATE_PODS: &str = "mutate-pods";
+pub const VALIDATE_INTENTIONS: &str = "validate-serviceintentions";
+
+/// How long the mesh roots read from the ConfigMap are reused: the bundle only seeds a
+/// new proxy's trust, which then follows the CA's own answers.
+const ROOTS_TTL: Duration = Duration::from_secs(10);
+
+pub struct AppState {
+    pub client: Client,
+    pub config: injection::Config,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Namespace and name of the ConfigMap the engine publishes the mesh roots in.
+    pub roots_namespace: String,
+    pub roots_configmap: String,
+    pub roots: Mutex<Option<(Instant, Option<String>)>>,
+    pub metrics: Metrics,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(&format!("/{MUTATE_PODS}"), post(mutate_pods))
+        .route(&format!("/{VALIDATE_INTENTIONS}"), post(validate_intentions))
+        .with_state(state)
+}
+
+type Reply = Result<Json<AdmissionReview<DynamicObject>>, (StatusCode, String)>;
+
+/// The request, or the response to send for a body that is not an AdmissionReview of `K`.
+#[allow(clippy::result_large_err)]
+fn parse<K>(body: &[u8]) -> Result<AdmissionRequest<K>, AdmissionResponse>
+where
+    K: kube::Resource + serde::de::DeserializeOwned,
+{
+    match serde_json::from_slice::<AdmissionReview<K>>(body) {
+        Ok(review) => review
+            .try_into()
+            .map_err(|_| AdmissionResponse::invalid("an AdmissionReview without a request")),
+        Err(error) => {
+            // Keep the uid if the envelope parses, so the API server can match the answer.
+            let mut response = AdmissionResponse::invalid(format!("the object does not parse: {error}"));
+            if let Ok(review) = serde_json::from_slice::<AdmissionReview<DynamicObject>>(body)
+                && let Some(request) = review.request
+            {
+                response.uid = request.uid;
+            }
+            Err(response)
+        }
+    }
+}
+
+fn reply(response: AdmissionResponse) -> Reply {
+    Ok(Json(response.into_review()))
+}
+
+fn deny(request_response: AdmissionResponse, message: String) -> AdmissionResponse {
+    let mut response = request_response.deny(message);
+    response.result.code = 403;
+    response.result.reason = "Forbidden".into();
+    response
+}
+
+async fn mutate_pods(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    match mutate(&state, &body).await {
+        Ok(json) => json.into_response(),
+        Err((code, message)) => {
+            state.metrics.request(MUTATE_PODS, "error");
+            tracing::warn!(%message, "Could not decide on a pod");
+            (code, message).into_response()
+        }
+    }
+}
+
+async fn mutate(state: &AppState, body: &[u8]) -> Reply {
+    let request = match parse::<Pod>(body) {
+        Ok(request) => request,
+        Err(invalid) => {
+            state.metrics.request(MUTATE_PODS, "invalid");
+            return reply(invalid);
+        }
+    };
+    let response = AdmissionResponse::from(&request);
+    let (Operation::Create, Some(pod)) = (&request.operation, &request.object) else {
+        state.metrics.request(MUTATE_PODS, "skipped");
+        return reply(response);
+    };
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let pod_name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.clone())
+        .unwrap_or_default();
+    let namespace_labels = state.namespace_labels(&namespace).await?;
+
+    // The mutation's own time (decision + patch) is measured without the reads around it.
+    let started = Instant::now();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let wanted = injection::wanted(&namespace, &namespace_labels, &annotations, &state.config);
+    let deciding = started.elapsed();
+    if let Wanted::No(skip) = wanted {
+        state.metrics.request(MUTATE_PODS, "skipped");
+        tracing::debug!(%namespace, pod = %pod_name, reason = skip.as_str(), "Not meshing pod");
+        return reply(response);
+    }
+    // The CA bundle is only needed (and only read) for a pod that is not meshed yet.
+    let roots = if injection::is_injected(pod) {
+        String::new()
+    } else {
+        match state.roots().await {
+            Some(roots) => roots,
+            None => {
+                state.metrics.request(MUTATE_PODS, "denied");
+                return reply(deny(
+                    response,
+                    format!(
+                        "capstan-webhook: pod {namespace}/{pod_name} must be meshed, but the mesh CA has not \
+                         published its roots yet (ConfigMap {}/{} key roots.pem): is capstan-engine running?",
+                        state.roots_namespace, state.roots_configmap
+                    ),
+                ));
+            }
+        }
+    };
+    let started = Instant::now();
+    let outcome = injection::inject(pod, &state.config, &roots);
+    state
+        .metrics
+        .mutation
+        .observe((deciding + started.elapsed()).as_secs_f64());
+    match outcome {
+        Err(refusals) => {
+            state.metrics.request(MUTATE_PODS, "denied");
+            let reasons = refusals
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::info!(%namespace, pod = %pod_name, %reasons, "Refused a pod that cannot be meshed safely");
+            reply(deny(
+                response,
+                format!("capstan-webhook: pod {namespace}/{pod_name} cannot be meshed: {reasons}"),
+            ))
+        }
+        Ok(Injection::AlreadyInjected) => {
+            state.metrics.request(MUTATE_PODS, "already_injected");
+            reply(response)
+        }
+        Ok(Injection::Patch(ops)) => {
+            let patch: json_patch::Patch =
+                serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("building the patch: {e}"),
+                    )
+                })?;
+            let response = response.with_patch(patch).map_err(|e| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding the patch: {e}"),
+                )
+            })?;
+            state.metrics.request(MUTATE_PODS, "injected");
+            tracing::info!(%namespace, pod = %pod_name, by = ?wanted, "Injected the mesh sidecar");
+            reply(response)
+        }
+    }
+}
+
+async fn validate_intentions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let request = match parse::<ServiceIntentions>(&body) {
+        Ok(request) => request,
+        Err(invalid) => {
+            state.metrics.request(VALIDATE_INTENTIONS, "invalid");
+            return Json(invalid.into_review()).into_response();
+        }
+    };
+    let response = AdmissionResponse::from(&request);
+    let Some(obj) = &request.object else {
+        state.metrics.request(VALIDATE_INTENTIONS, "allowed");
+        return Json(response.into_review()).into_response();
+    };
+    let own_namespace = request.namespace.clone().unwrap_or_default();
+    let destination_namespace = obj
+        .spec
+        .destination
+        .namespace
+        .clone()
+        .unwrap_or_else(|| own_namespace.clone());
+    let mut problems = validate::validate(&obj.spec, &destination_namespace);
+    let mut warnings = Vec::new();
+    if obj.spec.destination.name != "*" && destination_namespace != "*" {
+        let services = Api::<Service>::namespaced(state.client.clone(), &destination_namespace);
+        match services.get_opt(&obj.spec.destination.name).await {
+            Ok(service) => problems.extend(validate::l7_on_tcp(&obj.spec, service.as_ref())),
+            // Not a reason to refuse: the reconciler checks again and reports in status.
+            Err(error) => warnings.push(format!(
+                "capstan-webhook could not read Service {destination_namespace}/{}: {error}; \
+                 its protocol will be checked by the controller",
+                obj.spec.destination.name
+            )),
+        }
+    }
+    let name = obj.name_any();
+    let mut response = if problems.is_empty() {
+        state.metrics.request(VALIDATE_INTENTIONS, "allowed");
+        response
+    } else {
+        state.metrics.request(VALIDATE_INTENTIONS, "denied");
+        tracing::info!(namespace = %own_namespace, %name, problems = %problems.join("; "), "Refused a ServiceIntentions");
+        let mut denied = deny(
+            response,
+            format!(
+                "ServiceIntentions {own_namespace}/{name} is invalid: {}",
+                problems.join("; ")
+            ),
+        );
+        denied.result.reason = "Invalid".into();
+        denied.result.code = 422;
+        denied
+    };
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
+    Json(response.into_review()).into_response()
+}
+
+impl AppState {
+    /// The namespace's labels: from the watch cache, or read when the cache does not
+    /// have it yet (a namespace created a moment ago, or the cache still syncing).
+    async fn namespace_labels(
+        &self,
+        namespace: &str,
+    ) -> Result<BTreeMap<String, String>, (StatusCode, String)> {
+        if let Some(cached) = self.namespaces.get(&ObjectRef::new(namespace)) {
+            return Ok(cached.metadata.labels.clone().unwrap_or_default());
+        }
+        let live = Api::<Namespace>::all(self.client.clone())
+            .get_metadata(namespace)
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading namespace {namespace}: {e}"),
+                )
+            })?;
+        Ok(live.labels().clone())
+    }
+
+    /// The mesh roots PEM, or None when the engine has not published any.
+    async fn roots(&self) -> Option<String> {
+        if let Some((read, roots)) = &*self.roots.lock()
+            && read.elapsed() < ROOTS_TTL
+        {
+            return roots.clone();
+        }
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.roots_namespace);
+        let roots = match api.get_opt(&self.roots_configmap).await {
+            Ok(configmap) => configmap
+                .and_then(|c| c.data)
+                .and_then(|mut d| d.remove("roots.pem"))
+                .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----")),
+            Err(error) => {
+                tracing::warn!(%error, "Reading the mesh roots");
+                // Keep serving the last roots read rather than refusing pods.
+                if let Some((_, last)) = &*self.roots.lock() {
+                    return last.clone();
+                }
+                None
+            }
+        };
+        *self.roots.lock() = Some((Instant::now(), roots.clone()));
+        roots
+    }
+}
