@@ -307,7 +307,11 @@ impl AppState {
                 None
             }
         };
-        *self.roots.lock() = Some((Instant::now(), roots.clone()));
+        // Only roots are cached: a pod refused for want of roots is retried (by its
+        // ReplicaSet) and must succeed as soon as the engine publishes them.
+        if roots.is_some() {
+            *self.roots.lock() = Some((Instant::now(), roots.clone()));
+        }
         roots
     }
 }
