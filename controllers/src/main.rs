@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = capstan_telemetry::registry("capstan_controller");
     let metrics = metrics::Metrics::register(&mut registry);
+    intentions::register_metrics(&mut registry);
     let health = Health::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;

@@ -460,3 +460,204 @@ pub async fn wait_ready(
     })
     .await
 }
+
+// === The mesh CA (capstan-engine) ===
+
+/// The chart's engine ServiceAccount, its CA Secret and roots ConfigMap (release `capstan`).
+pub const ENGINE_SA: &str = "capstan-engine";
+pub const MESH_CA_SECRET: &str = "capstan-mesh-ca";
+pub const MESH_ROOTS_CONFIGMAP: &str = "capstan-mesh-roots";
+pub const MESH_TOKEN_AUDIENCE: &str = "capstan-mesh-ca";
+
+/// A capstan-engine process, out of the cluster, as the chart's engine ServiceAccount
+/// (so it has exactly the chart's RBAC), serving HTTPS on a loopback port.
+pub struct EngineProcess {
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl EngineProcess {
+    /// Starts the engine with `extra` flags (e.g. `--leaf-ttl 10s`) and waits until its
+    /// CA is loaded (the `ready` metric).
+    pub async fn start(client: &Client, name: &str, extra: &[&str]) -> Result<Self> {
+        let process = Self::spawn(client, name, extra).await?;
+        process.wait_ready().await?;
+        Ok(process)
+    }
+
+    /// Starts the engine without waiting for it (to start several at once).
+    pub async fn spawn(client: &Client, name: &str, extra: &[&str]) -> Result<Self> {
+        install_chart();
+        let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, ENGINE_SA).await?;
+        let (https, admin) = (free_port(), free_port());
+        let log = std::env::temp_dir().join(format!(
+            "capstan-e2e-engine-{name}-{:06x}.log",
+            rand::random::<u32>() & 0xff_ffff
+        ));
+        let child = Command::new(bin("capstan-engine"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("CAPSTAN_LOG", "info,capstan_engine=debug")
+            .args([
+                "--log-format",
+                "json",
+                "--namespace",
+                SYSTEM_NAMESPACE,
+                "--listen",
+                &https.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting capstan-engine")?;
+        Ok(Self {
+            https,
+            admin,
+            log,
+            child,
+        })
+    }
+
+    pub async fn wait_ready(&self) -> Result<()> {
+        eventually(Duration::from_secs(30), "the engine's CA to load", || async {
+            let (code, body) = http_get(self.admin, "/metrics").await.ok()?;
+            (code == 200 && metric(&body, "capstan_engine_mesh_ca_ready") == Some(1.0)).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
+    /// The current trust bundle, as `GET /v1/mesh/roots` over HTTPS answers it, trusting
+    /// the bundle the engine published to its ConfigMap.
+    pub async fn roots(&self, client: &Client) -> Result<serde_json::Value> {
+        eventually(Duration::from_secs(20), "GET /v1/mesh/roots", || async {
+            let bundle = published_roots(client).await?;
+            let (code, body) = https_json(self.https, &bundle, "GET", "/v1/mesh/roots", None, None)
+                .await
+                .ok()?;
+            (code == 200).then_some(body)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin, "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The trust bundle the engine published (ConfigMap `capstan-mesh-roots`, key `roots.pem`).
+pub async fn published_roots(client: &Client) -> Option<String> {
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .get_opt(MESH_ROOTS_CONFIGMAP)
+        .await
+        .ok()??
+        .data?
+        .remove("roots.pem")
+}
+
+/// A token for `namespace/serviceaccount` from the real TokenRequest API, for `audience`.
+pub async fn serviceaccount_token(
+    client: &Client,
+    namespace: &str,
+    serviceaccount: &str,
+    audience: &str,
+) -> Result<String> {
+    let request = TokenRequest {
+        metadata: ObjectMeta::default(),
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        },
+        status: None,
+    };
+    Ok(Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(serviceaccount, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for {namespace}/{serviceaccount}"))?
+        .status
+        .context("TokenRequest returned no status")?
+        .token)
+}
+
+/// One HTTP/1.1 request over TLS 1.3 to `addr`, trusting only the PEM roots in
+/// `roots_pem` (server name 127.0.0.1); returns (status, JSON body). A server whose
+/// certificate does not chain to those roots fails the handshake.
+pub async fn https_json(
+    addr: SocketAddr,
+    roots_pem: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&str>,
+) -> Result<(u16, serde_json::Value)> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        store.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+    )
+    .await??;
+    let body = body.unwrap_or("");
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    tls.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut response = Vec::new();
+    // rustls reports a peer that closes without close_notify as an error; the
+    // response has arrived by then.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut response)).await?;
+    let response = String::from_utf8_lossy(&response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    Ok((code, json))
+}

@@ -124,7 +124,16 @@ fn rbac_rules_are_least_privilege() {
                                 && kind == "Role"
                                 && rule["resourceNames"] == serde_json::json!(["capstan-webhook-tls"])
                                 && rule["verbs"] == serde_json::json!(["get", "update"]);
-                            if field == "resources" && !webhook_tls {
+                            // The engine's: its CA Secret by name (get, list/watch by
+                            // field selector, update), and `create`, which RBAC cannot
+                            // limit by name, to store a root the first time.
+                            let engine_ca = name.ends_with("-engine")
+                                && kind == "Role"
+                                && ((rule["resourceNames"] == serde_json::json!(["capstan-mesh-ca"])
+                                    && rule["verbs"]
+                                        == serde_json::json!(["get", "list", "watch", "update"]))
+                                    || rule["verbs"] == serde_json::json!(["create"]));
+                            if field == "resources" && !webhook_tls && !engine_ca {
                                 assert!(
                                     !value.starts_with("secrets"),
                                     "{kind} {name} grants Secrets: {rule}"
@@ -276,5 +285,34 @@ fn serviceaccounts_can_do_only_their_job() {
             !can(webhook, args),
             "the webhook must not be able to: {args:?}"
         );
+    }
+    // The engine (mesh CA): TokenReview, its CA Secret and roots ConfigMap by name.
+    let engine = "capstan-engine";
+    let engine_allowed: &[&[&str]] = &[
+        &["create", "tokenreviews.authentication.k8s.io"],
+        &["get", "secrets/capstan-mesh-ca", "-n", SYSTEM_NAMESPACE],
+        &["watch", "secrets/capstan-mesh-ca", "-n", SYSTEM_NAMESPACE],
+        &["update", "secrets/capstan-mesh-ca", "-n", SYSTEM_NAMESPACE],
+        &["create", "secrets", "-n", SYSTEM_NAMESPACE],
+        &["get", "configmaps/capstan-mesh-roots", "-n", SYSTEM_NAMESPACE],
+        &["update", "configmaps/capstan-mesh-roots", "-n", SYSTEM_NAMESPACE],
+        &["create", "configmaps", "-n", SYSTEM_NAMESPACE],
+    ];
+    for args in engine_allowed {
+        assert!(can(engine, args), "the engine needs: {args:?}");
+    }
+    let engine_denied: &[&[&str]] = &[
+        &["get", "secrets/capstan-webhook-tls", "-n", SYSTEM_NAMESPACE],
+        &["list", "secrets", "-n", SYSTEM_NAMESPACE],
+        &["delete", "secrets/capstan-mesh-ca", "-n", SYSTEM_NAMESPACE],
+        &["patch", "secrets/capstan-mesh-ca", "-n", SYSTEM_NAMESPACE],
+        &["create", "secrets", "-n", "default"],
+        &["get", "secrets/capstan-mesh-ca", "-n", "default"],
+        &["get", "configmaps/other", "-n", SYSTEM_NAMESPACE],
+        &["create", "serviceaccounts/token", "-n", SYSTEM_NAMESPACE],
+        &["create", "serviceaccounts/token", "-n", "default"],
+    ];
+    for args in denied.iter().chain(engine_denied) {
+        assert!(!can(engine, args), "the engine must not be able to: {args:?}");
     }
 }

@@ -1,8 +1,9 @@
 //! The intentions reconciler: validates each ServiceIntentions, decides which object is
 //! in force for its destination, and reports both in status and Events.
 //!
-//! The compiled form sidecars consume, and the scan for pods that should be meshed but
-//! are not, arrive with the mesh issue; this module is where they will live.
+//! It also reports, in status, what the validating webhook would have refused (objects
+//! created while it was absent), and (`unmeshed`) finds running pods that should be
+//! meshed but are not.
 
 use crate::{
     context::Context,
@@ -18,6 +19,7 @@ use capstan_mesh::{
     validate,
 };
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use kube::{
     Api, Resource, ResourceExt,
     api::ListParams,
@@ -30,6 +32,10 @@ use kube::{
     },
 };
 use std::{future::Future, sync::Arc, time::Duration};
+
+mod unmeshed;
+
+pub use unmeshed::register_metrics;
 
 const CONTROLLER: &str = "intentions";
 
@@ -44,6 +50,8 @@ pub mod reasons {
 pub enum Error {
     #[error("listing ServiceIntentions")]
     List(#[source] kube::Error),
+    #[error("reading the destination Service")]
+    Service(#[source] kube::Error),
     #[error(transparent)]
     Status(#[from] status::Error),
     #[error(transparent)]
@@ -54,6 +62,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::List(_) => "list",
+            Self::Service(_) => "service",
             Self::Status(status::Error::Leader(_)) | Self::Leader(_) => "not_leader",
             Self::Status(status::Error::Contended { .. }) => "status_contended",
             Self::Status(_) => "status",
@@ -71,10 +80,22 @@ impl HasStatus for ServiceIntentions {
 
 /// Runs the reconciler until `shutdown` resolves (in-flight reconciles finish first).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let shutdown = futures::FutureExt::shared(shutdown);
     let api = Api::<ServiceIntentions>::all(ctx.client.clone());
     let controller = Controller::new(api.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
     let rivals_store = store.clone();
+    // Capstan's own namespace is never meshed (the chart sets this variable).
+    let own_namespace =
+        std::env::var("CAPSTAN_CONTROLLER_NAMESPACE").unwrap_or_else(|_| "capstan-system".to_owned());
+    let unmeshed = tokio::spawn(unmeshed::run(
+        ctx.clone(),
+        store.clone(),
+        own_namespace,
+        shutdown.clone(),
+    ));
+    // Aborted with this future (the end of a leadership term aborts the whole task).
+    let _unmeshed = AbortOnDrop(unmeshed);
     controller
         // Another object's change (above all its deletion) can change this one's verdict.
         .watches(
@@ -116,7 +137,19 @@ async fn reconcile(
     let name = obj.name_any();
     let generation = obj.metadata.generation;
 
-    let problems = validate::validate(&obj.spec, &conflicts::destination(&obj).0);
+    let (destination_namespace, destination_name) = conflicts::destination(&obj);
+    let mut problems = validate::validate(&obj.spec, &destination_namespace);
+    // What the webhook refuses at the door, reported here for objects that got past it.
+    if obj.spec.sources.iter().any(|s| s.permissions.is_some())
+        && destination_name != "*"
+        && destination_namespace != "*"
+    {
+        let service = Api::<Service>::namespaced(ctx.client.clone(), &destination_namespace)
+            .get_opt(&destination_name)
+            .await
+            .map_err(Error::Service)?;
+        problems.extend(validate::l7_on_tcp(&obj.spec, service.as_ref()));
+    }
     let mut verdict = conflicts::verdict(&obj, store.state().iter().map(|o| o.as_ref()));
     if matches!(verdict, Verdict::Shadowed { .. }) {
         // The cache can still hold an object deleted while our watch was down (it is
@@ -214,4 +247,13 @@ fn error_policy(_obj: Arc<ServiceIntentions>, error: &Error, ctx: Arc<Context>) 
     }
     tracing::warn!(error = %error, source = ?std::error::Error::source(error), "Reconcile failed");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// Aborts a spawned task when dropped, so that it ends with the future that owns it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
