@@ -240,7 +240,8 @@ relaunch() {
 # Kills kube-apiserver and starts it again with the same command line, as a crash and
 # restart of the control plane would. Components that exit meanwhile (the
 # controller-manager and scheduler give up when they cannot renew their own leases) are
-# started again too. The failure tests (K2) use it.
+# started again too. The failure tests (K2, M11) use it; CAPSTAN_APISERVER_DOWNTIME=<s>
+# keeps it down that long first.
 cmd_restart_apiserver() {
   local started=$SECONDS name pid
   [ -f "$CLUSTER_DIR/pids/kube-apiserver.pid" ] || die "no cluster: run $0 up"
@@ -255,6 +256,8 @@ cmd_restart_apiserver() {
   pid=$(<"$CLUSTER_DIR/pids/kube-apiserver.pid")
   kill -KILL "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  # An outage of a chosen length (the mesh's "API server down" scenario, M11).
+  sleep "${CAPSTAN_APISERVER_DOWNTIME:-0}"
   relaunch kube-apiserver "${cwds[kube-apiserver]}" "${args[@]}"
   until kubectl_ get --raw /readyz >/dev/null 2>&1; do
     if [ $((SECONDS - started)) -gt 60 ]; then

@@ -57,6 +57,9 @@ pub enum DecidedBy {
     NoPermissionMatched { intention: String, source: usize },
     /// The request path was refused before any rule was consulted.
     InvalidPath(path::PathError),
+    /// The source has L7 permissions but the destination speaks plain TCP, where no
+    /// request can be seen: refused rather than guessed (fail closed).
+    L7OnTcpDestination { intention: String, source: usize },
 }
 
 impl fmt::Display for DecidedBy {
@@ -73,6 +76,12 @@ impl fmt::Display for DecidedBy {
                 write!(f, "{intention} sources[{source}] (no permission matched)")
             }
             Self::InvalidPath(error) => write!(f, "invalid request path: {error}"),
+            Self::L7OnTcpDestination { intention, source } => {
+                write!(
+                    f,
+                    "{intention} sources[{source}] (L7 permissions on a plain TCP destination)"
+                )
+            }
         }
     }
 }
@@ -271,6 +280,18 @@ impl Policy {
             Rule::L7(_) => ConnectionDecision::PerRequest {
                 intention: intention.key.clone(),
                 source: index,
+            },
+        }
+    }
+
+    /// The decision for a connection to a destination that speaks plain TCP: L7
+    /// permissions cannot be evaluated there, so they deny.
+    pub fn tcp_connection(&self, source: &Identity, destination: &Identity) -> Decision {
+        match self.connection(source, destination) {
+            ConnectionDecision::Decided(decision) => decision,
+            ConnectionDecision::PerRequest { intention, source } => Decision {
+                allow: false,
+                by: DecidedBy::L7OnTcpDestination { intention, source },
             },
         }
     }

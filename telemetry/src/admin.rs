@@ -42,6 +42,7 @@ impl Health {
 pub struct AdminServer {
     listener: TcpListener,
     state: Arc<AdminState>,
+    extra: Router,
 }
 
 struct AdminState {
@@ -57,7 +58,15 @@ impl AdminServer {
         Ok(Self {
             listener,
             state: Arc::new(AdminState { registry, health }),
+            extra: Router::new(),
         })
+    }
+
+    /// Adds a binary's own admin routes (the sidecar's `/ready`, say) beside
+    /// `/healthz` and `/metrics`.
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        self.extra = self.extra.merge(routes);
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -69,11 +78,12 @@ impl AdminServer {
 
     /// Serves until `shutdown` resolves.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-        tracing::info!(addr = %self.local_addr(), "Serving /healthz and /metrics");
+        tracing::info!(addr = %self.local_addr(), "Serving the admin endpoints");
         let app = Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
-            .with_state(self.state);
+            .with_state(self.state)
+            .merge(self.extra);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -15,10 +15,16 @@ pub enum LogFormat {
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoggingArgs {
     /// Log line format.
-    #[arg(long, env = "CAPSTAN_LOG_FORMAT", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAPSTAN_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
     pub log_format: LogFormat,
     /// Which events to log, in tracing's EnvFilter syntax (RUST_LOG is read too).
-    #[arg(long, env = "CAPSTAN_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "CAPSTAN_LOG", default_value = "info")]
     pub log_level: String,
 }
 

@@ -460,6 +460,7 @@ pub async fn wait_ready(
     })
     .await
 }
+pub mod netns;
 
 // === The mesh CA (capstan-engine) ===
 

@@ -9,6 +9,7 @@ use std::{
 
 async fn check_binary(
     name: &str,
+    subcommand: &[&str],
     prefix: &str,
     extra_env: &[(&str, String)],
     extra_args: &[&str],
@@ -18,6 +19,7 @@ async fn check_binary(
         let log = std::env::temp_dir().join(format!("capstan-e2e-bin-{name}-{format}.log"));
         let mut command = Command::new(bin(name));
         command
+            .args(subcommand)
             .args(["--log-format", format, "--admin-addr", &admin.to_string()])
             .args(extra_args)
             .stdout(Stdio::null())
@@ -76,12 +78,30 @@ async fn check_binary(
 
 #[tokio::test]
 async fn webhook_serves_admin_endpoints_and_stops_on_sigterm() -> anyhow::Result<()> {
-    check_binary("capstan-webhook", "capstan_webhook", &[], &[]).await
+    check_binary("capstan-webhook", &[], "capstan_webhook", &[], &[]).await
 }
 
 #[tokio::test]
 async fn sidecar_serves_admin_endpoints_and_stops_on_sigterm() -> anyhow::Result<()> {
-    check_binary("capstan-sidecar", "capstan_sidecar", &[], &[]).await
+    // The proxy serves its admin endpoints while it is still asking the CA for a
+    // certificate (here a CA that does not answer), and stops cleanly all the same.
+    check_binary(
+        "capstan-sidecar",
+        &["proxy"],
+        "capstan_sidecar",
+        &[],
+        &[
+            "--namespace",
+            "default",
+            "--service-account",
+            "default",
+            "--ca-url",
+            "https://127.0.0.1:9",
+            "--ca-bundle",
+            "not yet",
+        ],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -93,6 +113,7 @@ async fn controller_serves_admin_endpoints_and_stops_on_sigterm() -> anyhow::Res
     let env = [("KUBECONFIG", kubeconfig.to_string_lossy().into_owned())];
     check_binary(
         "capstan-controller",
+        &[],
         "capstan_controller",
         &env,
         &["--identity", "binaries"],

@@ -139,6 +139,9 @@ fn rbac_rules_are_least_privilege() {
                                     "{kind} {name} grants Secrets: {rule}"
                                 );
                             }
+                            if field == "verbs" && name.ends_with("-mesh-workloads") {
+                                assert!(["get", "list", "watch"].contains(&value), "{kind} {name}: {rule}");
+                            }
                             if field == "verbs" {
                                 assert!(
                                     !["escalate", "bind", "impersonate"].contains(&value),
@@ -148,6 +151,14 @@ fn rbac_rules_are_least_privilege() {
                         }
                     }
                     assert!(rule.get("nonResourceURLs").is_none(), "{kind} {name}: {rule}");
+                }
+            }
+            // Sidecars run as their pods' own ServiceAccounts: the one binding to a group,
+            // and only to a read-only role.
+            "ClusterRoleBinding" if name.ends_with("-mesh-workloads") => {
+                assert_eq!(object["roleRef"]["name"].as_str(), Some(name.as_str()));
+                for subject in object["subjects"].as_array().unwrap() {
+                    assert_eq!(subject["kind"], "Group", "{name}");
                 }
             }
             "ClusterRoleBinding" | "RoleBinding" => {
