@@ -192,6 +192,7 @@ impl MeshCa {
         for name in names {
             sans.push(match name.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
+                Err(_) if !is_dns_name(name) => return Err(CaError::ServingName(name.clone())),
                 Err(_) => SanType::DnsName(
                     name.clone()
                         .try_into()
@@ -274,6 +275,30 @@ impl MeshCa {
             not_after: leaf.params.not_after,
         })
     }
+}
+
+/// Checks names for `issue_serving` up front (a bad `--serving-san` fails at start).
+pub fn validate_serving_names(names: &[String]) -> Result<(), CaError> {
+    match names
+        .iter()
+        .find(|n| n.parse::<std::net::IpAddr>().is_err() && !is_dns_name(n))
+    {
+        Some(bad) => Err(CaError::ServingName(bad.clone())),
+        None => Ok(()),
+    }
+}
+
+/// A DNS name as a certificate may carry it: labels of letters, digits and '-'.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn validate_trust_domain(td: &str) -> Result<(), CaError> {
@@ -458,6 +483,80 @@ mod tests {
         assert!(matches!(
             MeshCa::generate("Bad_Domain!", DAY),
             Err(CaError::TrustDomain(_))
+        ));
+    }
+
+    #[test]
+    fn another_workloads_id_is_a_foreign_identity_naming_both() {
+        let ca = MeshCa::generate("cluster.local", DAY).unwrap();
+        let request = csr(
+            vec![uri("spiffe://cluster.local/ns/shop/sa/api")],
+            &PKCS_ECDSA_P256_SHA256,
+        );
+        let error = ca.sign(&request, &web(), DAY).unwrap_err();
+        assert_eq!(
+            error,
+            CaError::ForeignIdentity {
+                requested: "spiffe://cluster.local/ns/shop/sa/api".into(),
+                expected: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            }
+        );
+        let text = error.to_string();
+        assert!(text.contains("sa/api") && text.contains("sa/web"), "{text}");
+    }
+
+    #[test]
+    fn a_ca_loads_only_with_its_own_key() {
+        let ca = MeshCa::generate("cluster.local", DAY).unwrap();
+        let other = MeshCa::generate("cluster.local", DAY).unwrap();
+        assert_eq!(
+            MeshCa::from_pem("cluster.local", ca.certificate_pem(), &other.key_pem())
+                .err()
+                .unwrap(),
+            CaError::KeyMismatch
+        );
+        // A leaf is not a CA, even with its key.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = CertificateParams::default().self_signed(&key).unwrap();
+        assert_eq!(
+            MeshCa::from_pem("cluster.local", &leaf.pem(), &key.serialize_pem())
+                .err()
+                .unwrap(),
+            CaError::Load
+        );
+    }
+
+    #[test]
+    fn the_serving_certificate_names_dns_and_ips_and_chains_to_the_root() {
+        let ca = MeshCa::generate("cluster.local", DAY).unwrap();
+        let names = vec![
+            "capstan-engine.capstan-system.svc".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
+        let (cert_pem, key_pem) = ca.issue_serving(&names, DAY).unwrap();
+        assert!(KeyPair::from_pem(&key_pem).is_ok());
+        let (_, pem) = parse_x509_pem(cert_pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let (_, root) = parse_x509_pem(ca.certificate_pem().as_bytes()).unwrap();
+        cert.verify_signature(Some(root.parse_x509().unwrap().public_key()))
+            .unwrap();
+        let sans = &cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names;
+        assert_eq!(
+            sans,
+            &vec![
+                GeneralName::DNSName("capstan-engine.capstan-system.svc"),
+                GeneralName::IPAddress(&[127, 0, 0, 1]),
+            ]
+        );
+        assert!(cert.extended_key_usage().unwrap().unwrap().value.server_auth);
+        assert!(matches!(
+            ca.issue_serving(&["bad name!".to_owned()], DAY),
+            Err(CaError::ServingName(_))
         ));
     }
 }

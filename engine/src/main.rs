@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         args.root_ttl > args.leaf_ttl,
         "--root-ttl must be longer than --leaf-ttl"
     );
+    capstan_engine::ca::validate_serving_names(&args.serving_names()).context("--serving-san")?;
     // One crypto provider for the whole process (kube's client included).
     let _ = rustls::crypto::ring::default_provider().install_default();
 
