@@ -17,6 +17,14 @@ if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 say "building the control-plane binaries (cached after the first run)"
 "$ROOT/hack/cluster.sh" build
 
+# The mesh's data-path tests set up the transparent redirect with iptables inside their
+# network namespaces, as the injected init container does in a pod.
+if ! command -v iptables >/dev/null && [ ! -x /usr/sbin/iptables ]; then
+  say "installing iptables (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q iptables >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q iptables >/dev/null; }
+fi
+
 say "cargo fmt --check"
 cargo fmt --all --check
 say "cargo clippy"

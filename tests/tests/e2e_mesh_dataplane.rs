@@ -216,10 +216,23 @@ impl Mesh {
     /// A pod running as ServiceAccount `sa`: the application, then the sidecar (as the
     /// proxy UID, as injected), waited on until its /ready answers.
     async fn workload(&mut self, sa: &str, app: App, upstreams: &str) -> Result<Pod> {
+        self.workload_with(sa, app, upstreams, false).await
+    }
+
+    /// `transparent`: the pod gets the injected init step's redirect (iptables), the
+    /// application listens on every address, and outbound traffic needs no declaration.
+    async fn workload_with(&mut self, sa: &str, app: App, upstreams: &str, transparent: bool) -> Result<Pod> {
         self.service_account(sa).await?;
         let mut pod = self.network.pod(sa)?;
         let app_bin = bin("capstan-e2e-app");
-        let listen = format!("127.0.0.1:{APP_PORT}");
+        if transparent {
+            pod.exec(&bin("capstan-sidecar"), &["init"]).await?;
+        }
+        let listen = if transparent {
+            format!("0.0.0.0:{APP_PORT}")
+        } else {
+            format!("127.0.0.1:{APP_PORT}")
+        };
         match app {
             App::Http => {
                 pod.spawn("app", &app_bin, &["serve-http", &listen], &[], None)?;
@@ -246,6 +259,9 @@ impl Mesh {
         ];
         if !matches!(app, App::None) {
             env.push(("CAPSTAN_APP_PORT", APP_PORT.to_string()));
+        }
+        if transparent {
+            env.push(("CAPSTAN_OUTBOUND_PORT", "15001".to_owned()));
         }
         pod.spawn(
             "proxy",
@@ -967,4 +983,84 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// The transparent path: after `capstan-sidecar init` (iptables, as the injected init
+/// container runs it) a plain client dials the Service's cluster IP and is meshed with
+/// no declaration; a port the Service does not declare is refused (M18); plain text
+/// sent straight to the application's port meets the mTLS listener and is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_redirect_meshes_undeclared_clients_and_refuses_undeclared_ports() -> Result<()> {
+    if which("iptables").is_none() {
+        bail!("iptables is missing: hack/test.sh installs it (apt-get install iptables)");
+    }
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.workload_with("api", App::Http, "", true).await?;
+    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let web = mesh.workload_with("web", App::None, "", true).await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
+    )
+    .await?;
+    let services = Api::<Service>::namespaced(mesh.client.clone(), mesh.namespace());
+    let cluster_ip = services
+        .get("api")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("api has no cluster IP")?;
+    let app = bin("capstan-e2e-app");
+    let url = format!("http://{cluster_ip}:{APP_PORT}/via-cluster-ip");
+    let (web, app) = (&web, &app);
+    let ok = eventually(
+        Duration::from_secs(10),
+        "a request to the cluster IP through the redirect",
+        || {
+            let url = url.clone();
+            async move {
+                let out = web.exec(app, &["request", "GET", &url]).await.ok()?;
+                let v: Value = serde_json::from_str(out.lines().next()?).ok()?;
+                (status_of(&v) == Some(200)).then_some(v)
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        ok["body"].as_str().unwrap_or_default().ends_with("/sa/web\n"),
+        "{ok}"
+    );
+
+    // M18: the Service declares only APP_PORT.
+    let undeclared = format!("http://{cluster_ip}:{}/", APP_PORT + 1);
+    let out = web.exec(app, &["request", "GET", &undeclared]).await?;
+    let v: Value = serde_json::from_str(out.lines().next().context("no output")?)?;
+    ensure!(status_of(&v).is_none(), "an undeclared port was reachable: {v}");
+    let m = sidecar_metrics(web).await?;
+    ensure!(m.contains("result=\"refused_port\""), "{m}");
+
+    // Plain text to the application's own port, from outside the pod.
+    let out = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(api.address.into(), APP_PORT)).await?;
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n").await?;
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await??;
+    ensure!(
+        !out.contains("HTTP/1.1 200"),
+        "the application answered plain text from outside: {out}"
+    );
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.exists())
 }
