@@ -286,16 +286,48 @@ fn serviceaccounts_can_do_only_their_job() {
             "delete",
             "mutatingwebhookconfigurations.admissionregistration.k8s.io/capstan-webhook",
         ],
-        &["create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"],
-        &["list", "services", "-A"],
+        &[
+            "create",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+        ],
+        &["create", "services", "-n", "default"],
         &["get", "pods", "-n", "default"],
         &["patch", "namespaces/default"],
     ];
-    for args in allowed.iter().take(4).chain(denied).chain(webhook_denied) {
-        assert!(
-            !can(webhook, args),
-            "the webhook must not be able to: {args:?}"
-        );
+    // Every ServiceAccount may read intentions, Services and EndpointSlices (the
+    // mesh-workloads binding: sidecars run as their pods' ServiceAccounts), so the
+    // controller's read of intentions is not in this list.
+    for args in allowed.iter().skip(1).take(3).chain(denied).chain(webhook_denied) {
+        assert!(!can(webhook, args), "the webhook must not be able to: {args:?}");
+    }
+    // Any workload's ServiceAccount (its sidecar): read intentions and the service
+    // directory, nothing else.
+    let workload = |args: &[&str]| -> bool {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        all.push("--as=system:serviceaccount:default:default");
+        all.push("--as-group=system:serviceaccounts");
+        std::process::Command::new("kubectl")
+            .args(&all)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    for args in [
+        &["watch", "serviceintentions.mesh.capstan.dev", "-A"][..],
+        &["list", "endpointslices.discovery.k8s.io", "-A"],
+        &["watch", "services", "-A"],
+    ] {
+        assert!(workload(args), "a sidecar needs: {args:?}");
+    }
+    for args in [
+        &["create", "serviceintentions.mesh.capstan.dev", "-n", "default"][..],
+        &["update", "endpointslices.discovery.k8s.io", "-n", "default"],
+        &["get", "secrets", "-n", "default"],
+        &["list", "pods", "-A"],
+    ] {
+        assert!(!workload(args), "a sidecar must not be able to: {args:?}");
     }
     // The engine (mesh CA): TokenReview, its CA Secret and roots ConfigMap by name.
     let engine = "capstan-engine";

@@ -1,0 +1,347 @@
+//! A mesh for one test or benchmark: a namespace, a bridge of network-namespace pods,
+//! the real mesh CA (capstan-engine), and helpers to start workloads (the application
+//! and the real sidecar) and to publish their Services and intentions.
+
+use crate::{netns::*, *};
+use anyhow::Result;
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{ConfigMap, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+pub const APP_PORT: u16 = 8080;
+pub const INBOUND_PORT: u16 = 20000;
+pub const ADMIN_PORT: u16 = 15020;
+pub const PROXY_UID: u32 = 1337;
+
+/// One test's mesh: a namespace, a bridge, the mesh CA, and the pods started on it.
+pub struct Mesh {
+    pub client: Client,
+    pub ns: TestNamespace,
+    pub network: Network,
+    pub api: Forwarder,
+    engine: Option<Child>,
+    pub ca_url: String,
+    pub roots: String,
+    files: Vec<PathBuf>,
+}
+
+pub enum App {
+    Http,
+    TcpEcho,
+    None,
+}
+
+impl Mesh {
+    pub async fn start(leaf_ttl: &str, engine_args: &[&str]) -> Result<Self> {
+        install_chart();
+        let client = client().await;
+        let ns = TestNamespace::new(&client, "mesh").await;
+        let network = Network::create()?;
+        let api = Forwarder::start(
+            SocketAddr::new(network.gateway().into(), 0),
+            apiserver_addr()?,
+            false,
+        )
+        .await?;
+        let ca_port = free_port().port();
+        let ca_addr = SocketAddr::new(network.gateway().into(), ca_port);
+        let kubeconfig = serviceaccount_kubeconfig(&client, SYSTEM_NAMESPACE, "capstan-engine").await?;
+        let log = std::env::temp_dir().join(format!("capstan-e2e-engine-{}.log", ns.name));
+        let engine = Command::new(bin("capstan-engine"))
+            .args(["--listen", &ca_addr.to_string()])
+            .args(["--admin-addr", &free_port().to_string()])
+            .args(["--namespace", SYSTEM_NAMESPACE])
+            .args(["--serving-san", &network.gateway().to_string()])
+            .args(["--leaf-ttl", leaf_ttl])
+            .args(engine_args)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let configmaps = Api::<ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        let roots = eventually(
+            Duration::from_secs(30),
+            "the engine to publish the mesh roots",
+            || {
+                let configmaps = configmaps.clone();
+                async move {
+                    let cm = configmaps.get_opt("capstan-mesh-roots").await.ok()??;
+                    cm.data?.get("roots.pem").cloned()
+                }
+            },
+        )
+        .await?;
+        let mut mesh = Self {
+            client,
+            ns,
+            network,
+            api,
+            engine: Some(engine),
+            ca_url: format!("https://{ca_addr}"),
+            roots,
+            files: vec![kubeconfig],
+        };
+        // The CA answers on the bridge address before any sidecar is started.
+        let probe = mesh.ca_url.clone();
+        eventually(Duration::from_secs(20), "the mesh CA to listen", || {
+            let addr: SocketAddr = probe.trim_start_matches("https://").parse().unwrap();
+            async move { std::net::TcpStream::connect(addr).ok() }
+        })
+        .await?;
+        mesh.files.push(log);
+        Ok(mesh)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns.name
+    }
+
+    /// A token for `sa` from the real TokenRequest API, in a file the proxy's UID can read.
+    pub async fn token_file(&mut self, sa: &str, audience: Option<&str>) -> Result<PathBuf> {
+        let request = TokenRequest {
+            metadata: ObjectMeta::default(),
+            spec: TokenRequestSpec {
+                audiences: audience.map(|a| vec![a.to_owned()]).unwrap_or_default(),
+                expiration_seconds: Some(3600),
+                bound_object_ref: None,
+            },
+            status: None,
+        };
+        let token = Api::<ServiceAccount>::namespaced(self.client.clone(), self.namespace())
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await?
+            .status
+            .context("no token")?
+            .token;
+        let path = std::env::temp_dir().join(format!(
+            "capstan-e2e-{}-{sa}-{:08x}.token",
+            self.ns.name,
+            rand::random::<u32>()
+        ));
+        write_readable(&path, token.as_bytes())?;
+        self.files.push(path.clone());
+        Ok(path)
+    }
+
+    /// A kubeconfig for `sa` that reaches the API server through the bridge forwarder.
+    pub async fn pod_kubeconfig(&mut self, sa: &str) -> Result<PathBuf> {
+        let token = std::fs::read_to_string(self.token_file(sa, None).await?)?;
+        // Flattened: the pod's process cannot read the admin's certificate files.
+        let admin = run(
+            "kubectl",
+            &["config", "view", "--minify", "--raw", "--flatten", "-o", "json"],
+        )?;
+        let admin: Value = serde_json::from_str(&admin)?;
+        let mut cluster = admin["clusters"][0]["cluster"].clone();
+        cluster["server"] = json!(format!("https://{}", self.api.listen));
+        // The API server's certificate names "kubernetes", not the bridge address.
+        cluster["tls-server-name"] = json!("kubernetes");
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": sa}}],
+            "current-context": "c",
+        });
+        let path = std::env::temp_dir().join(format!("capstan-e2e-{}-{sa}.kubeconfig", self.ns.name));
+        write_readable(&path, &serde_json::to_vec(&config)?)?;
+        self.files.push(path.clone());
+        Ok(path)
+    }
+
+    pub async fn service_account(&self, sa: &str) -> Result<()> {
+        let api = Api::<ServiceAccount>::namespaced(self.client.clone(), self.namespace());
+        let object = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(sa.to_owned()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The Service `name` (appProtocol http or tcp on APP_PORT) and an EndpointSlice
+    /// listing `addresses`, as the endpoints controller would for running pods.
+    pub async fn publish_service(&self, name: &str, http: bool, addresses: &[IpAddr]) -> Result<()> {
+        let services = Api::<Service>::namespaced(self.client.clone(), self.namespace());
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"ports": [{"name": "app", "port": APP_PORT, "targetPort": APP_PORT,
+                                 "appProtocol": if http { "http" } else { "tcp" }}]},
+        }))?;
+        services
+            .patch(
+                name,
+                &PatchParams::apply("capstan-e2e").force(),
+                &Patch::Apply(&service),
+            )
+            .await?;
+        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), self.namespace());
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "app", "port": APP_PORT, "protocol": "TCP"}],
+            "endpoints": addresses.iter().map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+        }))?;
+        slices
+            .patch(
+                name,
+                &PatchParams::apply("capstan-e2e").force(),
+                &Patch::Apply(&slice),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A pod running as ServiceAccount `sa`: the application, then the sidecar (as the
+    /// proxy UID, as injected), waited on until its /ready answers.
+    pub async fn workload(&mut self, sa: &str, app: App, upstreams: &str) -> Result<Pod> {
+        self.workload_with(sa, app, upstreams, false).await
+    }
+
+    /// `transparent`: the pod gets the injected init step's redirect (iptables), the
+    /// application listens on every address, and outbound traffic needs no declaration.
+    pub async fn workload_with(
+        &mut self,
+        sa: &str,
+        app: App,
+        upstreams: &str,
+        transparent: bool,
+    ) -> Result<Pod> {
+        self.service_account(sa).await?;
+        let mut pod = self.network.pod(sa)?;
+        let app_bin = bin("capstan-e2e-app");
+        if transparent {
+            pod.exec(&bin("capstan-sidecar"), &["init"]).await?;
+        }
+        let listen = if transparent {
+            format!("0.0.0.0:{APP_PORT}")
+        } else {
+            format!("127.0.0.1:{APP_PORT}")
+        };
+        match app {
+            App::Http => {
+                pod.spawn("app", &app_bin, &["serve-http", &listen], &[], None)?;
+            }
+            App::TcpEcho => {
+                pod.spawn("app", &app_bin, &["serve-tcp-echo", &listen], &[], None)?;
+            }
+            App::None => {}
+        }
+        let token = self.token_file(sa, Some("capstan-mesh-ca")).await?;
+        let kubeconfig = self.pod_kubeconfig(sa).await?;
+        let mut env = vec![
+            ("KUBECONFIG", kubeconfig.to_string_lossy().into_owned()),
+            ("CAPSTAN_NAMESPACE", self.namespace().to_owned()),
+            ("CAPSTAN_SERVICE_ACCOUNT", sa.to_owned()),
+            ("CAPSTAN_POD_NAME", format!("{sa}-0")),
+            ("CAPSTAN_TOKEN_FILE", token.to_string_lossy().into_owned()),
+            ("CAPSTAN_CA_URL", self.ca_url.clone()),
+            ("CAPSTAN_CA_BUNDLE", self.roots.clone()),
+            ("CAPSTAN_UPSTREAMS", upstreams.to_owned()),
+            ("CAPSTAN_ROOTS_REFRESH", "1s".to_owned()),
+            ("CAPSTAN_LOG", "info,capstan_sidecar=debug".to_owned()),
+            ("CAPSTAN_LOG_FORMAT", "text".to_owned()),
+        ];
+        if !matches!(app, App::None) {
+            env.push(("CAPSTAN_APP_PORT", APP_PORT.to_string()));
+        }
+        if transparent {
+            env.push(("CAPSTAN_OUTBOUND_PORT", "15001".to_owned()));
+        }
+        pod.spawn(
+            "proxy",
+            &bin("capstan-sidecar"),
+            &["proxy"],
+            &env,
+            Some(PROXY_UID),
+        )?;
+        let admin = SocketAddr::new(pod.address.into(), ADMIN_PORT);
+        eventually(
+            Duration::from_secs(30),
+            &format!("{sa}'s sidecar to be ready"),
+            || async move { matches!(http_get(admin, "/ready").await, Ok((200, _))).then_some(()) },
+        )
+        .await?;
+        Ok(pod)
+    }
+
+    pub async fn apply_intention(&self, name: &str, spec: Value) -> Result<()> {
+        let api = Api::<capstan_crds::ServiceIntentions>::namespaced(self.client.clone(), self.namespace());
+        let object: capstan_crds::ServiceIntentions = serde_json::from_value(json!({
+            "apiVersion": "mesh.capstan.dev/v1alpha1", "kind": "ServiceIntentions",
+            "metadata": {"name": name}, "spec": spec,
+        }))?;
+        api.patch(
+            name,
+            &PatchParams::apply("capstan-e2e").force(),
+            &Patch::Apply(&object),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_intention(&self, name: &str) -> Result<()> {
+        Api::<capstan_crds::ServiceIntentions>::namespaced(self.client.clone(), self.namespace())
+            .delete(name, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(mut engine) = self.engine.take() {
+            let _ = engine.kill();
+            let _ = engine.wait();
+        }
+        for file in &self.files {
+            if file.extension().is_none_or(|e| e != "log") {
+                let _ = std::fs::remove_file(file);
+            }
+        }
+    }
+}
+
+pub fn write_readable(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, bytes)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    Ok(())
+}
+
+pub fn apiserver_addr() -> Result<SocketAddr> {
+    let server = run(
+        "kubectl",
+        &[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ],
+    )?;
+    let hostport = server.trim().trim_start_matches("https://");
+    hostport.parse().with_context(|| {
+        format!("the API server address {server:?} (a loopback cluster is needed to forward to)")
+    })
+}
