@@ -7,7 +7,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
  && mkdir -p /out \
- && cp target/release/capstan-controller target/release/capstan-webhook target/release/capstan-sidecar /out/
+ && cp target/release/capstan-controller target/release/capstan-webhook target/release/capstan-sidecar target/release/capstan-engine /out/
 
 # distroless/cc: glibc and libgcc for the Rust binaries, no shell, runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

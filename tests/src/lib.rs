@@ -41,7 +41,9 @@ pub fn bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(name);
+    // The benchmarks run release builds (CAPSTAN_BIN_PROFILE=release).
+    let profile = std::env::var("CAPSTAN_BIN_PROFILE").unwrap_or_else(|_| "debug".to_owned());
+    let path = target.join(profile).join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace` first",
@@ -145,7 +147,7 @@ impl Drop for TestNamespace {
 }
 
 /// Installs (or upgrades) the chart once per test process, as release `capstan` in
-/// `capstan-system`. Its controller and webhook Deployments are scaled to zero: the
+/// `capstan-system`. Its controller, webhook and engine Deployments are scaled to zero: the
 /// tests run those binaries themselves, out of the cluster, so that they can kill,
 /// pause and restart them; on a cluster with real nodes (kind) in-cluster replicas
 /// would otherwise compete for the Lease.
@@ -167,6 +169,8 @@ pub fn install_chart() {
                 "controller.replicas=0",
                 "--set",
                 "webhook.replicas=0",
+                "--set",
+                "engine.replicas=0",
                 "--wait",
                 "--timeout",
                 "120s",
