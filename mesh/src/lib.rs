@@ -7,6 +7,7 @@ pub mod decide;
 pub mod in_force;
 pub mod injection;
 pub mod path;
+pub mod understood;
 pub mod svid;
 pub mod validate;
 

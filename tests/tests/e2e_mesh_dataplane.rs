@@ -737,3 +737,72 @@ fn which(program: &str) -> Option<PathBuf> {
         .map(|d| std::path::Path::new(d).join(program))
         .find(|p| p.exists())
 }
+
+/// M14: a newer control plane's CRD adds a match condition this sidecar does not know;
+/// an allow rule using it must not turn into "always match": the sidecar denies by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_with_a_condition_the_sidecar_does_not_know_denies() -> Result<()> {
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let http_properties = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/sources/items/properties/permissions/items/properties/http/properties";
+    let crd = "customresourcedefinition/serviceintentions.mesh.capstan.dev";
+    let add = json!([{"op": "add", "path": format!("{http_properties}/queryParam"), "value": {
+        "type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    }}]);
+    run("kubectl", &["patch", crd, "--type=json", "-p", &add.to_string()])?;
+    let restore = json!([{"op": "remove", "path": format!("{http_properties}/queryParam")}]);
+    let result = async {
+        // The sidecars start after the upgrade: a watch opened before a CRD change is
+        // served objects pruned to the old schema until it is re-established.
+        let api = mesh.workload("api", App::Http, "").await?;
+        mesh.publish_service("api", true, &[api.address.into()]).await?;
+        let web = mesh.workload("web", App::None, "api:9090").await?;
+        let spec = json!({"destination": {"name": "api"}, "sources": [{"name": "web", "permissions": [
+            {"action": "allow", "http": {"pathPrefix": "/public", "queryParam": [{"name": "debug", "exact": "0"}]}},
+        ]}]});
+        // Applied until the API server keeps the new field (its schema cache follows the
+        // CRD within moments).
+        let client = mesh.client.clone();
+        let ns = mesh.namespace().to_owned();
+        // kubectl sends the object as written (a typed client would drop the field).
+        let object = json!({"apiVersion": "mesh.capstan.dev/v1alpha1", "kind": "ServiceIntentions",
+            "metadata": {"name": "api", "namespace": ns}, "spec": spec});
+        eventually(Duration::from_secs(10), "the new field to be stored", || {
+            let (client, ns, object) = (client.clone(), ns.clone(), object.to_string());
+            async move {
+                let (ok, _) = kubectl_stdin(&["apply", "-f", "-"], &object);
+                ok.then_some(())?;
+                let raw = Api::<kube::api::DynamicObject>::namespaced_with(
+                    client,
+                    &ns,
+                    &kube::api::ApiResource::erase::<capstan_crds::ServiceIntentions>(&()),
+                )
+                .get("api")
+                .await
+                .ok()?;
+                raw.data["spec"]["sources"][0]["permissions"][0]["http"].get("queryParam").map(|_| ())
+            }
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let v = request(&web, "GET", 9090, "/public", &[]).await?;
+        ensure!(status_of(&v) == Some(403), "an allow with an unknown condition allowed: {v}");
+        // Without the unknown condition the same rule allows: the denial was the field's.
+        mesh.apply_intention("api", json!({"destination": {"name": "api"}, "sources": [{"name": "web", "permissions": [
+            {"action": "allow", "http": {"pathPrefix": "/public"}}]}]}))
+            .await?;
+        let web = &web;
+        eventually(Duration::from_secs(5), "the plain rule to allow", || async move {
+            request(web, "GET", 9090, "/public", &[]).await.ok().filter(|v| status_of(v) == Some(200))
+        })
+        .await?;
+        let logs = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-proxy.log", api.netns)))?;
+        ensure!(logs.contains("queryParam"), "the sidecar logs what it did not understand");
+        anyhow::Ok(())
+    }
+    .await;
+    run(
+        "kubectl",
+        &["patch", crd, "--type=json", "-p", &restore.to_string()],
+    )?;
+    result
+}

@@ -5,10 +5,11 @@
 
 use super::metrics::Metrics;
 use capstan_crds::ServiceIntentions;
-use capstan_mesh::Policy;
+use capstan_mesh::{Policy, understood};
 use futures::StreamExt as _;
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt as _,
+    api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use std::sync::Arc;
@@ -22,8 +23,12 @@ pub async fn watch(
     synced: watch::Sender<bool>,
     metrics: Metrics,
 ) {
-    let api: Api<ServiceIntentions> = Api::all(client);
-    let (reader, writer) = reflector::store();
+    // Raw objects: a field a newer Capstan added must make its rule deny, not vanish in
+    // decoding (M14), so decoding happens here, through `understood`.
+    let resource = ApiResource::erase::<ServiceIntentions>(&());
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let writer = reflector::store::Writer::new(resource.clone());
+    let reader = writer.as_reader();
     let events = watcher(api, watcher::Config::default())
         .backoff(super::directory::WatchBackoff::default())
         .reflect(writer);
@@ -41,10 +46,34 @@ pub async fn watch(
                 continue;
             }
         }
-        let objects: Vec<ServiceIntentions> = reader.state().iter().map(|o| (**o).clone()).collect();
+        let objects: Vec<ServiceIntentions> = reader.state().iter().filter_map(|o| decode(o)).collect();
         let compiled = Policy::compile(&objects, default_allow);
         metrics.intentions_updates.inc();
         tracing::debug!(objects = objects.len(), "Intentions recompiled");
         policy.send_replace(Arc::new(compiled));
+    }
+}
+
+fn decode(object: &DynamicObject) -> Option<ServiceIntentions> {
+    let key = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+    let raw = match serde_json::to_value(object) {
+        Ok(raw) => raw,
+        Err(error) => {
+            tracing::warn!(intention = %key, %error, "Ignoring an unreadable ServiceIntentions");
+            return None;
+        }
+    };
+    match understood::decode(raw) {
+        Ok((decoded, notes)) => {
+            for note in &notes.0 {
+                tracing::warn!(intention = %key, "{note} (written by a newer Capstan?)");
+            }
+            Some(decoded)
+        }
+        // Its destination cannot even be read: it names no one, so it allows no one.
+        Err(error) => {
+            tracing::warn!(intention = %key, %error, "Ignoring an unreadable ServiceIntentions");
+            None
+        }
     }
 }
