@@ -132,6 +132,25 @@ async fn allowed_traffic_is_mtls_on_the_wire_and_default_is_deny() -> Result<()>
     })
     .await?;
     ensure!(metrics.contains("result=\"allowed\""), "{metrics}");
+
+    // M19: the admin port (reachable by the application and the kubelet) has no
+    // shutdown, config or certificate dumps, and its metrics hold no key material.
+    let admin = SocketAddr::new(api.address.into(), ADMIN_PORT);
+    for path in [
+        "/config_dump",
+        "/quitquitquit",
+        "/certs",
+        "/debug/pprof",
+        "/shutdown",
+        "/app-health/x/livez",
+    ] {
+        let (code, _) = http_get(admin, path).await?;
+        ensure!(code == 404, "{path} answered {code}");
+    }
+    ensure!(
+        !metrics.contains("PRIVATE KEY") && !metrics.contains("BEGIN CERTIFICATE"),
+        "key material in metrics"
+    );
     Ok(())
 }
 
