@@ -40,6 +40,9 @@ pub struct Mesh {
 
 pub enum App {
     Http,
+    /// The HTTP application listening on every address without a redirect: only the
+    /// benchmark's direct baseline uses it.
+    HttpOpen,
     TcpEcho,
     None,
 }
@@ -64,7 +67,12 @@ impl Mesh {
             .args(["--listen", &ca_addr.to_string()])
             .args(["--admin-addr", &free_port().to_string()])
             .args(["--namespace", SYSTEM_NAMESPACE])
-            .args(["--serving-san", &network.gateway().to_string()])
+            .args([
+                "--serving-san",
+                &network.gateway().to_string(),
+                "--serving-san",
+                "127.0.0.1",
+            ])
             .args(["--leaf-ttl", leaf_ttl])
             .args(engine_args)
             .env("KUBECONFIG", &kubeconfig)
@@ -242,6 +250,15 @@ impl Mesh {
             App::Http => {
                 pod.spawn("app", &app_bin, &["serve-http", &listen], &[], None)?;
             }
+            App::HttpOpen => {
+                pod.spawn(
+                    "app",
+                    &app_bin,
+                    &["serve-http", &format!("0.0.0.0:{APP_PORT}")],
+                    &[],
+                    None,
+                )?;
+            }
             App::TcpEcho => {
                 pod.spawn("app", &app_bin, &["serve-tcp-echo", &listen], &[], None)?;
             }
@@ -283,6 +300,43 @@ impl Mesh {
         )
         .await?;
         Ok(pod)
+    }
+
+    /// A mesh certificate for `sa`, issued by the CA for a TokenRequest token, for a
+    /// test client that speaks to sidecars directly: (certificate chain, key).
+    pub async fn issue_identity(
+        &mut self,
+        sa: &str,
+    ) -> Result<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        self.service_account(sa).await?;
+        let token = std::fs::read_to_string(self.token_file(sa, Some("capstan-mesh-ca")).await?)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        let id = format!("spiffe://cluster.local/ns/{}/sa/{sa}", self.namespace());
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into()?)];
+        let csr = params.serialize_request(&key)?.pem()?;
+        let addr: SocketAddr = self.ca_url.trim_start_matches("https://").parse()?;
+        let body = json!({ "csr": csr }).to_string();
+        let (code, response) = https_json(
+            addr,
+            &self.roots,
+            "POST",
+            "/v1/mesh/sign",
+            Some(&token),
+            Some(&body),
+        )
+        .await?;
+        anyhow::ensure!(code == 200, "the CA answered {code}: {response}");
+        let cert =
+            CertificateDer::from_pem_slice(response["certificate"].as_str().unwrap_or_default().as_bytes())?;
+        Ok((
+            vec![cert],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        ))
     }
 
     pub async fn apply_intention(&self, name: &str, spec: Value) -> Result<()> {

@@ -825,3 +825,126 @@ async fn a_rule_with_a_condition_the_sidecar_does_not_know_denies() -> Result<()
     )?;
     result
 }
+
+/// M20: malformed HTTP/1 and HTTP/2 from an authenticated peer (a valid mesh
+/// certificate, so the bytes reach the HTTP layer): bad request targets, huge headers,
+/// garbage frames and a rapid-reset burst. No crash, no authorization bypass, and the
+/// sidecar answers normal requests afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_from_a_meshed_peer_is_contained() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.workload("api", App::Http, "").await?;
+    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [{"name": "tester", "permissions": [
+            {"action": "allow", "http": {"pathPrefix": "/public"}}]}]}),
+    )
+    .await?;
+    let identity = mesh.issue_identity("tester").await?;
+    let target = SocketAddr::new(api.address.into(), INBOUND_PORT);
+    let connect = || async {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer))
+            .with_client_auth_cert(identity.0.clone(), identity.1.clone_key())?;
+        let tcp = tokio::net::TcpStream::connect(target).await?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from("capstan.mesh")?, tcp)
+            .await?;
+        anyhow::Ok(tls)
+    };
+    // Sends raw bytes, returns what came back before the sidecar closed or went quiet.
+    let exchange = |bytes: Vec<u8>| async move {
+        let mut tls = connect().await?;
+        let _ = tls.write_all(&bytes).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tls.read_to_end(&mut answer)).await;
+        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let status = |answer: &str| {
+        answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+    };
+
+    // eventually: the intention reaches the sidecar.
+    eventually(Duration::from_secs(5), "the tester's allow", || async {
+        let a = exchange(b"GET /public HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n".to_vec())
+            .await
+            .ok()?;
+        (status(&a) == Some(200)).then_some(())
+    })
+    .await?;
+    for (what, request) in [
+        (
+            "a relative target",
+            "GET admin HTTP/1.1\r\nhost: api\r\n\r\n".to_owned(),
+        ),
+        (
+            "an invalid escape",
+            "GET /public/%zz HTTP/1.1\r\nhost: api\r\n\r\n".to_owned(),
+        ),
+        (
+            "an encoded slash",
+            "GET /public/..%2Fadmin HTTP/1.1\r\nhost: api\r\n\r\n".to_owned(),
+        ),
+        (
+            "dot segments out of the prefix",
+            "GET /public/../admin HTTP/1.1\r\nhost: api\r\n\r\n".to_owned(),
+        ),
+        (
+            "an absolute-form target",
+            "GET http://api/admin HTTP/1.1\r\nhost: api\r\n\r\n".to_owned(),
+        ),
+        (
+            "a space in the path",
+            "GET /public/a b HTTP/1.1\r\nhost: api\r\n\r\n".to_owned(),
+        ),
+        (
+            "a 100 KiB header",
+            format!(
+                "GET /public HTTP/1.1\r\nhost: api\r\nx-big: {}\r\n\r\n",
+                "a".repeat(100 * 1024)
+            ),
+        ),
+        ("garbage", "\u{0}\u{1}\u{2}GARBAGE\r\n\r\n".to_owned()),
+    ] {
+        let answer = exchange(request.into_bytes()).await?;
+        ensure!(status(&answer) != Some(200), "{what} was allowed: {answer}");
+    }
+    // HTTP/2: the connection preface, then frames that make no sense.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let mut garbage = preface.clone();
+    garbage.extend_from_slice(&settings);
+    garbage.extend_from_slice(&[0, 0, 8, 0xff, 0xff, 0, 0, 0, 7, 1, 2, 3, 4, 5, 6, 7, 8]);
+    garbage.extend_from_slice(&[0, 0, 3, 1, 5, 0, 0, 0, 2, 0x82, 0x86, 0x84]); // even stream id from a client
+    let _ = exchange(garbage).await?;
+    // A rapid-reset burst: HEADERS (GET /) then RST_STREAM(CANCEL) on 2,000 streams.
+    let mut burst = preface;
+    burst.extend_from_slice(&settings);
+    for i in 0..2000u32 {
+        let id = (2 * i + 1).to_be_bytes();
+        burst.extend_from_slice(&[0, 0, 3, 1, 5, id[0] & 0x7f, id[1], id[2], id[3], 0x82, 0x86, 0x84]);
+        burst.extend_from_slice(&[0, 0, 4, 3, 0, id[0] & 0x7f, id[1], id[2], id[3], 0, 0, 0, 8]);
+    }
+    let answer = exchange(burst).await?;
+    ensure!(
+        answer.len() < 1 << 20,
+        "the burst was answered with {} bytes",
+        answer.len()
+    );
+    // Still serving, still deciding.
+    let ok = exchange(b"GET /public HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n".to_vec()).await?;
+    ensure!(status(&ok) == Some(200), "the sidecar stopped serving: {ok}");
+    let denied = exchange(b"GET /admin HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n".to_vec()).await?;
+    ensure!(status(&denied) == Some(403), "{denied}");
+    let (code, _) = http_get(SocketAddr::new(api.address.into(), ADMIN_PORT), "/healthz").await?;
+    ensure!(code == 200, "healthz {code}");
+    Ok(())
+}
