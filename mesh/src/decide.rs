@@ -385,7 +385,16 @@ fn compile_header(h: &HttpHeaderMatch) -> HeaderMatch {
     } else if let Some(suffix) = &h.suffix {
         ValueMatch::Suffix(suffix.clone())
     } else if let Some(pattern) = &h.regex {
-        regex(pattern).map_or(ValueMatch::Broken, ValueMatch::Regex)
+        // Host names compare case-insensitively (M4), patterns included: the value is
+        // lower-cased below, so an upper-case letter in a case-sensitive pattern would
+        // never match and a deny rule on it would never hold.
+        let host = h.name.eq_ignore_ascii_case("host") || h.name.eq_ignore_ascii_case(":authority");
+        let pattern = if host {
+            format!("(?i:{pattern})")
+        } else {
+            pattern.clone()
+        };
+        regex(&pattern).map_or(ValueMatch::Broken, ValueMatch::Regex)
     } else {
         ValueMatch::Present
     };
@@ -406,8 +415,25 @@ impl Permission {
             PathMatch::Broken => !self.allow,
         };
         path_matches
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m == request.method))
+            && (self.methods.is_empty()
+                || self
+                    .methods
+                    .iter()
+                    .any(|m| self.method_matches(m, request.method)))
             && self.headers.iter().all(|h| h.holds(request, self.allow))
+    }
+}
+
+impl Permission {
+    /// Methods are case-sensitive tokens (RFC 9110), but some applications upper-case
+    /// what they receive; judged pessimistically, so case never widens access: an allow
+    /// rule matches only the exact method, a deny rule any case of it.
+    fn method_matches(&self, rule: &str, method: &str) -> bool {
+        if self.allow {
+            rule == method
+        } else {
+            rule.eq_ignore_ascii_case(method)
+        }
     }
 }
 
