@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs Capstan against the cluster KUBECONFIG names, or against a local control plane it
-# starts when there is none: installs the chart (CRDs, RBAC, ServiceAccounts), runs
-# capstan-controller with the chart's own ServiceAccount token, applies examples/, and
-# prints what to try. Ctrl-C stops the controller (the local cluster stays up;
+# starts when there is none: installs the chart (CRDs, RBAC, ServiceAccounts, webhook
+# configurations), runs capstan-controller, capstan-engine (the mesh CA) and
+# capstan-webhook here, each with its chart ServiceAccount's own token, applies examples/,
+# and prints what to try. Ctrl-C stops them (the local cluster stays up;
 # `hack/cluster.sh down` stops it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,27 +19,43 @@ say "installing the chart into $ns"
 # The controller runs here, out of the cluster, so the chart's own Deployments start
 # with no replicas; on a cluster that has the image (see README, kind), leave them on.
 helm upgrade --install capstan charts/capstan --namespace "$ns" --create-namespace \
-  --set controller.replicas=0 --set webhook.replicas=0 --wait --timeout 120s >/dev/null
+  --set controller.replicas=0 --set webhook.replicas=0 --set engine.replicas=0 \
+  --wait --timeout 120s >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
-# The controller acts with exactly the chart's RBAC: a token of its ServiceAccount.
-sa_config=$CACHE/capstan-controller.kubeconfig
-kubectl config view --minify --raw >"$sa_config"
-token=$(kubectl create token capstan-controller -n "$ns" --duration=24h)
-kubectl --kubeconfig "$sa_config" config set-credentials capstan-controller --token="$token" >/dev/null
-kubectl --kubeconfig "$sa_config" config set-context --current --user=capstan-controller >/dev/null
-
-say "starting capstan-controller (logs: .cache/capstan-controller.log)"
-KUBECONFIG=$sa_config CAPSTAN_LOG_FORMAT=text target/debug/capstan-controller \
-  --namespace "$ns" --lease-name capstan-controller --admin-addr 127.0.0.1:8080 \
-  >"$CACHE/capstan-controller.log" 2>&1 &
-controller=$!
-trap 'kill -TERM $controller 2>/dev/null; wait $controller 2>/dev/null; say "controller stopped"' EXIT INT TERM
+# Each process acts with exactly the chart's RBAC: a token of its own ServiceAccount.
+sa_kubeconfig() {
+  local sa=$1 config=$CACHE/$1.kubeconfig
+  kubectl config view --minify --raw >"$config"
+  kubectl --kubeconfig "$config" config set-credentials "$sa" \
+    --token="$(kubectl create token "$sa" -n "$ns" --duration=24h)" >/dev/null
+  kubectl --kubeconfig "$config" config set-context --current --user="$sa" >/dev/null
+  echo "$config"
+}
+pids=()
+stop_all() {
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  say "stopped"
+}
+trap stop_all EXIT INT TERM
+start() {
+  local name=$1; shift
+  say "starting $name (logs: .cache/$name.log)"
+  KUBECONFIG=$(sa_kubeconfig "$name") CAPSTAN_LOG_FORMAT=text "target/debug/$name" "$@" \
+    >"$CACHE/$name.log" 2>&1 &
+  pids+=($!)
+}
+start capstan-controller --namespace "$ns" --lease-name capstan-controller --admin-addr 127.0.0.1:8080
+start capstan-engine --namespace "$ns" --listen 127.0.0.1:8200 --admin-addr 127.0.0.1:8082
+start capstan-webhook --namespace "$ns" --listen 127.0.0.1:8443 --admin-addr 127.0.0.1:8081 \
+  --external-url https://127.0.0.1:8443 --ca-url https://127.0.0.1:8200
+controller=${pids[0]}
 
 kubectl apply -f examples/ >/dev/null
 for name in api db; do
   if ! kubectl wait --for=condition=Ready "serviceintentions/$name" -n shop --timeout=60s >/dev/null; then
-    tail -n 30 "$CACHE/capstan-controller.log" >&2
+    tail -n 30 "$CACHE/capstan-controller.log" "$CACHE/capstan-engine.log" "$CACHE/capstan-webhook.log" >&2
     exit 1
   fi
 done
@@ -58,7 +75,18 @@ Capstan is running. Try, in another shell:
   target/debug/capstan intentions check admin api -n shop --path /admin --method POST
                                                    # what would the sidecar decide, and by which rule?
   curl -s localhost:8080/metrics | grep capstan_   # the controller's metrics
+  kubectl get configmap capstan-mesh-roots -n $ns -o jsonpath='{.data.roots\.pem}'
+                                                   # the mesh CA's trust bundle (capstan-engine)
+  kubectl label namespace shop capstan.dev/mesh=enabled
+  kubectl run web -n shop --image=nginx --dry-run=server -o yaml
+                                                   # the webhook injects the mTLS sidecar
+  kubectl apply -f - <<<'{"apiVersion":"mesh.capstan.dev/v1alpha1","kind":"ServiceIntentions",
+    "metadata":{"name":"bad","namespace":"shop"},"spec":{"destination":{"name":"x"},
+    "sources":[{"name":"a","action":"allow"},{"name":"a","action":"deny"}]}}'
+                                                   # refused at the door: duplicate source
 
-Ctrl-C stops the controller. hack/cluster.sh down stops the local cluster, if one was started.
+The sidecar's data path (mTLS, intentions) runs in tests/tests/e2e_mesh_dataplane.rs:
+pods as network namespaces; see README "Mesh".
+Ctrl-C stops Capstan's processes. hack/cluster.sh down stops the local cluster, if one was started.
 HELP
-wait $controller
+wait "$controller"
