@@ -29,23 +29,10 @@ pub const SOURCE_HEADER: &str = "x-capstan-source";
 type Body = BoxBody<Bytes, hyper::Error>;
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, app_port: u16) {
-    let mut shutdown = shared.shutdown.subscribe();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                tokio::spawn(handle(shared.clone(), tcp, peer, app_port));
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Accepting an inbound connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(shared, listener, "inbound", move |shared, tcp, peer| {
+        handle(shared, tcp, peer, app_port)
+    })
+    .await;
 }
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app_port: u16) {

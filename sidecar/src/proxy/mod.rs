@@ -94,6 +94,32 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Accepts connections until shutdown, each handled on its own task.
+async fn accept_loop<F, Fut>(shared: Arc<Shared>, listener: TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(Arc<Shared>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(handle(shared.clone(), tcp, peer));
+            }
+            Err(error) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                tracing::warn!(%error, "Accepting an {what} connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// A short, stable reason for a failed handshake: a metric label and a log field.
 fn handshake_reason(error: &std::io::Error) -> &'static str {
     use rustls::{AlertDescription, CertificateError, Error};

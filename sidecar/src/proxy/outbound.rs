@@ -32,23 +32,10 @@ pub enum Route {
 }
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, route: Route) {
-    let mut shutdown = shared.shutdown.subscribe();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        match accepted {
-            Ok((tcp, _)) => {
-                let _ = tcp.set_nodelay(true);
-                tokio::spawn(handle(shared.clone(), tcp, route.clone()));
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Accepting an outbound connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(shared, listener, "outbound", move |shared, tcp, _| {
+        handle(shared, tcp, route.clone())
+    })
+    .await;
 }
 
 async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
