@@ -7,8 +7,8 @@ pub mod decide;
 pub mod in_force;
 pub mod injection;
 pub mod path;
-pub mod understood;
 pub mod svid;
+pub mod understood;
 pub mod validate;
 
 pub use decide::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request, compile_pattern};

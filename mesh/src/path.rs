@@ -68,8 +68,13 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
         } else if b.is_ascii_control() || b == b' ' {
             return Err(PathError::Invalid);
         } else {
-            // Multi-byte UTF-8 is passed through whole.
+            // Multi-byte UTF-8 is passed through whole, but never a control character
+            // (C1, U+0080..U+009F: found by fuzzing; HTTP parsers refuse raw non-ASCII,
+            // the CLI's --path does not).
             let ch = path[i..].chars().next().expect("in bounds");
+            if ch.is_control() {
+                return Err(PathError::Invalid);
+            }
             out.push(ch);
             i += ch.len_utf8();
         }
