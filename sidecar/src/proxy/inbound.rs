@@ -46,7 +46,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app_port:
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             let reason = super::handshake_reason(&error);
-            tracing::info!(%peer, reason, error = %error, "Inbound TLS handshake refused");
+            tracing::info!(%peer, reason, error = super::handshake_error_text(&error), "Inbound TLS handshake refused");
             shared
                 .metrics
                 .handshake_failures

@@ -120,6 +120,15 @@ where
     }
 }
 
+/// What a failed handshake's error says, for the log line: the SVID rule a certificate
+/// broke when that was the reason (M7: "reason logged").
+fn handshake_error_text(error: &std::io::Error) -> String {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .map_or_else(|| error.to_string(), capstan_mesh::svid::describe_tls_error)
+}
+
 /// A short, stable reason for a failed handshake: a metric label and a log field.
 fn handshake_reason(error: &std::io::Error) -> &'static str {
     use rustls::{AlertDescription, CertificateError, Error};

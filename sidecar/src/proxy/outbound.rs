@@ -123,7 +123,7 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
             }
             Ok(Err(error)) => {
                 let reason = super::handshake_reason(&error);
-                tracing::warn!(%destination, %address, reason, %error, "Outbound TLS handshake failed");
+                tracing::warn!(%destination, %address, reason, error = super::handshake_error_text(&error), "Outbound TLS handshake failed");
                 shared
                     .metrics
                     .handshake_failures
