@@ -906,3 +906,243 @@ pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 pub mod mesh;
+
+// === The admission webhook (capstan-webhook) ===
+
+/// The chart's webhook ServiceAccount, webhook configurations and certificate Secret.
+pub const WEBHOOK_SA: &str = "capstan-webhook";
+pub const WEBHOOK_CONFIG: &str = "capstan-webhook";
+pub const WEBHOOK_TLS_SECRET: &str = "capstan-webhook-tls";
+/// The ConfigMap the engine publishes the mesh roots in (the webhook copies them).
+pub const WEBHOOK_ROOTS_CONFIGMAP: &str = "capstan-mesh-roots";
+
+/// A capstan-webhook process out of the cluster, as the chart's ServiceAccount, serving
+/// on 127.0.0.1 and pointing the chart's webhook configurations at itself by URL.
+/// Dropping it stops the process and points the configurations back at the Service
+/// (as the chart has them), so a later `helm upgrade` finds the chart's own objects.
+pub struct WebhookProcess {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl WebhookProcess {
+    pub async fn start(client: &Client, extra: &[&str]) -> Result<Self> {
+        install_chart();
+        ensure_mesh_roots(client).await?;
+        let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, WEBHOOK_SA).await?;
+        let addr = free_port();
+        let admin = free_port();
+        let url = format!("https://{addr}");
+        let log = std::env::temp_dir().join(format!("capstan-e2e-webhook-{}.log", addr.port()));
+        let child = Command::new(bin("capstan-webhook"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("CAPSTAN_LOG", "info,capstan_webhook=debug")
+            .args([
+                "--log-format",
+                "json",
+                "--listen",
+                &addr.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+                "--external-url",
+                &url,
+                "--namespace",
+                SYSTEM_NAMESPACE,
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting capstan-webhook")?;
+        let process = Self {
+            addr,
+            admin,
+            log,
+            child,
+        };
+        let configs = Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+            client.clone(),
+        );
+        let expected = format!("{url}/mutate-pods");
+        eventually(Duration::from_secs(30), "the webhook to point its configuration at itself", || {
+            let configs = configs.clone();
+            let expected = expected.clone();
+            async move {
+                let config = configs.get(WEBHOOK_CONFIG).await.ok()?;
+                config
+                    .webhooks?
+                    .iter()
+                    .all(|w| {
+                        w.client_config.url.as_deref() == Some(expected.as_str())
+                            && w.client_config.ca_bundle.is_some()
+                    })
+                    .then_some(())
+            }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
+        // The API server follows configuration changes through a watch: wait until it
+        // calls this process before handing it to the test.
+        let probe = TestNamespace::new(client, "e2e-whready").await;
+        label_meshed(client, &probe.name).await?;
+        eventually(Duration::from_secs(30), "the API server to call the webhook", || async {
+            let pod = dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({}))).await.ok()?;
+            is_injected(&pod).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        run("kill", &[&format!("-{signal}"), &self.pid()]).expect("signalling the webhook");
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin, "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body)
+    }
+}
+
+impl Drop for WebhookProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.pid()]).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        restore_webhook_service_refs();
+    }
+}
+
+/// Points the chart's webhook configurations back at the webhook Service, as the chart
+/// renders them (an out-of-cluster webhook replaced that with its URL).
+pub fn restore_webhook_service_refs() {
+    let service = |path: &str| {
+        serde_json::json!({"url": null, "service": {
+            "name": WEBHOOK_CONFIG, "namespace": SYSTEM_NAMESPACE, "path": path, "port": 443,
+        }})
+    };
+    let mutating = serde_json::json!({"webhooks": [
+        {"name": "namespaces.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
+        {"name": "pods.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
+    ]});
+    let validating = serde_json::json!({"webhooks": [
+        {"name": "serviceintentions.validate.capstan.dev", "clientConfig": service("/validate-serviceintentions")},
+    ]});
+    for (kind, patch) in [
+        ("mutatingwebhookconfiguration", mutating),
+        ("validatingwebhookconfiguration", validating),
+    ] {
+        let _ = Command::new("kubectl")
+            .args(["patch", kind, WEBHOOK_CONFIG, "--type=strategic", "-p", &patch.to_string()])
+            .output();
+    }
+}
+
+/// The mesh roots the webhook copies into proxies. capstan-engine publishes them; where
+/// it has not (this suite runs the webhook alone), a CA certificate stands in, created
+/// only if the ConfigMap is absent so real roots are never overwritten.
+pub async fn ensure_mesh_roots(client: &Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api = Api::<ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    if api.get_opt(WEBHOOK_ROOTS_CONFIGMAP).await?.is_some() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("capstan-e2e-roots-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    let (key, cert) = (dir.join("key.pem"), dir.join("roots.pem"));
+    run(
+        "openssl",
+        &[
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+            "-subj", "/CN=capstan-e2e-mesh-root", "-keyout", key.to_str().unwrap(), "-out",
+            cert.to_str().unwrap(),
+        ],
+    )?;
+    let configmap = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(WEBHOOK_ROOTS_CONFIGMAP.into()),
+            ..Default::default()
+        },
+        data: Some([("roots.pem".to_owned(), std::fs::read_to_string(&cert)?)].into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &configmap).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Labels a namespace `capstan.dev/mesh=enabled`.
+pub async fn label_meshed(client: &Client, namespace: &str) -> Result<()> {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            namespace,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {"capstan.dev/mesh": "enabled"}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A pod with one app container serving HTTP on a named port, with an HTTP liveness
+/// probe on it and a TCP readiness probe.
+pub fn app_pod(name: &str, annotations: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"containers": [{
+            "name": "app",
+            "image": "registry.example/app:1",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+            "readinessProbe": {"tcpSocket": {"port": 8080}},
+        }]},
+    }))
+    .expect("a valid pod")
+}
+
+/// Creates a pod with server-side dry run: admission runs (webhooks included), nothing
+/// is stored; returns the pod as admission left it.
+pub async fn dry_run_pod(
+    client: &Client,
+    namespace: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<k8s_openapi::api::core::v1::Pod, kube::Error> {
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Api::namespaced(client.clone(), namespace).create(&params, pod).await
+}
+
+/// Whether a pod carries the mesh proxy as a native sidecar.
+pub fn is_injected(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.name == "capstan-proxy" && c.restart_policy.as_deref() == Some("Always"))
+        })
+}
+
+/// The value of one labelled metric line, e.g. `name{namespace="x"}`.
+pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+pub mod mesh;
