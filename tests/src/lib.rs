@@ -726,31 +726,41 @@ impl WebhookProcess {
             client.clone(),
         );
         let expected = format!("{url}/mutate-pods");
-        eventually(Duration::from_secs(30), "the webhook to point its configuration at itself", || {
-            let configs = configs.clone();
-            let expected = expected.clone();
-            async move {
-                let config = configs.get(WEBHOOK_CONFIG).await.ok()?;
-                config
-                    .webhooks?
-                    .iter()
-                    .all(|w| {
-                        w.client_config.url.as_deref() == Some(expected.as_str())
-                            && w.client_config.ca_bundle.is_some()
-                    })
-                    .then_some(())
-            }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the webhook to point its configuration at itself",
+            || {
+                let configs = configs.clone();
+                let expected = expected.clone();
+                async move {
+                    let config = configs.get(WEBHOOK_CONFIG).await.ok()?;
+                    config
+                        .webhooks?
+                        .iter()
+                        .all(|w| {
+                            w.client_config.url.as_deref() == Some(expected.as_str())
+                                && w.client_config.ca_bundle.is_some()
+                        })
+                        .then_some(())
+                }
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
         // The API server follows configuration changes through a watch: wait until it
         // calls this process before handing it to the test.
         let probe = TestNamespace::new(client, "e2e-whready").await;
         label_meshed(client, &probe.name).await?;
-        eventually(Duration::from_secs(30), "the API server to call the webhook", || async {
-            let pod = dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({}))).await.ok()?;
-            is_injected(&pod).then_some(())
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the API server to call the webhook",
+            || async {
+                let pod = dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({})))
+                    .await
+                    .ok()?;
+                is_injected(&pod).then_some(())
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
         Ok(process)
@@ -804,7 +814,14 @@ pub fn restore_webhook_service_refs() {
         ("validatingwebhookconfiguration", validating),
     ] {
         let _ = Command::new("kubectl")
-            .args(["patch", kind, WEBHOOK_CONFIG, "--type=strategic", "-p", &patch.to_string()])
+            .args([
+                "patch",
+                kind,
+                WEBHOOK_CONFIG,
+                "--type=strategic",
+                "-p",
+                &patch.to_string(),
+            ])
             .output();
     }
 }
@@ -824,8 +841,20 @@ pub async fn ensure_mesh_roots(client: &Client) -> Result<()> {
     run(
         "openssl",
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-            "-subj", "/CN=capstan-e2e-mesh-root", "-keyout", key.to_str().unwrap(), "-out",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=capstan-e2e-mesh-root",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
             cert.to_str().unwrap(),
         ],
     )?;
@@ -850,7 +879,9 @@ pub async fn label_meshed(client: &Client, namespace: &str) -> Result<()> {
         .patch(
             namespace,
             &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {"capstan.dev/mesh": "enabled"}}})),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"capstan.dev/mesh": "enabled"}}}),
+            ),
         )
         .await?;
     Ok(())
@@ -885,7 +916,9 @@ pub async fn dry_run_pod(
         dry_run: true,
         ..Default::default()
     };
-    Api::namespaced(client.clone(), namespace).create(&params, pod).await
+    Api::namespaced(client.clone(), namespace)
+        .create(&params, pod)
+        .await
 }
 
 /// Whether a pod carries the mesh proxy as a native sidecar.
@@ -902,7 +935,10 @@ pub fn is_injected(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
 /// The value of one labelled metric line, e.g. `name{namespace="x"}`.
 pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
 }
 pub mod mesh;
@@ -966,31 +1002,41 @@ impl WebhookProcess {
             client.clone(),
         );
         let expected = format!("{url}/mutate-pods");
-        eventually(Duration::from_secs(30), "the webhook to point its configuration at itself", || {
-            let configs = configs.clone();
-            let expected = expected.clone();
-            async move {
-                let config = configs.get(WEBHOOK_CONFIG).await.ok()?;
-                config
-                    .webhooks?
-                    .iter()
-                    .all(|w| {
-                        w.client_config.url.as_deref() == Some(expected.as_str())
-                            && w.client_config.ca_bundle.is_some()
-                    })
-                    .then_some(())
-            }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the webhook to point its configuration at itself",
+            || {
+                let configs = configs.clone();
+                let expected = expected.clone();
+                async move {
+                    let config = configs.get(WEBHOOK_CONFIG).await.ok()?;
+                    config
+                        .webhooks?
+                        .iter()
+                        .all(|w| {
+                            w.client_config.url.as_deref() == Some(expected.as_str())
+                                && w.client_config.ca_bundle.is_some()
+                        })
+                        .then_some(())
+                }
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
         // The API server follows configuration changes through a watch: wait until it
         // calls this process before handing it to the test.
         let probe = TestNamespace::new(client, "e2e-whready").await;
         label_meshed(client, &probe.name).await?;
-        eventually(Duration::from_secs(30), "the API server to call the webhook", || async {
-            let pod = dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({}))).await.ok()?;
-            is_injected(&pod).then_some(())
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the API server to call the webhook",
+            || async {
+                let pod = dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({})))
+                    .await
+                    .ok()?;
+                is_injected(&pod).then_some(())
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
         Ok(process)
@@ -1044,7 +1090,14 @@ pub fn restore_webhook_service_refs() {
         ("validatingwebhookconfiguration", validating),
     ] {
         let _ = Command::new("kubectl")
-            .args(["patch", kind, WEBHOOK_CONFIG, "--type=strategic", "-p", &patch.to_string()])
+            .args([
+                "patch",
+                kind,
+                WEBHOOK_CONFIG,
+                "--type=strategic",
+                "-p",
+                &patch.to_string(),
+            ])
             .output();
     }
 }
@@ -1064,8 +1117,20 @@ pub async fn ensure_mesh_roots(client: &Client) -> Result<()> {
     run(
         "openssl",
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-            "-subj", "/CN=capstan-e2e-mesh-root", "-keyout", key.to_str().unwrap(), "-out",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=capstan-e2e-mesh-root",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
             cert.to_str().unwrap(),
         ],
     )?;
@@ -1090,7 +1155,9 @@ pub async fn label_meshed(client: &Client, namespace: &str) -> Result<()> {
         .patch(
             namespace,
             &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {"capstan.dev/mesh": "enabled"}}})),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"capstan.dev/mesh": "enabled"}}}),
+            ),
         )
         .await?;
     Ok(())
@@ -1125,7 +1192,9 @@ pub async fn dry_run_pod(
         dry_run: true,
         ..Default::default()
     };
-    Api::namespaced(client.clone(), namespace).create(&params, pod).await
+    Api::namespaced(client.clone(), namespace)
+        .create(&params, pod)
+        .await
 }
 
 /// Whether a pod carries the mesh proxy as a native sidecar.
@@ -1142,7 +1211,10 @@ pub fn is_injected(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
 /// The value of one labelled metric line, e.g. `name{namespace="x"}`.
 pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
 }
 pub mod mesh;
