@@ -44,6 +44,9 @@ pub const TOKEN_AUDIENCE: &str = "capstan-mesh-ca";
 pub const TOKEN_DIR: &str = "/var/run/secrets/capstan.dev/mesh";
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
+/// Where the ServiceAccount admission plugin mounts the pod's API token.
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 pub const PROXY_UID: i64 = 1337;
 pub const INBOUND_PORT: i32 = 20000;
 pub const OUTBOUND_PORT: i32 = 15001;
@@ -397,7 +400,7 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
                 .and_then(|ports| ports.first())
                 .map(|p| p.container_port)
         });
-    let proxy = proxy_container(
+    let mut proxy = proxy_container(
         config,
         ca_bundle,
         app_port,
@@ -405,12 +408,31 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         redirect,
         &app_probes,
     );
+    let mut init = init_container(config);
+    // The API server's ServiceAccount plugin, which ran before webhooks, mounts the
+    // pod's API token into every container, and runs again after a webhook changes the
+    // pod: it would add the mount to our containers, and that change would make the API
+    // server call this webhook a second time (reinvocationPolicy IfNeeded). Adding the
+    // mount it would add anyway spares that round trip.
+    if let Some(api_token) = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .find(|m| m.mount_path == SERVICE_ACCOUNT_MOUNT)
+    {
+        for container in [&mut proxy, &mut init] {
+            container
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(api_token.clone());
+        }
+    }
 
     // Init containers run in order: the redirect first, then the proxy (a native sidecar
     // the kubelet waits for, through its startup probe, before anything else starts).
     let mut ours = vec![to_value(&proxy)];
     if redirect {
-        ours.insert(0, to_value(&init_container(config)));
+        ours.insert(0, to_value(&init));
     }
     if spec.init_containers.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": ours}));
@@ -936,6 +958,29 @@ mod tests {
             .collect();
         assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
         assert_eq!(out["spec"]["volumes"][1]["name"], TOKEN_VOLUME);
+    }
+
+    #[test]
+    fn the_api_token_mount_the_api_server_would_add_is_added_up_front() {
+        let mut pod = app_pod();
+        let mount = VolumeMount {
+            name: "kube-api-access-x".into(),
+            mount_path: SERVICE_ACCOUNT_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        };
+        pod.spec.as_mut().unwrap().containers[0].volume_mounts = Some(vec![mount]);
+        let out = injected(&pod);
+        for container in out["spec"]["initContainers"].as_array().unwrap() {
+            assert!(
+                container["volumeMounts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["name"] == "kube-api-access-x"),
+                "{container}"
+            );
+        }
     }
 
     #[test]

@@ -696,7 +696,11 @@ impl WebhookProcess {
         let admin = free_port();
         let url = format!("https://{addr}");
         let log = std::env::temp_dir().join(format!("capstan-e2e-webhook-{}.log", addr.port()));
-        let child = Command::new(bin("capstan-webhook"))
+        // The benchmark runs the release build it was compiled with.
+        let program = std::env::var_os("CAPSTAN_E2E_WEBHOOK_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin("capstan-webhook"));
+        let child = Command::new(program)
             .env("KUBECONFIG", &kubeconfig)
             .env("CAPSTAN_LOG", "info,capstan_webhook=debug")
             .args([

@@ -185,19 +185,20 @@ async fn mutate(state: &AppState, body: &[u8]) -> Reply {
             reply(response)
         }
         Ok(Injection::Patch(ops)) => {
-            let patch: json_patch::Patch =
-                serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| {
-                    (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("building the patch: {e}"),
-                    )
-                })?;
-            let response = response.with_patch(patch).map_err(|e| {
+            // The operations are RFC 6902 already: encode them once, directly, rather
+            // than through json_patch's types (with_patch marks the type as JSONPatch).
+            let mut response = response.with_patch(json_patch::Patch(Vec::new())).map_err(|e| {
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("encoding the patch: {e}"),
                 )
             })?;
+            response.patch = Some(serde_json::to_vec(&ops).map_err(|e| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding the patch: {e}"),
+                )
+            })?);
             state.metrics.request(MUTATE_PODS, "injected");
             tracing::info!(%namespace, pod = %pod_name, by = ?wanted, "Injected the mesh sidecar");
             reply(response)
@@ -313,5 +314,56 @@ impl AppState {
             *self.roots.lock() = Some((Instant::now(), roots.clone()));
         }
         roots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capstan_mesh::injection::{self, Injection};
+    use k8s_openapi::api::core::v1::Pod;
+
+    /// The operations the webhook sends are valid RFC 6902 for the API server: they parse
+    /// as json_patch operations and apply to the pod as it arrives.
+    #[test]
+    fn the_patch_applies_to_the_pod_as_admission_sees_it() {
+        let review: serde_json::Value = serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"team": "a"}},
+            "spec": {
+                "serviceAccountName": "web",
+                "initContainers": [{"name": "migrate", "image": "app:1"}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "containers": [{
+                    "name": "app", "image": "app:1",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                }],
+            },
+        });
+        let pod: Pod = serde_json::from_value(review.clone()).unwrap();
+        let Ok(Injection::Patch(ops)) = injection::inject(&pod, &injection::Config::default(), "PEM") else {
+            panic!("not injected");
+        };
+        let patch: json_patch::Patch = serde_json::from_slice(&serde_json::to_vec(&ops).unwrap()).unwrap();
+        let mut doc = review;
+        json_patch::patch(&mut doc, &patch).unwrap();
+        let patched: Pod = serde_json::from_value(doc).unwrap();
+        let names: Vec<_> = patched
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["capstan-init", "capstan-proxy", "migrate"]);
+        assert_eq!(patched.metadata.annotations.as_ref().unwrap()["team"], "a");
+        assert!(injection::is_injected(&patched));
+        // A second pass adds nothing.
+        assert_eq!(
+            injection::inject(&patched, &injection::Config::default(), "PEM").unwrap(),
+            Injection::AlreadyInjected
+        );
     }
 }
