@@ -27,13 +27,26 @@ enum Command {
     Init(init::InitArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.logging.init();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "Starting capstan-sidecar");
     match args.command {
-        Command::Proxy(proxy) => proxy::run(*proxy).await,
+        Command::Proxy(proxy) => {
+            // A sidecar shares its pod's CPU with the application: by default one thread
+            // (less CPU per request and less memory than a work-stealing pool; Envoy's
+            // sidecars are run with a small fixed concurrency for the same reason).
+            let runtime = match usize::from(proxy.workers) {
+                1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build()?,
+            };
+            runtime.block_on(proxy::run(*proxy))
+        }
         Command::Init(init) => init::run(&init),
     }
 }

@@ -339,6 +339,13 @@ impl Mesh {
         ))
     }
 
+    /// An HTTP workload `sa` and its Service (appProtocol http) listing its pod.
+    pub async fn http_service(&mut self, sa: &str) -> Result<Pod> {
+        let pod = self.workload(sa, App::Http, "").await?;
+        self.publish_service(sa, true, &[pod.address.into()]).await?;
+        Ok(pod)
+    }
+
     pub async fn apply_intention(&self, name: &str, spec: Value) -> Result<()> {
         let api = Api::<capstan_crds::ServiceIntentions>::namespaced(self.client.clone(), self.namespace());
         let object: capstan_crds::ServiceIntentions = serde_json::from_value(json!({

@@ -153,6 +153,12 @@ impl Pod {
         Ok(log)
     }
 
+    /// The pid of the process `name` (`ip netns exec` and `setpriv` exec, so it is the
+    /// program's own).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
     /// Sends SIGTERM to the process `name` and waits for it; returns its exit status.
     pub fn stop(&mut self, name: &str) -> Result<std::process::ExitStatus> {
         let index = self

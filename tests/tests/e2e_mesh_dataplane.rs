@@ -14,6 +14,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Repeats `method path` from `pod` through its upstream 9090 until it gets 200 (an
+/// intention change on its way to the sidecars), or fails naming `what`.
+async fn until_ok(pod: &Pod, method: &str, path: &str, what: &str) -> Result<Value> {
+    eventually(Duration::from_secs(5), what, || async move {
+        request(pod, method, 9090, path, &[])
+            .await
+            .ok()
+            .filter(|v| status_of(v) == Some(200))
+    })
+    .await
+}
+
 /// One request from inside `pod` through its sidecar's upstream `port`.
 async fn request(pod: &Pod, method: &str, port: u16, path: &str, extra: &[&str]) -> Result<Value> {
     let url = format!("http://127.0.0.1:{port}{path}");
@@ -159,8 +171,7 @@ async fn allowed_traffic_is_mtls_on_the_wire_and_default_is_deny() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
     let mut mesh = Mesh::start("1h", &[]).await?;
-    let api = mesh.workload("api", App::Http, "").await?;
-    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let api = mesh.http_service("api").await?;
     let web = mesh.workload("web", App::None, "api:9090").await?;
     mesh.apply_intention(
         "api",
@@ -171,17 +182,7 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
     )
     .await?;
     let web = &web;
-    eventually(
-        Duration::from_secs(5),
-        "GET /public to be allowed",
-        || async move {
-            request(web, "GET", 9090, "/public", &[])
-                .await
-                .ok()
-                .filter(|v| status_of(v) == Some(200))
-        },
-    )
-    .await?;
+    until_ok(web, "GET", "/public", "GET /public to be allowed").await?;
     let ns = mesh.namespace().to_owned();
     let admin = request(web, "POST", 9090, "/admin", &[]).await?;
     ensure!(status_of(&admin) == Some(403), "{admin}");
@@ -235,15 +236,11 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
         json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
     )
     .await?;
-    eventually(
-        Duration::from_secs(5),
+    until_ok(
+        web,
+        "POST",
+        "/admin",
         "POST /admin to be allowed after the change",
-        || async move {
-            request(web, "POST", 9090, "/admin", &[])
-                .await
-                .ok()
-                .filter(|v| status_of(v) == Some(200))
-        },
     )
     .await?;
     println!("allow applied after {:?}", changed.elapsed());
@@ -392,13 +389,7 @@ async fn foreign_or_missing_certificates_and_impostors_are_refused() -> Result<(
     // The real api answers once the directory is right again.
     mesh.publish_service("api", true, &[api.address.into()]).await?;
     let web = &web;
-    eventually(Duration::from_secs(5), "the real api", || async move {
-        request(web, "GET", 9090, "/", &[])
-            .await
-            .ok()
-            .filter(|v| status_of(v) == Some(200))
-    })
-    .await?;
+    until_ok(web, "GET", "/", "the real api").await?;
     Ok(())
 }
 
@@ -407,8 +398,7 @@ async fn foreign_or_missing_certificates_and_impostors_are_refused() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_keep_serving_while_the_api_server_is_down() -> Result<()> {
     let mut mesh = Mesh::start("1h", &[]).await?;
-    let api = mesh.workload("api", App::Http, "").await?;
-    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let _api = mesh.http_service("api").await?; // kept: dropping a Pod stops its processes
     let web = mesh.workload("web", App::None, "api:9090").await?;
     let other = mesh.workload("other", App::None, "api:9090").await?;
     mesh.apply_intention(
@@ -417,13 +407,7 @@ async fn sidecars_keep_serving_while_the_api_server_is_down() -> Result<()> {
     )
     .await?;
     let (web, other) = (&web, &other);
-    eventually(Duration::from_secs(5), "web allowed", || async move {
-        request(web, "GET", 9090, "/", &[])
-            .await
-            .ok()
-            .filter(|v| status_of(v) == Some(200))
-    })
-    .await?;
+    until_ok(web, "GET", "/", "web allowed").await?;
 
     // The outage: the real API server stopped when the suite controls the cluster, else
     // the sidecars' only path to it cut.
@@ -506,8 +490,7 @@ async fn sidecars_keep_serving_while_the_api_server_is_down() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_and_root_rotation_fail_no_request() -> Result<()> {
     let mut mesh = Mesh::start("12s", &["--rotation-propagation", "3s"]).await?;
-    let api = mesh.workload("api", App::Http, "").await?;
-    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let api = mesh.http_service("api").await?;
     let web = mesh.workload("web", App::None, "api:9090").await?;
     mesh.apply_intention(
         "api",
@@ -515,13 +498,7 @@ async fn certificate_and_root_rotation_fail_no_request() -> Result<()> {
     )
     .await?;
     let webr = &web;
-    eventually(Duration::from_secs(5), "web allowed", || async move {
-        request(webr, "GET", 9090, "/", &[])
-            .await
-            .ok()
-            .filter(|v| status_of(v) == Some(200))
-    })
-    .await?;
+    until_ok(webr, "GET", "/", "web allowed").await?;
     let stream = {
         let program = bin("capstan-e2e-app");
         let netns = web.netns.clone();
@@ -772,8 +749,7 @@ async fn a_rule_with_a_condition_the_sidecar_does_not_know_denies() -> Result<()
     let result = async {
         // The sidecars start after the upgrade: a watch opened before a CRD change is
         // served objects pruned to the old schema until it is re-established.
-        let api = mesh.workload("api", App::Http, "").await?;
-        mesh.publish_service("api", true, &[api.address.into()]).await?;
+        let api = mesh.http_service("api").await?;
         let web = mesh.workload("web", App::None, "api:9090").await?;
         let spec = json!({"destination": {"name": "api"}, "sources": [{"name": "web", "permissions": [
             {"action": "allow", "http": {"pathPrefix": "/public", "queryParam": [{"name": "debug", "exact": "0"}]}},
@@ -810,10 +786,7 @@ async fn a_rule_with_a_condition_the_sidecar_does_not_know_denies() -> Result<()
             {"action": "allow", "http": {"pathPrefix": "/public"}}]}]}))
             .await?;
         let web = &web;
-        eventually(Duration::from_secs(5), "the plain rule to allow", || async move {
-            request(web, "GET", 9090, "/public", &[]).await.ok().filter(|v| status_of(v) == Some(200))
-        })
-        .await?;
+        until_ok(web, "GET", "/public", "the plain rule to allow").await?;
         let logs = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-proxy.log", api.netns)))?;
         ensure!(logs.contains("queryParam"), "the sidecar logs what it did not understand");
         anyhow::Ok(())
@@ -834,8 +807,7 @@ async fn a_rule_with_a_condition_the_sidecar_does_not_know_denies() -> Result<()
 async fn malformed_http_from_a_meshed_peer_is_contained() -> Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut mesh = Mesh::start("1h", &[]).await?;
-    let api = mesh.workload("api", App::Http, "").await?;
-    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let api = mesh.http_service("api").await?;
     mesh.apply_intention(
         "api",
         json!({"destination": {"name": "api"}, "sources": [{"name": "tester", "permissions": [

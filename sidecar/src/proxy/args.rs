@@ -67,6 +67,9 @@ pub struct ProxyArgs {
     /// signing with it; this must be well under the CA's propagation delay).
     #[arg(long, env = "CAPSTAN_ROOTS_REFRESH", value_parser = parse_duration, default_value = "30s")]
     pub roots_refresh: Duration,
+    /// Threads serving traffic (1: a single-threaded runtime).
+    #[arg(long, env = "CAPSTAN_PROXY_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
     /// How long SIGTERM waits for open connections before closing them.
     #[arg(long, env = "CAPSTAN_DRAIN", value_parser = parse_duration, default_value = "5s")]
     pub drain: Duration,

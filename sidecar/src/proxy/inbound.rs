@@ -189,7 +189,7 @@ where
     match TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, app_port)).await {
         Ok(mut app) => {
             let _ = app.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+            let _ = super::tunnel(&mut tls, &mut app).await;
         }
         Err(error) => tracing::warn!(%error, app_port, "The application refused a connection"),
     }

@@ -94,6 +94,16 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Copies both ways until either side closes. 64 KiB buffers (tokio's default is 8 KiB)
+/// let bulk transfers fill whole TLS records with fewer system calls.
+async fn tunnel<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await
+}
+
 /// Accepts connections until shutdown, each handled on its own task.
 async fn accept_loop<F, Fut>(shared: Arc<Shared>, listener: TcpListener, what: &'static str, handle: F)
 where

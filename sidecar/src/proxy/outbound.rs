@@ -117,7 +117,7 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
                     .clone();
                 active.inc();
                 let _guard = shared.track();
-                let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+                let _ = super::tunnel(&mut app, &mut tls).await;
                 active.dec();
                 return;
             }
@@ -161,7 +161,7 @@ async fn passthrough(shared: &Shared, mut app: TcpStream, original: SocketAddr) 
     match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(original)).await {
         Ok(Ok(mut upstream)) => {
             let _guard = shared.track();
-            let _ = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
+            let _ = super::tunnel(&mut app, &mut upstream).await;
         }
         _ => tracing::debug!(%original, "Passthrough destination unreachable"),
     }

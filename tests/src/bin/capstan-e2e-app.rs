@@ -27,8 +27,12 @@ async fn main() -> anyhow::Result<()> {
         ["serve-tcp-echo", listen] => serve_echo(listen.parse()?).await,
         ["request", method, url, rest @ ..] => request_many(method, url, rest).await,
         ["tcp-hold", addr, seconds] => tcp_hold(addr.parse()?, seconds.parse()?).await,
+        ["load", url, connections, rate, seconds] => {
+            load::run(url, connections.parse()?, rate.parse()?, seconds.parse()?).await
+        }
+        ["bulk", url] => load::bulk(url).await,
         _ => bail!(
-            "usage: serve-http ADDR | serve-tcp-echo ADDR | request METHOD URL [COUNT [INTERVAL_MS]] [-H name:value]... | tcp-hold ADDR SECONDS"
+            "usage: serve-http ADDR | serve-tcp-echo ADDR | request METHOD URL [COUNT [INTERVAL_MS]] [-H name:value]... | tcp-hold ADDR SECONDS | load URL CONNECTIONS RATE(0=open loop) SECONDS | bulk URL"
         ),
     }
 }
@@ -42,6 +46,19 @@ async fn serve_http(listen: SocketAddr) -> anyhow::Result<()> {
         let (tcp, _) = listener.accept().await?;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                // The benchmark's workloads: 1 KiB answers, and bulk bodies of ?bytes=N.
+                if request.uri().path() == "/kib" {
+                    return Ok::<_, Infallible>(Response::new(load::Body::Kib(Some(KIB.clone()))));
+                }
+                if request.uri().path() == "/bulk" {
+                    let bytes = request
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("bytes="))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0u64);
+                    return Ok(Response::new(load::Body::Bulk(bytes)));
+                }
                 let source = request
                     .headers()
                     .get("x-capstan-source")
@@ -51,7 +68,7 @@ async fn serve_http(listen: SocketAddr) -> anyhow::Result<()> {
                 let line = format!("{} {} from {}\n", request.method(), request.uri(), source);
                 // Drain the body so keep-alive works.
                 let _ = request.into_body().collect().await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(line))))
+                Ok(Response::new(load::Body::Kib(Some(Bytes::from(line)))))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
@@ -59,6 +76,8 @@ async fn serve_http(listen: SocketAddr) -> anyhow::Result<()> {
         });
     }
 }
+
+static KIB: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| Bytes::from(vec![b'x'; 1024]));
 
 async fn serve_echo(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
@@ -173,4 +192,149 @@ async fn tcp_hold(addr: SocketAddr, seconds: u64) -> anyhow::Result<()> {
         serde_json::json!({ "open_for_ms": started.elapsed().as_millis() as u64, "closed": closed })
     );
     Ok(())
+}
+
+/// The benchmark's load generator and bodies.
+mod load {
+    use super::*;
+    use hyper::body::{Frame, SizeHint};
+    use std::{
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    /// A response body: a small one, or `n` bytes of bulk sent in 64 KiB frames.
+    pub enum Body {
+        Kib(Option<Bytes>),
+        Bulk(u64),
+    }
+
+    static CHUNK: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| Bytes::from(vec![b'b'; 64 * 1024]));
+
+    impl hyper::body::Body for Body {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            let this = self.get_mut();
+            Poll::Ready(match this {
+                Body::Kib(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
+                Body::Bulk(0) => None,
+                Body::Bulk(left) => {
+                    let n = (*left).min(CHUNK.len() as u64);
+                    *left -= n;
+                    Some(Ok(Frame::data(CHUNK.slice(..n as usize))))
+                }
+            })
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            match self {
+                Body::Kib(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+                Body::Bulk(n) => SizeHint::with_exact(*n),
+            }
+        }
+    }
+
+    /// CONNECTIONS keep-alive connections for SECONDS. RATE 0: each sends its next request
+    /// as soon as the last is answered (open loop: the most the path can carry). RATE > 0:
+    /// request i is due at start + i/RATE and its latency counts from then, so a stall is
+    /// not hidden by the requests it delayed (no coordinated omission).
+    pub async fn run(url: &str, connections: usize, rate: f64, seconds: f64) -> anyhow::Result<()> {
+        let uri: hyper::Uri = url.parse()?;
+        let addr = format!("{}:{}", uri.host().context("host")?, uri.port_u16().unwrap_or(80));
+        let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let start = Instant::now() + Duration::from_millis(100);
+        let end = start + Duration::from_secs_f64(seconds);
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let (addr, target, next) = (addr.clone(), target.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let tcp = TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                tokio::time::sleep_until(start.into()).await;
+                loop {
+                    let due = if rate > 0.0 {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                        if due >= end {
+                            break;
+                        }
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    } else {
+                        let now = Instant::now();
+                        if now >= end {
+                            break;
+                        }
+                        now
+                    };
+                    let request = Request::get(target.as_str()).header("host", "app.test").body(Full::new(Bytes::new()))?;
+                    match sender.send_request(request).await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.into_body().collect().await?;
+                            latencies.push(due.elapsed().as_micros() as u64);
+                        }
+                        _ => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                anyhow::Ok((latencies, errors))
+            }));
+        }
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for task in tasks {
+            match task.await? {
+                Ok((l, e)) => {
+                    all.extend(l);
+                    errors += e;
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        let elapsed = (Instant::now().min(end + Duration::from_secs(5)) - start).as_secs_f64().max(seconds);
+        all.sort_unstable();
+        let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+        println!(
+            "{}",
+            serde_json::json!({
+                "requests": all.len(), "errors": errors, "seconds": elapsed,
+                "rps": all.len() as f64 / elapsed,
+                "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99), "max_us": all.last().copied().unwrap_or(0),
+            })
+        );
+        Ok(())
+    }
+
+    /// One GET of a bulk body; reports bytes per second.
+    pub async fn bulk(url: &str) -> anyhow::Result<()> {
+        let uri: hyper::Uri = url.parse()?;
+        let addr = format!("{}:{}", uri.host().context("host")?, uri.port_u16().unwrap_or(80));
+        let tcp = TcpStream::connect(&addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let started = Instant::now();
+        let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let response = sender
+            .send_request(Request::get(target).header("host", "app.test").body(Full::new(Bytes::new()))?)
+            .await?;
+        let mut body = response.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                bytes += data.len() as u64;
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!("{}", serde_json::json!({ "bytes": bytes, "seconds": seconds, "bytes_per_second": bytes as f64 / seconds }));
+        Ok(())
+    }
 }

@@ -1,0 +1,350 @@
+//! The mesh data path's benchmark (issue 4, part 7), one run on this machine: the same
+//! HTTP workload (1 KiB answers, 64 keep-alive connections) straight to the application,
+//! through a Capstan sidecar pair (mTLS, an L7 intention), and through an HAProxy mTLS
+//! pair with an equivalent path rule (the well-known peer, from Debian). Figures and
+//! ratios are printed, and written to target/bench-mesh.json.
+//!
+//! Run with `hack/bench-mesh.sh` (release builds, a cluster, HAProxy installed).
+
+use anyhow::{Context as _, Result, ensure};
+use capstan_tests::{mesh::*, netns::*, *};
+use serde_json::{Value, json};
+use std::{path::Path, time::Duration};
+
+const CONNECTIONS: &str = "64";
+const SECONDS: &str = "10";
+const RATE: &str = "1000";
+const BULK_BYTES: u64 = 2 << 30;
+const HAPROXY_CLIENT_PORT: u16 = 9191;
+const HAPROXY_SERVER_PORT: u16 = 20443;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.workload("api", App::HttpOpen, "").await?;
+    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let mut web = mesh.workload("web", App::None, "api:9090").await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [{"name": "web", "permissions": [
+            {"action": "allow", "http": {"pathPrefix": "/kib", "methods": ["GET"]}},
+            {"action": "allow", "http": {"pathPrefix": "/bulk", "methods": ["GET"]}},
+        ]}]}),
+    )
+    .await?;
+    let app = bin("capstan-e2e-app");
+    let capstan_url = "http://127.0.0.1:9090";
+    eventually(Duration::from_secs(10), "the intention", || {
+        let (web, app) = (&web, &app);
+        async move {
+            let out = web
+                .exec(app, &["request", "GET", &format!("{capstan_url}/kib")])
+                .await
+                .ok()?;
+            out.contains("\"status\":200").then_some(())
+        }
+    })
+    .await?;
+    let haproxy = Haproxy::start(&mut web, &api, mesh.namespace())?;
+    let direct_url = format!("http://{}:{APP_PORT}", api.address);
+    let haproxy_url = format!("http://127.0.0.1:{HAPROXY_CLIENT_PORT}");
+    let probe = web
+        .exec(&app, &["request", "GET", &format!("{haproxy_url}/kib")])
+        .await?;
+    ensure!(
+        probe.contains("\"status\":200"),
+        "the HAProxy pair does not answer: {probe}\nlogs: {}",
+        haproxy.logs()
+    );
+
+    let sidecars = [
+        ("server sidecar", api.pid("proxy").context("api proxy")?),
+        ("client sidecar", web.pid("proxy").context("web proxy")?),
+    ];
+    let idle_rss: Vec<u64> = sidecars
+        .iter()
+        .map(|(_, pid)| rss_kib(*pid))
+        .collect::<Result<_>>()?;
+
+    let mut results = serde_json::Map::new();
+    for (name, url) in [
+        ("direct", direct_url.as_str()),
+        ("capstan", capstan_url),
+        ("haproxy", haproxy_url.as_str()),
+    ] {
+        eprintln!("measuring {name}");
+        let open = load(&web, &app, &format!("{url}/kib"), "0").await?;
+        let cpu_before: Vec<u64> = sidecars
+            .iter()
+            .map(|(_, pid)| cpu_ticks(*pid))
+            .collect::<Result<_>>()?;
+        let sampler =
+            (name == "capstan").then(|| RssSampler::start(sidecars.iter().map(|(_, p)| *p).collect()));
+        let fixed = load(&web, &app, &format!("{url}/kib"), RATE).await?;
+        let peak = match sampler {
+            Some(s) => s.stop().await,
+            None => vec![],
+        };
+        let cpu_after: Vec<u64> = sidecars
+            .iter()
+            .map(|(_, pid)| cpu_ticks(*pid))
+            .collect::<Result<_>>()?;
+        let bulk = web
+            .exec(&app, &["bulk", &format!("{url}/bulk?bytes={BULK_BYTES}")])
+            .await?;
+        let bulk: Value = serde_json::from_str(bulk.trim())?;
+        let mut entry = json!({"open_loop": open, "fixed_rate": fixed, "bulk": bulk});
+        if name == "capstan" {
+            let requests = fixed["requests"].as_f64().unwrap_or(1.0).max(1.0);
+            let seconds = fixed["seconds"].as_f64().unwrap_or(1.0);
+            let tick = ticks_per_second();
+            let per_sidecar: Vec<Value> = sidecars
+                .iter()
+                .enumerate()
+                .map(|(i, (label, _))| {
+                    let cpu_seconds = (cpu_after[i] - cpu_before[i]) as f64 / tick;
+                    json!({
+                        "sidecar": label,
+                        "cpu_ms_per_1000_requests": cpu_seconds * 1000.0 / (requests / 1000.0),
+                        "vcpu_at_rate": cpu_seconds / seconds,
+                        "rss_idle_mib": idle_rss[i] as f64 / 1024.0,
+                        "rss_peak_under_load_mib": peak.get(i).copied().unwrap_or_default() as f64 / 1024.0,
+                    })
+                })
+                .collect();
+            entry["sidecars"] = json!(per_sidecar);
+        }
+        results.insert(name.to_owned(), entry);
+    }
+    drop(haproxy);
+    report(&Value::Object(results))
+}
+
+async fn load(pod: &Pod, app: &Path, url: &str, rate: &str) -> Result<Value> {
+    let out = pod.exec(app, &["load", url, CONNECTIONS, rate, SECONDS]).await?;
+    let v: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    ensure!(v["errors"] == json!(0), "errors under load at {url}: {v}");
+    Ok(v)
+}
+
+fn report(r: &Value) -> Result<()> {
+    let f = |path: &[&str]| -> f64 {
+        let mut v = r;
+        for p in path {
+            v = &v[*p];
+        }
+        v.as_f64().unwrap_or(f64::NAN)
+    };
+    println!(
+        "\nMesh data path, 1 KiB answers, {CONNECTIONS} connections, {SECONDS} s per run (2 cores, everything on one machine)"
+    );
+    println!(
+        "{:<10} {:>14} {:>12} {:>12} {:>14}",
+        "path", "open-loop rps", "p50 @1k rps", "p99 @1k rps", "bulk GB/s"
+    );
+    for name in ["direct", "capstan", "haproxy"] {
+        println!(
+            "{:<10} {:>14.0} {:>10.0}µs {:>10.0}µs {:>14.2}",
+            name,
+            f(&[name, "open_loop", "rps"]),
+            f(&[name, "fixed_rate", "p50_us"]),
+            f(&[name, "fixed_rate", "p99_us"]),
+            f(&[name, "bulk", "bytes_per_second"]) / 1e9
+        );
+    }
+    let ratio = |n: &str| f(&[n, "open_loop", "rps"]) / f(&["direct", "open_loop", "rps"]);
+    let added = |n: &str, p: &str| f(&[n, "fixed_rate", p]) - f(&["direct", "fixed_rate", p]);
+    println!(
+        "\nthroughput vs direct: capstan {:.2}, haproxy {:.2} (target ≥ 0.40)",
+        ratio("capstan"),
+        ratio("haproxy")
+    );
+    println!(
+        "added latency at 1,000 rps: capstan p50 +{:.0} µs, p99 +{:.0} µs; haproxy p50 +{:.0} µs, p99 +{:.0} µs (target p99 ≤ +300 µs)",
+        added("capstan", "p50_us"),
+        added("capstan", "p99_us"),
+        added("haproxy", "p50_us"),
+        added("haproxy", "p99_us")
+    );
+    println!(
+        "bulk through the capstan pair: {:.2} GB/s (target ≥ 1)",
+        f(&["capstan", "bulk", "bytes_per_second"]) / 1e9
+    );
+    for s in r["capstan"]["sidecars"].as_array().into_iter().flatten() {
+        println!(
+            "{}: {:.1} ms CPU per 1,000 requests ({:.3} vCPU at 1,000 rps; target ≤ 0.05), RSS idle {:.1} MiB, under load {:.1} MiB (target < 15)",
+            s["sidecar"].as_str().unwrap_or_default(),
+            s["cpu_ms_per_1000_requests"].as_f64().unwrap_or(f64::NAN),
+            s["vcpu_at_rate"].as_f64().unwrap_or(f64::NAN),
+            s["rss_idle_mib"].as_f64().unwrap_or(f64::NAN),
+            s["rss_peak_under_load_mib"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    let path = repo_root().join("target/bench-mesh.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(r)?)?;
+    println!("\nraw figures: {}", path.display());
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+fn ticks_per_second() -> f64 {
+    run("getconf", &["CLK_TCK"])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The highest RSS of each process while it runs.
+struct RssSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<u64>>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> Self {
+        let (stop, mut rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut peak = vec![0u64; pids.len()];
+            loop {
+                for (i, pid) in pids.iter().enumerate() {
+                    peak[i] = peak[i].max(rss_kib(*pid).unwrap_or(0));
+                }
+                tokio::select! {
+                    _ = &mut rx => return peak,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Vec<u64> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// An HAProxy mTLS pair beside ours: the client side in web's pod, the server side in
+/// api's, with certificates from a CA of its own and a path rule like the intention's.
+struct Haproxy {
+    dir: std::path::PathBuf,
+}
+
+impl Haproxy {
+    fn start(web: &mut Pod, api: &Pod, tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("capstan-bench-haproxy-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        // Distinct names: rcgen's default subject on both would make the leaf look
+        // self-signed to OpenSSL.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "capstan-bench-haproxy-ca");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        std::fs::write(dir.join("ca.pem"), ca.pem())?;
+        // HAProxy checks the server's name against the SNI it sends ("api").
+        for (name, sans) in [
+            ("server", vec!["api".to_owned(), api.address.to_string()]),
+            ("client", vec!["web".to_owned()]),
+        ] {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let mut params = rcgen::CertificateParams::new(sans)?;
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let cert = params.signed_by(&key, &issuer)?;
+            std::fs::write(
+                dir.join(format!("{name}.pem")),
+                format!("{}{}", cert.pem(), key.serialize_pem()),
+            )?;
+        }
+        let d = dir.display();
+        let server = format!(
+            "global\n  maxconn 4096\n  nbthread 2\n  log stderr format raw local0 warning\ndefaults\n  mode http\n  log global\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend mtls\n  bind {api}:{HAPROXY_SERVER_PORT} ssl crt {d}/server.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3\n  \
+             http-request deny unless METH_GET {{ path_beg /kib }} || METH_GET {{ path_beg /bulk }}\n  default_backend app\n\
+             backend app\n  server app 127.0.0.1:{APP_PORT}\n",
+            api = api.address
+        );
+        let client = format!(
+            "global\n  maxconn 4096\n  nbthread 2\n  log stderr format raw local0 warning\ndefaults\n  mode http\n  log global\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend local\n  bind 127.0.0.1:{HAPROXY_CLIENT_PORT}\n  default_backend mesh\n\
+             backend mesh\n  server api {api}:{HAPROXY_SERVER_PORT} ssl crt {d}/client.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3 sni str(api)\n",
+            api = api.address
+        );
+        std::fs::write(dir.join("server.cfg"), server)?;
+        std::fs::write(dir.join("client.cfg"), client)?;
+        let haproxy = Path::new("/usr/sbin/haproxy");
+        ensure!(
+            haproxy.exists(),
+            "haproxy is missing: run hack/bench-mesh.sh, which installs it"
+        );
+        // The server side runs in api's pod: a Pod handle owns its processes, so borrow
+        // web's spawner for the client and start the server with `ip netns exec` here.
+        let server_child = std::process::Command::new("ip")
+            .args(["netns", "exec", &api.netns])
+            .arg(haproxy)
+            .args(["-f", &dir.join("server.cfg").to_string_lossy(), "-db"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("server.log"))?)
+            .spawn()?;
+        std::fs::write(dir.join("server.pid"), server_child.id().to_string())?;
+        web.spawn(
+            "haproxy",
+            haproxy,
+            &["-f", &dir.join("client.cfg").to_string_lossy(), "-db"],
+            &[],
+            None,
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self { dir })
+    }
+}
+
+impl Haproxy {
+    fn logs(&self) -> String {
+        let client = std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with("-web-haproxy.log"))
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .unwrap_or_default();
+        let server = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        format!("server:\n{server}\nclient:\n{client}")
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("server.pid")) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
