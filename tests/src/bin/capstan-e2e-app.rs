@@ -209,13 +209,17 @@ mod load {
         Bulk(u64),
     }
 
-    static CHUNK: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| Bytes::from(vec![b'b'; 64 * 1024]));
+    static CHUNK: std::sync::LazyLock<Bytes> =
+        std::sync::LazyLock::new(|| Bytes::from(vec![b'b'; 64 * 1024]));
 
     impl hyper::body::Body for Body {
         type Data = Bytes;
         type Error = Infallible;
 
-        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
             let this = self.get_mut();
             Poll::Ready(match this {
                 Body::Kib(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
@@ -274,7 +278,9 @@ mod load {
                         }
                         now
                     };
-                    let request = Request::get(target.as_str()).header("host", "app.test").body(Full::new(Bytes::new()))?;
+                    let request = Request::get(target.as_str())
+                        .header("host", "app.test")
+                        .body(Full::new(Bytes::new()))?;
                     match sender.send_request(request).await {
                         Ok(response) if response.status().is_success() => {
                             let _ = response.into_body().collect().await?;
@@ -300,9 +306,15 @@ mod load {
                 Err(_) => errors += 1,
             }
         }
-        let elapsed = (Instant::now().min(end + Duration::from_secs(5)) - start).as_secs_f64().max(seconds);
+        let elapsed = (Instant::now().min(end + Duration::from_secs(5)) - start)
+            .as_secs_f64()
+            .max(seconds);
         all.sort_unstable();
-        let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
         println!(
             "{}",
             serde_json::json!({
@@ -324,7 +336,11 @@ mod load {
         let started = Instant::now();
         let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let response = sender
-            .send_request(Request::get(target).header("host", "app.test").body(Full::new(Bytes::new()))?)
+            .send_request(
+                Request::get(target)
+                    .header("host", "app.test")
+                    .body(Full::new(Bytes::new()))?,
+            )
             .await?;
         let mut body = response.into_body();
         let mut bytes = 0u64;
@@ -334,7 +350,10 @@ mod load {
             }
         }
         let seconds = started.elapsed().as_secs_f64();
-        println!("{}", serde_json::json!({ "bytes": bytes, "seconds": seconds, "bytes_per_second": bytes as f64 / seconds }));
+        println!(
+            "{}",
+            serde_json::json!({ "bytes": bytes, "seconds": seconds, "bytes_per_second": bytes as f64 / seconds })
+        );
         Ok(())
     }
 }
