@@ -38,7 +38,8 @@ stop_all() {
   wait "${pids[@]}" 2>/dev/null || true
   say "stopped"
 }
-trap stop_all EXIT INT TERM
+trap stop_all EXIT
+trap 'exit 130' INT TERM
 start() {
   local name=$1; shift
   say "starting $name (logs: .cache/$name.log)"
