@@ -11,7 +11,7 @@ mod status;
 
 use anyhow::Context as _;
 use capstan_crds::ServiceIntentions;
-use capstan_telemetry::{AdminServer, Health, LoggingArgs};
+use capstan_telemetry::{Health, LoggingArgs, Stop, spawn_admin};
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
@@ -20,7 +20,6 @@ use kube::{
     runtime::events::{Recorder, Reporter},
 };
 use std::{net::SocketAddr, sync::Arc, time::Duration};
-use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(name = "capstan-controller", version, about)]
@@ -72,13 +71,8 @@ async fn main() -> anyhow::Result<()> {
     let metrics = metrics::Metrics::register(&mut registry);
     intentions::register_metrics(&mut registry);
     let health = Health::default();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;
-    let admin = tokio::spawn(admin.serve(stopped(stop_rx.clone())));
-    tokio::spawn(async move {
-        capstan_telemetry::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let stop = Stop::on_signal();
+    let admin = spawn_admin(args.admin_addr, registry, health.clone(), &stop).await?;
 
     let client = Client::try_default()
         .await
@@ -113,22 +107,21 @@ async fn main() -> anyhow::Result<()> {
 
     tokio::select! {
         () = wait_for_crds(&client) => {}
-        () = stopped(stop_rx.clone()) => return finish(admin).await,
+        () = stop.stopped() => return Ok(admin.finish().await?),
     }
 
     loop {
         tokio::select! {
             () = elector.acquire() => {}
-            () = stopped(stop_rx.clone()) => break,
+            () = stop.stopped() => break,
         }
         metrics.leader.set(1);
         metrics.leader_terms.inc();
         // Reconcilers stop on either a shutdown or the end of this term.
-        let (term_tx, term_rx) = watch::channel(false);
-        let stop = stopped(stop_rx.clone());
-        let end_of_term = stopped(term_rx);
+        let term = Stop::new();
+        let (shutdown, end_of_term) = (stop.stopped(), term.stopped());
         let controllers = tokio::spawn(run_controllers(ctx.clone(), async move {
-            tokio::select! { () = stop => {}, () = end_of_term => {} }
+            tokio::select! { () = shutdown => {}, () = end_of_term => {} }
         }));
         tokio::select! {
             _ = elector.hold() => {
@@ -136,10 +129,10 @@ async fn main() -> anyhow::Result<()> {
                 // which could no longer write anyway (every write checks the term).
                 controllers.abort();
                 metrics.leader.set(0);
-                let _ = term_tx.send(true);
+                term.stop();
                 continue;
             }
-            () = stopped(stop_rx.clone()) => {
+            () = stop.stopped() => {
                 // In-flight reconciles finish, then the Lease is released so a standby
                 // takes over now rather than after the lease duration.
                 if tokio::time::timeout(Duration::from_secs(20), controllers).await.is_err() {
@@ -152,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     health.set(false);
-    finish(admin).await
+    Ok(admin.finish().await?)
 }
 
 /// Every reconciler, concurrently, until `shutdown` resolves.
@@ -161,17 +154,6 @@ async fn run_controllers(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     intentions::run(ctx, shutdown).await;
-}
-
-/// Resolves once the receiver has seen `true`.
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-async fn finish(admin: tokio::task::JoinHandle<Result<(), capstan_telemetry::Error>>) -> anyhow::Result<()> {
-    admin.await??;
-    tracing::info!("Stopped");
-    Ok(())
 }
 
 /// Waits until the API serves our kinds, so a controller started before its CRDs

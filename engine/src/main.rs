@@ -4,10 +4,9 @@
 
 use anyhow::Context as _;
 use capstan_engine::{api, https, mesh_ca};
-use capstan_telemetry::{AdminServer, Health, LoggingArgs};
+use capstan_telemetry::{Health, LoggingArgs, Stop, spawn_admin};
 use clap::Parser;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
-use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(name = "capstan-engine", version, about)]
@@ -99,13 +98,8 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = capstan_telemetry::registry("capstan_engine");
     let metrics = mesh_ca::metrics::Metrics::register(&mut registry);
     let health = Health::default();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;
-    let admin = tokio::spawn(admin.serve(stopped(stop_rx.clone())));
-    tokio::spawn(async move {
-        capstan_telemetry::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let stop = Stop::on_signal();
+    let admin = spawn_admin(args.admin_addr, registry, health.clone(), &stop).await?;
 
     let client = kube::Client::try_default()
         .await
@@ -138,24 +132,17 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let router = api::router(api::Mounts { mesh_ca: ca.clone() });
 
-    let ca_task = tokio::spawn(ca.clone().run(stopped(stop_rx.clone())));
+    let ca_task = tokio::spawn(ca.clone().run(stop.stopped()));
     let cert_task = tokio::spawn(https::keep_serving_cert(
         ca.clone(),
         resolver,
         args.serving_names(),
         args.leaf_ttl,
     ));
-    https::serve(listener, tls, router, stopped(stop_rx.clone())).await;
+    https::serve(listener, tls, router, stop.stopped()).await;
 
     health.set(false);
     cert_task.abort();
     let _ = ca_task.await;
-    admin.await??;
-    tracing::info!("Stopped");
-    Ok(())
-}
-
-/// Resolves once the receiver has seen `true`.
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
+    Ok(admin.finish().await?)
 }

@@ -118,6 +118,28 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     }
 }
 
+/// The admin server serving on its own task until `stop`; [`AdminTask::finish`] waits
+/// for it at the end of `main`.
+pub async fn spawn_admin(
+    addr: SocketAddr,
+    registry: Registry,
+    health: Health,
+    stop: &crate::Stop,
+) -> Result<AdminTask, Error> {
+    let server = AdminServer::bind(addr, registry, health).await?;
+    Ok(AdminTask(tokio::spawn(server.serve(stop.stopped()))))
+}
+
+pub struct AdminTask(tokio::task::JoinHandle<Result<(), Error>>);
+
+impl AdminTask {
+    pub async fn finish(self) -> Result<(), Error> {
+        self.0.await.map_err(Error::Task)??;
+        tracing::info!("Stopped");
+        Ok(())
+    }
+}
+
 /// The whole life of a binary whose only long-running part so far is its admin server:
 /// serve `/healthz` and `/metrics` until SIGTERM or SIGINT, then return.
 pub async fn serve_until_shutdown(addr: SocketAddr, registry: Registry, health: Health) -> Result<(), Error> {

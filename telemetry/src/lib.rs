@@ -7,10 +7,10 @@ mod admin;
 mod logging;
 mod signal;
 
-pub use admin::{AdminServer, Health, serve_until_shutdown};
+pub use admin::{AdminServer, AdminTask, Health, serve_until_shutdown, spawn_admin};
 pub use logging::{LogFormat, LoggingArgs};
 pub use prometheus_client::registry::Registry;
-pub use signal::shutdown_signal;
+pub use signal::{Stop, shutdown_signal};
 
 /// Errors at the edge of a process: the admin listener could not bind or serve.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,8 @@ pub enum Error {
     },
     #[error("serving the admin endpoints")]
     Serve(#[source] std::io::Error),
+    #[error("the admin server's task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// A registry with the process's `build_info` already in it, so every binary's

@@ -20,7 +20,7 @@ mod rotation;
 
 use anyhow::Context as _;
 use capstan_mesh::injection;
-use capstan_telemetry::{AdminServer, Health, LoggingArgs};
+use capstan_telemetry::{Health, LoggingArgs, Stop, spawn_admin};
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -30,7 +30,7 @@ use kube::{
     runtime::{WatchStreamExt, reflector, watcher},
 };
 use std::{net::SocketAddr, sync::Arc, time::Duration};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 #[command(name = "capstan-webhook", version, about)]
@@ -193,13 +193,8 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = capstan_telemetry::registry("capstan_webhook");
     let metrics = metrics::Metrics::register(&mut registry);
     let health = Health::default();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = AdminServer::bind(args.admin_addr, registry, health.clone()).await?;
-    let admin = tokio::spawn(admin.serve(stopped(stop_rx.clone())));
-    tokio::spawn(async move {
-        capstan_telemetry::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let stop = Stop::on_signal();
+    let admin = spawn_admin(args.admin_addr, registry, health.clone(), &stop).await?;
 
     let client = Client::try_default()
         .await
@@ -232,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            () = stopped(stop_rx.clone()) => return finish(admin).await,
+            () = stop.stopped() => return Ok(admin.finish().await?),
         }
     }
     let rotation = tokio::spawn(rotator.run(Duration::from_secs(args.rotation_check_seconds)));
@@ -267,21 +262,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %args.listen, "Serving admission");
-    serve(listener, Arc::new(tls), admission::router(state), stop_rx.clone()).await;
+    serve(listener, Arc::new(tls), admission::router(state), stop.clone()).await;
 
     rotation.abort();
     namespace_watch.abort();
     health.set(false);
-    finish(admin).await
+    Ok(admin.finish().await?)
 }
 
 /// Accepts TLS connections until shutdown, then lets in-flight requests finish.
-async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    router: axum::Router,
-    stop: watch::Receiver<bool>,
-) {
+async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: axum::Router, stop: Stop) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -293,7 +283,7 @@ async fn serve(
                     continue;
                 }
             },
-            () = stopped(stop.clone()) => break,
+            () = stop.stopped() => break,
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -313,7 +303,7 @@ async fn serve(
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
-                () = stopped(stop) => {
+                () = stop.stopped() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }
@@ -330,17 +320,6 @@ async fn serve(
     {
         tracing::warn!("Connections still open after 10s; closing them");
     }
-}
-
-/// Resolves once the receiver has seen `true`.
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-async fn finish(admin: tokio::task::JoinHandle<Result<(), capstan_telemetry::Error>>) -> anyhow::Result<()> {
-    admin.await??;
-    tracing::info!("Stopped");
-    Ok(())
 }
 
 #[cfg(test)]
