@@ -297,15 +297,31 @@ impl Policy {
     }
 
     pub fn request(&self, source: &Identity, destination: &Identity, request: &Request<'_>) -> Decision {
-        let path = match path::normalize(request.target) {
-            Ok(path) => path,
-            Err(error) => {
-                return Decision {
+        self.authorize(source, destination, request).0
+    }
+
+    /// The decision and the normalized path it was made on (None when the path was
+    /// refused): the path a proxy forwards, so the rule and the application never see two
+    /// different paths (M3), normalized once.
+    pub fn authorize(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+        request: &Request<'_>,
+    ) -> (Decision, Option<String>) {
+        match path::normalize(request.target) {
+            Ok(path) => (self.decide_path(source, destination, &path, request), Some(path)),
+            Err(error) => (
+                Decision {
                     allow: false,
                     by: DecidedBy::InvalidPath(error),
-                };
-            }
-        };
+                },
+                None,
+            ),
+        }
+    }
+
+    fn decide_path(&self, source: &Identity, destination: &Identity, path: &str, request: &Request<'_>) -> Decision {
         let Some((intention, index, s)) = self.lookup(source, destination) else {
             return Decision {
                 allow: self.default_allow,
@@ -322,7 +338,7 @@ impl Policy {
             },
             Rule::L7(permissions) => permissions
                 .iter()
-                .position(|p| p.matches(&path, request))
+                .position(|p| p.matches(path, request))
                 .map(|j| Decision {
                     allow: permissions[j].allow,
                     by: DecidedBy::Permission {

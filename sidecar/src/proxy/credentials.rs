@@ -25,7 +25,6 @@ pub struct Credentials {
     pub identity: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    trust_domain: String,
     pub roots_pem: String,
     pub issued: SystemTime,
     pub not_after: SystemTime,
@@ -46,7 +45,6 @@ impl Credentials {
         let bundle = TrustBundle::from_pem(&identity.trust_domain, &roots_pem)?;
         let server_config = svid::server_config(bundle, chain.clone(), key.clone_key(), alpn())?;
         Ok(Self {
-            trust_domain: identity.trust_domain.clone(),
             identity,
             chain,
             key,
@@ -76,7 +74,7 @@ impl Credentials {
         if let Some(config) = self.client_configs.lock().get(&key) {
             return Ok(config.clone());
         }
-        let bundle = TrustBundle::from_pem(&self.trust_domain, &self.roots_pem)?;
+        let bundle = TrustBundle::from_pem(&self.identity.trust_domain, &self.roots_pem)?;
         let config = svid::client_config(
             bundle,
             expected.clone(),

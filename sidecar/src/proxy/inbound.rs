@@ -9,7 +9,7 @@ use super::{
     metrics::{DecisionLabels, DirectionLabels, HandshakeLabels},
 };
 use bytes::Bytes;
-use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy, Request, path, svid};
+use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy, Request, svid};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -81,21 +81,16 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app_port:
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|leaf| svid::peer_spiffe_id(leaf).ok())
-        .map(|id| Identity::new(id.namespace, id.service_account))
     else {
         tracing::warn!(%peer, "Refusing a connection whose verified certificate names no workload");
         return;
     };
+    // What the application is told about the source, in every request of the connection.
+    let source_header = header::HeaderValue::from_str(&source.to_string()).ok();
+    let source = source.identity();
     let me = shared.me.clone();
     let mode = shared.mode(app_port);
-    let policy = shared.policy.borrow().clone();
-    let decision = match mode {
-        Mode::Tcp => Some(policy.tcp_connection(&source, &me)),
-        Mode::Http => match policy.connection(&source, &me) {
-            ConnectionDecision::Decided(decision) => Some(decision),
-            ConnectionDecision::PerRequest { .. } => None,
-        },
-    };
+    let decision = connection_decision(&shared.policy.borrow(), &source, &me, mode);
     let by = decision
         .as_ref()
         .map_or("per request".to_owned(), |d| d.by.to_string());
@@ -128,7 +123,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app_port:
     let served = async {
         match mode {
             Mode::Tcp => tunnel_to_app(tls, app_port).await,
-            Mode::Http => serve_http(shared.clone(), tls, source.clone(), app_port).await,
+            Mode::Http => serve_http(shared.clone(), tls, source.clone(), source_header, app_port).await,
         }
     };
     tokio::select! {
@@ -158,18 +153,22 @@ async fn revoked(
             // The policy never changes again: never revoked.
             return std::future::pending().await;
         }
-        let policy = rx.borrow_and_update().clone();
-        let decision = match mode {
-            Mode::Tcp => Some(policy.tcp_connection(source, me)),
-            Mode::Http => match policy.connection(source, me) {
-                ConnectionDecision::Decided(decision) => Some(decision),
-                // Requests are decided one by one; the connection may stay.
-                ConnectionDecision::PerRequest { .. } => None,
-            },
-        };
+        let decision = connection_decision(&rx.borrow_and_update(), source, me, mode);
         if let Some(decision) = decision.filter(|d| !d.allow) {
             return decision;
         }
+    }
+}
+
+/// How a connection is decided: once for a plain-TCP destination; for an HTTP one, at
+/// the connection only when the source's rule is L4 (None: each request is decided).
+fn connection_decision(policy: &Policy, source: &Identity, me: &Identity, mode: Mode) -> Option<Decision> {
+    match mode {
+        Mode::Tcp => Some(policy.tcp_connection(source, me)),
+        Mode::Http => match policy.connection(source, me) {
+            ConnectionDecision::Decided(decision) => Some(decision),
+            ConnectionDecision::PerRequest { .. } => None,
+        },
     }
 }
 
@@ -195,14 +194,24 @@ where
     }
 }
 
-async fn serve_http<S>(shared: Arc<Shared>, tls: S, source: Identity, app_port: u16)
-where
+async fn serve_http<S>(
+    shared: Arc<Shared>,
+    tls: S,
+    source: Identity,
+    source_header: Option<header::HeaderValue>,
+    app_port: u16,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |request| {
         let shared = shared.clone();
         let source = source.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle_request(&shared, &source, app_port, request).await) }
+        let source_header = source_header.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                handle_request(&shared, &source, source_header, app_port, request).await,
+            )
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Bounded resources against malformed or abusive clients (M20).
@@ -226,6 +235,7 @@ where
 async fn handle_request(
     shared: &Shared,
     source: &Identity,
+    source_header: Option<header::HeaderValue>,
     app_port: u16,
     request: hyper::Request<Incoming>,
 ) -> Response<Body> {
@@ -237,56 +247,53 @@ async fn handle_request(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let mut headers: Vec<(String, String)> = request
+    // Borrowed, not copied: only a header that is not valid UTF-8 is converted.
+    let mut values: Vec<(&str, std::borrow::Cow<'_, str>)> = request
         .headers()
         .iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())))
         .collect();
     // HTTP/2 carries the host in :authority, which rules on "host" must see too (M4).
     if !request.headers().contains_key(header::HOST)
         && let Some(authority) = request.uri().authority()
     {
-        headers.push(("host".to_owned(), authority.as_str().to_owned()));
+        values.push(("host", authority.as_str().into()));
     }
-    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    let decision = policy.request(
+    let headers: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+    let (decision, normalized) = policy.authorize(
         source,
         me,
         &Request {
             method: request.method().as_str(),
             target: &target,
-            headers: &header_refs,
+            headers: &headers,
         },
     );
+    let by = decision.by.to_string();
     shared
         .metrics
         .requests
-        .get_or_create(&labels(source, me, decision.allow, decision.by.to_string()))
+        .get_or_create(&labels(source, me, decision.allow, by.clone()))
         .inc();
-    let response = if decision.allow {
-        forward(shared, source, app_port, &target, request).await
-    } else {
-        tracing::info!(
-            %source, destination = %me, method = %request.method(), path = %target,
-            decided_by = %decision.by, "Request denied"
-        );
-        let body = format!(
-            "capstan: {} {} denied by {}\n",
-            request.method(),
-            path_only(&target),
-            decision.by
-        );
-        let mut response = Response::new(full(body));
-        *response.status_mut() = StatusCode::FORBIDDEN;
-        if let Ok(value) = header::HeaderValue::from_str(&decision.by.to_string()) {
-            response.headers_mut().insert(DECIDED_BY_HEADER, value);
+    let response = match normalized.filter(|_| decision.allow) {
+        Some(path) => forward(shared, source_header, app_port, &path, &target, request).await,
+        None => {
+            tracing::info!(
+                %source, destination = %me, method = %request.method(), path = %target,
+                decided_by = %decision.by, "Request denied"
+            );
+            let body = format!(
+                "capstan: {} {} denied by {by}\n",
+                request.method(),
+                path_only(&target),
+            );
+            let mut response = Response::new(full(body));
+            *response.status_mut() = StatusCode::FORBIDDEN;
+            if let Ok(value) = header::HeaderValue::from_str(&by) {
+                response.headers_mut().insert(DECIDED_BY_HEADER, value);
+            }
+            response
         }
-        response
     };
     shared
         .metrics
@@ -300,17 +307,13 @@ async fn handle_request(
 /// was made on (M3: the rule and the application never see two different paths).
 async fn forward(
     shared: &Shared,
-    source: &Identity,
+    source_header: Option<header::HeaderValue>,
     app_port: u16,
+    normalized: &str,
     target: &str,
     request: hyper::Request<Incoming>,
 ) -> Response<Body> {
     let (parts, body) = request.into_parts();
-    let normalized = match path::normalize(target) {
-        Ok(path) => path,
-        // Already refused by the decision; kept total for safety.
-        Err(_) => return status(StatusCode::BAD_REQUEST),
-    };
     let query = target.split_once('?').map(|(_, q)| q);
     let uri = match query {
         Some(q) => format!("http://127.0.0.1:{app_port}{normalized}?{q}"),
@@ -328,8 +331,9 @@ async fn forward(
     {
         upstream = upstream.header(header::HOST, authority.as_str());
     }
-    let spiffe = svid::SpiffeId::new(&shared.trust_domain, &source.namespace, &source.name).to_string();
-    upstream = upstream.header(SOURCE_HEADER, spiffe);
+    if let Some(source) = source_header {
+        upstream = upstream.header(SOURCE_HEADER, source);
+    }
     let Ok(upstream) = upstream.body(body.boxed()) else {
         return status(StatusCode::BAD_REQUEST);
     };
