@@ -214,7 +214,12 @@ pub async fn serviceaccount_kubeconfig(
         .status
         .context("TokenRequest returned no status")?
         .token;
-    let admin = run("kubectl", &["config", "view", "--minify", "--raw", "-o", "json"])?;
+    // Flattened: the certificate authority inline, for processes that cannot read the
+    // admin's files (the mesh tests' pods run as the proxy's UID).
+    let admin = run(
+        "kubectl",
+        &["config", "view", "--minify", "--raw", "--flatten", "-o", "json"],
+    )?;
     let admin: serde_json::Value = serde_json::from_str(&admin)?;
     let cluster = admin["clusters"][0]["cluster"].clone();
     let config = serde_json::json!({
@@ -274,12 +279,82 @@ impl Default for LeaseTimings {
 }
 
 /// A capstan-controller process, out of the cluster, as the chart's ServiceAccount.
-pub struct ControllerProcess {
-    pub identity: String,
+/// One of Capstan's binaries running as a process of the test: its admin address, its
+/// log file and the child, killed on drop. The per-binary handles below deref to it.
+pub struct Process {
     pub admin: SocketAddr,
     pub log: PathBuf,
     child: Child,
 }
+
+impl Process {
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        run("kill", &[&format!("-{signal}"), &self.pid()]).expect("signalling a process");
+    }
+
+    /// Waits for the process to exit, up to `timeout`; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let child = &mut self.child;
+        eventually(timeout, "the process to exit", || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await
+        .map(|s| s.code())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin, "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Lets a per-binary handle be used as its [`Process`].
+macro_rules! deref_to_process {
+    ($handle:ty) => {
+        impl std::ops::Deref for $handle {
+            type Target = Process;
+            fn deref(&self) -> &Process {
+                &self.process
+            }
+        }
+        impl std::ops::DerefMut for $handle {
+            fn deref_mut(&mut self) -> &mut Process {
+                &mut self.process
+            }
+        }
+    };
+}
+
+pub struct ControllerProcess {
+    pub identity: String,
+    process: Process,
+}
+deref_to_process!(ControllerProcess);
 
 impl ControllerProcess {
     /// The only controller: no Lease left from an earlier test, so it leads at once.
@@ -323,9 +398,7 @@ impl ControllerProcess {
             .context("starting capstan-controller")?;
         let process = Self {
             identity: identity.to_owned(),
-            admin,
-            log,
-            child,
+            process: Process { admin, log, child },
         };
         eventually(Duration::from_secs(20), "the controller's /healthz", || async {
             (http_get(admin, "/healthz").await.ok()?.0 == 200).then_some(())
@@ -333,46 +406,6 @@ impl ControllerProcess {
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
         Ok(process)
-    }
-
-    pub fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    pub fn signal(&self, signal: &str) {
-        run("kill", &[&format!("-{signal}"), &self.pid()]).expect("signalling the controller");
-    }
-
-    /// Waits for the process to exit, up to `timeout`; its exit code.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
-        let child = &mut self.child;
-        eventually(timeout, "the controller to exit", || {
-            let status = child.try_wait().ok().flatten();
-            async move { status }
-        })
-        .await
-        .map(|s| s.code())
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_none()
-    }
-
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub async fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin, "/metrics").await?;
-        ensure!(code == 200, "/metrics answered {code}");
-        Ok(body)
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -478,10 +511,9 @@ pub const MESH_TOKEN_AUDIENCE: &str = "capstan-mesh-ca";
 /// (so it has exactly the chart's RBAC), serving HTTPS on a loopback port.
 pub struct EngineProcess {
     pub https: SocketAddr,
-    pub admin: SocketAddr,
-    pub log: PathBuf,
-    child: Child,
+    process: Process,
 }
+deref_to_process!(EngineProcess);
 
 impl EngineProcess {
     /// Starts the engine with `extra` flags (e.g. `--leaf-ttl 10s`) and waits until its
@@ -494,9 +526,21 @@ impl EngineProcess {
 
     /// Starts the engine without waiting for it (to start several at once).
     pub async fn spawn(client: &Client, name: &str, extra: &[&str]) -> Result<Self> {
+        Self::spawn_at(client, name, free_port(), extra).await
+    }
+
+    /// Starts the engine serving its API on `https` (the mesh tests' bridge address) and
+    /// waits until its CA is loaded.
+    pub async fn start_at(client: &Client, name: &str, https: SocketAddr, extra: &[&str]) -> Result<Self> {
+        let process = Self::spawn_at(client, name, https, extra).await?;
+        process.wait_ready().await?;
+        Ok(process)
+    }
+
+    async fn spawn_at(client: &Client, name: &str, https: SocketAddr, extra: &[&str]) -> Result<Self> {
         install_chart();
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, ENGINE_SA).await?;
-        let (https, admin) = (free_port(), free_port());
+        let admin = free_port();
         let log = std::env::temp_dir().join(format!(
             "capstan-e2e-engine-{name}-{:06x}.log",
             rand::random::<u32>() & 0xff_ffff
@@ -521,9 +565,7 @@ impl EngineProcess {
             .context("starting capstan-engine")?;
         Ok(Self {
             https,
-            admin,
-            log,
-            child,
+            process: Process { admin, log, child },
         })
     }
 
@@ -548,27 +590,6 @@ impl EngineProcess {
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
-    }
-
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub async fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin, "/metrics").await?;
-        ensure!(code == 200, "/metrics answered {code}");
-        Ok(body)
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for EngineProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -682,10 +703,9 @@ pub const WEBHOOK_ROOTS_CONFIGMAP: &str = "capstan-mesh-roots";
 /// (as the chart has them), so a later `helm upgrade` finds the chart's own objects.
 pub struct WebhookProcess {
     pub addr: SocketAddr,
-    pub admin: SocketAddr,
-    pub log: PathBuf,
-    child: Child,
+    process: Process,
 }
+deref_to_process!(WebhookProcess);
 
 impl WebhookProcess {
     pub async fn start(client: &Client, extra: &[&str]) -> Result<Self> {
@@ -722,9 +742,7 @@ impl WebhookProcess {
             .context("starting capstan-webhook")?;
         let process = Self {
             addr,
-            admin,
-            log,
-            child,
+            process: Process { admin, log, child },
         };
         let configs = Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
             client.clone(),
@@ -769,31 +787,13 @@ impl WebhookProcess {
         .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
         Ok(process)
     }
-
-    pub fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    pub fn signal(&self, signal: &str) {
-        run("kill", &[&format!("-{signal}"), &self.pid()]).expect("signalling the webhook");
-    }
-
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub async fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin, "/metrics").await?;
-        ensure!(code == 200, "/metrics answered {code}");
-        Ok(body)
-    }
 }
 
 impl Drop for WebhookProcess {
     fn drop(&mut self) {
+        // A paused webhook is resumed first, so the kill is not left pending.
         let _ = Command::new("kill").args(["-CONT", &self.pid()]).output();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
         restore_webhook_service_refs();
     }
 }

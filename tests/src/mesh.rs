@@ -5,8 +5,7 @@
 use crate::{netns::*, *};
 use anyhow::Result;
 use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{ConfigMap, Service, ServiceAccount},
+    core::v1::{Service, ServiceAccount},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -17,7 +16,6 @@ use serde_json::{Value, json};
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -32,8 +30,7 @@ pub struct Mesh {
     pub ns: TestNamespace,
     pub network: Network,
     pub api: Forwarder,
-    engine: Option<Child>,
-    pub ca_url: String,
+    pub engine: EngineProcess,
     pub roots: String,
     files: Vec<PathBuf>,
 }
@@ -59,57 +56,33 @@ impl Mesh {
             false,
         )
         .await?;
-        let ca_port = free_port().port();
-        let ca_addr = SocketAddr::new(network.gateway().into(), ca_port);
-        let kubeconfig = serviceaccount_kubeconfig(&client, SYSTEM_NAMESPACE, "capstan-engine").await?;
-        let log = std::env::temp_dir().join(format!("capstan-e2e-engine-{}.log", ns.name));
-        let engine = Command::new(bin("capstan-engine"))
-            .args(["--listen", &ca_addr.to_string()])
-            .args(["--admin-addr", &free_port().to_string()])
-            .args(["--namespace", SYSTEM_NAMESPACE])
-            .args([
-                "--serving-san",
-                &network.gateway().to_string(),
-                "--serving-san",
-                "127.0.0.1",
-            ])
-            .args(["--leaf-ttl", leaf_ttl])
-            .args(engine_args)
-            .env("KUBECONFIG", &kubeconfig)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let configmaps = Api::<ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        let ca_addr = SocketAddr::new(network.gateway().into(), free_port().port());
+        let gateway = network.gateway().to_string();
+        let mut flags = vec![
+            "--serving-san",
+            &gateway,
+            "--serving-san",
+            "127.0.0.1",
+            "--leaf-ttl",
+            leaf_ttl,
+        ];
+        flags.extend_from_slice(engine_args);
+        let engine = EngineProcess::start_at(&client, &ns.name, ca_addr, &flags).await?;
         let roots = eventually(
             Duration::from_secs(30),
             "the engine to publish the mesh roots",
-            || {
-                let configmaps = configmaps.clone();
-                async move {
-                    let cm = configmaps.get_opt("capstan-mesh-roots").await.ok()??;
-                    cm.data?.get("roots.pem").cloned()
-                }
-            },
+            || published_roots(&client),
         )
         .await?;
-        let mut mesh = Self {
+        let mesh = Self {
             client,
             ns,
             network,
             api,
-            engine: Some(engine),
-            ca_url: format!("https://{ca_addr}"),
+            engine,
             roots,
-            files: vec![kubeconfig],
+            files: Vec::new(),
         };
-        // The CA answers on the bridge address before any sidecar is started.
-        let probe = mesh.ca_url.clone();
-        eventually(Duration::from_secs(20), "the mesh CA to listen", || {
-            let addr: SocketAddr = probe.trim_start_matches("https://").parse().unwrap();
-            async move { std::net::TcpStream::connect(addr).ok() }
-        })
-        .await?;
-        mesh.files.push(log);
         Ok(mesh)
     }
 
@@ -117,28 +90,11 @@ impl Mesh {
         &self.ns.name
     }
 
-    /// A token for `sa` from the real TokenRequest API, in a file the proxy's UID can read.
-    pub async fn token_file(&mut self, sa: &str, audience: Option<&str>) -> Result<PathBuf> {
-        let request = TokenRequest {
-            metadata: ObjectMeta::default(),
-            spec: TokenRequestSpec {
-                audiences: audience.map(|a| vec![a.to_owned()]).unwrap_or_default(),
-                expiration_seconds: Some(3600),
-                bound_object_ref: None,
-            },
-            status: None,
-        };
-        let token = Api::<ServiceAccount>::namespaced(self.client.clone(), self.namespace())
-            .create_token_request(sa, &PostParams::default(), &request)
-            .await?
-            .status
-            .context("no token")?
-            .token;
-        let path = std::env::temp_dir().join(format!(
-            "capstan-e2e-{}-{sa}-{:08x}.token",
-            self.ns.name,
-            rand::random::<u32>()
-        ));
+    /// A mesh CA token for `sa` from the real TokenRequest API, in a file the proxy's
+    /// UID can read.
+    pub async fn ca_token_file(&mut self, sa: &str) -> Result<PathBuf> {
+        let token = serviceaccount_token(&self.client, &self.ns.name, sa, MESH_TOKEN_AUDIENCE).await?;
+        let path = std::env::temp_dir().join(format!("capstan-e2e-{}-{sa}.token", self.ns.name));
         write_readable(&path, token.as_bytes())?;
         self.files.push(path.clone());
         Ok(path)
@@ -146,27 +102,14 @@ impl Mesh {
 
     /// A kubeconfig for `sa` that reaches the API server through the bridge forwarder.
     pub async fn pod_kubeconfig(&mut self, sa: &str) -> Result<PathBuf> {
-        let token = std::fs::read_to_string(self.token_file(sa, None).await?)?;
-        // Flattened: the pod's process cannot read the admin's certificate files.
-        let admin = run(
-            "kubectl",
-            &["config", "view", "--minify", "--raw", "--flatten", "-o", "json"],
-        )?;
-        let admin: Value = serde_json::from_str(&admin)?;
-        let mut cluster = admin["clusters"][0]["cluster"].clone();
+        let path = serviceaccount_kubeconfig(&self.client, &self.ns.name, sa).await?;
+        self.files.push(path.clone());
+        let mut config: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let cluster = &mut config["clusters"][0]["cluster"];
         cluster["server"] = json!(format!("https://{}", self.api.listen));
         // The API server's certificate names "kubernetes", not the bridge address.
         cluster["tls-server-name"] = json!("kubernetes");
-        let config = json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "c", "cluster": cluster}],
-            "users": [{"name": sa, "user": {"token": token}}],
-            "contexts": [{"name": "c", "context": {"cluster": "c", "user": sa}}],
-            "current-context": "c",
-        });
-        let path = std::env::temp_dir().join(format!("capstan-e2e-{}-{sa}.kubeconfig", self.ns.name));
         write_readable(&path, &serde_json::to_vec(&config)?)?;
-        self.files.push(path.clone());
         Ok(path)
     }
 
@@ -264,7 +207,7 @@ impl Mesh {
             }
             App::None => {}
         }
-        let token = self.token_file(sa, Some("capstan-mesh-ca")).await?;
+        let token = self.ca_token_file(sa).await?;
         let kubeconfig = self.pod_kubeconfig(sa).await?;
         let mut env = vec![
             ("KUBECONFIG", kubeconfig.to_string_lossy().into_owned()),
@@ -272,7 +215,7 @@ impl Mesh {
             ("CAPSTAN_SERVICE_ACCOUNT", sa.to_owned()),
             ("CAPSTAN_POD_NAME", format!("{sa}-0")),
             ("CAPSTAN_TOKEN_FILE", token.to_string_lossy().into_owned()),
-            ("CAPSTAN_CA_URL", self.ca_url.clone()),
+            ("CAPSTAN_CA_URL", format!("https://{}", self.engine.https)),
             ("CAPSTAN_CA_BUNDLE", self.roots.clone()),
             ("CAPSTAN_UPSTREAMS", upstreams.to_owned()),
             ("CAPSTAN_ROOTS_REFRESH", "1s".to_owned()),
@@ -313,13 +256,13 @@ impl Mesh {
     )> {
         use rustls::pki_types::{CertificateDer, pem::PemObject as _};
         self.service_account(sa).await?;
-        let token = std::fs::read_to_string(self.token_file(sa, Some("capstan-mesh-ca")).await?)?;
+        let token = std::fs::read_to_string(self.ca_token_file(sa).await?)?;
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         let id = format!("spiffe://cluster.local/ns/{}/sa/{sa}", self.namespace());
         params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into()?)];
         let csr = params.serialize_request(&key)?.pem()?;
-        let addr: SocketAddr = self.ca_url.trim_start_matches("https://").parse()?;
+        let addr = self.engine.https;
         let body = json!({ "csr": csr }).to_string();
         let (code, response) = https_json(
             addr,
@@ -371,10 +314,6 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        if let Some(mut engine) = self.engine.take() {
-            let _ = engine.kill();
-            let _ = engine.wait();
-        }
         for file in &self.files {
             if file.extension().is_none_or(|e| e != "log") {
                 let _ = std::fs::remove_file(file);

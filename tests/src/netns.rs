@@ -172,15 +172,17 @@ impl Pod {
         Ok(child.wait()?)
     }
 
+    /// `program` as a command run in the pod (add its arguments, then run or spawn it).
+    pub fn command(&self, program: &Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("ip");
+        command.args(["netns", "exec", &self.netns]).arg(program);
+        command
+    }
+
     /// Runs a command in the pod to completion (asynchronously: the test's forwarders
     /// keep running meanwhile) and returns its stdout.
     pub async fn exec(&self, program: &Path, args: &[&str]) -> Result<String> {
-        let out = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &self.netns])
-            .arg(program)
-            .args(args)
-            .output()
-            .await?;
+        let out = self.command(program).args(args).output().await?;
         if !out.status.success() {
             bail!(
                 "{} {} in {} failed: {}",
