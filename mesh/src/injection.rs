@@ -64,6 +64,11 @@ pub struct Config {
     pub version: String,
     /// CAPSTAN_CA_URL: the mesh CA endpoint.
     pub ca_url: String,
+    /// CAPSTAN_TRUST_DOMAIN: the SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
+    /// CAPSTAN_DEFAULT_ACTION: what applies when no intention matches (deny unless the
+    /// chart says otherwise, for migrations only).
+    pub default_allow: bool,
     /// Namespaces never meshed (kube-system and Capstan's own).
     pub excluded_namespaces: Vec<String>,
     pub proxy_cpu_request: String,
@@ -81,6 +86,8 @@ impl Default for Config {
             sidecar_command: "/usr/local/bin/capstan-sidecar".into(),
             version: "0.1.0".into(),
             ca_url: "https://capstan-engine.capstan-system.svc:8200".into(),
+            trust_domain: "cluster.local".into(),
+            default_allow: false,
             excluded_namespaces: vec!["kube-system".into(), "capstan-system".into()],
             proxy_cpu_request: "10m".into(),
             proxy_memory_request: "16Mi".into(),
@@ -558,6 +565,11 @@ fn proxy_container(
         field_env("CAPSTAN_POD_NAME", "metadata.name"),
         env("CAPSTAN_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
         env("CAPSTAN_CA_URL", config.ca_url.clone()),
+        env("CAPSTAN_TRUST_DOMAIN", config.trust_domain.clone()),
+        env(
+            "CAPSTAN_DEFAULT_ACTION",
+            if config.default_allow { "allow" } else { "deny" },
+        ),
         env("CAPSTAN_CA_BUNDLE", ca_bundle),
         env("CAPSTAN_INBOUND_PORT", INBOUND_PORT.to_string()),
         env("CAPSTAN_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
@@ -791,6 +803,46 @@ mod tests {
             .iter()
             .find(|e| e["name"] == name)
             .and_then(|e| e["value"].as_str().map(str::to_owned))
+    }
+
+    #[test]
+    fn the_proxy_gets_the_cluster_default_action_and_trust_domain() {
+        let proxy = |config: &Config| {
+            let pod = app_pod();
+            let Injection::Patch(ops) = inject(&pod, config, "ROOTS").unwrap() else {
+                panic!("nothing injected")
+            };
+            let out = apply(&pod, &ops);
+            out["spec"]["initContainers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == PROXY_CONTAINER)
+                .unwrap()
+                .clone()
+        };
+        let default = proxy(&Config::default());
+        assert_eq!(
+            env_of(&default, "CAPSTAN_DEFAULT_ACTION").as_deref(),
+            Some("deny")
+        );
+        assert_eq!(
+            env_of(&default, "CAPSTAN_TRUST_DOMAIN").as_deref(),
+            Some("cluster.local")
+        );
+        let migrating = proxy(&Config {
+            default_allow: true,
+            trust_domain: "corp.example".into(),
+            ..Config::default()
+        });
+        assert_eq!(
+            env_of(&migrating, "CAPSTAN_DEFAULT_ACTION").as_deref(),
+            Some("allow")
+        );
+        assert_eq!(
+            env_of(&migrating, "CAPSTAN_TRUST_DOMAIN").as_deref(),
+            Some("corp.example")
+        );
     }
 
     #[test]

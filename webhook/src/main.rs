@@ -102,6 +102,12 @@ struct Args {
     /// The mesh CA endpoint proxies get certificates from (default: the engine Service).
     #[arg(long, env = "CAPSTAN_WEBHOOK_CA_URL")]
     ca_url: Option<String>,
+    /// The SPIFFE trust domain proxies take their identities in.
+    #[arg(long, env = "CAPSTAN_WEBHOOK_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// What proxies apply when no intention matches: deny, or allow (for migrations only).
+    #[arg(long, env = "CAPSTAN_WEBHOOK_DEFAULT_ACTION", value_parser = ["deny", "allow"], default_value = "deny")]
+    default_action: String,
     /// The ConfigMap (in --namespace) the engine publishes the mesh roots in.
     #[arg(
         long,
@@ -155,6 +161,8 @@ impl Args {
                 .ca_url
                 .clone()
                 .unwrap_or_else(|| format!("https://capstan-engine.{}.svc:8200", self.namespace)),
+            trust_domain: self.trust_domain.clone(),
+            default_allow: self.default_action == "allow",
             excluded_namespaces: excluded,
             proxy_cpu_request: self.proxy_cpu_request.clone(),
             proxy_memory_request: self.proxy_memory_request.clone(),
