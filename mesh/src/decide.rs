@@ -321,7 +321,13 @@ impl Policy {
         }
     }
 
-    fn decide_path(&self, source: &Identity, destination: &Identity, path: &str, request: &Request<'_>) -> Decision {
+    fn decide_path(
+        &self,
+        source: &Identity,
+        destination: &Identity,
+        path: &str,
+        request: &Request<'_>,
+    ) -> Decision {
         let Some((intention, index, s)) = self.lookup(source, destination) else {
             return Decision {
                 allow: self.default_allow,
