@@ -7,19 +7,21 @@
 
 pub mod conditions;
 pub mod mesh;
+pub mod secrets;
 
 pub use conditions::{Condition, ConditionStatus};
 pub use mesh::{
     HttpHeaderMatch, HttpMatch, HttpMethod, IntentionAction, IntentionDestination, IntentionPermission,
     IntentionSource, ServiceIntentions, ServiceIntentionsSpec, ServiceIntentionsStatus,
 };
+pub use secrets::{StorageEntry, StorageEntrySpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::crd::CustomResourceExt;
 
 /// Every CRD Capstan serves, in the order crdgen writes them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![ServiceIntentions::crd()]
+    vec![ServiceIntentions::crd(), StorageEntry::crd()]
 }
 
 /// The category every Capstan kind is in: `kubectl get capstan` lists them all.
