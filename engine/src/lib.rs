@@ -7,6 +7,9 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod barrier;
 pub mod ca;
 pub mod https;
 pub mod mesh_ca;
+pub mod policy;
+pub mod shamir;

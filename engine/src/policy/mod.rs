@@ -1,0 +1,1 @@
+//! Vault ACL policies (in progress).
