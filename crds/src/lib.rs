@@ -14,14 +14,18 @@ pub use mesh::{
     HttpHeaderMatch, HttpMatch, HttpMethod, IntentionAction, IntentionDestination, IntentionPermission,
     IntentionSource, ServiceIntentions, ServiceIntentionsSpec, ServiceIntentionsStatus,
 };
-pub use secrets::{StorageEntry, StorageEntrySpec};
+pub use secrets::{
+    DatabaseSource, DeletionPolicy, KvSource, PkiSource, RolloutKind, RolloutTarget, SecretSync,
+    SecretSyncAuth, SecretSyncSource, SecretSyncSpec, SecretSyncStatus, SecretSyncTarget, SourceKind,
+    StorageEntry, StorageEntrySpec, TargetType,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::crd::CustomResourceExt;
 
 /// Every CRD Capstan serves, in the order crdgen writes them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![ServiceIntentions::crd(), StorageEntry::crd()]
+    vec![ServiceIntentions::crd(), SecretSync::crd(), StorageEntry::crd()]
 }
 
 /// Kinds only Capstan's own components write (no status, not in the category).
