@@ -20,7 +20,7 @@ say "installing the chart into $ns"
 # with no replicas; on a cluster that has the image (see README, kind), leave them on.
 helm upgrade --install capstan charts/capstan --namespace "$ns" --create-namespace \
   --set controller.replicas=0 --set webhook.replicas=0 --set engine.replicas=0 \
-  --wait --timeout 120s >/dev/null
+  --set engine.devAutoUnseal=true --wait --timeout 120s >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
 # Each process acts with exactly the chart's RBAC: a token of its own ServiceAccount.
@@ -48,7 +48,10 @@ start() {
   pids+=($!)
 }
 start capstan-controller --namespace "$ns" --lease-name capstan-controller --admin-addr 127.0.0.1:8080
-start capstan-engine --namespace "$ns" --listen 127.0.0.1:8200 --admin-addr 127.0.0.1:8082
+# Development auto-unseal: the unseal key and a root token go to Secret
+# capstan-engine-unseal (never do this in production; see engine/README.md).
+start capstan-engine --namespace "$ns" --listen 127.0.0.1:8200 --admin-addr 127.0.0.1:8082 \
+  --dev-auto-unseal capstan-engine-unseal --audit "$CACHE/engine-audit.log"
 start capstan-webhook --namespace "$ns" --listen 127.0.0.1:8443 --admin-addr 127.0.0.1:8081 \
   --external-url https://127.0.0.1:8443 --ca-url https://127.0.0.1:8200
 controller=${pids[0]}
@@ -61,6 +64,19 @@ for name in api db; do
   fi
 done
 kubectl get serviceintentions -n shop
+for _ in $(seq 60); do
+  kubectl get configmap capstan-mesh-roots -n "$ns" -o jsonpath='{.data.roots\.pem}' >"$CACHE/mesh-roots.pem" 2>/dev/null || true
+  if [ -s "$CACHE/mesh-roots.pem" ] &&
+    curl -sf --cacert "$CACHE/mesh-roots.pem" https://127.0.0.1:8200/v1/sys/health >/dev/null; then
+    break
+  fi
+  sleep 1
+done
+if ! curl -sf --cacert "$CACHE/mesh-roots.pem" https://127.0.0.1:8200/v1/sys/health >/dev/null; then
+  say "the secrets engine did not unseal"
+  tail -n 30 "$CACHE/capstan-engine.log" >&2
+  exit 1
+fi
 
 cat <<HELP
 
@@ -85,6 +101,16 @@ Capstan is running. Try, in another shell:
     "metadata":{"name":"bad","namespace":"shop"},"spec":{"destination":{"name":"x"},
     "sources":[{"name":"a","action":"allow"},{"name":"a","action":"deny"}]}}'
                                                    # refused at the door: duplicate source
+
+The secrets engine (Vault's API; any Vault client works) is unsealed for development:
+
+  export VAULT_ADDR=https://127.0.0.1:8200 VAULT_CACERT=$CACHE/mesh-roots.pem
+  export VAULT_TOKEN=\$(kubectl get secret capstan-engine-unseal -n $ns -o jsonpath='{.data.root-token}' | base64 -d)
+  curl -s --cacert \$VAULT_CACERT -H "X-Vault-Token: \$VAULT_TOKEN" \$VAULT_ADDR/v1/secret/data/app/db \
+    -d '{"data":{"password":"hunter2"}}'            # KV v2: version 1
+  curl -s --cacert \$VAULT_CACERT -H "X-Vault-Token: \$VAULT_TOKEN" \$VAULT_ADDR/v1/secret/data/app/db
+  kubectl get storageentries -n $ns                # what etcd holds: ciphertext only
+  tail -n 2 .cache/engine-audit.log                # every request audited, values HMAC'd
 
 The sidecar's data path (mTLS, intentions) runs in tests/tests/e2e_mesh_dataplane.rs:
 pods as network namespaces; see README "Mesh".

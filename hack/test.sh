@@ -25,6 +25,22 @@ if ! command -v iptables >/dev/null && [ ! -x /usr/sbin/iptables ]; then
   apt-get install -y -q iptables >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q iptables >/dev/null; }
 fi
 
+# The database secrets engine's tests run a real PostgreSQL server on loopback.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  say "installing PostgreSQL (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
+fi
+
+# The secrets engine's end-to-end tests drive it with hvac, a real Vault client (PyPI),
+# pinned with its dependencies in tests/python/requirements.txt.
+if ! cmp -s "$ROOT/tests/python/requirements.txt" "$ROOT/.cache/venv/installed.txt"; then
+  say "installing hvac into .cache/venv"
+  python3 -m venv "$ROOT/.cache/venv"
+  "$ROOT/.cache/venv/bin/pip" install -q -r "$ROOT/tests/python/requirements.txt"
+  cp "$ROOT/tests/python/requirements.txt" "$ROOT/.cache/venv/installed.txt"
+fi
+
 say "cargo fmt --check"
 cargo fmt --all --check
 say "cargo clippy"

@@ -1,14 +1,28 @@
-//! capstan-engine: the engine's HTTPS API. Today it serves the mesh CA.
+//! capstan-engine: the engine's HTTPS API: the mesh CA and the Vault-compatible secrets API.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 use anyhow::Context as _;
-use capstan_engine::{api, https, mesh_ca};
+use capstan_engine::{
+    api, audit,
+    auth_kubernetes::KubernetesAuth,
+    database::Database,
+    dev_unseal, https,
+    kv::Kv,
+    lease::{LeaseMetrics, Leases},
+    logical::Logical,
+    mesh_ca,
+    policies::Policies,
+    seal::Seal,
+    storage::kube::KubeStorage,
+    token::Tokens,
+    vault,
+};
 use capstan_telemetry::{Health, LoggingArgs, Stop, spawn_admin};
 use clap::Parser;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "capstan-engine", version, about)]
 struct Args {
     #[command(flatten)]
@@ -60,6 +74,27 @@ struct Args {
         value_delimiter = ','
     )]
     serving_sans: Vec<String>,
+    /// The audience a ServiceAccount token must carry to log in (auth/kubernetes/login)
+    /// when its role names none.
+    #[arg(long, env = "CAPSTAN_ENGINE_AUTH_AUDIENCE", default_value = "capstan-engine")]
+    auth_audience: String,
+    /// Audit sinks: `stdout` or file paths (repeatable, or comma-separated in the env var).
+    /// With any sink, a request no sink can record fails.
+    #[arg(long = "audit", env = "CAPSTAN_ENGINE_AUDIT", value_delimiter = ',')]
+    audit: Vec<String>,
+    /// The database secrets engine's mount path.
+    #[arg(long, env = "CAPSTAN_ENGINE_DATABASE_MOUNT", default_value = "database")]
+    database_mount: String,
+    /// The longest wait between two attempts to revoke a lease whose backend refuses.
+    #[arg(long, env = "CAPSTAN_ENGINE_REVOKE_BACKOFF_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
+    revoke_backoff_max: Duration,
+    /// The KV version 2 mount's path.
+    #[arg(long, env = "CAPSTAN_ENGINE_KV_MOUNT", default_value = "secret")]
+    kv_mount: String,
+    /// DEVELOPMENT ONLY: the Secret (in --namespace) that keeps the unseal key; the engine
+    /// initializes itself on first start and unseals from it.
+    #[arg(long, env = "CAPSTAN_ENGINE_DEV_AUTO_UNSEAL")]
+    dev_auto_unseal: Option<String>,
     /// The engine's Service name, for the default serving names.
     #[arg(long, env = "CAPSTAN_ENGINE_SERVICE_NAME", default_value = "capstan-engine")]
     service_name: String,
@@ -97,6 +132,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = capstan_telemetry::registry("capstan_engine");
     let metrics = mesh_ca::metrics::Metrics::register(&mut registry);
+    let secrets_metrics = vault::Metrics::register(&mut registry);
+    let lease_metrics = LeaseMetrics::register(&mut registry);
     let health = Health::default();
     let stop = Stop::on_signal();
     let admin = spawn_admin(args.admin_addr, registry, health.clone(), &stop).await?;
@@ -123,14 +160,57 @@ async fn main() -> anyhow::Result<()> {
         propagation = ?config.propagation,
         "Starting capstan-engine"
     );
-    let ca = mesh_ca::MeshCaService::new(client, config, metrics);
+    let ca = mesh_ca::MeshCaService::new(client.clone(), config, metrics);
+
+    let sinks = args
+        .audit
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.as_str() {
+            "stdout" | "-" => Ok(audit::Sink::Stdout),
+            path => audit::Sink::file(std::path::Path::new(path)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .context("--audit")?;
+    if sinks.is_empty() {
+        tracing::warn!("No audit sink: requests to the secrets API are not audited (--audit)");
+    }
+    let storage = KubeStorage::start(client.clone(), &args.namespace);
+    let backend: Arc<dyn capstan_engine::storage::Backend> = storage.clone();
+    let seal = Arc::new(Seal::new(backend.clone()));
+    let logical = Logical::new(
+        backend.clone(),
+        seal.clone(),
+        secrets_metrics.integrity_errors.clone(),
+    );
+    let database = Database::new(logical.clone(), &args.database_mount);
+    let engine = Arc::new(vault::Engine {
+        seal: seal.clone(),
+        tokens: Tokens::new(logical.clone()),
+        policies: Policies::new(logical.clone()),
+        kv: Kv::new(logical.clone(), &args.kv_mount),
+        database: database.clone(),
+        leases: Leases::new(logical.clone(), database, lease_metrics, args.revoke_backoff_max),
+        kubernetes: KubernetesAuth::new(
+            logical.clone(),
+            mesh_ca::tokenreview::TokenReviewer::new(client.clone(), args.auth_audience.clone()),
+            args.auth_audience.clone(),
+        ),
+        audit: audit::Audit::new(sinks, secrets_metrics.audit_failures.clone()),
+        logical,
+        metrics: secrets_metrics,
+    });
 
     let resolver = Arc::new(https::ServingCert::default());
     let tls = https::server_config(resolver.clone())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let router = api::router(api::Mounts { mesh_ca: ca.clone() });
+    let router = api::router(api::Mounts {
+        mesh_ca: ca.clone(),
+        secrets: engine.clone(),
+    });
+    let secrets_task = tokio::spawn(run_secrets(engine.clone(), storage, client.clone(), args.clone()));
 
     let ca_task = tokio::spawn(ca.clone().run(stop.stopped()));
     let cert_task = tokio::spawn(https::keep_serving_cert(
@@ -143,6 +223,46 @@ async fn main() -> anyhow::Result<()> {
 
     health.set(false);
     cert_task.abort();
+    secrets_task.abort();
     let _ = ca_task.await;
     Ok(admin.finish().await?)
+}
+
+/// The secrets engine's background work: wait for storage, unseal in development mode,
+/// and revoke expired tokens.
+async fn run_secrets(
+    engine: Arc<vault::Engine>,
+    storage: Arc<KubeStorage>,
+    client: kube::Client,
+    args: Args,
+) {
+    storage.wait_synced().await;
+    tracing::info!("Secrets storage synced");
+    tokio::spawn(
+        engine
+            .leases
+            .clone()
+            .run(engine.tokens.clone(), engine.seal.clone()),
+    );
+    if let Some(secret) = &args.dev_auto_unseal {
+        let backend: Arc<dyn capstan_engine::storage::Backend> = storage.clone();
+        match dev_unseal::auto_unseal(client, &args.namespace, secret, &engine.seal, backend).await {
+            Ok(()) => vault::after_unseal(&engine).await,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "Development auto-unseal failed; the engine stays sealed")
+            }
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        if engine.seal.is_sealed() {
+            continue;
+        }
+        match engine.tokens.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(revoked = n, "Revoked expired tokens"),
+            Err(error) => tracing::warn!(%error, "Sweeping expired tokens"),
+        }
+    }
 }

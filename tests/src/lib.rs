@@ -364,6 +364,21 @@ impl ControllerProcess {
     }
 
     pub async fn start(client: &Client, identity: &str, timings: LeaseTimings) -> Result<Self> {
+        Self::start_with(client, identity, timings, &[]).await
+    }
+
+    /// The only controller, with `extra` flags (e.g. `--engine-url` for SecretSync).
+    pub async fn sole_with(client: &Client, identity: &str, extra: &[&str]) -> Result<Self> {
+        clear_lease(client).await;
+        Self::start_with(client, identity, LeaseTimings::default(), extra).await
+    }
+
+    pub async fn start_with(
+        client: &Client,
+        identity: &str,
+        timings: LeaseTimings,
+        extra: &[&str],
+    ) -> Result<Self> {
         install_chart();
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
         let admin = free_port();
@@ -392,6 +407,7 @@ impl ControllerProcess {
                 "--retry-period-seconds",
                 &timings.retry_period.to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -498,6 +514,8 @@ pub async fn wait_ready(
     .await
 }
 pub mod netns;
+pub mod postgres;
+pub mod secrets;
 
 // === The mesh CA (capstan-engine) ===
 

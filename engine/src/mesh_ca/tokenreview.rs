@@ -102,10 +102,15 @@ impl TokenReviewer {
     }
 
     pub async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        self.review_for(token, &self.audience).await
+    }
+
+    /// Checks `token` for `audience` (the secrets engine's auth roles each name theirs).
+    pub async fn review_for(&self, token: &str, audience: &str) -> Result<Caller, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
-                audiences: Some(vec![self.audience.clone()]),
+                audiences: Some(vec![audience.to_owned()]),
             },
             ..Default::default()
         };
@@ -119,7 +124,7 @@ impl TokenReviewer {
         if let Some(error) = status.error.as_deref().filter(|e| !e.is_empty()) {
             tracing::debug!(%error, "TokenReview refused a token");
         }
-        caller_from_status(&status, &self.audience)
+        caller_from_status(&status, audience)
     }
 }
 

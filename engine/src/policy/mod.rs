@@ -182,6 +182,15 @@ path "auth/token/revoke-self" {
 path "sys/capabilities-self" {
   capabilities = ["update"]
 }
+
+# A token may renew and look up the leases it knows the ids of (as Vault's default).
+path "sys/leases/renew" {
+  capabilities = ["update"]
+}
+
+path "sys/leases/lookup" {
+  capabilities = ["update"]
+}
 "#;
 
 #[cfg(test)]

@@ -1,0 +1,427 @@
+//! The audit log: every request and its response, one JSON line each, with every string
+//! value (tokens, accessors, secret data) replaced by its HMAC-SHA256 under a key kept in
+//! the barrier, so the log shows that a value was seen and lets an operator check a
+//! suspected value (`sys/audit-hash`), without holding it. Fail-closed (DESIGN decision
+//! 4): a request whose record no sink accepted does not run, and a response whose record
+//! no sink accepted is replaced by an error. A sink that hangs counts as failed after
+//! `WRITE_TIMEOUT`.
+
+use crate::{
+    logical::{Logical, LogicalError},
+    storage::Precondition,
+};
+use parking_lot::Mutex;
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+/// How long one sink may take to accept a record.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const HMAC_KEY_PATH: &str = "core/audit-hmac-key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("no audit sink succeeded; the request was not processed")]
+    NoSink,
+    #[error("audit sink {path}: {reason}")]
+    Config { path: String, reason: String },
+    #[error("the audit HMAC key: {0}")]
+    Key(&'static str),
+    #[error(transparent)]
+    Storage(#[from] LogicalError),
+}
+
+/// Where records go.
+pub enum Sink {
+    File { path: PathBuf, file: Mutex<File> },
+    Stdout,
+}
+
+impl Sink {
+    /// A file sink: created 0600 if absent; an existing file must be a regular file no
+    /// one else can read or write and that nobody can execute (V19).
+    pub fn file(path: &Path) -> Result<Self, AuditError> {
+        let config = |reason: String| AuditError::Config {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            let kind = meta.file_type();
+            if kind.is_dir() || kind.is_symlink() {
+                return Err(config("a directory or a symbolic link, not a file".into()));
+            }
+            let mode = meta.permissions().mode() & 0o777;
+            // Devices and pipes (a log shipper's FIFO) keep their own modes; an
+            // executable bit is refused on anything.
+            if !kind.is_file() && mode & 0o111 == 0 {
+                return Self::open(path).map_err(config);
+            }
+            if mode & 0o177 != 0 {
+                return Err(config(format!(
+                    "mode {mode:04o} is too open: an audit file must be 0600 or stricter, never executable"
+                )));
+            }
+        }
+        Self::open(path).map_err(config)
+    }
+
+    fn open(path: &Path) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| e.to_string())?;
+        Ok(Self::File {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Self::File { path, .. } => path.display().to_string(),
+            Self::Stdout => "stdout".into(),
+        }
+    }
+
+    fn write(&self, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::File { file, .. } => file.lock().write_all(line),
+            Self::Stdout => std::io::stdout().lock().write_all(line),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct HmacKey {
+    key: String,
+}
+
+/// Who made a request, as the record shows it (HMAC'd where secret).
+#[derive(Clone, Debug, Default)]
+pub struct AuthInfo {
+    pub token: Option<String>,
+    pub accessor: Option<String>,
+    pub policies: Vec<String>,
+    pub display_name: String,
+    pub metadata: Map<String, Value>,
+}
+
+#[derive(Clone)]
+pub struct Audit {
+    sinks: Arc<Vec<Arc<Sink>>>,
+    key: Arc<Mutex<Option<ring::hmac::Key>>>,
+    failures: Family<Vec<(String, String)>, Counter>,
+}
+
+impl Audit {
+    pub fn new(sinks: Vec<Sink>, failures: Family<Vec<(String, String)>, Counter>) -> Self {
+        Self {
+            sinks: Arc::new(sinks.into_iter().map(Arc::new).collect()),
+            key: Arc::default(),
+            failures,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.sinks.is_empty()
+    }
+
+    /// Loads (or creates, once across replicas) the HMAC key; called after unseal.
+    pub async fn load_key(&self, logical: &Logical) -> Result<(), AuditError> {
+        let stored = match logical.get_fresh::<HmacKey>(HMAC_KEY_PATH).await? {
+            Some(v) => v.value,
+            None => {
+                let fresh = HmacKey {
+                    key: hex::encode(rand::random::<[u8; 32]>()),
+                };
+                match logical.put(HMAC_KEY_PATH, &fresh, Precondition::Absent).await {
+                    Ok(_) => fresh,
+                    Err(LogicalError::Storage(crate::storage::StorageError::Conflict(_))) => {
+                        logical
+                            .get_fresh::<HmacKey>(HMAC_KEY_PATH)
+                            .await?
+                            .ok_or(AuditError::Key("vanished after a conflict"))?
+                            .value
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let bytes = hex::decode(&stored.key).map_err(|_| AuditError::Key("stored key is not hex"))?;
+        *self.key.lock() = Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes));
+        Ok(())
+    }
+
+    pub fn forget_key(&self) {
+        *self.key.lock() = None;
+    }
+
+    /// `hmac-sha256:<hex>` of `value`, as the log shows it.
+    pub fn hash(&self, value: &str) -> Option<String> {
+        let key = self.key.lock().clone()?;
+        Some(format!(
+            "hmac-sha256:{}",
+            hex::encode(ring::hmac::sign(&key, value.as_bytes()).as_ref())
+        ))
+    }
+
+    /// Every string in `value`, at any depth, replaced by its HMAC (numbers and booleans
+    /// stay: they are not secrets in any engine we have, and they help reading the log).
+    fn hash_value(&self, value: &Value) -> Value {
+        match value {
+            Value::String(s) => {
+                Value::String(self.hash(s).unwrap_or_else(|| "hmac-sha256:unavailable".into()))
+            }
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.hash_value(v)).collect()),
+            Value::Object(map) => {
+                Value::Object(map.iter().map(|(k, v)| (k.clone(), self.hash_value(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    fn auth_json(&self, auth: &AuthInfo) -> Value {
+        serde_json::json!({
+            "client_token": auth.token.as_deref().map(|t| self.hash_value(&Value::String(t.to_owned()))),
+            "accessor": auth.accessor.as_deref().map(|a| self.hash_value(&Value::String(a.to_owned()))),
+            "policies": auth.policies,
+            "display_name": auth.display_name,
+            "metadata": auth.metadata,
+        })
+    }
+
+    /// Records a request before it runs.
+    pub async fn request(
+        &self,
+        id: &str,
+        operation: &str,
+        path: &str,
+        auth: &AuthInfo,
+        data: Option<&Value>,
+        remote: &str,
+    ) -> Result<(), AuditError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let record = serde_json::json!({
+            "time": jiff::Timestamp::now().to_string(),
+            "type": "request",
+            "auth": self.auth_json(auth),
+            "request": {
+                "id": id,
+                "operation": operation,
+                "path": path,
+                "data": data.map(|d| self.hash_value(d)),
+                "remote_address": remote,
+            },
+        });
+        self.write(record).await
+    }
+
+    /// Records a response before it is sent. `response_auth` is a token the response
+    /// hands out (login, token create).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn response(
+        &self,
+        id: &str,
+        operation: &str,
+        path: &str,
+        auth: &AuthInfo,
+        status: u16,
+        body: Option<&Value>,
+        remote: &str,
+    ) -> Result<(), AuditError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let record = serde_json::json!({
+            "time": jiff::Timestamp::now().to_string(),
+            "type": "response",
+            "auth": self.auth_json(auth),
+            "request": { "id": id, "operation": operation, "path": path, "remote_address": remote },
+            "response": {
+                "status": status,
+                "body": body.map(|b| self.hash_value(b)),
+            },
+        });
+        self.write(record).await
+    }
+
+    /// Writes one record to every sink at once; Ok once at least one accepted it.
+    async fn write(&self, record: Value) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(&record).map_err(|_| AuditError::NoSink)?;
+        line.push(b'\n');
+        let line: Arc<[u8]> = line.into();
+        let writes = self.sinks.iter().map(|sink| {
+            let sink = sink.clone();
+            let line = line.clone();
+            async move {
+                let name = sink.name();
+                let result = tokio::time::timeout(
+                    WRITE_TIMEOUT,
+                    tokio::task::spawn_blocking(move || sink.write(&line)),
+                )
+                .await;
+                match result {
+                    Ok(Ok(Ok(()))) => true,
+                    Ok(Ok(Err(error))) => {
+                        tracing::error!(sink = %name, %error, "Writing an audit record failed");
+                        self.failures
+                            .get_or_create(&vec![("sink".into(), name), ("reason".into(), "error".into())])
+                            .inc();
+                        false
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::error!(sink = %name, "An audit sink did not accept a record in time");
+                        self.failures
+                            .get_or_create(&vec![("sink".into(), name), ("reason".into(), "timeout".into())])
+                            .inc();
+                        false
+                    }
+                }
+            }
+        });
+        let results = futures::future::join_all(writes).await;
+        if results.iter().any(|ok| *ok) {
+            Ok(())
+        } else {
+            Err(AuditError::NoSink)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn audit(sinks: Vec<Sink>) -> Audit {
+        Audit::new(sinks, Family::default())
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("capstan-audit-{name}-{:08x}", rand::random::<u32>()))
+    }
+
+    #[tokio::test]
+    async fn one_working_sink_is_enough_none_fails_the_request() {
+        let good = temp("good");
+        let both = audit(vec![
+            Sink::file(Path::new("/dev/full")).unwrap(),
+            Sink::file(&good).unwrap(),
+        ]);
+        both.request("1", "read", "secret/data/x", &AuthInfo::default(), None, "")
+            .await
+            .unwrap();
+        assert!(std::fs::read_to_string(&good).unwrap().contains("secret/data/x"));
+        assert_eq!(
+            std::fs::metadata(&good).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let failing = audit(vec![Sink::file(Path::new("/dev/full")).unwrap()]);
+        assert!(matches!(
+            failing
+                .request("2", "read", "secret/data/x", &AuthInfo::default(), None, "")
+                .await,
+            Err(AuditError::NoSink)
+        ));
+        let _ = std::fs::remove_file(good);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_sink_fails_within_the_timeout() {
+        // A FIFO whose reader never reads: writes block once the pipe is full (V16).
+        let fifo = temp("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let mut reader = std::process::Command::new("sh")
+            .args(["-c", &format!("exec sleep 60 3<'{}'", fifo.display())])
+            .spawn()
+            .unwrap();
+        let sink = Sink::file(&fifo).unwrap();
+        let hanging = audit(vec![sink]);
+        let data = Value::String("x".repeat(4096));
+        let started = Instant::now();
+        let mut failed = false;
+        for i in 0..1024 {
+            if hanging
+                .request(
+                    &i.to_string(),
+                    "update",
+                    "secret/data/x",
+                    &AuthInfo::default(),
+                    Some(&data),
+                    "",
+                )
+                .await
+                .is_err()
+            {
+                failed = true;
+                break;
+            }
+        }
+        assert!(
+            failed,
+            "a sink that stops accepting records must fail the request"
+        );
+        assert!(started.elapsed() < WRITE_TIMEOUT * 3);
+        let _ = reader.kill();
+        let _ = reader.wait();
+        let _ = std::fs::remove_file(fifo);
+    }
+
+    #[test]
+    fn files_others_can_read_or_execute_are_refused() {
+        for mode in [0o644, 0o755, 0o700] {
+            let path = temp("mode");
+            std::fs::write(&path, "").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(
+                matches!(Sink::file(&path), Err(AuditError::Config { .. })),
+                "{mode:o}"
+            );
+            let _ = std::fs::remove_file(path);
+        }
+        assert!(Sink::file(&std::env::temp_dir()).is_err(), "a directory");
+    }
+
+    #[tokio::test]
+    async fn strings_are_hmacd_and_the_hash_is_reproducible() {
+        let path = temp("hmac");
+        let audit = audit(vec![Sink::file(&path).unwrap()]);
+        let logical = crate::token::tests::unsealed().await;
+        audit.load_key(&logical).await.unwrap();
+        let auth = AuthInfo {
+            token: Some("hvs.secret-token".into()),
+            accessor: Some("accessor-1".into()),
+            ..Default::default()
+        };
+        let data = serde_json::json!({"data": {"password": "hunter2", "n": 3}});
+        audit
+            .request("1", "update", "secret/data/x", &auth, Some(&data), "")
+            .await
+            .unwrap();
+        let line = std::fs::read_to_string(&path).unwrap();
+        for secret in ["hunter2", "hvs.secret-token", "accessor-1"] {
+            assert!(!line.contains(secret), "{secret} in {line}");
+            assert!(line.contains(&audit.hash(secret).unwrap()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -1,0 +1,325 @@
+//! The Kubernetes auth method: a workload logs in with its projected ServiceAccount
+//! token; the API server checks it (TokenReview, for the role's audience), and a role
+//! binds ServiceAccount names and namespaces to policies and token lifetimes. The token
+//! the engine issues records the ServiceAccount's UID (DESIGN decision 6): a
+//! ServiceAccount deleted and re-created under the same name is another identity, and
+//! tokens of the deleted one are refused by the API server.
+
+use crate::{
+    logical::{Logical, LogicalError},
+    mesh_ca::tokenreview::{AuthError, Caller, TokenReviewer},
+    storage::Precondition,
+    token::{NewToken, TokenEntry, TokenError, Tokens},
+};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+const PREFIX: &str = "auth/kubernetes/role/";
+
+/// A role as stored and as `auth/kubernetes/role/<name>` reads it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Role {
+    pub bound_service_account_names: Vec<String>,
+    pub bound_service_account_namespaces: Vec<String>,
+    /// The audience the ServiceAccount token must carry.
+    pub audience: String,
+    pub token_policies: Vec<String>,
+    /// Seconds (0: the system default).
+    pub token_ttl: u64,
+    pub token_max_ttl: u64,
+}
+
+/// What a role write accepts: Vault's field names, its older aliases, lists as JSON
+/// arrays or comma-separated strings, durations as seconds or "1h".
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRequest {
+    #[serde(default, deserialize_with = "list")]
+    bound_service_account_names: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "list")]
+    bound_service_account_namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    audience: Option<String>,
+    #[serde(default, deserialize_with = "list")]
+    token_policies: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "list")]
+    policies: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "duration")]
+    token_ttl: Option<u64>,
+    #[serde(default, deserialize_with = "duration")]
+    ttl: Option<u64>,
+    #[serde(default, deserialize_with = "duration")]
+    token_max_ttl: Option<u64>,
+    #[serde(default, deserialize_with = "duration")]
+    max_ttl: Option<u64>,
+    /// Only `serviceaccount_uid` (DESIGN decision 6); accepted for Vault clients that send it.
+    #[serde(default)]
+    alias_name_source: Option<String>,
+    /// Only service tokens exist here (`service` or `default`).
+    #[serde(default)]
+    token_type: Option<String>,
+    /// Periodic tokens are not supported; refused rather than ignored.
+    #[serde(default, deserialize_with = "duration")]
+    period: Option<u64>,
+}
+
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::String(s) => Some(
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ),
+        Value::Array(items) => Some(
+            items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(serde::de::Error::custom(format!(
+                        "expected a string, got {other}"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        other => return Err(serde::de::Error::custom(format!("expected a list, got {other}"))),
+    })
+}
+
+/// Seconds, or a duration string (`90`, `"90"`, `"90s"`, `"1h"`).
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::Number(n) => Some(
+            n.as_u64()
+                .ok_or_else(|| serde::de::Error::custom("a duration must be whole seconds"))?,
+        ),
+        Value::String(s) => Some(parse_duration(&s).map_err(serde::de::Error::custom)?),
+        other => {
+            return Err(serde::de::Error::custom(format!(
+                "expected a duration, got {other}"
+            )));
+        }
+    })
+}
+
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(0);
+    }
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Ok(seconds);
+    }
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("permission denied")]
+    Denied,
+    #[error("the token could not be checked now")]
+    Unavailable,
+    #[error(transparent)]
+    Storage(#[from] LogicalError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name != "."
+        && name != ".."
+}
+
+fn bound(list: &[String], value: &str) -> bool {
+    list.iter().any(|b| b == "*" || b == value)
+}
+
+#[derive(Clone)]
+pub struct KubernetesAuth {
+    logical: Logical,
+    reviewer: TokenReviewer,
+    default_audience: String,
+}
+
+impl KubernetesAuth {
+    pub fn new(logical: Logical, reviewer: TokenReviewer, default_audience: String) -> Self {
+        Self {
+            logical,
+            reviewer,
+            default_audience,
+        }
+    }
+
+    pub async fn write_role(&self, name: &str, request: RoleRequest) -> Result<(), LoginError> {
+        if !valid_name(name) {
+            return Err(LoginError::Invalid(format!("invalid role name {name:?}")));
+        }
+        if request
+            .alias_name_source
+            .as_deref()
+            .is_some_and(|s| s != "serviceaccount_uid")
+        {
+            return Err(LoginError::Invalid(
+                "alias_name_source must be serviceaccount_uid: identities are bound to the ServiceAccount's UID".into(),
+            ));
+        }
+        if request
+            .token_type
+            .as_deref()
+            .is_some_and(|t| !matches!(t, "" | "service" | "default"))
+        {
+            return Err(LoginError::Invalid(
+                "token_type: only service tokens are supported".into(),
+            ));
+        }
+        if request.period.is_some_and(|p| p > 0) {
+            return Err(LoginError::Invalid(
+                "period: periodic tokens are not supported".into(),
+            ));
+        }
+        let current = self.read_role(name).await?.unwrap_or_default();
+        let role = Role {
+            bound_service_account_names: request
+                .bound_service_account_names
+                .unwrap_or(current.bound_service_account_names),
+            bound_service_account_namespaces: request
+                .bound_service_account_namespaces
+                .unwrap_or(current.bound_service_account_namespaces),
+            audience: request.audience.filter(|a| !a.is_empty()).unwrap_or_else(|| {
+                if current.audience.is_empty() {
+                    self.default_audience.clone()
+                } else {
+                    current.audience
+                }
+            }),
+            token_policies: request
+                .token_policies
+                .or(request.policies)
+                .unwrap_or(current.token_policies)
+                .iter()
+                .map(|p| crate::policies::canonical(p))
+                .collect(),
+            token_ttl: request.token_ttl.or(request.ttl).unwrap_or(current.token_ttl),
+            token_max_ttl: request
+                .token_max_ttl
+                .or(request.max_ttl)
+                .unwrap_or(current.token_max_ttl),
+        };
+        if role.bound_service_account_names.is_empty() || role.bound_service_account_namespaces.is_empty() {
+            return Err(LoginError::Invalid(
+                "bound_service_account_names and bound_service_account_namespaces are required".into(),
+            ));
+        }
+        if role.token_policies.iter().any(|p| p == "root") {
+            return Err(LoginError::Invalid("a role cannot grant the root policy".into()));
+        }
+        if role.token_max_ttl > 0 && role.token_ttl > role.token_max_ttl {
+            return Err(LoginError::Invalid(
+                "token_ttl cannot be greater than token_max_ttl".into(),
+            ));
+        }
+        self.logical
+            .put(&format!("{PREFIX}{name}"), &role, Precondition::None)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn read_role(&self, name: &str) -> Result<Option<Role>, LoginError> {
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        Ok(self
+            .logical
+            .get::<Role>(&format!("{PREFIX}{name}"))
+            .await?
+            .map(|v| v.value))
+    }
+
+    pub async fn delete_role(&self, name: &str) -> Result<(), LoginError> {
+        if valid_name(name) {
+            self.logical
+                .delete(&format!("{PREFIX}{name}"), Precondition::None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn list_roles(&self) -> Result<Vec<String>, LoginError> {
+        Ok(self.logical.list(PREFIX).await?)
+    }
+
+    /// Checks `jwt` for `role` and issues a token.
+    pub async fn login(
+        &self,
+        tokens: &Tokens,
+        role_name: &str,
+        jwt: &str,
+    ) -> Result<(String, TokenEntry, Caller), LoginError> {
+        if role_name.is_empty() || jwt.is_empty() {
+            return Err(LoginError::Invalid("missing role or jwt".into()));
+        }
+        // An unknown role and a refused token answer alike: a caller cannot probe roles.
+        let role = self.read_role(role_name).await?.ok_or(LoginError::Denied)?;
+        let caller = match self.reviewer.review_for(jwt, &role.audience).await {
+            Ok(caller) => caller,
+            Err(AuthError::Unavailable(error)) => {
+                tracing::warn!(%error, "TokenReview unavailable for a login");
+                return Err(LoginError::Unavailable);
+            }
+            Err(error) => {
+                tracing::info!(role = %role_name, reason = %error, "Login refused");
+                return Err(LoginError::Denied);
+            }
+        };
+        let (ns, sa) = (&caller.identity.namespace, &caller.identity.service_account);
+        if !bound(&role.bound_service_account_namespaces, ns) || !bound(&role.bound_service_account_names, sa)
+        {
+            tracing::info!(role = %role_name, namespace = %ns, service_account = %sa, "Login refused: the role does not bind this ServiceAccount");
+            return Err(LoginError::Denied);
+        }
+        let mut policies = role.token_policies.clone();
+        if !policies.iter().any(|p| p == "default") {
+            policies.push("default".into());
+        }
+        let mut meta = BTreeMap::from([
+            ("role".to_owned(), role_name.to_owned()),
+            ("service_account_name".to_owned(), sa.clone()),
+            ("service_account_namespace".to_owned(), ns.clone()),
+            ("service_account_uid".to_owned(), caller.uid.clone()),
+        ]);
+        if let Some(pod) = &caller.pod {
+            meta.insert("pod_name".into(), pod.clone());
+        }
+        let (token, entry) = tokens
+            .create(
+                NewToken {
+                    policies,
+                    parent: None,
+                    path: "auth/kubernetes/login".into(),
+                    display_name: format!("kubernetes-{ns}-{sa}"),
+                    meta,
+                    ttl: role.token_ttl,
+                    max_ttl: role.token_max_ttl,
+                    renewable: true,
+                    no_expiry: false,
+                },
+                None,
+            )
+            .await?;
+        tracing::info!(role = %role_name, namespace = %ns, service_account = %sa, uid = %caller.uid, "Login");
+        Ok((token, entry, caller))
+    }
+}

@@ -1,0 +1,446 @@
+//! Tokens: what every authenticated request carries. A token is a random string the
+//! caller holds; the engine stores only its SHA-256 (a leaked storage dump holds no
+//! usable token), with its policies, its lifetime, and its parent: revoking a token
+//! revokes every token created under it. An accessor names a token without being one.
+
+use crate::{
+    logical::{Logical, LogicalError},
+    storage::Precondition,
+};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+const ID_PREFIX: &str = "sys/token/id/";
+const ACCESSOR_PREFIX: &str = "sys/token/accessor/";
+const PARENT_PREFIX: &str = "sys/token/parent/";
+
+/// The system-wide maximum lifetime (Vault's default, 32 days).
+pub const MAX_TTL: u64 = 768 * 3600;
+
+/// A stored token. `id_hash` is the SHA-256 of the token; the token itself is never
+/// stored, logged or returned after its creation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub id_hash: String,
+    pub accessor: String,
+    pub policies: Vec<String>,
+    /// The parent's `id_hash`; None for root and orphan tokens.
+    pub parent: Option<String>,
+    /// The path that created it (`auth/token/root`, `auth/token/create`,
+    /// `auth/kubernetes/login`).
+    pub path: String,
+    pub display_name: String,
+    pub meta: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub creation_time: i64,
+    /// The TTL last granted, seconds (0: never expires; only root tokens).
+    pub ttl: u64,
+    /// When it expires, unix seconds (None: never).
+    pub expire_time: Option<i64>,
+    /// The latest it may ever be renewed to, unix seconds (None: no bound).
+    pub max_expire_time: Option<i64>,
+    pub renewable: bool,
+}
+
+impl TokenEntry {
+    pub fn is_root(&self) -> bool {
+        self.policies.iter().any(|p| p == "root")
+    }
+
+    pub fn expired(&self, now: i64) -> bool {
+        self.expire_time.is_some_and(|t| t <= now)
+    }
+
+    /// Seconds left (0 for a token that never expires, as Vault reports it).
+    pub fn ttl_left(&self, now: i64) -> u64 {
+        self.expire_time.map_or(0, |t| (t - now).max(0) as u64)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("permission denied")]
+    Invalid,
+    #[error("{0}")]
+    Request(String),
+    #[error(transparent)]
+    Storage(#[from] LogicalError),
+}
+
+/// What creating a token asks for.
+#[derive(Clone, Debug, Default)]
+pub struct NewToken {
+    pub policies: Vec<String>,
+    pub parent: Option<String>,
+    pub path: String,
+    pub display_name: String,
+    pub meta: BTreeMap<String, String>,
+    /// Requested TTL (0: the default).
+    pub ttl: u64,
+    /// Requested max TTL (0: the system maximum).
+    pub max_ttl: u64,
+    pub renewable: bool,
+    /// Root tokens only: no expiry.
+    pub no_expiry: bool,
+}
+
+pub fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+pub fn hash(token: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+fn random(len: usize) -> String {
+    let bytes: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+    B64URL.encode(bytes)
+}
+
+#[derive(Serialize, Deserialize)]
+struct AccessorEntry {
+    id_hash: String,
+}
+
+#[derive(Clone)]
+pub struct Tokens {
+    logical: Logical,
+}
+
+impl Tokens {
+    pub fn new(logical: Logical) -> Self {
+        Self { logical }
+    }
+
+    /// Creates a token; returns the token (shown once) and its entry. A child never
+    /// outlives its parent.
+    pub async fn create(
+        &self,
+        request: NewToken,
+        parent: Option<&TokenEntry>,
+    ) -> Result<(String, TokenEntry), TokenError> {
+        let now = now();
+        let system_max = MAX_TTL;
+        let max_ttl = if request.max_ttl == 0 {
+            system_max
+        } else {
+            request.max_ttl.min(system_max)
+        };
+        let ttl = if request.ttl == 0 {
+            max_ttl
+        } else {
+            request.ttl.min(max_ttl)
+        };
+        let (mut expire_time, mut max_expire_time) = if request.no_expiry {
+            (None, None)
+        } else {
+            (Some(now + ttl as i64), Some(now + max_ttl as i64))
+        };
+        if let Some(parent) = parent
+            && let Some(parent_max) = parent.expire_time
+        {
+            expire_time = Some(expire_time.map_or(parent_max, |t| t.min(parent_max)));
+            max_expire_time = Some(max_expire_time.map_or(parent_max, |t| t.min(parent_max)));
+        }
+        let token = format!("hvs.{}", random(24));
+        let entry = TokenEntry {
+            id_hash: hash(&token),
+            accessor: random(18),
+            policies: request.policies,
+            parent: request.parent,
+            path: request.path,
+            display_name: request.display_name,
+            meta: request.meta,
+            creation_time: now,
+            ttl: expire_time.map_or(0, |t| (t - now).max(0) as u64),
+            expire_time,
+            max_expire_time,
+            renewable: request.renewable && !request.no_expiry,
+        };
+        // The parent index first: a crash after it leaves an index pointing at nothing
+        // (harmless), never a child its parent's revocation cannot find.
+        if let Some(parent) = &entry.parent {
+            self.logical
+                .put(
+                    &format!("{PARENT_PREFIX}{parent}/{}", entry.id_hash),
+                    &(),
+                    Precondition::None,
+                )
+                .await?;
+        }
+        self.logical
+            .put(
+                &format!("{ACCESSOR_PREFIX}{}", entry.accessor),
+                &AccessorEntry {
+                    id_hash: entry.id_hash.clone(),
+                },
+                Precondition::Absent,
+            )
+            .await?;
+        self.logical
+            .put(
+                &format!("{ID_PREFIX}{}", entry.id_hash),
+                &entry,
+                Precondition::Absent,
+            )
+            .await?;
+        Ok((token, entry))
+    }
+
+    async fn by_hash(&self, id_hash: &str) -> Result<Option<TokenEntry>, TokenError> {
+        if id_hash.len() != 64 || !id_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        Ok(self
+            .logical
+            .get::<TokenEntry>(&format!("{ID_PREFIX}{id_hash}"))
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// Whether a token (by hash) is still stored; an expired one not yet swept counts
+    /// as gone.
+    pub async fn exists_hash(&self, id_hash: &str) -> Result<bool, TokenError> {
+        Ok(self.by_hash(id_hash).await?.is_some_and(|e| !e.expired(now())))
+    }
+
+    /// The live entry of `token`; an expired token is revoked here and refused.
+    pub async fn lookup(&self, token: &str) -> Result<TokenEntry, TokenError> {
+        self.live(&hash(token)).await
+    }
+
+    async fn live(&self, id_hash: &str) -> Result<TokenEntry, TokenError> {
+        let entry = self.by_hash(id_hash).await?.ok_or(TokenError::Invalid)?;
+        if entry.expired(now()) {
+            let _ = self.revoke_hash(id_hash).await;
+            return Err(TokenError::Invalid);
+        }
+        Ok(entry)
+    }
+
+    pub async fn lookup_accessor(&self, accessor: &str) -> Result<TokenEntry, TokenError> {
+        let id_hash = self.accessor_hash(accessor).await?;
+        self.live(&id_hash).await
+    }
+
+    async fn accessor_hash(&self, accessor: &str) -> Result<String, TokenError> {
+        if accessor.is_empty() || accessor.contains('/') || accessor.len() > 64 {
+            return Err(TokenError::Invalid);
+        }
+        Ok(self
+            .logical
+            .get::<AccessorEntry>(&format!("{ACCESSOR_PREFIX}{accessor}"))
+            .await?
+            .ok_or(TokenError::Invalid)?
+            .value
+            .id_hash)
+    }
+
+    /// Extends a token by `increment` seconds (0: its original TTL), never past its max.
+    pub async fn renew(&self, token: &str, increment: u64) -> Result<TokenEntry, TokenError> {
+        let path = format!("{ID_PREFIX}{}", hash(token));
+        let now = now();
+        let result = self
+            .logical
+            .update::<TokenEntry, TokenError, _>(&path, |current| {
+                let mut entry = current.ok_or(TokenError::Invalid)?;
+                if entry.expired(now) {
+                    return Err(TokenError::Invalid);
+                }
+                if !entry.renewable {
+                    return Err(TokenError::Request("this token is not renewable".into()));
+                }
+                let increment = if increment == 0 {
+                    entry.ttl.max(1)
+                } else {
+                    increment
+                };
+                let max = entry.max_expire_time.unwrap_or(i64::MAX);
+                if max <= now {
+                    return Err(TokenError::Request("this token is past its max TTL".into()));
+                }
+                let expire = (now + increment as i64).min(max);
+                entry.expire_time = Some(expire);
+                entry.ttl = (expire - now) as u64;
+                Ok(Some(entry))
+            })
+            .await?;
+        result.map(|e| e.expect("renew writes an entry"))
+    }
+
+    /// Revokes `token` and every token created under it.
+    pub async fn revoke(&self, token: &str) -> Result<(), TokenError> {
+        self.revoke_hash(&hash(token)).await
+    }
+
+    pub async fn revoke_accessor(&self, accessor: &str) -> Result<(), TokenError> {
+        let id_hash = self.accessor_hash(accessor).await?;
+        self.revoke_hash(&id_hash).await
+    }
+
+    /// Children first, depth first: if revocation stops half way, what remains is still
+    /// reachable from the parent, and revoking it again finishes the job.
+    pub fn revoke_hash<'a>(
+        &'a self,
+        id_hash: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), TokenError>> {
+        Box::pin(async move {
+            let children_prefix = format!("{PARENT_PREFIX}{id_hash}/");
+            for child in self.logical.list(&children_prefix).await? {
+                self.revoke_hash(child.trim_end_matches('/')).await?;
+                self.logical
+                    .delete(&format!("{children_prefix}{child}"), Precondition::None)
+                    .await?;
+            }
+            let path = format!("{ID_PREFIX}{id_hash}");
+            if let Some(entry) = self.by_hash(id_hash).await? {
+                self.logical
+                    .delete(
+                        &format!("{ACCESSOR_PREFIX}{}", entry.accessor),
+                        Precondition::None,
+                    )
+                    .await?;
+                if let Some(parent) = &entry.parent {
+                    self.logical
+                        .delete(&format!("{PARENT_PREFIX}{parent}/{id_hash}"), Precondition::None)
+                        .await?;
+                }
+            }
+            self.logical.delete(&path, Precondition::None).await?;
+            Ok(())
+        })
+    }
+
+    /// Revokes every expired token (the sweeper calls this; lookups refuse them anyway).
+    pub async fn sweep(&self) -> Result<usize, TokenError> {
+        let now = now();
+        let mut revoked = 0;
+        for id_hash in self.logical.list(ID_PREFIX).await? {
+            if let Some(entry) = self.by_hash(&id_hash).await?
+                && entry.expired(now)
+            {
+                self.revoke_hash(&id_hash).await?;
+                revoked += 1;
+            }
+        }
+        Ok(revoked)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{seal::Seal, storage::memory::Memory};
+    use std::sync::Arc;
+
+    pub(crate) async fn unsealed() -> Logical {
+        let backend: Arc<dyn crate::storage::Backend> = Arc::new(Memory::default());
+        let seal = Arc::new(Seal::new(backend.clone()));
+        let init = seal.init(1, 1, false).await.unwrap();
+        seal.unseal(init.shares[0].clone()).await.unwrap();
+        Logical::new(backend, seal, Default::default())
+    }
+
+    fn child(policies: &[&str], parent: &TokenEntry, ttl: u64) -> NewToken {
+        NewToken {
+            policies: policies.iter().map(|p| p.to_string()).collect(),
+            parent: Some(parent.id_hash.clone()),
+            path: "auth/token/create".into(),
+            ttl,
+            renewable: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_a_parent_revokes_its_descendants() {
+        let tokens = Tokens::new(unsealed().await);
+        let (root, root_entry) = tokens
+            .create(
+                NewToken {
+                    policies: vec!["root".into()],
+                    no_expiry: true,
+                    path: "auth/token/root".into(),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let (a, a_entry) = tokens
+            .create(child(&["app"], &root_entry, 600), Some(&root_entry))
+            .await
+            .unwrap();
+        let (b, b_entry) = tokens
+            .create(child(&["app"], &a_entry, 600), Some(&a_entry))
+            .await
+            .unwrap();
+        let (c, _) = tokens
+            .create(child(&["app"], &b_entry, 600), Some(&b_entry))
+            .await
+            .unwrap();
+        let (other, _) = tokens
+            .create(child(&["app"], &root_entry, 600), Some(&root_entry))
+            .await
+            .unwrap();
+        tokens.revoke(&a).await.unwrap();
+        for gone in [&a, &b, &c] {
+            assert!(matches!(tokens.lookup(gone).await, Err(TokenError::Invalid)));
+        }
+        tokens.lookup(&other).await.unwrap();
+        tokens.lookup(&root).await.unwrap();
+        assert!(matches!(
+            tokens.lookup_accessor(&b_entry.accessor).await,
+            Err(TokenError::Invalid)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_child_never_outlives_its_parent_and_renewal_stops_at_max_ttl() {
+        let tokens = Tokens::new(unsealed().await);
+        let (_, parent) = tokens
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    ttl: 100,
+                    max_ttl: 100,
+                    renewable: true,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let (child_token, entry) = tokens
+            .create(child(&["app"], &parent, 10_000), Some(&parent))
+            .await
+            .unwrap();
+        assert!(entry.expire_time <= parent.expire_time);
+        assert!(entry.ttl <= 100);
+        let renewed = tokens.renew(&child_token, 1_000_000).await.unwrap();
+        assert!(
+            renewed.expire_time <= parent.max_expire_time,
+            "renewal clamped at max TTL"
+        );
+        let (short, _) = tokens
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    ttl: 1,
+                    max_ttl: 1,
+                    renewable: true,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        assert!(
+            matches!(tokens.lookup(&short).await, Err(TokenError::Invalid)),
+            "expired tokens are refused"
+        );
+        assert!(tokens.renew(&short, 10).await.is_err(), "and cannot be renewed");
+    }
+}

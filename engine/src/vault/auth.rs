@@ -1,0 +1,296 @@
+//! `auth/token/*` and `auth/kubernetes/*`.
+
+use super::{ApiError, Engine, Operation, Reply, Request};
+use crate::{
+    auth_kubernetes::{LoginError, RoleRequest, parse_duration},
+    policies::canonical,
+    token::{NewToken, TokenEntry, now},
+};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+impl From<LoginError> for ApiError {
+    fn from(error: LoginError) -> Self {
+        match error {
+            LoginError::Invalid(message) => Self::bad_request(message),
+            LoginError::Denied => Self::denied(),
+            LoginError::Unavailable => Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+            LoginError::Storage(e) => e.into(),
+            LoginError::Token(e) => e.into(),
+        }
+    }
+}
+
+/// The `auth` block of a response that hands out `token`.
+fn auth_block(token: &str, entry: &TokenEntry) -> Value {
+    json!({
+        "client_token": token,
+        "accessor": entry.accessor,
+        "policies": entry.policies,
+        "token_policies": entry.policies,
+        "metadata": entry.meta,
+        "lease_duration": entry.ttl_left(now()),
+        "renewable": entry.renewable,
+        "entity_id": "",
+        "token_type": "service",
+        "orphan": entry.parent.is_none(),
+    })
+}
+
+/// What `lookup` shows of a token (never its id, unless it is the caller's own).
+fn lookup_data(entry: &TokenEntry, own: Option<&str>) -> Value {
+    let time = |t: Option<i64>| {
+        t.and_then(|s| jiff::Timestamp::from_second(s).ok())
+            .map(|t| t.to_string())
+    };
+    json!({
+        "id": own,
+        "accessor": entry.accessor,
+        "policies": entry.policies,
+        "path": entry.path,
+        "display_name": entry.display_name,
+        "meta": if entry.meta.is_empty() { Value::Null } else { json!(entry.meta) },
+        "creation_time": entry.creation_time,
+        "creation_ttl": entry.ttl,
+        "ttl": entry.ttl_left(now()),
+        "expire_time": time(entry.expire_time),
+        "explicit_max_ttl": 0,
+        "renewable": entry.renewable,
+        "orphan": entry.parent.is_none(),
+        "num_uses": 0,
+        "type": "service",
+        "entity_id": "",
+    })
+}
+
+fn seconds(request: &Request, keys: &[&str]) -> Result<u64, ApiError> {
+    for key in keys {
+        match request.body.get(*key) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Number(n)) => {
+                return n
+                    .as_u64()
+                    .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")));
+            }
+            Some(Value::String(s)) => return parse_duration(s).map_err(ApiError::bad_request),
+            Some(_) => return Err(ApiError::bad_request(format!("invalid {key}"))),
+        }
+    }
+    Ok(0)
+}
+
+fn strings(request: &Request, key: &str) -> Result<Option<Vec<String>>, ApiError> {
+    match request.body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some),
+        Some(Value::String(s)) => Ok(Some(
+            s.split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        )),
+        Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
+    }
+}
+
+fn required<'a>(request: &'a Request, key: &str) -> Result<&'a str, ApiError> {
+    request
+        .str(key)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request(format!("missing required parameter: {key}")))
+}
+
+pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
+    let caller = request.caller()?;
+    let own = request.token.as_deref().unwrap_or_default();
+    let write = matches!(request.operation, Operation::update | Operation::create);
+    match (rest, request.operation) {
+        ("create" | "create-orphan", _) if write => {
+            create(engine, request, caller, rest == "create-orphan").await
+        }
+        ("lookup-self", _) => Ok(Reply::data(lookup_data(caller, Some(own)))),
+        ("lookup", _) if write => {
+            let token = required(request, "token")?;
+            let entry = engine
+                .tokens
+                .lookup(token)
+                .await
+                .map_err(|_| ApiError::bad_request("bad token"))?;
+            Ok(Reply::data(lookup_data(&entry, Some(token))))
+        }
+        ("lookup-accessor", _) if write => {
+            let accessor = required(request, "accessor")?;
+            let entry = engine
+                .tokens
+                .lookup_accessor(accessor)
+                .await
+                .map_err(|_| ApiError::bad_request("invalid accessor"))?;
+            Ok(Reply::data(lookup_data(&entry, None)))
+        }
+        ("renew-self", _) if write => {
+            let entry = engine
+                .tokens
+                .renew(own, seconds(request, &["increment"])?)
+                .await?;
+            Ok(Reply::auth(auth_block(own, &entry)))
+        }
+        ("renew", _) if write => {
+            let token = required(request, "token")?;
+            let entry = engine
+                .tokens
+                .renew(token, seconds(request, &["increment"])?)
+                .await?;
+            Ok(Reply::auth(auth_block(token, &entry)))
+        }
+        ("revoke-self", _) if write => {
+            revoke(engine, own).await?;
+            Ok(Reply::no_content())
+        }
+        ("revoke", _) if write => {
+            revoke(engine, required(request, "token")?).await?;
+            Ok(Reply::no_content())
+        }
+        ("revoke-accessor", _) if write => {
+            engine
+                .tokens
+                .revoke_accessor(required(request, "accessor")?)
+                .await
+                .or_else(|e| match e {
+                    crate::token::TokenError::Invalid => Ok(()),
+                    other => Err(other),
+                })?;
+            Ok(Reply::no_content())
+        }
+        (_, op) => Err(ApiError::unsupported(&request.path, op)),
+    }
+}
+
+/// Revokes a token (and its descendants) and the leases issued to it; leases of the
+/// descendants follow within a second (the expiration loop sees their tokens gone).
+async fn revoke(engine: &Engine, token: &str) -> Result<(), ApiError> {
+    engine.tokens.revoke(token).await?;
+    engine.leases.revoke_for_token(&crate::token::hash(token)).await?;
+    Ok(())
+}
+
+async fn create(
+    engine: &Engine,
+    request: &Request,
+    parent: &TokenEntry,
+    orphan: bool,
+) -> Result<Reply, ApiError> {
+    let root = parent.is_root();
+    let policies: Vec<String> = strings(request, "policies")?
+        .unwrap_or_else(|| parent.policies.clone())
+        .iter()
+        .map(|p| canonical(p))
+        .collect();
+    // A token never grants more than its creator holds (root can grant anything).
+    if !root {
+        if let Some(extra) = policies
+            .iter()
+            .find(|p| *p != "default" && !parent.policies.contains(p))
+        {
+            return Err(ApiError::bad_request(format!(
+                "child policies must be subset of parent: {extra} is not held by the caller"
+            )));
+        }
+        if orphan {
+            return Err(ApiError::denied());
+        }
+    }
+    let no_default = request.body.get("no_default_policy").and_then(Value::as_bool) == Some(true);
+    let mut policies = policies;
+    if !no_default && !policies.iter().any(|p| p == "default" || p == "root") {
+        policies.push("default".into());
+    }
+    let meta: BTreeMap<String, String> = match request.body.get("meta") {
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    let no_parent = orphan || request.body.get("no_parent").and_then(Value::as_bool) == Some(true);
+    if no_parent && !root {
+        return Err(ApiError::denied());
+    }
+    let wants_root = policies.iter().any(|p| p == "root");
+    let (token, entry) = engine
+        .tokens
+        .create(
+            NewToken {
+                policies,
+                parent: (!no_parent).then(|| parent.id_hash.clone()),
+                path: request.path.clone(),
+                display_name: request
+                    .str("display_name")
+                    .map_or_else(|| "token".to_owned(), |d| format!("token-{d}")),
+                meta,
+                ttl: seconds(request, &["ttl", "period"])?,
+                max_ttl: seconds(request, &["explicit_max_ttl"])?,
+                renewable: request
+                    .body
+                    .get("renewable")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
+                no_expiry: wants_root && root && seconds(request, &["ttl"])? == 0,
+            },
+            (!no_parent).then_some(parent),
+        )
+        .await?;
+    Ok(Reply::auth(auth_block(&token, &entry)))
+}
+
+pub async fn kubernetes(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
+    let op = request.operation;
+    match (rest, op) {
+        ("login", Operation::update | Operation::create) => {
+            let role = required(request, "role")?;
+            let jwt = required(request, "jwt")?;
+            let (token, entry, _) = engine.kubernetes.login(&engine.tokens, role, jwt).await?;
+            Ok(Reply::auth(auth_block(&token, &entry)))
+        }
+        ("role" | "role/", Operation::list) => {
+            let keys = engine.kubernetes.list_roles().await?;
+            if keys.is_empty() {
+                return Err(ApiError::not_found());
+            }
+            Ok(Reply::data(json!({ "keys": keys })))
+        }
+        (rest, _) if rest.starts_with("role/") => {
+            let name = &rest["role/".len()..];
+            match op {
+                Operation::read => {
+                    let role = engine
+                        .kubernetes
+                        .read_role(name)
+                        .await?
+                        .ok_or_else(ApiError::not_found)?;
+                    Ok(Reply::data(serde_json::to_value(role).unwrap_or_default()))
+                }
+                Operation::create | Operation::update => {
+                    let body: RoleRequest = serde_json::from_value(Value::Object(request.body.clone()))
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    engine.kubernetes.write_role(name, body).await?;
+                    Ok(Reply::no_content())
+                }
+                Operation::delete => {
+                    engine.kubernetes.delete_role(name).await?;
+                    Ok(Reply::no_content())
+                }
+                op => Err(ApiError::unsupported(&request.path, op)),
+            }
+        }
+        (_, op) => Err(ApiError::unsupported(&request.path, op)),
+    }
+}

@@ -1,0 +1,188 @@
+//! A real PostgreSQL server for the secrets engine's database tests: Debian's
+//! postgresql package (hack/test.sh installs it), a fresh cluster in a temporary folder,
+//! listening on a loopback port with password authentication, run as the `postgres` user
+//! (PostgreSQL refuses to run as root). Dropping it stops the server and removes the data.
+
+use anyhow::{Context as _, Result, bail};
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+/// The superuser the tests give the engine (it becomes the engine's connection user).
+pub const ADMIN_USER: &str = "capstan_admin";
+
+pub struct Postgres {
+    pub port: u16,
+    pub admin_password: String,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+fn bin_dir() -> Result<PathBuf> {
+    let root = PathBuf::from("/usr/lib/postgresql");
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(&root)
+        .context("PostgreSQL is not installed (hack/test.sh installs Debian's postgresql)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .context("no PostgreSQL server binaries under /usr/lib/postgresql")
+}
+
+/// Runs a PostgreSQL program as the postgres user when we are root.
+fn as_postgres(program: &std::path::Path) -> Command {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    pub async fn start() -> Result<Self> {
+        let bin = bin_dir()?;
+        let dir = std::env::temp_dir().join(format!("capstan-e2e-pg-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        let _ = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let port = crate::free_port().port();
+        let admin_password = format!("pw{:016x}", rand::random::<u64>());
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, format!("{admin_password}\n"))?;
+        let _ = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&pwfile)
+            .status();
+        let data = dir.join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", ADMIN_USER, "--auth=scram-sha-256", "--pwfile"])
+            .arg(&pwfile)
+            .output()?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let server = Self {
+            port,
+            admin_password,
+            dir,
+            bin,
+        };
+        server.run_server()?;
+        Ok(server)
+    }
+
+    fn run_server(&self) -> Result<()> {
+        let data = self.dir.join("data");
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "30", "-o"])
+            .arg(format!("-p {} -h 127.0.0.1 -k {}", self.port, self.dir.display()))
+            .arg("start")
+            .stdout(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl start failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the server (fast: sessions are ended), keeping its data.
+    pub fn stop(&self) -> Result<()> {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "fast", "stop"])
+            .stdout(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Starts it again after `stop`.
+    pub fn restart(&self) -> Result<()> {
+        self.run_server()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The URL the engine's connection config takes (Vault's template form).
+    pub fn connection_url(&self) -> String {
+        format!(
+            "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Logs in as `user` and runs `SELECT current_user`: Ok only if the database let
+    /// that user in.
+    pub async fn login(&self, user: &str, password: &str) -> Result<String> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .password(password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5));
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let row = client.query_one("SELECT current_user::text", &[]).await?;
+        Ok(row.get(0))
+    }
+
+    /// Whether a role exists (as the admin sees it).
+    pub async fn role_exists(&self, role: &str) -> Result<bool> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(ADMIN_USER)
+            .password(&self.admin_password)
+            .dbname("postgres");
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role])
+            .await?;
+        Ok(row.get::<_, i64>(0) == 1)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

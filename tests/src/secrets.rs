@@ -1,0 +1,94 @@
+//! The secrets engine as the tests drive it: an engine process, its trust roots, and
+//! calls to its Vault-compatible API.
+
+use crate::{EngineProcess, SYSTEM_NAMESPACE, eventually, https_json, install_chart, published_roots, run};
+use anyhow::{Result, ensure};
+use kube::Client;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Deletes every storage entry: the next engine finds an uninitialized store.
+pub fn fresh_storage() {
+    install_chart();
+    run(
+        "kubectl",
+        &[
+            "-n",
+            SYSTEM_NAMESPACE,
+            "delete",
+            "storageentries.secrets.capstan.dev",
+            "--all",
+            "--wait=true",
+        ],
+    )
+    .expect("deleting the engine's storage");
+}
+
+/// The mesh roots the engine's serving certificate chains to.
+pub async fn roots(client: &Client) -> Result<String> {
+    eventually(Duration::from_secs(20), "the published mesh roots", || async {
+        published_roots(client).await
+    })
+    .await
+}
+
+/// One API call; returns (status, body).
+pub async fn call(
+    engine: &EngineProcess,
+    roots: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let body = body.map(|b| b.to_string());
+    https_json(
+        engine.https,
+        roots,
+        method,
+        &format!("/v1/{path}"),
+        token,
+        body.as_deref(),
+    )
+    .await
+}
+
+/// Initializes (3 shares, threshold 2) and unseals; returns (root token, shares).
+pub async fn init_and_unseal(engine: &EngineProcess, roots: &str) -> Result<(String, Vec<String>)> {
+    let (code, init) = call(
+        engine,
+        roots,
+        "PUT",
+        "sys/init",
+        None,
+        Some(json!({"secret_shares": 3, "secret_threshold": 2})),
+    )
+    .await?;
+    ensure!(code == 200, "init: {code} {init}");
+    let keys: Vec<String> = init["keys"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    unseal(engine, roots, &keys).await?;
+    Ok((init["root_token"].as_str().unwrap_or_default().to_owned(), keys))
+}
+
+pub async fn unseal(engine: &EngineProcess, roots: &str, keys: &[String]) -> Result<()> {
+    for key in &keys[..2] {
+        let (code, status) = call(
+            engine,
+            roots,
+            "PUT",
+            "sys/unseal",
+            None,
+            Some(json!({ "key": key })),
+        )
+        .await?;
+        ensure!(code == 200, "unseal: {code} {status}");
+    }
+    let (_, status) = call(engine, roots, "GET", "sys/seal-status", None, None).await?;
+    ensure!(status["sealed"] == false, "still sealed: {status}");
+    Ok(())
+}

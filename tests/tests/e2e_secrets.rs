@@ -1,0 +1,412 @@
+//! The secrets engine (capstan-engine's Vault-compatible API) against the real API
+//! server: its storage is StorageEntry objects, its logins are checked with TokenReview,
+//! and a real Vault client (hvac, from PyPI) drives it.
+
+use anyhow::{Context as _, Result, ensure};
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use capstan_tests::{
+    secrets::{fresh_storage, init_and_unseal, unseal},
+    *,
+};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{ListParams, ObjectMeta, PostParams},
+};
+use serde_json::{Value, json};
+use std::{path::PathBuf, time::Duration};
+
+const NS: &str = "secrets-e2e";
+const AUDIENCE: &str = "capstan-engine";
+
+async fn serviceaccounts(client: &Client, names: &[&str]) {
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NS.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let _ = namespaces.create(&PostParams::default(), &ns).await;
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), NS);
+    for name in names {
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some((*name).into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let _ = sas.create(&PostParams::default(), &sa).await;
+    }
+}
+
+fn python() -> PathBuf {
+    repo_root().join(".cache/venv/bin/python")
+}
+
+async fn roots_file(client: &Client) -> Result<(String, tempfile_path::Path)> {
+    let roots = eventually(Duration::from_secs(20), "the published mesh roots", || async {
+        published_roots(client).await
+    })
+    .await?;
+    let path = tempfile_path::Path::new("roots", ".pem");
+    std::fs::write(&path.0, &roots)?;
+    Ok((roots, path))
+}
+
+/// A temporary file removed on drop (no extra crate for one helper).
+mod tempfile_path {
+    pub struct Path(pub std::path::PathBuf);
+    impl Path {
+        pub fn new(stem: &str, suffix: &str) -> Self {
+            Self(std::env::temp_dir().join(format!(
+                "capstan-e2e-{stem}-{:08x}{suffix}",
+                rand::random::<u32>()
+            )))
+        }
+    }
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Every StorageEntry value, decoded: what etcd holds.
+async fn raw_storage(client: &Client) -> Result<Vec<(String, Vec<u8>)>> {
+    let entries = Api::<capstan_crds::StorageEntry>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .list(&ListParams::default())
+        .await?;
+    entries
+        .items
+        .into_iter()
+        .map(|e| Ok((e.spec.path, B64.decode(e.spec.value)?)))
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn hvac_drives_init_unseal_kv_kubernetes_login_and_tokens() -> Result<()> {
+    let client = client().await;
+    fresh_storage();
+    serviceaccounts(&client, &["app", "stranger"]).await;
+    let audit = tempfile_path::Path::new("audit", ".log");
+    let engine = EngineProcess::start(&client, "hvac", &["--audit", &audit.0.display().to_string()]).await?;
+    let (_, roots) = roots_file(&client).await?;
+
+    let sa_jwt = serviceaccount_token(&client, NS, "app", AUDIENCE).await?;
+    let other_jwt = serviceaccount_token(&client, NS, "stranger", AUDIENCE).await?;
+    let wrong_audience = serviceaccount_token(&client, NS, "app", MESH_TOKEN_AUDIENCE).await?;
+    let out = tokio::process::Command::new(python())
+        .arg(repo_root().join("tests/python/hvac_e2e.py"))
+        .env("VAULT_ADDR", format!("https://127.0.0.1:{}", engine.https.port()))
+        .env("VAULT_CACERT", &roots.0)
+        .env("SA_NAMESPACE", NS)
+        .env("SA_NAME", "app")
+        .env("SA_JWT", &sa_jwt)
+        .env("OTHER_JWT", &other_jwt)
+        .env("WRONG_AUDIENCE_JWT", &wrong_audience)
+        .output()
+        .await
+        .context("running hvac (hack/test.sh installs it into .cache/venv)")?;
+    ensure!(
+        out.status.success(),
+        "hvac script failed:\n{}\n{}\nengine log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        engine.logs()
+    );
+    let result: Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+
+    // No secret value, token, share or service account token in the engine's log, its
+    // metrics, the audit log, or (as plaintext) in storage.
+    let mut secrets: Vec<String> = result["canaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    secrets.push(result["root_token"].as_str().unwrap().to_owned());
+    secrets.extend(
+        result["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned()),
+    );
+    secrets.push(sa_jwt.clone());
+    let log = engine.logs();
+    let metrics = engine.metrics().await?;
+    let audit_log = std::fs::read_to_string(&audit.0)?;
+    let storage = raw_storage(&client).await?;
+    for secret in &secrets {
+        ensure!(
+            !log.contains(secret.as_str()),
+            "a secret value is in the engine's log"
+        );
+        ensure!(
+            !metrics.contains(secret.as_str()),
+            "a secret value is in the metrics"
+        );
+        ensure!(
+            !audit_log.contains(secret.as_str()),
+            "a secret value is in the audit log"
+        );
+        for (path, value) in &storage {
+            ensure!(
+                !contains(value, secret),
+                "a secret value is stored in plaintext at {path}"
+            );
+        }
+    }
+    // The audit log has both records of every request, with values HMAC'd.
+    let records: Vec<Value> = audit_log
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(records.len() > 40, "only {} audit records", records.len());
+    let kv_write = records
+        .iter()
+        .find(|r| {
+            r["type"] == "request"
+                && r["request"]["path"] == "secret/data/app/db"
+                && r["request"]["operation"] == "create"
+        })
+        .context("no audit record of the first KV write")?;
+    ensure!(
+        kv_write["request"]["data"]["data"]["password"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("hmac-sha256:")),
+        "the written value is not HMAC'd: {kv_write}"
+    );
+    ensure!(metric(&metrics, "capstan_engine_barrier_integrity_errors_total") == Some(0.0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn replicas_lose_no_update_and_a_restart_loses_no_entry() -> Result<()> {
+    let client = client().await;
+    fresh_storage();
+    let one = EngineProcess::start(&client, "replica-1", &[]).await?;
+    let two = EngineProcess::start(&client, "replica-2", &[]).await?;
+    let (roots, _roots_file) = roots_file(&client).await?;
+    let (root, keys) = init_and_unseal(&one, &roots).await?;
+    unseal(&two, &roots, &keys).await?;
+
+    // 2 replicas x 15 writers each write the same key at once: 30 versions, none lost.
+    let mut writers = Vec::new();
+    for (i, addr) in [one.https, two.https].into_iter().cycle().take(30).enumerate() {
+        let (roots, root) = (roots.clone(), root.clone());
+        writers.push(tokio::spawn(async move {
+            https_json(
+                addr,
+                &roots,
+                "POST",
+                "/v1/secret/data/shared",
+                Some(&root),
+                Some(&json!({ "data": { "writer": i } }).to_string()),
+            )
+            .await
+        }));
+    }
+    let mut versions = Vec::new();
+    for writer in writers {
+        let (code, body) = writer.await??;
+        ensure!(code == 200, "a concurrent write failed: {code} {body}");
+        versions.push(body["data"]["version"].as_u64().context("no version")?);
+    }
+    versions.sort();
+    ensure!(
+        versions == (1..=30).collect::<Vec<_>>(),
+        "versions handed out: {versions:?}"
+    );
+    let (_, meta) = https_json(
+        two.https,
+        &roots,
+        "GET",
+        "/v1/secret/metadata/shared",
+        Some(&root),
+        None,
+    )
+    .await?;
+    ensure!(meta["data"]["current_version"] == 30, "{meta}");
+
+    // A restart: sealed again, and after unsealing every entry is there.
+    drop(one);
+    let again = EngineProcess::start(&client, "replica-1-again", &[]).await?;
+    let (code, _) = https_json(
+        again.https,
+        &roots,
+        "GET",
+        "/v1/secret/data/shared",
+        Some(&root),
+        None,
+    )
+    .await?;
+    ensure!(code == 503, "a restarted engine must be sealed, got {code}");
+    unseal(&again, &roots, &keys).await?;
+    let (code, body) = https_json(
+        again.https,
+        &roots,
+        "GET",
+        "/v1/secret/data/shared",
+        Some(&root),
+        None,
+    )
+    .await?;
+    ensure!(
+        code == 200 && body["data"]["metadata"]["version"] == 30,
+        "{code} {body}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tampered_or_moved_ciphertext_is_refused() -> Result<()> {
+    let client = client().await;
+    fresh_storage();
+    let engine = EngineProcess::start(&client, "tamper", &[]).await?;
+    let (roots, _roots_file) = roots_file(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    for (key, value) in [("a", "alpha-canary"), ("b", "beta-canary")] {
+        let (code, body) = https_json(
+            engine.https,
+            &roots,
+            "POST",
+            &format!("/v1/secret/data/{key}"),
+            Some(&root),
+            Some(&json!({ "data": { "v": value } }).to_string()),
+        )
+        .await?;
+        ensure!(code == 200, "{code} {body}");
+    }
+    let entries = Api::<capstan_crds::StorageEntry>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let all = entries.list(&ListParams::default()).await?.items;
+    let find = |path: &str| {
+        all.iter()
+            .find(|e| e.spec.path == path)
+            .cloned()
+            .context(path.to_owned())
+    };
+    let a = find("logical/secret/a")?;
+    let mut b = find("logical/secret/b")?;
+
+    // V2: b's object now holds a's ciphertext (same key term, other path).
+    b.spec.value = a.spec.value.clone();
+    b.metadata.managed_fields = None;
+    entries
+        .replace(b.metadata.name.as_deref().unwrap(), &PostParams::default(), &b)
+        .await?;
+    // V1: one bit of a's ciphertext flipped.
+    let mut a = a;
+    let mut bytes = B64.decode(&a.spec.value)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    a.spec.value = B64.encode(bytes);
+    a.metadata.managed_fields = None;
+    entries
+        .replace(a.metadata.name.as_deref().unwrap(), &PostParams::default(), &a)
+        .await?;
+
+    for key in ["a", "b"] {
+        let (code, body) = eventually(
+            Duration::from_secs(10),
+            "the tampered entry to be refused",
+            || async {
+                let (code, body) = https_json(
+                    engine.https,
+                    &roots,
+                    "GET",
+                    &format!("/v1/secret/data/{key}"),
+                    Some(&root),
+                    None,
+                )
+                .await
+                .ok()?;
+                (code != 200).then_some((code, body))
+            },
+        )
+        .await?;
+        ensure!(code == 500, "{key}: {code} {body}");
+        let text = body.to_string();
+        ensure!(text.contains("integrity"), "{key}: {text}");
+        ensure!(!text.contains("canary"), "no plaintext in the error");
+    }
+    let metrics = engine.metrics().await?;
+    ensure!(
+        metric(&metrics, "capstan_engine_barrier_integrity_errors_total").unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+    ensure!(engine.logs().contains("failed its integrity check"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_no_audit_sink_records_fails() -> Result<()> {
+    let client = client().await;
+    fresh_storage();
+    let good = tempfile_path::Path::new("audit-good", ".log");
+    // V17: one sink fails (a full device), the other works: requests succeed.
+    let engine = EngineProcess::start(
+        &client,
+        "audit-one-failing",
+        &["--audit", "/dev/full", "--audit", &good.0.display().to_string()],
+    )
+    .await?;
+    let (roots, _roots_file) = roots_file(&client).await?;
+    let (root, keys) = init_and_unseal(&engine, &roots).await?;
+    let write = |addr| {
+        let (roots, root) = (roots.clone(), root.clone());
+        async move {
+            https_json(
+                addr,
+                &roots,
+                "POST",
+                "/v1/secret/data/audited",
+                Some(&root),
+                Some(r#"{"data":{"v":"audit-canary"}}"#),
+            )
+            .await
+        }
+    };
+    let (code, body) = write(engine.https).await?;
+    ensure!(code == 200, "{code} {body}");
+    ensure!(std::fs::read_to_string(&good.0)?.contains("secret/data/audited"));
+    drop(engine);
+
+    // Both failing: the request fails and is not processed.
+    let engine = EngineProcess::start(&client, "audit-all-failing", &["--audit", "/dev/full"]).await?;
+    unseal(&engine, &roots, &keys).await?;
+    let (code, body) = write(engine.https).await?;
+    ensure!(
+        code == 500 && body.to_string().contains("no audit sink succeeded"),
+        "{code} {body}"
+    );
+    let metrics = engine.metrics().await?;
+    ensure!(
+        metrics.contains("capstan_engine_audit_failures_total"),
+        "{metrics}"
+    );
+    drop(engine);
+    let engine = EngineProcess::start(&client, "audit-check", &[]).await?;
+    unseal(&engine, &roots, &keys).await?;
+    let (_, meta) = https_json(
+        engine.https,
+        &roots,
+        "GET",
+        "/v1/secret/metadata/audited",
+        Some(&root),
+        None,
+    )
+    .await?;
+    ensure!(
+        meta["data"]["current_version"] == 1,
+        "the unaudited write must not have happened: {meta}"
+    );
+    Ok(())
+}
