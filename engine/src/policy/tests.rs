@@ -46,7 +46,7 @@ fn parses_hcl_and_json_alike() {
     // Empty text: a policy with no rules.
     assert!(Policy::parse("empty", "").unwrap().rules.is_empty());
     assert!(Policy::parse("empty", "  # nothing\n").unwrap().rules.is_empty());
-    assert!(Policy::parse("default", DEFAULT_POLICY).unwrap().rules.len() == 4);
+    assert!(Policy::parse("default", DEFAULT_POLICY).unwrap().rules.len() == 6);
 }
 
 fn parse_err(text: &str) -> String {
@@ -115,6 +115,35 @@ fn refuses_unknown_capabilities_keys_and_bad_patterns() {
     ] {
         Policy::parse("p", &format!("path {pattern:?} {{ capabilities = [\"read\"] }}")).unwrap();
     }
+}
+
+/// Found by fuzzing (engine/fuzz/corpus/policy/found-hcl-nesting-timeout): hcl-rs took
+/// over 10 s on 740 bytes of unclosed blocks. Deep nesting is now refused before parsing.
+#[test]
+fn deep_nesting_and_size_are_refused_quickly() {
+    let found = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/corpus/policy/found-hcl-nesting-timeout"
+    ))
+    .unwrap();
+    let text = String::from_utf8_lossy(&found);
+    let started = Instant::now();
+    let e = Policy::parse("p", text.split('\0').next().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nested deeper"), "{e}");
+    assert!(started.elapsed().as_millis() < 500);
+    let deep = format!("{}{}", "{".repeat(10_000), "}".repeat(10_000));
+    assert!(parse_err(&deep).contains("nested deeper"));
+    assert!(parse_err(&"[".repeat(100_000)).contains("nested deeper"));
+    assert!(parse_err(&"#".repeat(200_000)).contains("more than"));
+    assert!(parse_err("path \"a\" {\n capabilities = <<EOF\nread\nEOF\n}").contains("heredoc"));
+    // Braces inside strings and comments do not count.
+    Policy::parse(
+        "p",
+        "# {{{{\n/* [[[[ */\npath \"a{{{{[[[[\" { // ((((\n  capabilities = [\"read\"]\n}",
+    )
+    .unwrap();
 }
 
 #[test]
