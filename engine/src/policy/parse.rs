@@ -20,7 +20,23 @@ const UNSUPPORTED: &[&str] = &[
     "subscribe_event_types",
 ];
 
+/// The largest policy text accepted (Vault sets no bound; 128 KiB is some 1,500 rules).
+pub const MAX_POLICY_LEN: usize = 128 * 1024;
+
+/// The deepest nesting of `{`, `[` and `(` the grammar needs: 2 in HCL
+/// (`path "…" { capabilities = [ ] }`), 5 in JSON's list form
+/// (`{"path": [{"…": {"capabilities": [ ]}}]}`). Fuzzing found hcl-rs taking over 10 s on 740 bytes of unclosed `{` blocks, so the text is
+/// scanned for depth first, in linear time, and anything deeper is refused before parsing.
+const MAX_DEPTH: usize = 5;
+
 pub(super) fn parse(text: &str) -> Result<Vec<PathRule>, PolicyError> {
+    if text.len() > MAX_POLICY_LEN {
+        return Err(PolicyError::Syntax(format!(
+            "policy is {} bytes, more than the {MAX_POLICY_LEN} allowed",
+            text.len()
+        )));
+    }
+    check_depth(text)?;
     let raw = if text.trim_start().starts_with('{') {
         parse_json(text)?
     } else {
@@ -39,6 +55,58 @@ pub(super) fn parse(text: &str) -> Result<Vec<PathRule>, PolicyError> {
             })
         })
         .collect()
+}
+
+/// Refuses text nested deeper than [`MAX_DEPTH`], skipping strings and comments (HCL's
+/// `#`, `//` and `/* */`; JSON has none, and its strings use the same quoting). Heredocs
+/// are not part of the policy grammar and are refused, so their bodies need no skipping.
+fn check_depth(text: &str) -> Result<(), PolicyError> {
+    let b = text.as_bytes();
+    let (mut i, mut depth) = (0, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'<' if b.get(i + 1) == Some(&b'<') => {
+                return Err(PolicyError::Syntax(
+                    "heredocs are not part of the policy grammar".into(),
+                ));
+            }
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(PolicyError::Syntax(format!(
+                        "nested deeper than {MAX_DEPTH} levels of braces or brackets"
+                    )));
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 fn unknown(key: &str, place: &str) -> PolicyError {

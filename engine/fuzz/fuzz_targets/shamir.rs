@@ -1,0 +1,8 @@
+//! See check_shamir in ../checks.rs (shared with engine/tests/fuzz_seeds.rs, which replays
+//! the seed corpus on stable).
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::check_shamir(data));
