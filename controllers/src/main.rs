@@ -7,6 +7,7 @@ mod context;
 mod intentions;
 mod leader;
 mod metrics;
+mod secretsync;
 mod status;
 
 use anyhow::Context as _;
@@ -54,6 +55,17 @@ struct Args {
     /// How often every object is reconciled again with nothing changed.
     #[arg(long, env = "CAPSTAN_CONTROLLER_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// The secrets engine's HTTPS API, for SecretSync
+    /// (default https://capstan-engine.<namespace>.svc:8200).
+    #[arg(long, env = "CAPSTAN_CONTROLLER_ENGINE_URL")]
+    engine_url: Option<String>,
+    /// The ConfigMap (in --namespace) with the roots the engine's certificate chains to.
+    #[arg(
+        long,
+        env = "CAPSTAN_CONTROLLER_ROOTS_CONFIGMAP",
+        default_value = "capstan-mesh-roots"
+    )]
+    roots_configmap: String,
 }
 
 #[tokio::main]
@@ -70,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = capstan_telemetry::registry("capstan_controller");
     let metrics = metrics::Metrics::register(&mut registry);
     intentions::register_metrics(&mut registry);
+    secretsync::register_metrics(&mut registry);
     let health = Health::default();
     let stop = Stop::on_signal();
     let admin = spawn_admin(args.admin_addr, registry, health.clone(), &stop).await?;
@@ -102,6 +115,12 @@ async fn main() -> anyhow::Result<()> {
         leadership: elector.leadership(),
         config: context::Config {
             resync: Duration::from_secs(args.resync_seconds),
+            engine_url: args
+                .engine_url
+                .clone()
+                .unwrap_or_else(|| format!("https://capstan-engine.{}.svc:8200", args.namespace)),
+            namespace: args.namespace.clone(),
+            roots_configmap: args.roots_configmap.clone(),
         },
     });
 
@@ -153,7 +172,11 @@ async fn run_controllers(
     ctx: Arc<context::Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    intentions::run(ctx, shutdown).await;
+    let shutdown = futures::FutureExt::shared(shutdown);
+    tokio::join!(
+        intentions::run(ctx.clone(), shutdown.clone()),
+        secretsync::run(ctx, shutdown),
+    );
 }
 
 /// Waits until the API serves our kinds, so a controller started before its CRDs
