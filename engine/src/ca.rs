@@ -289,7 +289,7 @@ pub fn validate_serving_names(names: &[String]) -> Result<(), CaError> {
 }
 
 /// A DNS name as a certificate may carry it: labels of letters, digits and '-'.
-fn is_dns_name(name: &str) -> bool {
+pub(crate) fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
@@ -315,7 +315,7 @@ fn validate_trust_domain(td: &str) -> Result<(), CaError> {
 }
 
 /// 16 random bytes from the system RNG, top bit clear (serials are positive INTEGERs).
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = [0u8; 16];
     SystemRandom::new()

@@ -25,3 +25,4 @@ pub mod vault;
 pub mod dev_unseal;
 pub mod database;
 pub mod lease;
+pub mod pki;

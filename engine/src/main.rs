@@ -12,6 +12,7 @@ use capstan_engine::{
     lease::{LeaseMetrics, Leases},
     logical::Logical,
     mesh_ca,
+    pki::Pki,
     policies::Policies,
     seal::Seal,
     storage::kube::KubeStorage,
@@ -85,6 +86,9 @@ struct Args {
     /// The database secrets engine's mount path.
     #[arg(long, env = "CAPSTAN_ENGINE_DATABASE_MOUNT", default_value = "database")]
     database_mount: String,
+    /// The PKI secrets engine's mount path.
+    #[arg(long, env = "CAPSTAN_ENGINE_PKI_MOUNT", default_value = "pki")]
+    pki_mount: String,
     /// The longest wait between two attempts to revoke a lease whose backend refuses.
     #[arg(long, env = "CAPSTAN_ENGINE_REVOKE_BACKOFF_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     revoke_backoff_max: Duration,
@@ -127,6 +131,14 @@ async fn main() -> anyhow::Result<()> {
         "--root-ttl must be longer than --leaf-ttl"
     );
     capstan_engine::ca::validate_serving_names(&args.serving_names()).context("--serving-san")?;
+    let mounts = [&args.kv_mount, &args.database_mount, &args.pki_mount];
+    for (i, mount) in mounts.iter().enumerate() {
+        anyhow::ensure!(
+            !mount.is_empty() && !mount.contains('/') && !["sys", "auth", "mesh"].contains(&mount.as_str()),
+            "mount {mount:?}: one path segment, not sys, auth or mesh"
+        );
+        anyhow::ensure!(!mounts[..i].contains(mount), "mount {mount:?} is given twice");
+    }
     // One crypto provider for the whole process (kube's client included).
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -190,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
         policies: Policies::new(logical.clone()),
         kv: Kv::new(logical.clone(), &args.kv_mount),
         database: database.clone(),
+        pki: Pki::new(logical.clone(), &args.pki_mount),
         leases: Leases::new(logical.clone(), database, lease_metrics, args.revoke_backoff_max),
         kubernetes: KubernetesAuth::new(
             logical.clone(),

@@ -137,6 +137,39 @@ async fn credentials_log_in_until_revoked_expired_or_their_token_goes() -> Resul
         "a revoked credential's role still exists"
     );
 
+    // hvac, a real Vault client, reads a database credential.
+    let roots_file =
+        std::env::temp_dir().join(format!("capstan-e2e-db-roots-{:08x}.pem", rand::random::<u32>()));
+    std::fs::write(&roots_file, &w.roots)?;
+    let out = tokio::process::Command::new(repo_root().join(".cache/venv/bin/python"))
+        .args([
+            "-c",
+            "import hvac, json, os; c = hvac.Client(url=os.environ['VAULT_ADDR'], verify=os.environ['VAULT_CACERT'], token=os.environ['VAULT_TOKEN']); \
+             r = c.secrets.database.generate_credentials(name='app'); \
+             print(json.dumps({'lease_id': r['lease_id'], 'lease_duration': r['lease_duration'], 'username': r['data']['username'], 'password': r['data']['password']}))",
+        ])
+        .env("VAULT_ADDR", format!("https://127.0.0.1:{}", w.engine.https.port()))
+        .env("VAULT_CACERT", &roots_file)
+        .env("VAULT_TOKEN", &w.root)
+        .output()
+        .await?;
+    let _ = std::fs::remove_file(&roots_file);
+    ensure!(
+        out.status.success(),
+        "hvac: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+    let (user, password) = (
+        read["username"].as_str().unwrap(),
+        read["password"].as_str().unwrap(),
+    );
+    ensure!(read["lease_duration"].as_i64() > Some(3000), "{read}");
+    ensure!(
+        w.pg.login(user, password).await? == user,
+        "hvac's credential logs in"
+    );
+
     // Expiry: a 3 s lease is revoked by the engine within seconds of expiring.
     let (_, user, password) = w.creds("short", None).await?;
     ensure!(w.logs_in(&user, &password).await);

@@ -410,3 +410,92 @@ async fn a_request_no_audit_sink_records_fails() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn pki_issues_p256_certificates_within_its_roles() -> Result<()> {
+    use capstan_tests::secrets::{call, roots};
+    let client = client().await;
+    fresh_storage();
+    let engine = EngineProcess::start(&client, "pki", &[]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "POST",
+        "pki/issue/web",
+        Some(&root),
+        Some(json!({"common_name": "a.example.com"})),
+    )
+    .await?;
+    ensure!(code == 400, "no role yet: {code} {body}");
+    let (code, ca) = call(
+        &engine,
+        &roots,
+        "POST",
+        "pki/root/generate/internal",
+        Some(&root),
+        Some(json!({"common_name": "Example Root", "ttl": "8760h"})),
+    )
+    .await?;
+    ensure!(code == 200, "{code} {ca}");
+    let ca_pem = ca["data"]["certificate"]
+        .as_str()
+        .context("no CA certificate")?
+        .to_owned();
+    let (code, _) = call(
+        &engine,
+        &roots,
+        "POST",
+        "pki/roles/web",
+        Some(&root),
+        Some(json!({"allowed_domains": ["example.com"], "allow_subdomains": true, "max_ttl": "1h"})),
+    )
+    .await?;
+    ensure!(code == 204);
+    let (code, issued) = call(
+        &engine,
+        &roots,
+        "POST",
+        "pki/issue/web",
+        Some(&root),
+        Some(json!({"common_name": "api.example.com", "alt_names": "www.example.com", "ttl": "24h"})),
+    )
+    .await?;
+    ensure!(code == 200, "{code} {issued}");
+    let data = &issued["data"];
+    ensure!(data["private_key_type"] == "ec" && data["issuing_ca"] == ca_pem.as_str());
+    let (_, pem) = x509_parser::pem::parse_x509_pem(data["certificate"].as_str().unwrap().as_bytes())?;
+    let cert = pem.parse_x509()?;
+    let (_, ca_der) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes())?;
+    cert.verify_signature(Some(ca_der.parse_x509()?.public_key()))?;
+    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    ensure!(
+        lifetime <= 3600 + 60,
+        "TTL clamped to the role's max: {lifetime}s"
+    );
+    // Outside the role, and without a token: refused. The CA certificate is public.
+    let (code, _) = call(
+        &engine,
+        &roots,
+        "POST",
+        "pki/issue/web",
+        Some(&root),
+        Some(json!({"common_name": "evil.org"})),
+    )
+    .await?;
+    ensure!(code == 400);
+    let (code, _) = call(
+        &engine,
+        &roots,
+        "POST",
+        "pki/issue/web",
+        None,
+        Some(json!({"common_name": "a.example.com"})),
+    )
+    .await?;
+    ensure!(code == 403);
+    let (code, public) = call(&engine, &roots, "GET", "pki/cert/ca", None, None).await?;
+    ensure!(code == 200 && public["data"]["certificate"] == ca_pem.as_str());
+    Ok(())
+}

@@ -8,6 +8,7 @@
 mod auth;
 mod database;
 mod kv;
+mod pki;
 mod sys;
 
 pub use sys::{after_unseal, root_token};
@@ -19,6 +20,7 @@ use crate::{
     kv::Kv,
     lease::Leases,
     logical::{Logical, LogicalError},
+    pki::Pki,
     policies::Policies,
     policy::Capability,
     seal::Seal,
@@ -52,6 +54,7 @@ pub struct Engine {
     pub kv: Kv,
     pub database: Database,
     pub leases: Leases,
+    pub pki: Pki,
     pub kubernetes: KubernetesAuth,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -455,7 +458,8 @@ async fn serve(
     if engine.seal.is_sealed() {
         return Err(ApiError::sealed());
     }
-    let login = path == "auth/kubernetes/login";
+    // Logging in needs no token; nor does reading a PKI mount's CA certificate (public).
+    let login = path == "auth/kubernetes/login" || path == format!("{}/cert/ca", engine.pki.mount());
     let mut auth_info = AuthInfo::default();
     if !login {
         let token = token_of(headers).ok_or_else(ApiError::denied)?;
@@ -554,6 +558,9 @@ async fn route(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
     }
     if let Some(rest) = path.strip_prefix(&format!("{}/", engine.database.mount())) {
         return database::route(engine, request, rest).await;
+    }
+    if let Some(rest) = path.strip_prefix(&format!("{}/", engine.pki.mount())) {
+        return pki::route(engine, request, rest).await;
     }
     if let Some(rest) = path.strip_prefix(&format!("{}/", engine.kv.mount())) {
         return kv::route(engine, request, rest).await;
