@@ -16,6 +16,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 const PREFIX: &str = "auth/kubernetes/role/";
+/// Token metadata naming the pod a login came from.
+pub const POD_NAME: &str = "pod_name";
+pub const POD_UID: &str = "pod_uid";
 
 /// A role as stored and as `auth/kubernetes/role/<name>` reads it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -300,8 +303,11 @@ impl KubernetesAuth {
             ("service_account_namespace".to_owned(), ns.clone()),
             ("service_account_uid".to_owned(), caller.uid.clone()),
         ]);
-        if let Some(pod) = &caller.pod {
-            meta.insert("pod_name".into(), pod.clone());
+        // A token bound to a pod: the engine revokes this login (and its leases) when
+        // that pod is gone, whether or not anything in it got to revoke them (`PodReaper`).
+        if let (Some(pod), Some(pod_uid)) = (&caller.pod, &caller.pod_uid) {
+            meta.insert(POD_NAME.into(), pod.clone());
+            meta.insert(POD_UID.into(), pod_uid.clone());
         }
         let (token, entry) = tokens
             .create(
@@ -321,5 +327,55 @@ impl KubernetesAuth {
             .await?;
         tracing::info!(role = %role_name, namespace = %ns, service_account = %sa, uid = %caller.uid, "Login");
         Ok((token, entry, caller))
+    }
+}
+
+/// Revokes logins whose pod is gone (deleted, or replaced by another pod of the same
+/// name), with the leases they hold: a pod's credentials do not outlive it even when its
+/// agent never ran its shutdown.
+#[derive(Clone)]
+pub struct PodReaper {
+    pods: kube::Client,
+}
+
+impl PodReaper {
+    pub fn new(client: kube::Client) -> Self {
+        Self { pods: client }
+    }
+
+    /// Whether pod `namespace/name` still exists with `uid`; errors other than "not
+    /// found" count as alive (an unreachable API server must not revoke anything).
+    async fn alive(&self, namespace: &str, name: &str, uid: &str) -> bool {
+        let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.pods.clone(), namespace);
+        match api.get_opt(name).await {
+            Ok(Some(pod)) => pod.metadata.uid.as_deref() == Some(uid),
+            Ok(None) => false,
+            Err(error) => {
+                tracing::debug!(%error, "Checking a login's pod; keeping it");
+                true
+            }
+        }
+    }
+
+    /// One pass over the stored tokens.
+    pub async fn sweep(&self, tokens: &Tokens, leases: &crate::lease::Leases) -> Result<usize, TokenError> {
+        let mut revoked = 0;
+        for entry in tokens.entries().await? {
+            let (Some(ns), Some(pod), Some(uid)) = (
+                entry.meta.get("service_account_namespace"),
+                entry.meta.get(POD_NAME),
+                entry.meta.get(POD_UID),
+            ) else {
+                continue;
+            };
+            if !self.alive(ns, pod, uid).await {
+                tokens.revoke_hash(&entry.id_hash).await?;
+                let _ = leases.revoke_for_token(&entry.id_hash).await;
+                tracing::info!(namespace = %ns, pod = %pod, "Revoked the login of a pod that is gone, with its leases");
+                revoked += 1;
+            }
+        }
+        Ok(revoked)
     }
 }

@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use capstan_engine::{
     api, audit,
-    auth_kubernetes::KubernetesAuth,
+    auth_kubernetes::{KubernetesAuth, PodReaper},
     database::Database,
     dev_unseal, https,
     kv::Kv,
@@ -259,14 +259,15 @@ async fn run_secrets(
     );
     if let Some(secret) = &args.dev_auto_unseal {
         let backend: Arc<dyn capstan_engine::storage::Backend> = storage.clone();
-        match dev_unseal::auto_unseal(client, &args.namespace, secret, &engine.seal, backend).await {
+        match dev_unseal::auto_unseal(client.clone(), &args.namespace, secret, &engine.seal, backend).await {
             Ok(()) => vault::after_unseal(&engine).await,
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "Development auto-unseal failed; the engine stays sealed")
             }
         }
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let reaper = PodReaper::new(client);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
         if engine.seal.is_sealed() {
@@ -276,6 +277,9 @@ async fn run_secrets(
             Ok(0) => {}
             Ok(n) => tracing::info!(revoked = n, "Revoked expired tokens"),
             Err(error) => tracing::warn!(%error, "Sweeping expired tokens"),
+        }
+        if let Err(error) = reaper.sweep(&engine.tokens, &engine.leases).await {
+            tracing::warn!(%error, "Revoking the logins of deleted pods");
         }
     }
 }

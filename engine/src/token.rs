@@ -312,6 +312,17 @@ impl Tokens {
         })
     }
 
+    /// Every stored token entry.
+    pub async fn entries(&self) -> Result<Vec<TokenEntry>, TokenError> {
+        let mut entries = Vec::new();
+        for id_hash in self.logical.list(ID_PREFIX).await? {
+            if let Some(entry) = self.by_hash(&id_hash).await? {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
+    }
+
     /// Revokes every expired token (the sweeper calls this; lookups refuse them anyway).
     pub async fn sweep(&self) -> Result<usize, TokenError> {
         let now = now();

@@ -92,3 +92,36 @@ pub async fn unseal(engine: &EngineProcess, roots: &str, keys: &[String]) -> Res
     ensure!(status["sealed"] == false, "still sealed: {status}");
     Ok(())
 }
+
+/// A token of `namespace/serviceaccount` for `audience`, bound to pod `pod` (the API
+/// server stops accepting it once that pod is gone; TokenReview names the pod).
+pub async fn pod_bound_token(
+    client: &Client,
+    namespace: &str,
+    serviceaccount: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    audience: &str,
+) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+    let request = TokenRequest {
+        metadata: Default::default(),
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        status: None,
+    };
+    let api = kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), namespace);
+    Ok(api
+        .create_token_request(serviceaccount, &kube::api::PostParams::default(), &request)
+        .await?
+        .status
+        .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no status"))?
+        .token)
+}

@@ -499,3 +499,135 @@ async fn pki_issues_p256_certificates_within_its_roles() -> Result<()> {
     ensure!(code == 200 && public["data"]["certificate"] == ca_pem.as_str());
     Ok(())
 }
+
+/// V24, V25 and pod-bound logins: a token of a deleted pod, a ServiceAccount deleted and
+/// re-created under the same name, and a login whose pod goes away.
+#[tokio::test]
+async fn logins_are_bound_to_the_serviceaccount_uid_and_to_their_pod() -> Result<()> {
+    use capstan_tests::secrets::{call, pod_bound_token, roots};
+    use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+    use kube::api::DeleteParams;
+    let client = client().await;
+    fresh_storage();
+    serviceaccounts(&client, &["bound"]).await;
+    let engine = EngineProcess::start(&client, "bound", &[]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let call_root = |method: &'static str, path: &'static str, body: Value| {
+        let (engine, roots, root) = (&engine, roots.clone(), root.clone());
+        async move { call(engine, &roots, method, path, Some(&root), Some(body)).await }
+    };
+    call_root(
+        "PUT",
+        "sys/policies/acl/bound",
+        json!({"policy": "path \"secret/data/bound\" { capabilities = [\"read\"] }"}),
+    )
+    .await?;
+    call_root(
+        "POST",
+        "auth/kubernetes/role/bound",
+        json!({"bound_service_account_names": "bound", "bound_service_account_namespaces": NS, "policies": "bound", "ttl": "1h"}),
+    )
+    .await?;
+    call_root("POST", "secret/data/bound", json!({"data": {"v": "1"}})).await?;
+    let login = |jwt: String| {
+        let (engine, roots) = (&engine, roots.clone());
+        async move {
+            call(
+                engine,
+                &roots,
+                "POST",
+                "auth/kubernetes/login",
+                None,
+                Some(json!({"role": "bound", "jwt": jwt})),
+            )
+            .await
+        }
+    };
+
+    // A login from a pod-bound token is revoked once the pod is deleted.
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("bound-app".into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            service_account_name: Some("bound".into()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("app".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = pods.create(&PostParams::default(), &pod).await?;
+    let bound = pod_bound_token(&client, NS, "bound", &pod, AUDIENCE).await?;
+    let (code, auth) = login(bound.clone()).await?;
+    ensure!(code == 200, "{code} {auth}");
+    ensure!(auth["auth"]["metadata"]["pod_name"] == "bound-app", "{auth}");
+    let token = auth["auth"]["client_token"].as_str().unwrap().to_owned();
+    let (code, _) = call(&engine, &roots, "GET", "secret/data/bound", Some(&token), None).await?;
+    ensure!(code == 200);
+    pods.delete("bound-app", &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(
+        Duration::from_secs(20),
+        "the deleted pod's login to be revoked",
+        || async {
+            let (code, _) = call(
+                &engine,
+                &roots,
+                "GET",
+                "auth/token/lookup-self",
+                Some(&token),
+                None,
+            )
+            .await
+            .ok()?;
+            (code == 403).then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", engine.logs()))?;
+    ensure!(engine.logs().contains("Revoked the login of a pod that is gone"));
+    // V24: the deleted pod's token no longer logs in.
+    eventually(
+        Duration::from_secs(20),
+        "the deleted pod's token to be refused",
+        || async {
+            let (code, _) = login(bound.clone()).await.ok()?;
+            (code == 403).then_some(())
+        },
+    )
+    .await?;
+
+    // V25: the ServiceAccount deleted and re-created under the same name.
+    let old_jwt = serviceaccount_token(&client, NS, "bound", AUDIENCE).await?;
+    let (code, old) = login(old_jwt.clone()).await?;
+    ensure!(code == 200, "{old}");
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .delete("bound", &DeleteParams::default())
+        .await?;
+    serviceaccounts(&client, &["bound"]).await;
+    // The API server's TokenReview refuses it once its ServiceAccount cache has seen the
+    // deletion (the token names the old UID).
+    eventually(
+        Duration::from_secs(20),
+        "the deleted ServiceAccount's token to be refused",
+        || async {
+            let (code, _) = login(old_jwt.clone()).await.ok()?;
+            (code == 403).then_some(())
+        },
+    )
+    .await?;
+    let (code, new) = login(serviceaccount_token(&client, NS, "bound", AUDIENCE).await?).await?;
+    ensure!(code == 200, "{new}");
+    ensure!(
+        new["auth"]["metadata"]["service_account_uid"] != old["auth"]["metadata"]["service_account_uid"],
+        "the new ServiceAccount is another identity"
+    );
+    Ok(())
+}

@@ -14,6 +14,8 @@ pub struct Caller {
     pub uid: String,
     /// The pod the token is bound to, when it is a bound token.
     pub pod: Option<String>,
+    /// That pod's UID (a pod re-created under the same name is another pod).
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -79,7 +81,17 @@ pub fn caller_from_status(status: &TokenReviewStatus, audience: &str) -> Result<
         .as_ref()
         .and_then(|extra| extra.get("authentication.kubernetes.io/pod-name"))
         .and_then(|names| names.first().cloned());
-    Ok(Caller { identity, uid, pod })
+    let pod_uid = user
+        .extra
+        .as_ref()
+        .and_then(|extra| extra.get("authentication.kubernetes.io/pod-uid"))
+        .and_then(|uids| uids.first().cloned());
+    Ok(Caller {
+        identity,
+        uid,
+        pod,
+        pod_uid,
+    })
 }
 
 /// Checks tokens with the TokenReview API.
@@ -168,6 +180,7 @@ mod tests {
                 },
                 uid: "0b7d-uid".into(),
                 pod: Some("web-1".into()),
+                pod_uid: None,
             }
         );
     }
