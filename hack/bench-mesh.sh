@@ -2,6 +2,10 @@
 # The mesh data-path benchmark (direct vs a Capstan sidecar pair vs an HAProxy mTLS pair),
 # on release builds, against the cluster KUBECONFIG names or a local one started here.
 # Prints figures and ratios; raw numbers land in target/bench-mesh.json.
+#
+#   hack/bench-mesh.sh --profile callgrind   instructions per request of each sidecar
+#                                            (they run under valgrind; slow but exact)
+#   hack/bench-mesh.sh --profile strace      system calls of each sidecar at 1,000 rps
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -23,4 +27,27 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; th
   trap '"$ROOT/hack/cluster.sh" down' EXIT
 fi
 export CAPSTAN_BIN_PROFILE=release
+if [ "${1:-}" = "--profile" ]; then
+  export CAPSTAN_BENCH_PROFILE=${2:?callgrind or strace}
+  if [ "$CAPSTAN_BENCH_PROFILE" = callgrind ]; then
+    # The harness runs target/$CAPSTAN_BIN_PROFILE/<bin>: the same binaries, the sidecar
+    # wrapped in valgrind (its output folder writable by the proxy's UID). Counters are
+    # dumped at each /metrics scrape (vgdb cannot reach a process idle in epoll here).
+    export CAPSTAN_CALLGRIND_DIR=$ROOT/target/callgrind-out
+    mkdir -p "$ROOT/target/callgrind" && rm -rf "$CAPSTAN_CALLGRIND_DIR"
+    mkdir -m 1777 "$CAPSTAN_CALLGRIND_DIR"
+    for bin in "$ROOT"/target/release/capstan-*; do
+      [ -f "$bin" ] && [ -x "$bin" ] && ln -sf "$bin" "$ROOT/target/callgrind/"
+    done
+    rm -f "$ROOT/target/callgrind/capstan-sidecar"
+    cat >"$ROOT/target/callgrind/capstan-sidecar" <<WRAP
+#!/bin/sh
+exec valgrind --tool=callgrind --vgdb=no --dump-before='*histogram::Histogram*EncodeMetric*encode' --callgrind-out-file=$CAPSTAN_CALLGRIND_DIR/callgrind.out.%p $ROOT/target/release/capstan-sidecar "\$@"
+WRAP
+    chmod 755 "$ROOT/target/callgrind/capstan-sidecar"
+    export CAPSTAN_BIN_PROFILE=callgrind
+  else
+    export CAPSTAN_BENCH_PROFILE_RATE=${CAPSTAN_BENCH_PROFILE_RATE:-1000}
+  fi
+fi
 cargo bench --locked -p capstan-tests --bench mesh_dataplane

@@ -48,6 +48,18 @@ async fn main() -> Result<()> {
         }
     })
     .await?;
+    let sidecars = [
+        ("server sidecar", api.pid("proxy").context("api proxy")?),
+        ("client sidecar", web.pid("proxy").context("web proxy")?),
+    ];
+    if let Ok(kind) = std::env::var("CAPSTAN_BENCH_PROFILE") {
+        let admin = |pod: &Pod| std::net::SocketAddr::new(pod.address.into(), ADMIN_PORT);
+        let sidecars = [
+            (sidecars[0].0, sidecars[0].1, admin(&api)),
+            (sidecars[1].0, sidecars[1].1, admin(&web)),
+        ];
+        return profile(&kind, &web, &app, &sidecars, &format!("{capstan_url}/kib")).await;
+    }
     let haproxy = Haproxy::start(&mut web, &api, mesh.namespace())?;
     let direct_url = format!("http://{}:{APP_PORT}", api.address);
     let haproxy_url = format!("http://127.0.0.1:{HAPROXY_CLIENT_PORT}");
@@ -60,10 +72,6 @@ async fn main() -> Result<()> {
         haproxy.logs()
     );
 
-    let sidecars = [
-        ("server sidecar", api.pid("proxy").context("api proxy")?),
-        ("client sidecar", web.pid("proxy").context("web proxy")?),
-    ];
     let idle_rss: Vec<u64> = sidecars
         .iter()
         .map(|(_, pid)| rss_kib(*pid))
@@ -121,6 +129,111 @@ async fn main() -> Result<()> {
     }
     drop(haproxy);
     report(&Value::Object(results))
+}
+
+/// The noise-free figures behind the benchmark's (`hack/bench-mesh.sh --profile KIND`),
+/// for the sidecar pair only. `callgrind`: the sidecars run under valgrind (the script's
+/// wrapper); instructions are counted over a short and a long fixed-rate run, and their
+/// difference divided by the difference in requests is the cost of one request, without
+/// the connections' handshakes or start-up. `strace`: system calls of each sidecar,
+/// counted over one fixed-rate run of the benchmark's rate.
+async fn profile(
+    kind: &str,
+    web: &Pod,
+    app: &Path,
+    sidecars: &[(&str, u32, std::net::SocketAddr)],
+    url: &str,
+) -> Result<()> {
+    let rate = std::env::var("CAPSTAN_BENCH_PROFILE_RATE").unwrap_or_else(|_| "100".to_owned());
+    match kind {
+        "callgrind" => {
+            // The wrapper dumps the counters whenever a histogram is encoded, that is at
+            // each /metrics scrape: a scrape before and after each run brackets it.
+            let dir = std::env::var("CAPSTAN_CALLGRIND_DIR").context("CAPSTAN_CALLGRIND_DIR")?;
+            let dir = Path::new(&dir);
+            let mut runs = Vec::new();
+            for seconds in ["2", "12"] {
+                for (_, _, admin) in sidecars {
+                    http_get(*admin, "/metrics").await?;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut seen: Vec<std::collections::HashSet<std::path::PathBuf>> = Vec::new();
+                for (_, pid, _) in sidecars {
+                    let mut set = std::collections::HashSet::new();
+                    new_dumps_total(dir, *pid, &mut set)?;
+                    seen.push(set);
+                }
+                let out = web.exec(app, &["load", url, CONNECTIONS, &rate, seconds]).await?;
+                let v: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+                ensure!(v["errors"] == json!(0), "errors under load: {v}");
+                let mut counts = Vec::new();
+                for (i, (_, pid, admin)) in sidecars.iter().enumerate() {
+                    http_get(*admin, "/metrics").await?;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    counts.push(new_dumps_total(dir, *pid, &mut seen[i])?);
+                }
+                eprintln!("{seconds} s at {rate} rps: {v}; instructions {counts:?}");
+                runs.push((v["requests"].as_f64().unwrap_or(0.0), counts));
+            }
+            let (short, long) = (&runs[0], &runs[1]);
+            for (i, (label, ..)) in sidecars.iter().enumerate() {
+                let per_request = (long.1[i] as f64 - short.1[i] as f64) / (long.0 - short.0);
+                println!(
+                    "{label}: {per_request:.0} instructions per request (callgrind, {rate} rps, {CONNECTIONS} connections)"
+                );
+            }
+        }
+        "strace" => {
+            let mut tracers = Vec::new();
+            for (label, pid, _) in sidecars {
+                let file = std::env::temp_dir().join(format!("capstan-strace-{pid}.txt"));
+                let child = std::process::Command::new("strace")
+                    .args(["-c", "-f", "-p", &pid.to_string(), "-o"])
+                    .arg(&file)
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?;
+                tracers.push((*label, child, file));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let v = load(web, app, url, &rate).await?;
+            for (_, child, _) in &tracers {
+                run("kill", &["-INT", &child.id().to_string()])?;
+            }
+            println!("{SECONDS} s at {rate} rps: {v}");
+            for (label, mut child, file) in tracers {
+                child.wait()?;
+                println!("{label}:\n{}", std::fs::read_to_string(&file)?);
+            }
+        }
+        other => anyhow::bail!("unknown profile {other:?} (callgrind or strace)"),
+    }
+    Ok(())
+}
+
+/// The instruction totals of `pid`'s callgrind dumps not in `seen`, added up (and then
+/// added to `seen`).
+fn new_dumps_total(
+    dir: &Path,
+    pid: u32,
+    seen: &mut std::collections::HashSet<std::path::PathBuf>,
+) -> Result<u64> {
+    let prefix = format!("callgrind.out.{pid}.");
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) || seen.contains(&path) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .context("no instruction total in a dump")?;
+        seen.insert(path);
+    }
+    Ok(total)
 }
 
 async fn load(pod: &Pod, app: &Path, url: &str, rate: &str) -> Result<Value> {
