@@ -413,6 +413,10 @@ fn serviceaccounts_can_do_only_their_job() {
         &["get", "configmaps/capstan-mesh-roots", "-n", SYSTEM_NAMESPACE],
         &["update", "configmaps/capstan-mesh-roots", "-n", SYSTEM_NAMESPACE],
         &["create", "configmaps", "-n", SYSTEM_NAMESPACE],
+        // The secrets engine: its storage, and the pods its logins are bound to.
+        &["list", "storageentries.secrets.capstan.dev", "-n", SYSTEM_NAMESPACE],
+        &["update", "storageentries.secrets.capstan.dev", "-n", SYSTEM_NAMESPACE],
+        &["get", "pods", "-n", "default"],
     ];
     for args in engine_allowed {
         assert!(can(engine, args), "the engine needs: {args:?}");
@@ -427,6 +431,8 @@ fn serviceaccounts_can_do_only_their_job() {
         &["get", "configmaps/other", "-n", SYSTEM_NAMESPACE],
         &["create", "serviceaccounts/token", "-n", SYSTEM_NAMESPACE],
         &["create", "serviceaccounts/token", "-n", "default"],
+        &["list", "pods", "-A"],
+        &["create", "storageentries.secrets.capstan.dev", "-n", "default"],
     ];
     for args in secret_access.iter().chain(denied).chain(engine_denied) {
         assert!(!can(engine, args), "the engine must not be able to: {args:?}");
