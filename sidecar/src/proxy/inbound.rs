@@ -11,8 +11,14 @@ use super::{
 use bytes::Bytes;
 use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy, Request, svid};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
-use hyper::{Response, StatusCode, body::Incoming, header};
+use hyper::{
+    Response, StatusCode,
+    body::Incoming,
+    header,
+    http::uri::{Authority, PathAndQuery},
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -194,6 +200,62 @@ where
     }
 }
 
+/// What the requests of one inbound connection share: the source (fixed for the
+/// connection) and the metric handles for it, looked up once rather than per request
+/// (building the label set and hashing it was a visible share of a request's cost).
+struct Connection {
+    shared: Arc<Shared>,
+    source: Identity,
+    source_header: Option<header::HeaderValue>,
+    /// `127.0.0.1:<application port>`, as a URI authority and as a Host header.
+    app_authority: Authority,
+    app_host: header::HeaderValue,
+    /// This connection's own keep-alive connection to the application, for HTTP/1
+    /// requests (one at a time): no shared pool to look up and lock per request.
+    app: parking_lot::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
+    /// `requests_total` of this source, by decision (a handful at most).
+    requests: parking_lot::Mutex<Vec<(Decision, Counter)>>,
+    request_duration: std::sync::OnceLock<Histogram>,
+}
+
+/// More distinct decisions than this on one connection are counted without caching.
+const CACHED_DECISIONS: usize = 16;
+
+impl Connection {
+    fn count(&self, decision: &Decision) {
+        let mut cached = self.requests.lock();
+        if let Some((_, counter)) = cached.iter().find(|(d, _)| d == decision) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .shared
+            .metrics
+            .requests
+            .get_or_create(&labels(
+                &self.source,
+                &self.shared.me,
+                decision.allow,
+                decision.by.to_string(),
+            ))
+            .clone();
+        counter.inc();
+        if cached.len() < CACHED_DECISIONS {
+            cached.push((decision.clone(), counter));
+        }
+    }
+
+    fn request_duration(&self) -> &Histogram {
+        self.request_duration.get_or_init(|| {
+            self.shared
+                .metrics
+                .request_duration
+                .get_or_create(&DirectionLabels { direction: "inbound" })
+                .clone()
+        })
+    }
+}
+
 async fn serve_http<S>(
     shared: Arc<Shared>,
     tls: S,
@@ -203,15 +265,27 @@ async fn serve_http<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let address = format!("127.0.0.1:{app_port}");
+    // The pool's Host leaves out the default port.
+    let host = if app_port == 80 { "127.0.0.1" } else { &address };
+    let (Ok(app_authority), Ok(app_host)) =
+        (address.parse::<Authority>(), header::HeaderValue::from_str(host))
+    else {
+        return;
+    };
+    let connection = Arc::new(Connection {
+        shared,
+        source,
+        source_header,
+        app_authority,
+        app_host,
+        app: parking_lot::Mutex::new(None),
+        requests: parking_lot::Mutex::new(Vec::new()),
+        request_duration: std::sync::OnceLock::new(),
+    });
     let service = hyper::service::service_fn(move |request| {
-        let shared = shared.clone();
-        let source = source.clone();
-        let source_header = source_header.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                handle_request(&shared, &source, source_header, app_port, request).await,
-            )
-        }
+        let connection = connection.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle_request(&connection, request).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Bounded resources against malformed or abusive clients (M20).
@@ -232,61 +306,59 @@ async fn serve_http<S>(
     }
 }
 
-async fn handle_request(
-    shared: &Shared,
-    source: &Identity,
-    source_header: Option<header::HeaderValue>,
-    app_port: u16,
-    request: hyper::Request<Incoming>,
-) -> Response<Body> {
+async fn handle_request(connection: &Connection, request: hyper::Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let me = &shared.me;
-    let policy = shared.policy.borrow().clone();
-    let target = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    // Borrowed, not copied: only a header that is not valid UTF-8 is converted.
-    let mut values: Vec<(&str, std::borrow::Cow<'_, str>)> = request
-        .headers()
-        .iter()
-        .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())))
-        .collect();
-    // HTTP/2 carries the host in :authority, which rules on "host" must see too (M4).
-    if !request.headers().contains_key(header::HOST)
-        && let Some(authority) = request.uri().authority()
-    {
-        values.push(("host", authority.as_str().into()));
-    }
-    let headers: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-    let (decision, normalized) = policy.authorize(
-        source,
-        me,
-        &Request {
-            method: request.method().as_str(),
-            target: &target,
-            headers: &headers,
-        },
-    );
-    let by = decision.by.to_string();
-    shared
-        .metrics
-        .requests
-        .get_or_create(&labels(source, me, decision.allow, by.clone()))
-        .inc();
+    let shared = &*connection.shared;
+    let (source, me) = (&connection.source, &shared.me);
+    let (parts, body) = request.into_parts();
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let (decision, normalized) = {
+        // Borrowed, not copied: only when a header is not valid UTF-8 are they converted.
+        let lossy: Vec<(&str, std::borrow::Cow<'_, str>)>;
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(parts.headers.len() + 1);
+        for (name, value) in &parts.headers {
+            match std::str::from_utf8(value.as_bytes()) {
+                Ok(value) => headers.push((name.as_str(), value)),
+                Err(_) => break,
+            }
+        }
+        if headers.len() < parts.headers.len() {
+            lossy = parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())))
+                .collect();
+            headers = lossy.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        }
+        // HTTP/2 carries the host in :authority, which rules on "host" must see too (M4).
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+        {
+            headers.push(("host", authority.as_str()));
+        }
+        shared.policy.borrow().authorize(
+            source,
+            me,
+            &Request {
+                method: parts.method.as_str(),
+                target,
+                headers: &headers,
+            },
+        )
+    };
+    connection.count(&decision);
     let response = match normalized.filter(|_| decision.allow) {
-        Some(path) => forward(shared, source_header, app_port, &path, &target, request).await,
+        Some(path) => match upstream_target(&parts.uri, &path, target) {
+            Some(path_and_query) => forward(connection, parts, body, path_and_query).await,
+            None => status(StatusCode::BAD_REQUEST),
+        },
         None => {
             tracing::info!(
-                %source, destination = %me, method = %request.method(), path = %target,
+                %source, destination = %me, method = %parts.method, path = %target,
                 decided_by = %decision.by, "Request denied"
             );
-            let body = format!(
-                "capstan: {} {} denied by {by}\n",
-                request.method(),
-                path_only(&target),
-            );
+            let by = decision.by.to_string();
+            let body = format!("capstan: {} {} denied by {by}\n", parts.method, path_only(target));
             let mut response = Response::new(full(body));
             *response.status_mut() = StatusCode::FORBIDDEN;
             if let Ok(value) = header::HeaderValue::from_str(&by) {
@@ -295,54 +367,160 @@ async fn handle_request(
             response
         }
     };
-    shared
-        .metrics
-        .request_duration
-        .get_or_create(&DirectionLabels { direction: "inbound" })
+    connection
+        .request_duration()
         .observe(started.elapsed().as_secs_f64());
     response
 }
 
-/// Sends an allowed request to the application with the normalized path the decision
-/// was made on (M3: the rule and the application never see two different paths).
-async fn forward(
-    shared: &Shared,
-    source_header: Option<header::HeaderValue>,
-    app_port: u16,
-    normalized: &str,
-    target: &str,
-    request: hyper::Request<Incoming>,
-) -> Response<Body> {
-    let (parts, body) = request.into_parts();
-    let query = target.split_once('?').map(|(_, q)| q);
-    let uri = match query {
-        Some(q) => format!("http://127.0.0.1:{app_port}{normalized}?{q}"),
-        None => format!("http://127.0.0.1:{app_port}{normalized}"),
-    };
-    let mut upstream = hyper::Request::builder().method(parts.method.clone()).uri(uri);
-    for (name, value) in &parts.headers {
-        if is_hop_by_hop(name) || name == SOURCE_HEADER {
-            continue;
-        }
-        upstream = upstream.header(name, value);
-    }
-    if let Some(authority) = parts.uri.authority()
-        && !parts.headers.contains_key(header::HOST)
+/// The path and query the application is sent: the normalized path the decision was
+/// made on, with the request's query. The request's own when they are the same (the
+/// common case: nothing to format or parse again).
+fn upstream_target(uri: &hyper::Uri, normalized: &str, target: &str) -> Option<PathAndQuery> {
+    if let Some(pq) = uri.path_and_query()
+        && pq.path() == normalized
     {
-        upstream = upstream.header(header::HOST, authority.as_str());
+        return Some(pq.clone());
     }
-    if let Some(source) = source_header {
-        upstream = upstream.header(SOURCE_HEADER, source);
-    }
-    let Ok(upstream) = upstream.body(body.boxed()) else {
-        return status(StatusCode::BAD_REQUEST);
+    let rebuilt = match target.split_once('?') {
+        Some((_, query)) => format!("{normalized}?{query}"),
+        None => normalized.to_owned(),
     };
-    match shared.app_client.request(upstream).await {
+    PathAndQuery::try_from(rebuilt).ok()
+}
+
+/// Sends an allowed request to the application with the normalized path the decision
+/// was made on (M3: the rule and the application never see two different paths). The
+/// request is passed on as it came, less its hop-by-hop headers and any source header
+/// the client sent, plus the verified source.
+async fn forward(
+    connection: &Connection,
+    mut parts: hyper::http::request::Parts,
+    body: Incoming,
+    path_and_query: PathAndQuery,
+) -> Response<Body> {
+    if parts
+        .headers
+        .keys()
+        .any(|name| is_hop_by_hop(name) || name == SOURCE_HEADER)
+    {
+        for name in HOP_BY_HOP.iter().chain([&SOURCE_HEADER]) {
+            parts.headers.remove(*name);
+        }
+    }
+    // HTTP/2 carries the host in :authority; the application gets it as Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+    {
+        let Ok(host) = header::HeaderValue::from_str(authority.as_str()) else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        parts.headers.insert(header::HOST, host);
+    }
+    if let Some(source) = &connection.source_header {
+        parts.headers.insert(SOURCE_HEADER, source.clone());
+    }
+    let pooled = parts.method == hyper::Method::CONNECT || parts.version == hyper::Version::HTTP_2;
+    // The application is spoken to in HTTP/1.1, whatever the client spoke, and nothing
+    // the server side attached to the request (upgrades, say) is passed on.
+    parts.version = hyper::Version::HTTP_11;
+    parts.extensions = hyper::http::Extensions::new();
+    let sent = if pooled {
+        // Concurrent streams (HTTP/2) and CONNECT go through the shared pool.
+        let mut uri = hyper::http::uri::Parts::default();
+        uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        uri.authority = Some(connection.app_authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        let Ok(uri) = hyper::Uri::from_parts(uri) else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        parts.uri = uri;
+        let request = hyper::Request::from_parts(parts, body.boxed());
+        connection
+            .shared
+            .app_client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        // As the pool sends it: origin-form, with the address as Host if none came.
+        if !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, connection.app_host.clone());
+        }
+        parts.uri = if path_and_query.as_str() == "/" {
+            hyper::Uri::default()
+        } else {
+            hyper::Uri::from(path_and_query)
+        };
+        let request = hyper::Request::from_parts(parts, body.boxed());
+        connection.send_to_app(request).await
+    };
+    match sent {
         Ok(response) => response.map(|b| b.boxed()),
         Err(error) => {
-            tracing::warn!(error = %error, "Forwarding to the application failed");
+            tracing::warn!(%error, "Forwarding to the application failed");
             status(StatusCode::BAD_GATEWAY)
         }
+    }
+}
+
+impl Connection {
+    /// Sends an HTTP/1 request on this connection's own connection to the application,
+    /// dialled on first use and again when the application closed it. A request that
+    /// was never written because a reused connection had just closed is sent again on
+    /// a new one, as the pool does.
+    async fn send_to_app(&self, request: hyper::Request<Body>) -> Result<Response<Incoming>, String> {
+        let reused = self.app.lock().take().filter(|s| !s.is_closed());
+        let (mut sender, mut request) = match reused {
+            Some(sender) => (sender, request),
+            None => (self.dial_app().await?, request),
+        };
+        let mut retried = false;
+        loop {
+            let ready = sender.ready().await;
+            let result = match ready {
+                Ok(()) => sender.try_send_request(request).await,
+                Err(error) if !retried => {
+                    tracing::debug!(%error, "The application closed a kept-alive connection; dialling again");
+                    retried = true;
+                    sender = self.dial_app().await?;
+                    continue;
+                }
+                Err(error) => return Err(error.to_string()),
+            };
+            match result {
+                Ok(response) => {
+                    *self.app.lock() = Some(sender);
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        request = unsent;
+                        sender = self.dial_app().await?;
+                    }
+                    _ => return Err(error.into_error().to_string()),
+                },
+            }
+        }
+    }
+
+    async fn dial_app(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
+        let address = (
+            std::net::Ipv4Addr::LOCALHOST,
+            self.app_authority.port_u16().unwrap_or(80),
+        );
+        let tcp = TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "A connection to the application ended with an error");
+            }
+        });
+        Ok(sender)
     }
 }
 
@@ -350,11 +528,18 @@ fn path_only(target: &str) -> &str {
     target.split_once('?').map_or(target, |(p, _)| p)
 }
 
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
 fn is_hop_by_hop(name: &header::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" | "te" | "trailer"
-    )
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
