@@ -26,6 +26,23 @@ fn round_trips_sizes() {
 }
 
 #[test]
+fn long_paths_are_bound_too() {
+    // 251 bytes of path fill the 256-byte associated-data buffer with the header; longer
+    // ones take the heap.
+    let k = Keyring::generate();
+    for len in [250, 251, 252, 300, 4096] {
+        let path: String = (0..len).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let env = k.seal(&path, b"v").unwrap();
+        assert_eq!(k.open(&path, &env).unwrap(), b"v");
+        let mut other = path.clone();
+        other.pop();
+        assert!(k.open(&other, &env).unwrap_err().is_integrity(), "{len}");
+        other.push('A');
+        assert!(k.open(&other, &env).unwrap_err().is_integrity(), "{len}");
+    }
+}
+
+#[test]
 fn same_plaintext_seals_differently() {
     let k = Keyring::generate();
     let a = k.seal(PATH, b"same").unwrap();
