@@ -47,7 +47,8 @@ start() {
     >"$CACHE/$name.log" 2>&1 &
   pids+=($!)
 }
-start capstan-controller --namespace "$ns" --lease-name capstan-controller --admin-addr 127.0.0.1:8080
+start capstan-controller --namespace "$ns" --lease-name capstan-controller --admin-addr 127.0.0.1:8080 \
+  --engine-url https://127.0.0.1:8200
 # Development auto-unseal: the unseal key and a root token go to Secret
 # capstan-engine-unseal (never do this in production; see engine/README.md).
 start capstan-engine --namespace "$ns" --listen 127.0.0.1:8200 --admin-addr 127.0.0.1:8082 \

@@ -87,6 +87,7 @@ pub struct Engine {
 pub struct Login {
     pub token: String,
     pub ttl: Duration,
+    pub renewable: bool,
 }
 
 /// A credential the engine issued, with its lease.
@@ -189,6 +190,29 @@ impl Engine {
         Ok(Login {
             token: token.to_owned(),
             ttl: Duration::from_secs(auth["lease_duration"].as_u64().unwrap_or(0)),
+            renewable: auth["renewable"].as_bool().unwrap_or(false),
+        })
+    }
+
+    /// Extends the token itself (`auth/token/renew-self`): the leases it issued end with it.
+    pub async fn renew_self(&self, token: &str, increment: Duration) -> Result<Renewed, Error> {
+        let path = "auth/token/renew-self";
+        let body = self
+            .call(
+                Method::POST,
+                path,
+                Some(token),
+                Some(json!({"increment": increment.as_secs()})),
+                &[token],
+            )
+            .await?;
+        Ok(Renewed {
+            ttl: Duration::from_secs(
+                body["auth"]["lease_duration"]
+                    .as_u64()
+                    .ok_or_else(|| protocol(path, "no auth.lease_duration"))?,
+            ),
+            renewable: body["auth"]["renewable"].as_bool().unwrap_or(false),
         })
     }
 

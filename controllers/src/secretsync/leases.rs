@@ -52,6 +52,9 @@ pub struct Current {
     pub at_max: bool,
     /// HMAC of the target data rendered from this credential: whether the target holds it.
     pub hmac: String,
+    /// When the token that issued it ends, as last known (the lease ends with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Timestamp>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -85,6 +88,7 @@ impl Current {
             renewable: false,
             at_max: false,
             hmac,
+            token_expires_at: None,
         };
         current.set_lease(lease);
         current
@@ -139,7 +143,7 @@ impl Record {
         {
             self.retiring.push(Retiring {
                 id,
-                expires_at: old.lease().expires_at(),
+                expires_at: super::schedule::capped(old.lease(), old.token_expires_at).expires_at(),
                 restarted: false,
                 rollouts: vec![],
             });

@@ -179,7 +179,21 @@ struct CachedToken {
     token: String,
     /// Which ServiceAccount and role it is for: a spec change logs in again.
     identity: (String, String),
+    /// Renew it (or log in again) after this.
     refresh_after: Instant,
+    /// When the engine ends it (and every lease it issued: Vault's rule).
+    expires_at: Timestamp,
+    ttl: Duration,
+    renewable: bool,
+    /// Tells tokens apart: which one issued the current lease.
+    generation: u64,
+}
+
+/// The token a call used, and what is known of its life.
+struct TokenInfo {
+    token: String,
+    expires_at: Timestamp,
+    generation: u64,
 }
 
 pub struct SyncContext {
@@ -192,6 +206,11 @@ pub struct SyncContext {
     delivered: Mutex<HashMap<String, (String, Data)>>,
     /// Consecutive failures by SecretSync UID, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Dynamic sources: the generation of the token that issued the current lease. The
+    /// engine revokes a token's leases when the token ends, so that token is renewed
+    /// while its lease is in use; after a restart it is unknown, and the credential is
+    /// replaced before the token's recorded expiry.
+    issuers: Mutex<HashMap<String, u64>>,
 }
 
 /// Runs the reconciler until `shutdown` resolves.
@@ -229,6 +248,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         tokens: Mutex::default(),
         delivered: Mutex::default(),
         failures: Mutex::default(),
+        issuers: Mutex::default(),
     });
     let api = Api::<SecretSync>::all(ctx.client.clone());
     // Only the Secrets this controller wrote are watched (and cached): a hand edit of a
@@ -268,6 +288,7 @@ impl SyncContext {
         self.failures.lock().remove(uid);
         self.tokens.lock().remove(uid);
         self.delivered.lock().remove(uid);
+        self.issuers.lock().remove(uid);
     }
 
     async fn publish(&self, obj: &SecretSync, type_: EventType, reason: &str, action: &str, note: String) {
@@ -286,19 +307,70 @@ impl SyncContext {
         }
     }
 
-    /// A login token for the SecretSync's ServiceAccount and role, cached until a third
-    /// of its TTL is left.
+    /// A login token for the SecretSync's ServiceAccount and role.
     async fn token(&self, obj: &SecretSync) -> Result<String, Failure> {
+        self.token_info(obj).await.map(|t| t.token)
+    }
+
+    /// The cached token while two thirds of its TTL are left; then the same token
+    /// renewed (it may have issued a lease in use), or a new login if it cannot be.
+    async fn token_info(&self, obj: &SecretSync) -> Result<TokenInfo, Failure> {
         let uid = obj.uid().unwrap_or_default();
         let identity = (
             obj.spec.auth.service_account_name.clone(),
             obj.spec.auth.role.clone(),
         );
-        if let Some(cached) = self.tokens.lock().get(&uid)
-            && cached.identity == identity
-            && Instant::now() < cached.refresh_after
-        {
-            return Ok(cached.token.clone());
+        let cached = self.tokens.lock().get(&uid).and_then(|c| {
+            (c.identity == identity).then(|| {
+                (
+                    c.token.clone(),
+                    c.refresh_after,
+                    c.expires_at,
+                    c.ttl,
+                    c.renewable,
+                    c.generation,
+                )
+            })
+        });
+        if let Some((token, refresh_after, expires_at, ttl, renewable, generation)) = cached {
+            if Instant::now() < refresh_after {
+                return Ok(TokenInfo {
+                    token,
+                    expires_at,
+                    generation,
+                });
+            }
+            if renewable && Timestamp::now() < expires_at {
+                if let Ok(renewed) = self.engine.renew_self(&token, ttl).await {
+                    let expires_at = schedule::add(Timestamp::now(), renewed.ttl);
+                    // Renewed in full: use it for two thirds of the grant. Granted less
+                    // (its max TTL): use it for what is left, then log in again.
+                    let usable = if renewed.ttl + Duration::from_secs(1) >= ttl {
+                        renewed.ttl.mul_f64(2.0 / 3.0)
+                    } else {
+                        renewed.ttl
+                    };
+                    if let Some(c) = self.tokens.lock().get_mut(&uid) {
+                        c.refresh_after = Instant::now() + usable.max(Duration::from_secs(1));
+                        c.expires_at = expires_at;
+                        c.renewable = renewed.renewable && renewed.ttl + Duration::from_secs(1) >= ttl;
+                    }
+                    if Timestamp::now() < schedule::sub(expires_at, Duration::from_secs(1)) {
+                        return Ok(TokenInfo {
+                            token,
+                            expires_at,
+                            generation,
+                        });
+                    }
+                }
+            } else if Timestamp::now() < schedule::sub(expires_at, Duration::from_secs(5)) {
+                // Not renewable: used until shortly before it ends.
+                return Ok(TokenInfo {
+                    token,
+                    expires_at,
+                    generation,
+                });
+            }
         }
         let ns = obj.namespace().unwrap_or_default();
         let request = TokenRequest {
@@ -344,16 +416,26 @@ impl SyncContext {
                 )
             }
         })?;
-        let usable = login.ttl.mul_f64(2.0 / 3.0).max(Duration::from_secs(5));
+        let usable = login.ttl.mul_f64(2.0 / 3.0).max(Duration::from_secs(1));
+        let expires_at = schedule::add(Timestamp::now(), login.ttl);
+        let generation = rand::random::<u64>();
         self.tokens.lock().insert(
             uid,
             CachedToken {
                 token: login.token.clone(),
                 identity,
                 refresh_after: Instant::now() + usable,
+                expires_at,
+                ttl: login.ttl,
+                renewable: login.renewable,
+                generation,
             },
         );
-        Ok(login.token)
+        Ok(TokenInfo {
+            token: login.token,
+            expires_at,
+            generation,
+        })
     }
 
     /// Forgets a token the engine no longer accepts (so the next attempt logs in again).
@@ -965,9 +1047,15 @@ async fn save_record(
     result.map_err(|e| Failure::kube("writing the lease record", e))
 }
 
-async fn issue(obj: &SecretSync, ctx: &SyncContext, kind: SourceKind) -> Result<engine::Issued, Failure> {
+/// A new credential, and the token that issued it (the lease ends with that token).
+async fn issue(
+    obj: &SecretSync,
+    ctx: &SyncContext,
+    kind: SourceKind,
+) -> Result<(engine::Issued, TokenInfo), Failure> {
     for attempt in 0..2 {
-        let token = ctx.token(obj).await?;
+        let info = ctx.token_info(obj).await?;
+        let token = info.token.clone();
         let result = match kind {
             SourceKind::Database => {
                 let db = obj
@@ -984,7 +1072,7 @@ async fn issue(obj: &SecretSync, ctx: &SyncContext, kind: SourceKind) -> Result<
             }
         };
         match result {
-            Ok(issued) => return Ok(issued),
+            Ok(issued) => return Ok((issued, info)),
             Err(engine::Error::Denied { .. }) if attempt == 0 => ctx.drop_token(obj),
             Err(error) => return Err(Failure::engine(error)),
         }
@@ -1009,6 +1097,25 @@ async fn sync_leased(
         .is_none_or(|t| t.type_.as_deref().unwrap_or("Opaque") == obj.spec.target.type_.as_str());
     let mut wrote = None;
     let mut replace_reason = None;
+
+    // The token that issued the current lease, if this process still holds it: renew it
+    // as it comes due, and record how long it (and so the lease) can last.
+    let mut token_wake = None;
+    let issuer = ctx.issuers.lock().get(&uid).copied();
+    if let (Some(generation), Some(current)) = (issuer, record.current.as_mut()) {
+        if let Ok(info) = ctx.token_info(obj).await
+            && info.generation == generation
+        {
+            token_wake = Some(schedule::until(now, info.expires_at) / 3);
+            if current.token_expires_at != Some(info.expires_at) {
+                current.token_expires_at = Some(info.expires_at);
+                stored = Some(save_record(secrets, obj, &record, stored).await?);
+            }
+        } else {
+            // A new login: the issuing token is no longer renewed.
+            ctx.issuers.lock().remove(&uid);
+        }
+    }
 
     match record.current.clone() {
         None => replace_reason = Some("first credential"),
@@ -1046,7 +1153,8 @@ async fn sync_leased(
                 }
             }
             if replace_reason.is_none() {
-                match schedule::plan(&current.lease(), v.renew_before, now) {
+                let effective = schedule::capped(current.lease(), current.token_expires_at);
+                match schedule::plan(&effective, v.renew_before, now) {
                     Step::Wait { .. } => {}
                     Step::Replace => replace_reason = Some("the lease is at its max TTL"),
                     Step::Renew => {
@@ -1093,7 +1201,7 @@ async fn sync_leased(
     }
 
     if let Some(why) = replace_reason {
-        let issued = issue(obj, ctx, v.kind).await?;
+        let (issued, token) = issue(obj, ctx, v.kind).await?;
         let issued_at = Timestamp::now();
         let data = match template::render(v.templates.as_ref(), &issued.fields) {
             Ok(data) => data,
@@ -1109,7 +1217,9 @@ async fn sync_leased(
         let lease = Lease::issued(issued_at, issued.ttl, issued.renewable);
         let first = record.current.is_none();
         record.fingerprint = fingerprint.clone();
-        record.replace(Current::new(issued.lease_id.clone(), &lease, hmac.clone()));
+        let mut next = Current::new(issued.lease_id.clone(), &lease, hmac.clone());
+        next.token_expires_at = Some(token.expires_at);
+        record.replace(next);
         // The lease id is on record before the credential is used anywhere.
         match save_record(secrets, obj, &record, stored).await {
             Ok(s) => stored = Some(s),
@@ -1120,6 +1230,7 @@ async fn sync_leased(
                 return Err(failure);
             }
         }
+        ctx.issuers.lock().insert(uid.clone(), token.generation);
         ctx.delivered.lock().insert(
             uid.clone(),
             (issued.lease_id.clone().unwrap_or_default(), data.clone()),
@@ -1186,7 +1297,10 @@ async fn sync_leased(
     let _ = stored;
 
     let current = record.current.as_ref().expect("a current lease after issuing");
-    let lease = current.lease();
+    let lease = schedule::capped(current.lease(), current.token_expires_at);
+    if let Some(wake) = token_wake {
+        next = next.min(wake.max(Duration::from_secs(1)));
+    }
     let wait = match schedule::plan(&lease, v.renew_before, Timestamp::now()) {
         Step::Wait { at } => schedule::until(Timestamp::now(), at),
         _ => Duration::from_secs(1),

@@ -136,6 +136,20 @@ impl Lease {
     }
 }
 
+/// The lease as it really is when the token that issued it ends first: the engine
+/// revokes a token's leases with the token (Vault's rule), so renewing the lease cannot
+/// carry it past that point, and it must be replaced before.
+pub fn capped(lease: Lease, token_expires_at: Option<Timestamp>) -> Lease {
+    match token_expires_at {
+        Some(end) if end < lease.expires_at() => Lease {
+            ttl: until(lease.granted_at, end),
+            at_max: true,
+            ..lease
+        },
+        _ => lease,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Nothing to do before `at`.
@@ -270,6 +284,21 @@ mod tests {
         let lease = Lease::issued(t(0), s(10), true);
         let rb = RenewBefore::Before(s(3600));
         assert_eq!(plan(&lease, rb, t(0)), Step::Wait { at: t(1) });
+    }
+
+    /// A lease issued by a token that ends before it is replaced before the token ends,
+    /// with a full lead; a token that outlives the lease changes nothing.
+    #[test]
+    fn a_lease_ends_with_its_token() {
+        let rb = RenewBefore::default();
+        let lease = Lease::issued(t(0), s(300), true);
+        let capped_lease = capped(lease.clone(), Some(t(250)));
+        assert_eq!(capped_lease.expires_at(), t(250));
+        assert!(!capped_lease.extendable());
+        assert_eq!(plan(&capped_lease, rb, t(10)), Step::Wait { at: t(150) });
+        assert_eq!(plan(&capped_lease, rb, t(150)), Step::Replace);
+        assert_eq!(capped(lease.clone(), Some(t(900))), lease);
+        assert_eq!(capped(lease.clone(), None), lease);
     }
 
     #[test]
