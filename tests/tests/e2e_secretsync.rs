@@ -934,3 +934,223 @@ async fn deletion_while_down_and_a_sealed_engine() -> Result<()> {
     }
     Ok(())
 }
+
+/// S6 and K3 with a real PostgreSQL: a database credential is renewed, replaced before
+/// its max TTL, the named Deployment is rolled, and only then is the old credential
+/// revoked; deleting the SecretSync while the controller is down revokes the current
+/// one once the controller is back.
+#[tokio::test]
+async fn database_credentials_rotate_before_max_ttl_and_are_revoked() -> Result<()> {
+    use capstan_tests::postgres::{ADMIN_USER, Postgres};
+    const CREATE: &str =
+        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
+    let mut world = World::new("ssync-db").await?;
+    let pg = Postgres::start().await?;
+    world
+        .root_call(
+            "POST",
+            "database/config/pg",
+            json!({
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": pg.connection_url(),
+                "username": ADMIN_USER,
+                "password": pg.admin_password,
+                "allowed_roles": ["app"],
+            }),
+        )
+        .await?;
+    // A 10 s lease with a 24 s max TTL, renewed when 60% (6 s) is left: renewed at about
+    // 4, 8, 12 and 16 s (granted only 8 s then: the max TTL), replaced at about 18 s,
+    // 6 s before the old credential ends by itself.
+    world
+        .root_call(
+            "POST",
+            "database/roles/app",
+            json!({"db_name": "pg", "creation_statements": [CREATE], "default_ttl": 10, "max_ttl": 24}),
+        )
+        .await?;
+    world
+        .root_call(
+            "PUT",
+            "sys/policies/acl/app-read",
+            json!({"policy": "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n\
+                              path \"database/creds/app\" { capabilities = [\"read\"] }\n\
+                              path \"sys/leases/renew\" { capabilities = [\"update\"] }\n\
+                              path \"sys/leases/revoke\" { capabilities = [\"update\"] }"}),
+        )
+        .await?;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "registry.example/web:1"}]}}},
+    }))?;
+    let deployments = Api::<Deployment>::namespaced(world.client.clone(), &world.ns.name);
+    deployments.create(&PostParams::default(), &deployment).await?;
+    let (ok, out) = world.apply(
+        "apiVersion: secrets.capstan.dev/v1alpha1\nkind: SecretSync\nmetadata: {name: db}\nspec:\n  \
+         source: {database: {role: app}}\n  auth: {role: app, serviceAccountName: app}\n  \
+         renewBefore: 60%\n  target: {name: db-creds, type: kubernetes.io/basic-auth}\n  \
+         rolloutRestart: [{kind: Deployment, name: web}]\n",
+    );
+    ensure!(ok, "{out}");
+    let secrets = world.secrets();
+    let first = eventually(READY_WITHIN, "the first credential", || {
+        let secrets = secrets.clone();
+        async move {
+            let data = secrets.get_opt("db-creds").await.ok()??.data?;
+            let s = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+            Some((s("username")?, s("password")?))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", world.controller().logs(), world.engine.logs()))?;
+    ensure!(
+        pg.login(&first.0, &first.1).await? == first.0,
+        "the synced credential logs in"
+    );
+    let obj = world.wait_ready("db", "True", "Synced").await?;
+    let status = obj.status.unwrap();
+    ensure!(
+        status.lease_expires_at.is_some() && status.lease_renewable == Some(true),
+        "{status:?}"
+    );
+    ensure!(status.source_version.is_none());
+    // The lease id is in the controller's record, not in status.
+    let record = world.secrets().get("db-capstan-lease").await?;
+    ensure!(record.type_.as_deref() == Some("capstan.dev/secretsync-leases"));
+    let record_text = String::from_utf8(record.data.unwrap()["leases.json"].0.clone())?;
+    ensure!(record_text.contains("database/creds/app/"), "{record_text}");
+    ensure!(
+        !run(
+            "kubectl",
+            &["get", "secretsync", "db", "-n", &world.ns.name, "-o", "yaml"]
+        )?
+        .contains("database/creds/app/")
+    );
+
+    // Replaced before the max TTL (24 s)...
+    let second = eventually(
+        Duration::from_secs(40),
+        "a new credential before the max TTL",
+        || {
+            let secrets = secrets.clone();
+            let old = first.0.clone();
+            async move {
+                let data = secrets.get_opt("db-creds").await.ok()??.data?;
+                let s = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+                let user = s("username")?;
+                (user != old).then_some((user, s("password")?))
+            }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", world.controller().logs()))?;
+    // ...while the old one still works (it is revoked only after the rollout)...
+    ensure!(
+        pg.login(&first.0, &first.1).await.is_ok(),
+        "the old credential was revoked before the workloads rolled over"
+    );
+    ensure!(pg.login(&second.0, &second.1).await? == second.0);
+    // ...the Deployment is restarted and rolls out, then the old lease is revoked.
+    eventually(
+        READY_WITHIN,
+        "the old credential to be revoked after the rollout",
+        || async {
+            (pg.login(&first.0, &first.1).await.is_err() && !pg.role_exists(&first.0).await.ok()?)
+                .then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", world.controller().logs()))?;
+    let web = deployments.get("web").await?;
+    ensure!(
+        web.spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .is_some_and(|a| a.contains_key("capstan.dev/restartedAt"))
+    );
+    let events = run("kubectl", &["get", "events", "-n", &world.ns.name, "-o", "json"])?;
+    for reason in ["LeaseRenewed", "Rotated", "RolloutRestarted", "LeaseRevoked"] {
+        ensure!(events.contains(&format!("\"{reason}\"")), "no {reason} event");
+    }
+    let metrics = world.controller().metrics().await?;
+    ensure!(
+        labelled_metric(
+            &metrics,
+            "capstan_controller_secretsync_lease_renewals_total{result=\"renewed\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    ensure!(
+        pg.login(&second.0, &second.1).await.is_ok(),
+        "the new credential still works"
+    );
+
+    // K3: deleted while the controller is down; its current lease is revoked once it is back.
+    let text = world.observable_text().await?;
+    world.controller.take().unwrap().kill();
+    world.syncs().delete("db", &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        world
+            .syncs()
+            .get("db")
+            .await?
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    world.start_controller("ssync-db-restarted").await?;
+    let current = eventually(READY_WITHIN, "the credential in use at deletion", || {
+        let secrets = secrets.clone();
+        async move {
+            let data = secrets.get_opt("db-creds").await.ok()?;
+            match data {
+                None => Some(None),
+                Some(s) => {
+                    let data = s.data?;
+                    Some(Some(String::from_utf8(data.get("username")?.0.clone()).ok()?))
+                }
+            }
+        }
+    })
+    .await?;
+    let syncs = world.syncs();
+    eventually(READY_WITHIN, "the SecretSync and its Secret to go", || {
+        let (syncs, secrets) = (syncs.clone(), secrets.clone());
+        async move {
+            (syncs.get_opt("db").await.ok()?.is_none() && secrets.get_opt("db-creds").await.ok()?.is_none())
+                .then_some(())
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", world.controller().logs()))?;
+    // The restarted controller revoked the lease itself (the finalizer's work).
+    let metrics = world.controller().metrics().await?;
+    ensure!(
+        labelled_metric(
+            &metrics,
+            "capstan_controller_secretsync_lease_revocations_total{result=\"revoked\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    let user = current.unwrap_or_else(|| second.0.clone());
+    ensure!(
+        !pg.role_exists(&user).await?,
+        "the credential of the deleted SecretSync still exists"
+    );
+    ensure!(!pg.role_exists(&second.0).await?);
+    for value in [&first.1, &second.1] {
+        ensure!(!text.contains(value.as_str()), "a password is observable");
+        ensure!(
+            !world.controller().logs().contains(value.as_str()),
+            "a password is in the log"
+        );
+    }
+    Ok(())
+}
