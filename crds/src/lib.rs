@@ -15,9 +15,10 @@ pub use mesh::{
     IntentionSource, ServiceIntentions, ServiceIntentionsSpec, ServiceIntentionsStatus,
 };
 pub use secrets::{
-    DatabaseSource, DeletionPolicy, KvSource, PkiSource, RolloutKind, RolloutTarget, SecretSync,
-    SecretSyncAuth, SecretSyncSource, SecretSyncSpec, SecretSyncStatus, SecretSyncTarget, SourceKind,
-    StorageEntry, StorageEntrySpec, TargetType,
+    AuthRole, AuthRoleSpec, DatabaseSource, DeletionPolicy, EngineConfigStatus, KvSource, PkiSource,
+    PolicyRule, RolloutKind, RolloutTarget, SecretPolicy, SecretPolicySpec, SecretSync, SecretSyncAuth,
+    SecretSyncSource, SecretSyncSpec, SecretSyncStatus, SecretSyncTarget, SourceKind, StorageEntry,
+    StorageEntrySpec, TargetType,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -25,7 +26,13 @@ use kube::core::crd::CustomResourceExt;
 
 /// Every CRD Capstan serves, in the order crdgen writes them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![ServiceIntentions::crd(), SecretSync::crd(), StorageEntry::crd()]
+    vec![
+        ServiceIntentions::crd(),
+        SecretSync::crd(),
+        SecretPolicy::crd(),
+        AuthRole::crd(),
+        StorageEntry::crd(),
+    ]
 }
 
 /// Kinds only Capstan's own components write (no status, not in the category).

@@ -153,14 +153,21 @@ fn bound(list: &[String], value: &str) -> bool {
 #[derive(Clone)]
 pub struct KubernetesAuth {
     logical: Logical,
+    declared: std::sync::Arc<crate::declared::Declared>,
     reviewer: TokenReviewer,
     default_audience: String,
 }
 
 impl KubernetesAuth {
-    pub fn new(logical: Logical, reviewer: TokenReviewer, default_audience: String) -> Self {
+    pub fn new(
+        logical: Logical,
+        declared: std::sync::Arc<crate::declared::Declared>,
+        reviewer: TokenReviewer,
+        default_audience: String,
+    ) -> Self {
         Self {
             logical,
+            declared,
             reviewer,
             default_audience,
         }
@@ -169,6 +176,11 @@ impl KubernetesAuth {
     pub async fn write_role(&self, name: &str, request: RoleRequest) -> Result<(), LoginError> {
         if !valid_name(name) {
             return Err(LoginError::Invalid(format!("invalid role name {name:?}")));
+        }
+        if self.declared.role(name).is_some() {
+            return Err(LoginError::Invalid(format!(
+                "role {name:?} is declared by an AuthRole object; change it there"
+            )));
         }
         if request
             .alias_name_source
@@ -244,6 +256,9 @@ impl KubernetesAuth {
         if !valid_name(name) {
             return Ok(None);
         }
+        if let Some(role) = self.declared.role(name) {
+            return Ok(Some(role));
+        }
         Ok(self
             .logical
             .get::<Role>(&format!("{PREFIX}{name}"))
@@ -252,6 +267,11 @@ impl KubernetesAuth {
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), LoginError> {
+        if self.declared.role(name).is_some() {
+            return Err(LoginError::Invalid(format!(
+                "role {name:?} is declared by an AuthRole object; delete it there"
+            )));
+        }
         if valid_name(name) {
             self.logical
                 .delete(&format!("{PREFIX}{name}"), Precondition::None)
@@ -261,7 +281,11 @@ impl KubernetesAuth {
     }
 
     pub async fn list_roles(&self) -> Result<Vec<String>, LoginError> {
-        Ok(self.logical.list(PREFIX).await?)
+        let mut names = self.logical.list(PREFIX).await?;
+        names.extend(self.declared.role_names());
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     /// Checks `jwt` for `role` and issues a token.

@@ -24,5 +24,6 @@ pub mod token;
 pub mod vault;
 pub mod dev_unseal;
 pub mod database;
+pub mod declared;
 pub mod lease;
 pub mod pki;

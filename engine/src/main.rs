@@ -7,6 +7,7 @@ use capstan_engine::{
     api, audit,
     auth_kubernetes::{KubernetesAuth, PodReaper},
     database::Database,
+    declared::Declared,
     dev_unseal, https,
     kv::Kv,
     lease::{LeaseMetrics, Leases},
@@ -196,16 +197,23 @@ async fn main() -> anyhow::Result<()> {
         secrets_metrics.integrity_errors.clone(),
     );
     let database = Database::new(logical.clone(), &args.database_mount);
+    let declared = Arc::new(Declared::default());
+    tokio::spawn(
+        declared
+            .clone()
+            .follow(client.clone(), args.auth_audience.clone()),
+    );
     let engine = Arc::new(vault::Engine {
         seal: seal.clone(),
         tokens: Tokens::new(logical.clone()),
-        policies: Policies::new(logical.clone()),
+        policies: Policies::new(logical.clone(), declared.clone()),
         kv: Kv::new(logical.clone(), &args.kv_mount),
         database: database.clone(),
         pki: Pki::new(logical.clone(), &args.pki_mount),
         leases: Leases::new(logical.clone(), database, lease_metrics, args.revoke_backoff_max),
         kubernetes: KubernetesAuth::new(
             logical.clone(),
+            declared.clone(),
             mesh_ca::tokenreview::TokenReviewer::new(client.clone(), args.auth_audience.clone()),
             args.auth_audience.clone(),
         ),

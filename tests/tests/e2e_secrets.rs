@@ -631,3 +631,124 @@ async fn logins_are_bound_to_the_serviceaccount_uid_and_to_their_pod() -> Result
     );
     Ok(())
 }
+
+/// Policies and roles as objects (GitOps): applied with kubectl, followed by the engine,
+/// reported in their status, and not overwritable through the API.
+#[tokio::test]
+async fn secret_policies_and_auth_roles_are_declared_as_objects() -> Result<()> {
+    use capstan_tests::secrets::{call, roots};
+    let client = client().await;
+    fresh_storage();
+    serviceaccounts(&client, &["gitops"]).await;
+    let engine = EngineProcess::start(&client, "declared", &[]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let manifest = format!(
+        r#"{{"apiVersion":"v1","kind":"List","items":[
+        {{"apiVersion":"secrets.capstan.dev/v1alpha1","kind":"SecretPolicy","metadata":{{"name":"gitops-read"}},
+          "spec":{{"rules":[{{"path":"secret/data/gitops/*","capabilities":["read"]}}]}}}},
+        {{"apiVersion":"secrets.capstan.dev/v1alpha1","kind":"SecretPolicy","metadata":{{"name":"gitops-broken"}},
+          "spec":{{"rules":[{{"path":"secret/*/x*y","capabilities":["read"]}}]}}}},
+        {{"apiVersion":"secrets.capstan.dev/v1alpha1","kind":"AuthRole","metadata":{{"name":"gitops"}},
+          "spec":{{"serviceAccountNames":["gitops"],"serviceAccountNamespaces":["{NS}"],"policies":["gitops-read"],"tokenTTL":"10m"}}}}]}}"#
+    );
+    let file = std::env::temp_dir().join(format!("capstan-e2e-declared-{:08x}.json", rand::random::<u32>()));
+    std::fs::write(&file, manifest)?;
+    run("kubectl", &["apply", "-f", &file.display().to_string()])?;
+    let _ = std::fs::remove_file(&file);
+    let ready = |kind: &'static str, name: &'static str| async move {
+        eventually(Duration::from_secs(15), "the engine's status on a declared object", || async move {
+            let out = run(
+                "kubectl",
+                &["get", kind, name, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}/{.status.conditions[?(@.type==\"Ready\")].message}"],
+            )
+            .ok()?;
+            (!out.trim().is_empty()).then(|| out.trim().to_owned())
+        })
+        .await
+    };
+    ensure!(
+        ready("secretpolicy", "gitops-read")
+            .await?
+            .starts_with("True/1 rules")
+    );
+    ensure!(ready("authrole", "gitops").await?.starts_with("True"));
+    let broken = ready("secretpolicy", "gitops-broken").await?;
+    ensure!(broken.starts_with("False/"), "{broken}");
+
+    call(
+        &engine,
+        &roots,
+        "POST",
+        "secret/data/gitops/app",
+        Some(&root),
+        Some(json!({"data": {"v": "declared"}})),
+    )
+    .await?;
+    let jwt = serviceaccount_token(&client, NS, "gitops", AUDIENCE).await?;
+    let (code, login) = call(
+        &engine,
+        &roots,
+        "POST",
+        "auth/kubernetes/login",
+        None,
+        Some(json!({"role": "gitops", "jwt": jwt})),
+    )
+    .await?;
+    ensure!(code == 200, "{code} {login}");
+    let token = login["auth"]["client_token"].as_str().unwrap().to_owned();
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "GET",
+        "secret/data/gitops/app",
+        Some(&token),
+        None,
+    )
+    .await?;
+    ensure!(
+        code == 200 && body["data"]["data"]["v"] == "declared",
+        "{code} {body}"
+    );
+    let (code, _) = call(&engine, &roots, "GET", "secret/data/other", Some(&token), None).await?;
+    ensure!(code == 403);
+    // The API cannot overwrite what the objects declare.
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "PUT",
+        "sys/policies/acl/gitops-read",
+        Some(&root),
+        Some(json!({"policy": "path \"*\" { capabilities = [\"sudo\"] }"})),
+    )
+    .await?;
+    ensure!(
+        code == 400 && body.to_string().contains("SecretPolicy"),
+        "{code} {body}"
+    );
+    // Deleting the object takes the grant away.
+    run(
+        "kubectl",
+        &["delete", "secretpolicy", "gitops-read", "gitops-broken"],
+    )?;
+    eventually(
+        Duration::from_secs(15),
+        "the deleted policy to stop granting",
+        || async {
+            let (code, _) = call(
+                &engine,
+                &roots,
+                "GET",
+                "secret/data/gitops/app",
+                Some(&token),
+                None,
+            )
+            .await
+            .ok()?;
+            (code == 403).then_some(())
+        },
+    )
+    .await?;
+    run("kubectl", &["delete", "authrole", "gitops"])?;
+    Ok(())
+}

@@ -1,8 +1,10 @@
 //! `secrets.capstan.dev`: the secrets engine (Vault on Kubernetes) and SecretSync.
 
+mod engine_config;
 mod secret_sync;
 mod storage_entry;
 
+pub use engine_config::*;
 pub use secret_sync::*;
 pub use storage_entry::*;
 

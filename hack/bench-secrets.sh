@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The secrets engine's benchmark: KV v2 reads and writes, PostgreSQL credentials and PKI
+# certificates per second through the HTTPS API (release builds, a real cluster, a real
+# PostgreSQL), and the barrier against raw AES-256-GCM. Prints figures and ratios; raw
+# numbers land in target/bench-secrets.json.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+"$ROOT/hack/cluster.sh" build
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  say "installing PostgreSQL (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
+fi
+say "the barrier against raw AES-256-GCM"
+cargo bench --locked -p capstan-engine --bench barrier
+say "release builds"
+cargo build --release --locked -p capstan-engine -p capstan-tests --bins
+
+use_cluster "${CAPSTAN_BENCH_CLUSTER:-capstan-bench}"
+if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; then
+  export CAPSTAN_CLUSTER_NAME=$CAPSTAN_STARTED_CLUSTER
+  trap '"$ROOT/hack/cluster.sh" down' EXIT
+fi
+export CAPSTAN_BIN_PROFILE=release
+cargo bench --locked -p capstan-tests --bench secrets_engine

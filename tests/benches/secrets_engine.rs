@@ -1,0 +1,213 @@
+//! The secrets engine's benchmark (issue 5, part 8), one run on this machine, through the
+//! HTTPS API with audit on (a file sink), against the real API server and a real
+//! PostgreSQL: KV v2 reads and writes per second with p99 at 32 concurrent clients,
+//! dynamic PostgreSQL credentials per second, ECDSA P-256 certificates per second. The
+//! barrier against raw AES-256-GCM is `cargo bench -p capstan-engine --bench barrier`
+//! (hack/bench-secrets.sh runs both). Figures are printed and written to
+//! target/bench-secrets.json.
+
+use anyhow::{Context as _, Result, ensure};
+use bytes::Bytes;
+use capstan_tests::{
+    postgres::{ADMIN_USER, Postgres},
+    secrets::{call, fresh_storage, init_and_unseal, roots},
+    *,
+};
+use http_body_util::{BodyExt as _, Full};
+use serde_json::{Value, json};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+const SECONDS: u64 = 8;
+
+/// What one load run measured.
+struct Run {
+    requests: usize,
+    failures: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> u64 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i]
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "requests": self.requests, "failures": self.failures, "per_second": self.rate(),
+            "p50_us": self.percentile(0.50), "p99_us": self.percentile(0.99),
+        })
+    }
+}
+
+fn tls_config(roots_pem: &str) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        store.add(cert?)?;
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    ))
+}
+
+/// `clients` keep-alive HTTPS connections, each sending `request(i)` back to back for
+/// `seconds`.
+async fn load(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    clients: usize,
+    seconds: u64,
+    token: &str,
+    request: impl Fn(usize) -> (&'static str, String, Option<String>) + Send + Sync + 'static,
+) -> Result<Run> {
+    let request = Arc::new(request);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (tls, token, request) = (tls.clone(), token.to_owned(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let (mut ok, mut failed, mut latencies) = (0usize, 0usize, Vec::new());
+            let mut n = client;
+            while Instant::now() < deadline {
+                let (method, path, body) = request(n);
+                n += clients;
+                let req = hyper::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header("host", "127.0.0.1")
+                    .header("x-vault-token", &token)
+                    .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+                let sent = Instant::now();
+                let response = sender.send_request(req).await?;
+                let status = response.status();
+                response.into_body().collect().await?;
+                latencies.push(sent.elapsed().as_micros() as u64);
+                if status.is_success() { ok += 1 } else { failed += 1 }
+            }
+            anyhow::Ok((ok, failed, latencies))
+        }));
+    }
+    let mut run = Run {
+        requests: 0,
+        failures: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
+    for task in tasks {
+        let (ok, failed, latencies) = task.await??;
+        run.requests += ok;
+        run.failures += failed;
+        run.latencies_us.extend(latencies);
+    }
+    run.elapsed = started.elapsed();
+    run.latencies_us.sort_unstable();
+    Ok(run)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let client = client().await;
+    fresh_storage();
+    let pg = Postgres::start().await?;
+    let audit = std::env::temp_dir().join(format!("capstan-bench-audit-{:08x}.log", rand::random::<u32>()));
+    let engine = EngineProcess::start(&client, "bench", &["--audit", &audit.display().to_string()]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let setup = |method: &'static str, path: &'static str, body: Value| {
+        let (engine, roots, root) = (&engine, roots.clone(), root.clone());
+        async move {
+            let (code, reply) = call(engine, &roots, method, path, Some(&root), Some(body)).await?;
+            ensure!(code == 200 || code == 204, "{path}: {code} {reply}");
+            anyhow::Ok(reply)
+        }
+    };
+    setup("POST", "secret/data/bench/read", json!({"data": {"username": "app", "password": "x".repeat(32)}})).await?;
+    setup(
+        "POST",
+        "database/config/pg",
+        json!({"plugin_name": "postgresql-database-plugin", "connection_url": pg.connection_url(),
+               "username": ADMIN_USER, "password": pg.admin_password, "allowed_roles": ["app"]}),
+    )
+    .await?;
+    setup(
+        "POST",
+        "database/roles/app",
+        json!({"db_name": "pg", "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"], "default_ttl": "1h"}),
+    )
+    .await?;
+    setup("POST", "pki/root/generate/internal", json!({"common_name": "Bench Root"})).await?;
+    setup("POST", "pki/roles/web", json!({"allowed_domains": ["example.com"], "allow_subdomains": true})).await?;
+    let tls = tls_config(&roots)?;
+
+    let reads = load(engine.https, tls.clone(), 32, SECONDS, &root, |_| {
+        ("GET", "/v1/secret/data/bench/read".to_owned(), None)
+    })
+    .await?;
+    let writes = load(engine.https, tls.clone(), 32, SECONDS, &root, |i| {
+        ("POST", format!("/v1/secret/data/bench/w{}", i % 32), Some(json!({"data": {"n": i}}).to_string()))
+    })
+    .await?;
+    let creds = load(engine.https, tls.clone(), 8, SECONDS, &root, |_| {
+        ("GET", "/v1/database/creds/app".to_owned(), None)
+    })
+    .await?;
+    let certs = load(engine.https, tls.clone(), 32, SECONDS, &root, |i| {
+        ("POST", "/v1/pki/issue/web".to_owned(), Some(json!({"common_name": format!("h{i}.example.com")}).to_string()))
+    })
+    .await?;
+    let _ = std::fs::remove_file(&audit);
+
+    println!("\nsecrets engine over HTTPS (TLS 1.3, audit to a file), {SECONDS} s each, on this 2-core machine:");
+    println!("| operation | clients | per second | p50 | p99 | failures |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, clients, run) in [
+        ("KV v2 read", 32, &reads),
+        ("KV v2 write", 32, &writes),
+        ("PostgreSQL credential", 8, &creds),
+        ("PKI issue (P-256)", 32, &certs),
+    ] {
+        println!(
+            "| {name} | {clients} | {:.0} | {} µs | {} µs | {} |",
+            run.rate(),
+            run.percentile(0.5),
+            run.percentile(0.99),
+            run.failures
+        );
+    }
+    println!(
+        "targets: KV reads >= 20,000/s with p99 < 2 ms ({:.2}x of the rate); PKI >= 5,000/s ({:.2}x)",
+        reads.rate() / 20_000.0,
+        certs.rate() / 5_000.0
+    );
+    let report = json!({"kv_read": reads.json(), "kv_write": writes.json(), "database_creds": creds.json(), "pki_issue": certs.json()});
+    let out = repo_root().join("target/bench-secrets.json");
+    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).context("writing the report")?;
+    ensure!(reads.failures == 0 && certs.failures == 0, "failures under load: {report}");
+    Ok(())
+}
