@@ -1154,3 +1154,120 @@ async fn database_credentials_rotate_before_max_ttl_and_are_revoked() -> Result<
     }
     Ok(())
 }
+
+/// A PKI certificate into a `kubernetes.io/tls` Secret (the layout ingress controllers
+/// read), replaced at two thirds of its life with the Deployment rolled; a hand edit is
+/// restored with the same certificate (the controller still holds it).
+#[tokio::test]
+async fn pki_certificate_is_issued_into_a_tls_secret_and_replaced_before_expiry() -> Result<()> {
+    let world = World::new("ssync-pki").await?;
+    world
+        .root_call(
+            "POST",
+            "pki/root/generate/internal",
+            json!({"common_name": "capstan-e2e-root", "ttl": "24h"}),
+        )
+        .await?;
+    world
+        .root_call(
+            "POST",
+            "pki/roles/web",
+            json!({"allowed_domains": ["svc", "cluster.local"], "allow_subdomains": true, "ttl": "9s", "max_ttl": "1h"}),
+        )
+        .await?;
+    world
+        .root_call(
+            "PUT",
+            "sys/policies/acl/app-read",
+            json!({"policy": "path \"pki/issue/web\" { capabilities = [\"update\"] }"}),
+        )
+        .await?;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "registry.example/web:1"}]}}},
+    }))?;
+    let deployments = Api::<Deployment>::namespaced(world.client.clone(), &world.ns.name);
+    deployments.create(&PostParams::default(), &deployment).await?;
+    let (ok, out) = world.apply(
+        "apiVersion: secrets.capstan.dev/v1alpha1\nkind: SecretSync\nmetadata: {name: web}\nspec:\n  \
+         source: {pki: {role: web, commonName: web.shop.svc, altNames: [web.shop.svc.cluster.local]}}\n  \
+         auth: {role: app, serviceAccountName: app}\n  \
+         target: {name: web-tls, type: kubernetes.io/tls}\n  \
+         rolloutRestart: [{kind: Deployment, name: web}]\n",
+    );
+    ensure!(ok, "{out}");
+    let secrets = world.secrets();
+    let first = eventually(READY_WITHIN, "the certificate", || {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets.get_opt("web-tls").await.ok()??;
+            let data = s.data.as_ref()?;
+            (s.type_.as_deref() == Some("kubernetes.io/tls")
+                && ["tls.crt", "tls.key", "ca.crt"]
+                    .iter()
+                    .all(|k| data.contains_key(*k)))
+            .then(|| data["tls.crt"].0.clone())
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", world.controller().logs()))?;
+    ensure!(String::from_utf8_lossy(&first).contains("BEGIN CERTIFICATE"));
+    let obj = world.wait_ready("web", "True", "Synced").await?;
+    let status = obj.status.unwrap();
+    ensure!(
+        status.lease_renewable == Some(false) && status.lease_expires_at.is_some(),
+        "{status:?}"
+    );
+
+    // A hand edit is restored with the same certificate.
+    let mut edited = world.secrets().get("web-tls").await?;
+    edited
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("tls.key".into(), k8s_openapi::ByteString(b"not a key".to_vec()));
+    world
+        .secrets()
+        .replace("web-tls", &PostParams::default(), &edited)
+        .await?;
+    let restored = eventually(Duration::from_secs(10), "the key restored", || {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets.get("web-tls").await.ok()?;
+            let data = s.data?;
+            (data["tls.key"].0 != b"not a key").then(|| data["tls.crt"].0.clone())
+        }
+    })
+    .await?;
+    ensure!(restored == first, "a restore re-issued instead of restoring");
+
+    // Replaced at two thirds of its 9 s, and the Deployment restarted.
+    eventually(Duration::from_secs(30), "a new certificate", || {
+        let secrets = secrets.clone();
+        let first = first.clone();
+        async move {
+            let s = secrets.get("web-tls").await.ok()?;
+            (s.data?["tls.crt"].0 != first).then_some(())
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", world.controller().logs()))?;
+    eventually(READY_WITHIN, "the Deployment to be restarted", || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get("web").await.ok()?;
+            d.spec?
+                .template
+                .metadata?
+                .annotations?
+                .get("capstan.dev/restartedAt")
+                .map(drop)
+        }
+    })
+    .await?;
+    let text = world.observable_text().await?;
+    ensure!(!text.contains("PRIVATE KEY"), "a private key is observable");
+    Ok(())
+}

@@ -1218,7 +1218,11 @@ async fn sync_leased(
         let first = record.current.is_none();
         record.fingerprint = fingerprint.clone();
         let mut next = Current::new(issued.lease_id.clone(), &lease, hmac.clone());
-        next.token_expires_at = Some(token.expires_at);
+        // Only a lease ends with its token; a certificate without one just expires.
+        next.token_expires_at = issued.lease_id.as_ref().map(|_| token.expires_at);
+        // A replaced credential without a lease (a certificate) retires nothing, but the
+        // workloads still roll onto the new one.
+        let restart_now = record.current.as_ref().is_some_and(|c| c.id.is_none());
         record.replace(next);
         // The lease id is on record before the credential is used anywhere.
         match save_record(secrets, obj, &record, stored).await {
@@ -1230,7 +1234,11 @@ async fn sync_leased(
                 return Err(failure);
             }
         }
-        ctx.issuers.lock().insert(uid.clone(), token.generation);
+        if issued.lease_id.is_some() {
+            ctx.issuers.lock().insert(uid.clone(), token.generation);
+        } else {
+            ctx.issuers.lock().remove(&uid);
+        }
         ctx.delivered.lock().insert(
             uid.clone(),
             (issued.lease_id.clone().unwrap_or_default(), data.clone()),
@@ -1239,6 +1247,9 @@ async fn sync_leased(
         sync_metrics()
             .propagation
             .observe(Timestamp::now().duration_since(issued_at).as_secs_f64().max(0.0));
+        if restart_now {
+            restart_all(obj, ctx).await;
+        }
         let write = if first { Write::Created } else { Write::Rotated };
         wrote = Some(write);
         ctx.publish(
