@@ -98,7 +98,12 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
         let _ = tcp.set_nodelay(true);
         // The name is not checked (the verifier checks the SPIFFE ID); rustls needs one.
         let name = ServerName::try_from("capstan.mesh").expect("a valid DNS name");
-        match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+        match tokio::time::timeout(
+            super::HANDSHAKE_TIMEOUT,
+            connector.connect(name, super::tunnel::ReadAhead::new(tcp)),
+        )
+        .await
+        {
             Ok(Ok(mut tls)) => {
                 shared
                     .metrics

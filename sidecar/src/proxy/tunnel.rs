@@ -198,6 +198,94 @@ impl Buffer {
     }
 }
 
+/// A stream read through a 64 KiB buffer while it moves bulk, and directly otherwise.
+/// rustls asks its transport for at most 4 KiB at a time: a peer sending bulk costs a
+/// `read` per 4 KiB without this, and a buffer per connection with a plain `BufReader`.
+/// A read that fills the whole request turns the buffer on; a buffered read that comes
+/// back mostly empty turns it off (and frees it) once it is drained.
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+    /// The last buffered read was short: free the buffer once it is drained.
+    winding_down: bool,
+}
+
+const READ_AHEAD: usize = 64 * 1024;
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            filled: 0,
+            winding_down: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if this.pos == this.filled && this.winding_down {
+            this.buf = Vec::new();
+            this.winding_down = false;
+        }
+        if this.pos == this.filled && this.buf.is_empty() {
+            let wanted = out.remaining();
+            let before = out.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+            if out.filled().len() - before == wanted {
+                this.buf = vec![0; READ_AHEAD];
+                (this.pos, this.filled) = (0, 0);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.pos == this.filled {
+            let mut read = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            let got = read.filled().len();
+            (this.pos, this.filled) = (0, got);
+            this.winding_down = got < READ_AHEAD / 4;
+        }
+        let n = out.remaining().min(this.filled - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +333,37 @@ mod tests {
             .unwrap();
         assert_eq!(copied, 1 << 20);
         assert_eq!(bulk.buf.len(), MAX_BUFFER);
+    }
+
+    /// Small reads pass straight through; a read that fills the request turns the
+    /// buffer on, and it is freed again when the stream slows down; no byte is lost or
+    /// reordered on the way.
+    #[tokio::test]
+    async fn reads_ahead_only_while_bulk_flows() {
+        let (mut writer, reader) = duplex(256 * 1024);
+        let mut stream = ReadAhead::new(reader);
+        writer.write_all(b"small").await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"small");
+        assert!(stream.buf.is_empty());
+        let bulk: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        writer.write_all(&bulk).await.unwrap();
+        let mut received = Vec::new();
+        while received.len() < bulk.len() {
+            let n = stream.read(&mut buf).await.unwrap();
+            received.extend_from_slice(&buf[..n]);
+            if received.len() == 4096 {
+                assert_eq!(stream.buf.len(), READ_AHEAD, "a full read turns the buffer on");
+            }
+        }
+        assert_eq!(received, bulk);
+        writer.write_all(b"tail").await.unwrap();
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"tail");
+        writer.write_all(b"again").await.unwrap();
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"again");
+        assert!(stream.buf.is_empty(), "freed once the stream slowed down");
     }
 }
