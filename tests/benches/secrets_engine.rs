@@ -147,7 +147,12 @@ async fn main() -> Result<()> {
             anyhow::Ok(reply)
         }
     };
-    setup("POST", "secret/data/bench/read", json!({"data": {"username": "app", "password": "x".repeat(32)}})).await?;
+    setup(
+        "POST",
+        "secret/data/bench/read",
+        json!({"data": {"username": "app", "password": "x".repeat(32)}}),
+    )
+    .await?;
     setup(
         "POST",
         "database/config/pg",
@@ -161,8 +166,18 @@ async fn main() -> Result<()> {
         json!({"db_name": "pg", "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"], "default_ttl": "1h"}),
     )
     .await?;
-    setup("POST", "pki/root/generate/internal", json!({"common_name": "Bench Root"})).await?;
-    setup("POST", "pki/roles/web", json!({"allowed_domains": ["example.com"], "allow_subdomains": true})).await?;
+    setup(
+        "POST",
+        "pki/root/generate/internal",
+        json!({"common_name": "Bench Root"}),
+    )
+    .await?;
+    setup(
+        "POST",
+        "pki/roles/web",
+        json!({"allowed_domains": ["example.com"], "allow_subdomains": true}),
+    )
+    .await?;
     let tls = tls_config(&roots)?;
 
     let reads = load(engine.https, tls.clone(), 32, SECONDS, &root, |_| {
@@ -170,7 +185,11 @@ async fn main() -> Result<()> {
     })
     .await?;
     let writes = load(engine.https, tls.clone(), 32, SECONDS, &root, |i| {
-        ("POST", format!("/v1/secret/data/bench/w{}", i % 32), Some(json!({"data": {"n": i}}).to_string()))
+        (
+            "POST",
+            format!("/v1/secret/data/bench/w{}", i % 32),
+            Some(json!({"data": {"n": i}}).to_string()),
+        )
     })
     .await?;
     let creds = load(engine.https, tls.clone(), 8, SECONDS, &root, |_| {
@@ -178,12 +197,18 @@ async fn main() -> Result<()> {
     })
     .await?;
     let certs = load(engine.https, tls.clone(), 32, SECONDS, &root, |i| {
-        ("POST", "/v1/pki/issue/web".to_owned(), Some(json!({"common_name": format!("h{i}.example.com")}).to_string()))
+        (
+            "POST",
+            "/v1/pki/issue/web".to_owned(),
+            Some(json!({"common_name": format!("h{i}.example.com")}).to_string()),
+        )
     })
     .await?;
     let _ = std::fs::remove_file(&audit);
 
-    println!("\nsecrets engine over HTTPS (TLS 1.3, audit to a file), {SECONDS} s each, on this 2-core machine:");
+    println!(
+        "\nsecrets engine over HTTPS (TLS 1.3, audit to a file), {SECONDS} s each, on this 2-core machine:"
+    );
     println!("| operation | clients | per second | p50 | p99 | failures |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (name, clients, run) in [
@@ -208,6 +233,9 @@ async fn main() -> Result<()> {
     let report = json!({"kv_read": reads.json(), "kv_write": writes.json(), "database_creds": creds.json(), "pki_issue": certs.json()});
     let out = repo_root().join("target/bench-secrets.json");
     std::fs::write(&out, serde_json::to_vec_pretty(&report)?).context("writing the report")?;
-    ensure!(reads.failures == 0 && certs.failures == 0, "failures under load: {report}");
+    ensure!(
+        reads.failures == 0 && certs.failures == 0,
+        "failures under load: {report}"
+    );
     Ok(())
 }
