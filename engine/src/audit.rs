@@ -117,9 +117,55 @@ pub struct AuthInfo {
     pub metadata: Map<String, Value>,
 }
 
+/// Records waiting for one sink, at most: a sink that stops taking them fails requests
+/// at once past this, instead of piling them up.
+const QUEUE: usize = 4096;
+
+type Job = (Arc<[u8]>, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// One thread per sink writes what requests hand it, as many records as are waiting in
+/// one write (group commit), and answers each request when its record is written: a
+/// request costs no thread of its own, and a hanging sink holds only its thread.
+struct Writer {
+    name: String,
+    tx: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Writer {
+    fn start(sink: Sink) -> Self {
+        let name = sink.name();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+        let thread_name = format!("audit-{}", name.chars().take(8).collect::<String>());
+        let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
+            let mut buffer = Vec::new();
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                buffer.clear();
+                for (line, _) in &batch {
+                    buffer.extend_from_slice(line);
+                }
+                let result = sink.write(&buffer).map_err(|e| e.to_string());
+                for (_, ack) in batch {
+                    let _ = ack.send(result.clone());
+                }
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, sink = %name, "Starting an audit writer");
+        }
+        Self { name, tx }
+    }
+}
+
 #[derive(Clone)]
 pub struct Audit {
-    sinks: Arc<Vec<Arc<Sink>>>,
+    sinks: Arc<Vec<Writer>>,
     key: Arc<Mutex<Option<ring::hmac::Key>>>,
     failures: Family<Vec<(String, String)>, Counter>,
 }
@@ -127,7 +173,7 @@ pub struct Audit {
 impl Audit {
     pub fn new(sinks: Vec<Sink>, failures: Family<Vec<(String, String)>, Counter>) -> Self {
         Self {
-            sinks: Arc::new(sinks.into_iter().map(Arc::new).collect()),
+            sinks: Arc::new(sinks.into_iter().map(Writer::start).collect()),
             key: Arc::default(),
             failures,
         }
@@ -263,16 +309,18 @@ impl Audit {
         let mut line = serde_json::to_vec(&record).map_err(|_| AuditError::NoSink)?;
         line.push(b'\n');
         let line: Arc<[u8]> = line.into();
-        let writes = self.sinks.iter().map(|sink| {
-            let sink = sink.clone();
+        let writes = self.sinks.iter().map(|writer| {
             let line = line.clone();
             async move {
-                let name = sink.name();
-                let result = tokio::time::timeout(
-                    WRITE_TIMEOUT,
-                    tokio::task::spawn_blocking(move || sink.write(&line)),
-                )
-                .await;
+                let name = writer.name.clone();
+                let (ack, done) = tokio::sync::oneshot::channel();
+                let result = match writer.tx.try_send((line, ack)) {
+                    Ok(()) => tokio::time::timeout(WRITE_TIMEOUT, done)
+                        .await
+                        .map(|r| r.map_err(|_| ())),
+                    // Full (the sink stopped taking records) or its writer is gone.
+                    Err(_) => Ok(Err(())),
+                };
                 match result {
                     Ok(Ok(Ok(()))) => true,
                     Ok(Ok(Err(error))) => {
@@ -282,7 +330,7 @@ impl Audit {
                             .inc();
                         false
                     }
-                    Ok(Err(_)) | Err(_) => {
+                    Ok(Err(())) | Err(_) => {
                         tracing::error!(sink = %name, "An audit sink did not accept a record in time");
                         self.failures
                             .get_or_create(&vec![("sink".into(), name), ("reason".into(), "timeout".into())])
