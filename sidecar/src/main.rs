@@ -1,9 +1,10 @@
 //! capstan-sidecar: the binary injected beside applications, one role per subcommand:
-//! `proxy` (mTLS, intentions), `init` (transparent-proxy redirect); `agent` (secrets
-//! into files) arrives with the secrets engine.
+//! `proxy` (mTLS, intentions), `init` (transparent-proxy redirect), `agent` (secrets
+//! into files).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+mod agent;
 mod init;
 mod proxy;
 
@@ -25,6 +26,8 @@ enum Command {
     Proxy(Box<proxy::args::ProxyArgs>),
     /// Sets up the transparent redirect in the pod's network namespace, then exits.
     Init(init::InitArgs),
+    /// Renders secrets from the engine into files, renews and revokes their leases.
+    Agent(Box<agent::args::AgentArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +51,11 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(proxy::run(*proxy))
         }
         Command::Init(init) => init::run(&init),
+        // Two threads: the polls and renewals are small, and the app shares the CPU.
+        Command::Agent(agent) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(agent::run(*agent)),
     }
 }

@@ -827,6 +827,7 @@ pub fn restore_webhook_service_refs() {
     let mutating = serde_json::json!({"webhooks": [
         {"name": "namespaces.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
         {"name": "pods.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
+        {"name": "agents.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
     ]});
     let validating = serde_json::json!({"webhooks": [
         {"name": "serviceintentions.validate.capstan.dev", "clientConfig": service("/validate-serviceintentions")},

@@ -1,4 +1,4 @@
-//! The admission handlers: `/mutate-pods` (sidecar injection) and
+//! The admission handlers: `/mutate-pods` (mesh sidecar and secrets agent injection) and
 //! `/validate-serviceintentions` (the checks the CRD schema cannot express).
 //!
 //! A decision (inject, skip, refuse) is an AdmissionResponse. A failure to decide (the
@@ -7,7 +7,7 @@
 //! Ignore elsewhere. Handlers never panic on input: a body that does not parse is
 //! answered with an invalid response.
 
-use crate::metrics::Metrics;
+use crate::{agent, metrics::Metrics};
 use axum::{
     Json, Router,
     body::Bytes,
@@ -135,75 +135,141 @@ async fn mutate(state: &AppState, body: &[u8]) -> Reply {
     let started = Instant::now();
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let wanted = injection::wanted(&namespace, &namespace_labels, &annotations, &state.config);
+    let agent_wanted = agent::wanted(&namespace, &namespace_labels, &annotations, &state.config);
     let deciding = started.elapsed();
-    if let Wanted::No(skip) = wanted {
+    if let (Wanted::No(skip), false) = (wanted, agent_wanted) {
         state.metrics.request(MUTATE_PODS, "skipped");
         tracing::debug!(%namespace, pod = %pod_name, reason = skip.as_str(), "Not meshing pod");
         return reply(response);
     }
-    // The CA bundle is only needed (and only read) for a pod that is not meshed yet.
-    let roots = if injection::is_injected(pod) {
-        String::new()
-    } else {
+    let mesh_wanted = !matches!(wanted, Wanted::No(_));
+    // The CA bundle is only needed (and only read) for a pod that does not have the
+    // proxy or the agent yet.
+    let needs_roots =
+        (mesh_wanted && !injection::is_injected(pod)) || (agent_wanted && !agent::is_injected(pod));
+    let roots = if needs_roots {
         match state.roots().await {
             Some(roots) => roots,
             None => {
                 state.metrics.request(MUTATE_PODS, "denied");
+                let what = if mesh_wanted {
+                    "be meshed"
+                } else {
+                    "have the secrets agent"
+                };
                 return reply(deny(
                     response,
                     format!(
-                        "capstan-webhook: pod {namespace}/{pod_name} must be meshed, but the mesh CA has not \
-                         published its roots yet (ConfigMap {}/{} key roots.pem): is capstan-engine running?",
+                        "capstan-webhook: pod {namespace}/{pod_name} must {what}, but the engine has not \
+                         published the mesh roots yet (ConfigMap {}/{} key roots.pem): is capstan-engine running?",
                         state.roots_namespace, state.roots_configmap
                     ),
                 ));
             }
         }
+    } else {
+        String::new()
     };
     let started = Instant::now();
-    let outcome = injection::inject(pod, &state.config, &roots);
+    let mesh = if mesh_wanted {
+        injection::inject(pod, &state.config, &roots)
+    } else {
+        Ok(Injection::AlreadyInjected)
+    };
+    let mut ops = match mesh {
+        Err(refusals) => {
+            state.metrics.request(MUTATE_PODS, "denied");
+            let reasons = join(&refusals);
+            tracing::info!(%namespace, pod = %pod_name, %reasons, "Refused a pod that cannot be meshed safely");
+            return reply(deny(
+                response,
+                format!("capstan-webhook: pod {namespace}/{pod_name} cannot be meshed: {reasons}"),
+            ));
+        }
+        Ok(Injection::AlreadyInjected) => Vec::new(),
+        Ok(Injection::Patch(ops)) => ops,
+    };
+    let mut injected = Vec::new();
+    if !ops.is_empty() {
+        injected.push("mesh sidecar");
+    }
+    if agent_wanted {
+        // The agent's patch is computed on the pod as the mesh's patch leaves it, so the
+        // two apply one after the other.
+        let meshed;
+        let target = if ops.is_empty() {
+            pod
+        } else {
+            meshed = patched(pod, &ops)?;
+            &meshed
+        };
+        match agent::inject(target, &state.config, &roots) {
+            Err(refusals) => {
+                state.metrics.request(MUTATE_PODS, "denied");
+                let reasons = join(&refusals);
+                tracing::info!(%namespace, pod = %pod_name, %reasons, "Refused a pod whose secrets annotations are invalid");
+                return reply(deny(
+                    response,
+                    format!(
+                        "capstan-webhook: pod {namespace}/{pod_name} asks for the secrets agent, but: {reasons}"
+                    ),
+                ));
+            }
+            Ok(None) => {}
+            Ok(Some(agent_ops)) => {
+                ops.extend(agent_ops);
+                injected.push("secrets agent");
+            }
+        }
+    }
     state
         .metrics
         .mutation
         .observe((deciding + started.elapsed()).as_secs_f64());
-    match outcome {
-        Err(refusals) => {
-            state.metrics.request(MUTATE_PODS, "denied");
-            let reasons = refusals
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
-            tracing::info!(%namespace, pod = %pod_name, %reasons, "Refused a pod that cannot be meshed safely");
-            reply(deny(
-                response,
-                format!("capstan-webhook: pod {namespace}/{pod_name} cannot be meshed: {reasons}"),
-            ))
-        }
-        Ok(Injection::AlreadyInjected) => {
-            state.metrics.request(MUTATE_PODS, "already_injected");
-            reply(response)
-        }
-        Ok(Injection::Patch(ops)) => {
-            // The operations are RFC 6902 already: encode them once, directly, rather
-            // than through json_patch's types (with_patch marks the type as JSONPatch).
-            let mut response = response.with_patch(json_patch::Patch(Vec::new())).map_err(|e| {
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding the patch: {e}"),
-                )
-            })?;
-            response.patch = Some(serde_json::to_vec(&ops).map_err(|e| {
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding the patch: {e}"),
-                )
-            })?);
-            state.metrics.request(MUTATE_PODS, "injected");
-            tracing::info!(%namespace, pod = %pod_name, by = ?wanted, "Injected the mesh sidecar");
-            reply(response)
-        }
+    if ops.is_empty() {
+        state.metrics.request(MUTATE_PODS, "already_injected");
+        return reply(response);
     }
+    // The operations are RFC 6902 already: encode them once, directly, rather than
+    // through json_patch's types (with_patch marks the type as JSONPatch).
+    let mut response = response.with_patch(json_patch::Patch(Vec::new())).map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the patch: {e}"),
+        )
+    })?;
+    response.patch = Some(serde_json::to_vec(&ops).map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the patch: {e}"),
+        )
+    })?);
+    state.metrics.request(MUTATE_PODS, "injected");
+    tracing::info!(%namespace, pod = %pod_name, by = ?wanted, injected = %injected.join(", "), "Injected");
+    reply(response)
+}
+
+fn join(refusals: &[capstan_mesh::injection::Refusal]) -> String {
+    refusals
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `pod` with `ops` applied (the mesh's patch, before the agent's is computed on it).
+fn patched(pod: &Pod, ops: &[serde_json::Value]) -> Result<Pod, (StatusCode, String)> {
+    let failed = |e: String| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("applying the mesh patch: {e}"),
+        )
+    };
+    let patch: json_patch::Patch =
+        serde_json::from_value(serde_json::Value::Array(ops.to_vec())).map_err(|e| failed(e.to_string()))?;
+    let mut doc = serde_json::to_value(pod).map_err(|e| failed(e.to_string()))?;
+    json_patch::patch(&mut doc, &patch).map_err(|e| failed(e.to_string()))?;
+    serde_json::from_value(doc).map_err(|e| failed(e.to_string()))
 }
 
 async fn validate_intentions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {

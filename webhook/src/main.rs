@@ -14,6 +14,7 @@
 #![deny(rust_2018_idioms)]
 
 mod admission;
+mod agent;
 mod certs;
 mod metrics;
 mod rotation;
