@@ -201,8 +201,8 @@ impl Buffer {
 /// A stream read through a 64 KiB buffer while it moves bulk, and directly otherwise.
 /// rustls asks its transport for at most 4 KiB at a time: a peer sending bulk costs a
 /// `read` per 4 KiB without this, and a buffer per connection with a plain `BufReader`.
-/// A read that fills the whole request turns the buffer on; a buffered read that comes
-/// back mostly empty turns it off (and frees it) once it is drained.
+/// A read that fills the whole request turns the buffer on; a buffered read shorter than
+/// a direct one turns it off (and frees it) once it is drained.
 pub struct ReadAhead<S> {
     inner: S,
     buf: Vec<u8>,
@@ -213,6 +213,8 @@ pub struct ReadAhead<S> {
 }
 
 const READ_AHEAD: usize = 64 * 1024;
+/// What rustls asks for at a time.
+const DIRECT_READ: usize = 4096;
 
 impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
@@ -251,7 +253,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             let got = read.filled().len();
             (this.pos, this.filled) = (0, got);
-            this.winding_down = got < READ_AHEAD / 4;
+            // Less than a direct read would have asked for: the bulk is over. (Not
+            // earlier: a reader that keeps up sees reads of a record or two mid-bulk,
+            // and dropping the buffer then would only allocate it again.)
+            this.winding_down = got < DIRECT_READ;
         }
         let n = out.remaining().min(this.filled - this.pos);
         out.put_slice(&this.buf[this.pos..this.pos + n]);
