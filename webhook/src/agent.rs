@@ -704,6 +704,44 @@ mod tests {
         );
     }
 
+    /// In a meshed pod the webhook applies the mesh's patch in memory and computes the
+    /// agent's on the result: the two, in one response, apply in order to the pod as the
+    /// API server sent it, and a second pass adds nothing.
+    #[test]
+    fn with_the_mesh_both_patches_apply_in_order_and_the_agent_comes_first() {
+        use capstan_mesh::injection::{self, Injection};
+        let original = pod(asking());
+        let Ok(Injection::Patch(mut ops)) = injection::inject(&original, &Config::default(), "PEM") else {
+            panic!("not meshed");
+        };
+        let meshed = apply(&original, &ops);
+        ops.extend(inject(&meshed, &Config::default(), "PEM").unwrap().unwrap());
+        let both = apply(&original, &ops);
+        let names: Vec<_> = both
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["capstan-agent", "capstan-init", "capstan-proxy", "migrate"]
+        );
+        // Our own containers do not get the files; the pod's do.
+        let inits = both.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        let mounts = |c: &Container| c.volume_mounts.iter().flatten().any(|m| m.name == SECRETS_VOLUME);
+        assert!(!mounts(&inits[1]) && !mounts(&inits[2]) && mounts(&inits[3]));
+        assert_eq!(
+            injection::inject(&both, &Config::default(), "PEM").unwrap(),
+            Injection::AlreadyInjected
+        );
+        assert_eq!(inject(&both, &Config::default(), "PEM").unwrap(), None);
+    }
+
     #[test]
     fn init_only_is_a_plain_init_container_without_probe() {
         let mut annotations = asking();

@@ -368,6 +368,10 @@ impl Agent {
         let mut login_next = !renewable;
         let mut failures = 0;
         loop {
+            if ttl.is_zero() && !login_next && failures == 0 {
+                // A token without expiry: nothing to renew.
+                return std::future::pending().await;
+            }
             let wait = if failures > 0 {
                 backoff(failures)
             } else {
@@ -472,6 +476,9 @@ impl Agent {
         loop {
             let wait = if failures > 0 {
                 backoff(failures)
+            } else if lease.duration.is_zero() && !reissue {
+                // A lease without expiry: only a new login makes a new one necessary.
+                Duration::MAX / 4
             } else {
                 (lease.duration * 2 / 3).max(Duration::from_secs(1))
             };
