@@ -136,16 +136,6 @@ pub enum LoginError {
     Token(#[from] TokenError),
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && name != "."
-        && name != ".."
-}
-
 fn bound(list: &[String], value: &str) -> bool {
     list.iter().any(|b| b == "*" || b == value)
 }
@@ -174,7 +164,7 @@ impl KubernetesAuth {
     }
 
     pub async fn write_role(&self, name: &str, request: RoleRequest) -> Result<(), LoginError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Err(LoginError::Invalid(format!("invalid role name {name:?}")));
         }
         if self.declared.role(name).is_some() {
@@ -253,7 +243,7 @@ impl KubernetesAuth {
     }
 
     pub async fn read_role(&self, name: &str) -> Result<Option<Role>, LoginError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Ok(None);
         }
         if let Some(role) = self.declared.role(name) {
@@ -272,7 +262,7 @@ impl KubernetesAuth {
                 "role {name:?} is declared by an AuthRole object; delete it there"
             )));
         }
-        if valid_name(name) {
+        if crate::storage::valid_name(name) {
             self.logical
                 .delete(&format!("{PREFIX}{name}"), Precondition::None)
                 .await?;

@@ -115,16 +115,6 @@ pub struct Pki {
     loaded: Arc<RwLock<Option<Loaded>>>,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && name != "."
-        && name != ".."
-}
-
 fn serial_hex(der: &[u8]) -> String {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, c)| {
@@ -234,7 +224,7 @@ impl Pki {
     }
 
     pub async fn role(&self, name: &str) -> Result<Option<Role>, PkiError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Ok(None);
         }
         Ok(self
@@ -245,7 +235,7 @@ impl Pki {
     }
 
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), PkiError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Err(PkiError::Invalid(format!("invalid role name {name:?}")));
         }
         if !role.allow_any_name && role.allowed_domains.is_empty() && !role.allow_localhost {
@@ -263,7 +253,7 @@ impl Pki {
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), PkiError> {
-        if valid_name(name) {
+        if crate::storage::valid_name(name) {
             self.logical
                 .delete(&self.role_path(name), Precondition::None)
                 .await?;

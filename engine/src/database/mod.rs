@@ -127,16 +127,6 @@ fn alnum(len: usize) -> String {
         .collect()
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && name != "."
-        && name != ".."
-}
-
 /// PostgreSQL's timestamp for VALID UNTIL.
 pub fn expiration(unix: i64) -> String {
     jiff::Timestamp::from_second(unix)
@@ -174,7 +164,7 @@ impl Database {
     }
 
     pub async fn connection(&self, name: &str) -> Result<Option<(Connection, u64)>, DatabaseError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Ok(None);
         }
         Ok(self
@@ -191,7 +181,7 @@ impl Database {
         connection: Connection,
         verify: bool,
     ) -> Result<(), DatabaseError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Err(DatabaseError::Invalid(format!(
                 "invalid connection name {name:?}"
             )));
@@ -224,7 +214,7 @@ impl Database {
     }
 
     pub async fn delete_connection(&self, name: &str) -> Result<(), DatabaseError> {
-        if valid_name(name) {
+        if crate::storage::valid_name(name) {
             self.logical
                 .delete(&self.config_path(name), Precondition::None)
                 .await?;
@@ -241,7 +231,7 @@ impl Database {
     }
 
     pub async fn role(&self, name: &str) -> Result<Option<Role>, DatabaseError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Ok(None);
         }
         Ok(self
@@ -252,7 +242,7 @@ impl Database {
     }
 
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), DatabaseError> {
-        if !valid_name(name) {
+        if !crate::storage::valid_name(name) {
             return Err(DatabaseError::Invalid(format!("invalid role name {name:?}")));
         }
         if role.db_name.is_empty() {
@@ -273,7 +263,7 @@ impl Database {
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), DatabaseError> {
-        if valid_name(name) {
+        if crate::storage::valid_name(name) {
             self.logical
                 .delete(&self.role_path(name), Precondition::None)
                 .await?;

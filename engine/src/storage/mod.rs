@@ -102,6 +102,18 @@ pub fn children(prefix: &str, paths: &[String]) -> Vec<String> {
     out
 }
 
+/// A name that becomes one path segment (a role, a connection, a mount's object): 1 to
+/// 128 ASCII letters, digits, `-`, `_` or `.`, never `.` or `..`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name != "."
+        && name != ".."
+}
+
 /// Refuses paths storage must never be asked for: empty, absolute, with empty,
 /// `.` or `..` segments, or control characters.
 pub fn check_path(path: &str) -> Result<(), StorageError> {

@@ -2,7 +2,7 @@
 
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
-    auth_kubernetes::{LoginError, RoleRequest, parse_duration},
+    auth_kubernetes::{LoginError, RoleRequest},
     policies::canonical,
     token::{NewToken, TokenEntry, now},
 };
@@ -64,51 +64,6 @@ fn lookup_data(entry: &TokenEntry, own: Option<&str>) -> Value {
     })
 }
 
-fn seconds(request: &Request, keys: &[&str]) -> Result<u64, ApiError> {
-    for key in keys {
-        match request.body.get(*key) {
-            None | Some(Value::Null) => continue,
-            Some(Value::Number(n)) => {
-                return n
-                    .as_u64()
-                    .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")));
-            }
-            Some(Value::String(s)) => return parse_duration(s).map_err(ApiError::bad_request),
-            Some(_) => return Err(ApiError::bad_request(format!("invalid {key}"))),
-        }
-    }
-    Ok(0)
-}
-
-fn strings(request: &Request, key: &str) -> Result<Option<Vec<String>>, ApiError> {
-    match request.body.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")))
-            })
-            .collect::<Result<_, _>>()
-            .map(Some),
-        Some(Value::String(s)) => Ok(Some(
-            s.split(',')
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect(),
-        )),
-        Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
-    }
-}
-
-fn required<'a>(request: &'a Request, key: &str) -> Result<&'a str, ApiError> {
-    request
-        .str(key)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::bad_request(format!("missing required parameter: {key}")))
-}
-
 pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
     let caller = request.caller()?;
     let own = request.token.as_deref().unwrap_or_default();
@@ -119,7 +74,7 @@ pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
         }
         ("lookup-self", _) => Ok(Reply::data(lookup_data(caller, Some(own)))),
         ("lookup", _) if write => {
-            let token = required(request, "token")?;
+            let token = request.required("token")?;
             let entry = engine
                 .tokens
                 .lookup(token)
@@ -128,7 +83,7 @@ pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             Ok(Reply::data(lookup_data(&entry, Some(token))))
         }
         ("lookup-accessor", _) if write => {
-            let accessor = required(request, "accessor")?;
+            let accessor = request.required("accessor")?;
             let entry = engine
                 .tokens
                 .lookup_accessor(accessor)
@@ -137,17 +92,14 @@ pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             Ok(Reply::data(lookup_data(&entry, None)))
         }
         ("renew-self", _) if write => {
-            let entry = engine
-                .tokens
-                .renew(own, seconds(request, &["increment"])?)
-                .await?;
+            let entry = engine.tokens.renew(own, request.seconds(&["increment"])?).await?;
             Ok(Reply::auth(auth_block(own, &entry)))
         }
         ("renew", _) if write => {
-            let token = required(request, "token")?;
+            let token = request.required("token")?;
             let entry = engine
                 .tokens
-                .renew(token, seconds(request, &["increment"])?)
+                .renew(token, request.seconds(&["increment"])?)
                 .await?;
             Ok(Reply::auth(auth_block(token, &entry)))
         }
@@ -156,13 +108,13 @@ pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             Ok(Reply::no_content())
         }
         ("revoke", _) if write => {
-            revoke(engine, required(request, "token")?).await?;
+            revoke(engine, request.required("token")?).await?;
             Ok(Reply::no_content())
         }
         ("revoke-accessor", _) if write => {
             engine
                 .tokens
-                .revoke_accessor(required(request, "accessor")?)
+                .revoke_accessor(request.required("accessor")?)
                 .await
                 .or_else(|e| match e {
                     crate::token::TokenError::Invalid => Ok(()),
@@ -189,7 +141,8 @@ async fn create(
     orphan: bool,
 ) -> Result<Reply, ApiError> {
     let root = parent.is_root();
-    let policies: Vec<String> = strings(request, "policies")?
+    let policies: Vec<String> = request
+        .list("policies")?
         .unwrap_or_else(|| parent.policies.clone())
         .iter()
         .map(|p| canonical(p))
@@ -236,14 +189,14 @@ async fn create(
                     .str("display_name")
                     .map_or_else(|| "token".to_owned(), |d| format!("token-{d}")),
                 meta,
-                ttl: seconds(request, &["ttl", "period"])?,
-                max_ttl: seconds(request, &["explicit_max_ttl"])?,
+                ttl: request.seconds(&["ttl", "period"])?,
+                max_ttl: request.seconds(&["explicit_max_ttl"])?,
                 renewable: request
                     .body
                     .get("renewable")
                     .and_then(Value::as_bool)
                     .unwrap_or(true),
-                no_expiry: wants_root && root && seconds(request, &["ttl"])? == 0,
+                no_expiry: wants_root && root && request.seconds(&["ttl"])? == 0,
             },
             (!no_parent).then_some(parent),
         )
@@ -255,8 +208,8 @@ pub async fn kubernetes(engine: &Engine, request: &Request, rest: &str) -> Resul
     let op = request.operation;
     match (rest, op) {
         ("login", Operation::update | Operation::create) => {
-            let role = required(request, "role")?;
-            let jwt = required(request, "jwt")?;
+            let role = request.required("role")?;
+            let jwt = request.required("jwt")?;
             let (token, entry, _) = engine.kubernetes.login(&engine.tokens, role, jwt).await?;
             Ok(Reply::auth(auth_block(&token, &entry)))
         }

@@ -3,7 +3,6 @@
 
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
-    auth_kubernetes::parse_duration,
     database::{Connection, DatabaseError, Role},
     lease::{Lease, LeaseSecret, new_id},
     token::now,
@@ -23,45 +22,18 @@ impl From<DatabaseError> for ApiError {
     }
 }
 
-fn strings(request: &Request, key: &str) -> Result<Vec<String>, ApiError> {
-    match request.body.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(if key.ends_with("statements") {
-            vec![s.clone()]
-        } else {
-            s.split(',')
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect()
-        }),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")))
-            })
-            .collect(),
-        Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
-    }
-}
-
-fn seconds(request: &Request, key: &str) -> Result<u64, ApiError> {
-    match request.body.get(key) {
-        None | Some(Value::Null) => Ok(0),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| ApiError::bad_request(format!("invalid {key}"))),
-        Some(Value::String(s)) => parse_duration(s).map_err(ApiError::bad_request),
-        Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
-    }
-}
-
 pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
     let db = &engine.database;
     let op = request.operation;
     let write = matches!(op, Operation::create | Operation::update);
     let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
+    // SQL statements: a list, or one string holding one statement (commas are SQL's).
+    let statements = |key: &str| -> Result<Vec<String>, ApiError> {
+        match request.body.get(key) {
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            _ => Ok(request.list(key)?.unwrap_or_default()),
+        }
+    };
     match (section, op) {
         ("config", Operation::list) => Ok(Reply::data(json!({ "keys": db.list_connections().await? }))),
         ("roles", Operation::list) => Ok(Reply::data(json!({ "keys": db.list_roles().await? }))),
@@ -84,12 +56,12 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                 password: text("password", current.password),
                 pending_password: None,
                 allowed_roles: if request.body.contains_key("allowed_roles") {
-                    strings(request, "allowed_roles")?
+                    request.list("allowed_roles")?.unwrap_or_default()
                 } else {
                     current.allowed_roles
                 },
                 root_rotation_statements: if request.body.contains_key("root_rotation_statements") {
-                    strings(request, "root_rotation_statements")?
+                    statements("root_rotation_statements")?
                 } else {
                     current.root_rotation_statements
                 },
@@ -113,11 +85,11 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
         ("roles", _) if write => {
             let role = Role {
                 db_name: request.str("db_name").unwrap_or_default().to_owned(),
-                creation_statements: strings(request, "creation_statements")?,
-                revocation_statements: strings(request, "revocation_statements")?,
-                renew_statements: strings(request, "renew_statements")?,
-                default_ttl: seconds(request, "default_ttl")?,
-                max_ttl: seconds(request, "max_ttl")?,
+                creation_statements: statements("creation_statements")?,
+                revocation_statements: statements("revocation_statements")?,
+                renew_statements: statements("renew_statements")?,
+                default_ttl: request.seconds(&["default_ttl"])?,
+                max_ttl: request.seconds(&["max_ttl"])?,
             };
             db.write_role(name, role).await?;
             Ok(Reply::no_content())

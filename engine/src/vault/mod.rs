@@ -149,6 +149,61 @@ impl Request {
         self.body.get(key).and_then(Value::as_str)
     }
 
+    /// A parameter that must be a non-empty string.
+    fn required(&self, key: &str) -> Result<&str, ApiError> {
+        self.str(key)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ApiError::bad_request(format!("missing required parameter: {key}")))
+    }
+
+    /// A list of strings, as Vault takes them: a JSON array or a comma-separated string
+    /// (None when absent).
+    fn list(&self, key: &str) -> Result<Option<Vec<String>>, ApiError> {
+        match self.body.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(
+                s.split(',')
+                    .map(|p| p.trim().to_owned())
+                    .filter(|p| !p.is_empty())
+                    .collect(),
+            )),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
+        }
+    }
+
+    /// A duration in seconds from the first of `keys` present: a number of seconds or a
+    /// string (`"90"`, `"90s"`, `"1h"`); 0 when none is.
+    fn seconds(&self, keys: &[&str]) -> Result<u64, ApiError> {
+        for key in keys {
+            match self.body.get(*key) {
+                None | Some(Value::Null) => continue,
+                Some(Value::Number(n)) => {
+                    return n
+                        .as_u64()
+                        .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")));
+                }
+                Some(Value::String(s)) => {
+                    return crate::auth_kubernetes::parse_duration(s).map_err(ApiError::bad_request);
+                }
+                Some(_) => return Err(ApiError::bad_request(format!("invalid {key}"))),
+            }
+        }
+        Ok(0)
+    }
+
+    fn flag(&self, key: &str, default: bool) -> bool {
+        self.body.get(key).and_then(Value::as_bool).unwrap_or(default)
+    }
+
     /// The caller's token entry; handlers behind authentication always have one.
     fn caller(&self) -> Result<&TokenEntry, ApiError> {
         self.entry.as_ref().ok_or_else(ApiError::denied)

@@ -2,11 +2,8 @@
 //! `issue/<role>`.
 
 use super::{ApiError, Engine, Operation, Reply, Request};
-use crate::{
-    auth_kubernetes::parse_duration,
-    pki::{PkiError, Role},
-};
-use serde_json::{Value, json};
+use crate::pki::{PkiError, Role};
+use serde_json::json;
 
 impl From<PkiError> for ApiError {
     fn from(error: PkiError) -> Self {
@@ -18,41 +15,6 @@ impl From<PkiError> for ApiError {
     }
 }
 
-fn list(request: &Request, key: &str) -> Result<Vec<String>, ApiError> {
-    match request.body.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(s
-            .split(',')
-            .map(|p| p.trim().to_owned())
-            .filter(|p| !p.is_empty())
-            .collect()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")))
-            })
-            .collect(),
-        Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
-    }
-}
-
-fn seconds(request: &Request, key: &str) -> Result<u64, ApiError> {
-    match request.body.get(key) {
-        None | Some(Value::Null) => Ok(0),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| ApiError::bad_request(format!("invalid {key}"))),
-        Some(Value::String(s)) => parse_duration(s).map_err(ApiError::bad_request),
-        Some(_) => Err(ApiError::bad_request(format!("invalid {key}"))),
-    }
-}
-
-fn flag(request: &Request, key: &str, default: bool) -> bool {
-    request.body.get(key).and_then(Value::as_bool).unwrap_or(default)
-}
-
 pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
     let pki = &engine.pki;
     let op = request.operation;
@@ -61,7 +23,7 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
     match (section, name, op) {
         ("root", "generate/internal", _) if write => {
             let common_name = request.str("common_name").unwrap_or_default();
-            let certificate = pki.generate_root(common_name, seconds(request, "ttl")?).await?;
+            let certificate = pki.generate_root(common_name, request.seconds(&["ttl"])?).await?;
             Ok(Reply::data(
                 json!({ "certificate": certificate, "issuing_ca": certificate }),
             ))
@@ -74,16 +36,16 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
         }
         ("roles", name, _) if write => {
             let role = Role {
-                allowed_domains: list(request, "allowed_domains")?,
-                allow_subdomains: flag(request, "allow_subdomains", false),
-                allow_bare_domains: flag(request, "allow_bare_domains", false),
-                allow_localhost: flag(request, "allow_localhost", false),
-                allow_ip_sans: flag(request, "allow_ip_sans", false),
-                allow_any_name: flag(request, "allow_any_name", false),
-                server_flag: flag(request, "server_flag", true),
-                client_flag: flag(request, "client_flag", false),
-                ttl: seconds(request, "ttl")?,
-                max_ttl: seconds(request, "max_ttl")?,
+                allowed_domains: request.list("allowed_domains")?.unwrap_or_default(),
+                allow_subdomains: request.flag("allow_subdomains", false),
+                allow_bare_domains: request.flag("allow_bare_domains", false),
+                allow_localhost: request.flag("allow_localhost", false),
+                allow_ip_sans: request.flag("allow_ip_sans", false),
+                allow_any_name: request.flag("allow_any_name", false),
+                server_flag: request.flag("server_flag", true),
+                client_flag: request.flag("client_flag", false),
+                ttl: request.seconds(&["ttl"])?,
+                max_ttl: request.seconds(&["max_ttl"])?,
             };
             pki.write_role(name, role).await?;
             Ok(Reply::no_content())
@@ -104,9 +66,9 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                 .issue(
                     role,
                     common_name,
-                    &list(request, "alt_names")?,
-                    &list(request, "ip_sans")?,
-                    seconds(request, "ttl")?,
+                    &request.list("alt_names")?.unwrap_or_default(),
+                    &request.list("ip_sans")?.unwrap_or_default(),
+                    request.seconds(&["ttl"])?,
                 )
                 .await?;
             Ok(Reply::data(json!({
