@@ -9,7 +9,7 @@
 use anyhow::{Context as _, Result, bail, ensure};
 use capstan_tests::{
     postgres::{ADMIN_USER, Postgres},
-    secrets::{call, fresh_storage, init_and_unseal, pod_bound_token, roots},
+    secrets::{call, fresh_storage, init_and_unseal, pod_bound_token, roots, unseal},
     *,
 };
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -34,6 +34,7 @@ struct World {
     engine: EngineProcess,
     roots: String,
     root: String,
+    keys: Vec<String>,
     pg: Postgres,
     /// Holds the test namespace (deleted on drop).
     _ns: TestNamespace,
@@ -59,7 +60,7 @@ async fn world(name: &str) -> Result<World> {
     let pg = Postgres::start().await?;
     let engine = EngineProcess::start(&client, name, &[]).await?;
     let roots = roots(&client).await?;
-    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let (root, keys) = init_and_unseal(&engine, &roots).await?;
     let ns = TestNamespace::new(&client, "e2e-agent").await;
     Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
         .create(
@@ -94,6 +95,7 @@ async fn world(name: &str) -> Result<World> {
         engine,
         roots,
         root,
+        keys,
         pg,
         _ns: ns,
         dir,
@@ -470,6 +472,69 @@ async fn init_only_renders_once_and_exits_and_names_outside_the_folder_are_refus
         "{}",
         agent.logs()
     );
+    Ok(())
+}
+
+/// The engine restarts under a running agent (its kept connection breaks, its token's
+/// renewal fails meanwhile): the agent reconnects, logs in again if it must, keeps
+/// following the KV secret and keeps a working database credential in its file.
+#[tokio::test]
+async fn the_agent_rides_out_an_engine_restart() -> Result<()> {
+    let client = client().await;
+    let mut w = world("agent-restart").await?;
+    w.ok(
+        "POST",
+        "secret/data/agent/config",
+        json!({"data": {"v": "before"}}),
+    )
+    .await?;
+    let agent = w.agent(
+        "restart",
+        &[
+            "--secret".into(),
+            "config=secret/data/agent/config".into(),
+            "--secret".into(),
+            "db=database/creds/agent".into(),
+        ],
+    )?;
+    agent.wait_ready().await?;
+    let (config, db) = (w.secrets().join("config"), w.secrets().join("db"));
+
+    w.engine.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let https = w.engine.https;
+    w.engine = EngineProcess::start_at(&client, "agent-restart-2", https, &[]).await?;
+    unseal(&w.engine, &w.roots, &w.keys).await?;
+    w.ok(
+        "POST",
+        "secret/data/agent/config",
+        json!({"data": {"v": "after"}}),
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(30),
+        "the change after the restart to reach the file",
+        || async {
+            read_json(&config)
+                .is_some_and(|v| v["v"] == "after")
+                .then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.logs()))?;
+    ensure!(http_get(agent.admin, "/ready").await?.0 == 200);
+    // The file's credential works once the agent has caught up (renewed or re-issued).
+    eventually(
+        Duration::from_secs(30),
+        "a working credential in the file",
+        || async {
+            let creds = read_json(&db)?;
+            let (user, password) = (creds["username"].as_str()?, creds["password"].as_str()?);
+            (w.pg.login(user, password).await.ok()? == user).then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.logs()))?;
     Ok(())
 }
 

@@ -101,9 +101,14 @@ impl EngineClient {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        tokio::time::timeout(TIMEOUT, self.call_inner(method, path, token, body))
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        match tokio::time::timeout(TIMEOUT, self.call_inner(method, path, token, body)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The request was abandoned midway: its connection is not reused.
+                *self.connection.lock().await = None;
+                Err(ClientError::Timeout)
+            }
+        }
     }
 
     async fn call_inner(
