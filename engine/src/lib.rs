@@ -7,23 +7,23 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
-pub mod barrier;
-pub mod ca;
-pub mod https;
-pub mod mesh_ca;
-pub mod policy;
-pub mod shamir;
-pub mod storage;
 pub mod audit;
 pub mod auth_kubernetes;
-pub mod kv;
-pub mod logical;
-pub mod policies;
-pub mod seal;
-pub mod token;
-pub mod vault;
-pub mod dev_unseal;
+pub mod barrier;
+pub mod ca;
 pub mod database;
 pub mod declared;
+pub mod dev_unseal;
+pub mod https;
+pub mod kv;
 pub mod lease;
+pub mod logical;
+pub mod mesh_ca;
 pub mod pki;
+pub mod policies;
+pub mod policy;
+pub mod seal;
+pub mod shamir;
+pub mod storage;
+pub mod token;
+pub mod vault;

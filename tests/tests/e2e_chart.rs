@@ -414,8 +414,18 @@ fn serviceaccounts_can_do_only_their_job() {
         &["update", "configmaps/capstan-mesh-roots", "-n", SYSTEM_NAMESPACE],
         &["create", "configmaps", "-n", SYSTEM_NAMESPACE],
         // The secrets engine: its storage, and the pods its logins are bound to.
-        &["list", "storageentries.secrets.capstan.dev", "-n", SYSTEM_NAMESPACE],
-        &["update", "storageentries.secrets.capstan.dev", "-n", SYSTEM_NAMESPACE],
+        &[
+            "list",
+            "storageentries.secrets.capstan.dev",
+            "-n",
+            SYSTEM_NAMESPACE,
+        ],
+        &[
+            "update",
+            "storageentries.secrets.capstan.dev",
+            "-n",
+            SYSTEM_NAMESPACE,
+        ],
         &["get", "pods", "-n", "default"],
     ];
     for args in engine_allowed {
