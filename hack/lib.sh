@@ -9,6 +9,14 @@ export PATH="$CACHE/bin/helm-$HELM_VERSION:$PATH"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# Installs a Debian package unless it is installed (the machine reaches Debian's apt).
+debian_package() {
+  dpkg -s "$1" >/dev/null 2>&1 && return
+  say "installing $1 (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q "$1" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$1" >/dev/null; }
+}
+
 # True when KUBECONFIG (or kubectl's default) names a cluster that answers.
 external_cluster_answers() {
   [ -n "${KUBECONFIG:-}" ] || [ -f "$HOME/.kube/config" ] || return 1

@@ -19,18 +19,13 @@ say "building the control-plane binaries (cached after the first run)"
 
 # The mesh's data-path tests set up the transparent redirect with iptables inside their
 # network namespaces, as the injected init container does in a pod.
-if ! command -v iptables >/dev/null && [ ! -x /usr/sbin/iptables ]; then
-  say "installing iptables (Debian package)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q iptables >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q iptables >/dev/null; }
-fi
+debian_package iptables
 
 # The database secrets engine's tests run a real PostgreSQL server on loopback.
-if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-  say "installing PostgreSQL (Debian package)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
-fi
+debian_package postgresql
+
+# V14's test steps the engine's wall clock with libfaketime.
+debian_package faketime
 
 # The secrets engine's end-to-end tests drive it with hvac, a real Vault client (PyPI),
 # pinned with its dependencies in tests/python/requirements.txt.

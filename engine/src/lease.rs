@@ -10,10 +10,10 @@
 //! it (`sys/leases/revoke-force`).
 
 use crate::{
+    clock::now,
     database::Database,
     logical::{Logical, LogicalError},
     storage::{Precondition, StorageError},
-    token::now,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use serde::{Deserialize, Serialize};

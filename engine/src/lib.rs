@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth_kubernetes;
 pub mod barrier;
 pub mod ca;
+pub mod clock;
 pub mod database;
 pub mod declared;
 pub mod dev_unseal;

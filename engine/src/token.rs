@@ -4,6 +4,7 @@
 //! revokes every token created under it. An accessor names a token without being one.
 
 use crate::{
+    clock::now,
     logical::{Logical, LogicalError},
     storage::Precondition,
 };
@@ -83,10 +84,6 @@ pub struct NewToken {
     pub renewable: bool,
     /// Root tokens only: no expiry.
     pub no_expiry: bool,
-}
-
-pub fn now() -> i64 {
-    jiff::Timestamp::now().as_second()
 }
 
 pub fn hash(token: &str) -> String {

@@ -544,18 +544,37 @@ impl EngineProcess {
 
     /// Starts the engine without waiting for it (to start several at once).
     pub async fn spawn(client: &Client, name: &str, extra: &[&str]) -> Result<Self> {
-        Self::spawn_at(client, name, free_port(), extra).await
+        Self::spawn_at(client, name, free_port(), extra, &[]).await
+    }
+
+    /// Starts the engine with extra environment (e.g. libfaketime's, to step its wall
+    /// clock) and waits until its CA is loaded.
+    pub async fn start_with_env(
+        client: &Client,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let process = Self::spawn_at(client, name, free_port(), extra, env).await?;
+        process.wait_ready().await?;
+        Ok(process)
     }
 
     /// Starts the engine serving its API on `https` (the mesh tests' bridge address) and
     /// waits until its CA is loaded.
     pub async fn start_at(client: &Client, name: &str, https: SocketAddr, extra: &[&str]) -> Result<Self> {
-        let process = Self::spawn_at(client, name, https, extra).await?;
+        let process = Self::spawn_at(client, name, https, extra, &[]).await?;
         process.wait_ready().await?;
         Ok(process)
     }
 
-    async fn spawn_at(client: &Client, name: &str, https: SocketAddr, extra: &[&str]) -> Result<Self> {
+    async fn spawn_at(
+        client: &Client,
+        name: &str,
+        https: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         install_chart();
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, ENGINE_SA).await?;
         let admin = free_port();
@@ -566,6 +585,7 @@ impl EngineProcess {
         let child = Command::new(bin("capstan-engine"))
             .env("KUBECONFIG", &kubeconfig)
             .env("CAPSTAN_LOG", "info,capstan_engine=debug")
+            .envs(env.iter().copied())
             .args([
                 "--log-format",
                 "json",

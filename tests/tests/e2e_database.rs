@@ -1,7 +1,8 @@
 //! The database secrets engine against a real PostgreSQL server on loopback: credentials
 //! that log in until their lease is revoked, expires, or its token goes; leases that
 //! survive an engine restart; a database that is down when leases expire (V11); the
-//! connection's root password rotated so only the engine knows it.
+//! connection's root password rotated so only the engine knows it; the engine's wall clock
+//! stepped an hour back and forward under libfaketime (V14).
 
 use anyhow::{Context as _, Result, ensure};
 use capstan_tests::{
@@ -24,10 +25,14 @@ const CREATE: &str =
     "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
 
 async fn world(name: &str) -> Result<World> {
+    world_with_env(name, &[]).await
+}
+
+async fn world_with_env(name: &str, env: &[(&str, &str)]) -> Result<World> {
     let client = client().await;
     fresh_storage();
     let pg = Postgres::start().await?;
-    let engine = EngineProcess::start(&client, name, &["--revoke-backoff-max", "1s"]).await?;
+    let engine = EngineProcess::start_with_env(&client, name, &["--revoke-backoff-max", "1s"], env).await?;
     let roots = roots(&client).await?;
     let (root, keys) = init_and_unseal(&engine, &roots).await?;
     let world = World {
@@ -329,5 +334,129 @@ async fn the_root_password_is_rotated_so_only_the_engine_knows_it() -> Result<()
         !w.engine.logs().contains(&password),
         "a credential in the engine's log"
     );
+    Ok(())
+}
+
+/// libfaketime (Debian's `faketime`), preloaded into the engine: its wall clock follows an
+/// offset in a file the test rewrites while it runs; the monotonic clock stays real.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// V14: the engine's wall clock steps an hour back (a lease and a token must still end on
+/// time: nothing gets the hour) and then an hour forward (leases and tokens end early, which
+/// fails closed; see engine/README.md).
+#[tokio::test]
+async fn wall_clock_jumps_never_extend_a_lease_or_a_token() -> Result<()> {
+    ensure!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: hack/test.sh installs Debian's faketime"
+    );
+    let offset = std::env::temp_dir().join(format!("capstan-e2e-faketime-{:08x}.rc", rand::random::<u32>()));
+    std::fs::write(&offset, "+0\n")?;
+    let offset_file = offset.to_string_lossy().into_owned();
+    let w = world_with_env(
+        "clock",
+        &[
+            ("LD_PRELOAD", LIBFAKETIME),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_file),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
+    .await?;
+    let token = |ttl: &'static str| {
+        let w = &w;
+        async move {
+            let (code, reply) = w
+                .call(
+                    "POST",
+                    "auth/token/create",
+                    Some(json!({"policies": ["root"], "ttl": ttl})),
+                )
+                .await?;
+            ensure!(code == 200, "{code} {reply}");
+            Ok::<_, anyhow::Error>(
+                reply["auth"]["client_token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }
+    };
+    let usable = |token: String| {
+        let w = &w;
+        async move {
+            let (code, _) = call(
+                &w.engine,
+                &w.roots,
+                "GET",
+                "auth/token/lookup-self",
+                Some(&token),
+                None,
+            )
+            .await
+            .ok()?;
+            Some(code == 200)
+        }
+    };
+
+    // An hour back, just after a 3 s lease and an 8 s token were issued.
+    let (_, user, password) = w.creds("short", None).await?;
+    let short_token = token("8s").await?;
+    let issued = Instant::now();
+    std::fs::write(&offset, "-1h\n")?;
+    ensure!(w.logs_in(&user, &password).await);
+    ensure!(
+        usable(short_token.clone()).await == Some(true),
+        "the token works before it expires"
+    );
+    // The database's own VALID UNTIL runs on its clock, so the role's removal is the engine's.
+    w.until_gone(
+        &user,
+        &password,
+        Duration::from_secs(12),
+        "the 3 s lease to be revoked after the step back",
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(12),
+        "the 8 s token to expire after the step back",
+        || {
+            let token = short_token.clone();
+            async move { (usable(token).await == Some(false)).then_some(()) }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", w.engine.logs()))?;
+    let took = issued.elapsed();
+    println!("after an hour's step back: the 3 s lease and the 8 s token ended within {took:?}");
+    ensure!(took < Duration::from_secs(14), "{took:?}");
+
+    // Leases and tokens issued while the clock is an hour behind also end on time.
+    let (_, user, password) = w.creds("short", None).await?;
+    w.until_gone(
+        &user,
+        &password,
+        Duration::from_secs(12),
+        "a lease issued after the step back to expire",
+    )
+    .await?;
+
+    // An hour forward: an hour's lease and token end now (early, never late).
+    let (_, user, password) = w.creds("app", None).await?;
+    let hour_token = token("1h").await?;
+    ensure!(w.logs_in(&user, &password).await);
+    std::fs::write(&offset, "+1h\n")?;
+    w.until_gone(
+        &user,
+        &password,
+        Duration::from_secs(10),
+        "the hour's lease to end after the step forward",
+    )
+    .await?;
+    ensure!(
+        usable(hour_token).await == Some(false),
+        "a 1 h token outlived an hour's step forward"
+    );
+    let _ = std::fs::remove_file(&offset);
     Ok(())
 }

@@ -353,7 +353,7 @@ impl Database {
         let username = format!("v-{short}-{}", alnum(20).to_lowercase());
         let password = alnum(32);
         let ttl = role.ttl();
-        let expires = expiration(crate::token::now() + ttl as i64);
+        let expires = expiration(crate::clock::now() + ttl as i64);
         let statements: Vec<String> = role
             .creation_statements
             .iter()

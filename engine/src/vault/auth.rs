@@ -3,8 +3,9 @@
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
     auth_kubernetes::{LoginError, RoleRequest},
+    clock::now,
     policies::canonical,
-    token::{NewToken, TokenEntry, now},
+    token::{NewToken, TokenEntry},
 };
 use axum::http::StatusCode;
 use serde_json::{Value, json};

@@ -3,9 +3,9 @@
 
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
+    clock::now,
     database::{Connection, DatabaseError, Role},
     lease::{Lease, LeaseSecret, new_id},
-    token::now,
 };
 use axum::http::StatusCode;
 use serde_json::{Value, json};

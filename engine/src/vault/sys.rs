@@ -301,7 +301,7 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
                 "expire_time": time(lease.expire_time),
                 "last_renewal": lease.last_renewal.map(time),
                 "renewable": lease.renewable,
-                "ttl": (lease.expire_time - crate::token::now()).max(0),
+                "ttl": (lease.expire_time - crate::clock::now()).max(0),
                 "irrevocable": lease.revoke.as_ref().is_some_and(|r| r.irrevocable),
                 "revocation_attempts": lease.revoke.as_ref().map_or(0, |r| r.attempts),
             })))
@@ -323,7 +323,7 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
             let mut reply = Reply::data(Value::Null);
             if let Some(body) = reply.body.as_mut() {
                 body["lease_id"] = json!(renewed.id);
-                body["lease_duration"] = json!((renewed.expire_time - crate::token::now()).max(0));
+                body["lease_duration"] = json!((renewed.expire_time - crate::clock::now()).max(0));
                 body["renewable"] = json!(renewed.renewable);
             }
             Ok(reply)
