@@ -199,6 +199,12 @@ async fn credentials_log_in_until_revoked_expired_or_their_token_goes() -> Resul
         .await?;
     let duration = renewed["lease_duration"].as_i64().unwrap_or(-1);
     ensure!((0..=5).contains(&duration), "renewal past max TTL: {renewed}");
+    ensure!(
+        renewed["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("capped")),
+        "a capped renewal says so: {renewed}"
+    );
     let (code, body) = w
         .call(
             "PUT",
@@ -398,6 +404,23 @@ async fn wall_clock_jumps_never_extend_a_lease_or_a_token() -> Result<()> {
             Some(code == 200)
         }
     };
+
+    // A TTL above the maximum is capped, with a warning (V14).
+    let (code, capped) = w
+        .call(
+            "POST",
+            "auth/token/create",
+            Some(json!({"policies": ["root"], "ttl": "100000h"})),
+        )
+        .await?;
+    ensure!(
+        code == 200
+            && capped["auth"]["lease_duration"].as_i64() <= Some(768 * 3600)
+            && capped["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("capped")),
+        "{code} {capped}"
+    );
 
     // An hour back, just after a 3 s lease and an 8 s token were issued.
     let (_, user, password) = w.creds("short", None).await?;

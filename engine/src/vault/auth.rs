@@ -179,6 +179,7 @@ async fn create(
         return Err(ApiError::denied());
     }
     let wants_root = policies.iter().any(|p| p == "root");
+    let requested_ttl = request.seconds(&["ttl", "period"])?;
     let (token, entry) = engine
         .tokens
         .create(
@@ -190,7 +191,7 @@ async fn create(
                     .str("display_name")
                     .map_or_else(|| "token".to_owned(), |d| format!("token-{d}")),
                 meta,
-                ttl: request.seconds(&["ttl", "period"])?,
+                ttl: requested_ttl,
                 max_ttl: request.seconds(&["explicit_max_ttl"])?,
                 renewable: request
                     .body
@@ -202,7 +203,7 @@ async fn create(
             (!no_parent).then_some(parent),
         )
         .await?;
-    Ok(Reply::auth(auth_block(&token, &entry)))
+    Ok(Reply::auth(auth_block(&token, &entry)).warn_if_capped(requested_ttl, entry.ttl_left(now()) as i64))
 }
 
 pub async fn kubernetes(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {

@@ -254,6 +254,30 @@ impl Reply {
         }
     }
 
+    /// Adds a warning to the envelope (Vault's `warnings`), e.g. a TTL that was capped.
+    pub fn warn(mut self, warning: String) -> Self {
+        if let Some(body) = self.body.as_mut() {
+            match body["warnings"].as_array_mut() {
+                Some(warnings) => warnings.push(json!(warning)),
+                None => body["warnings"] = json!([warning]),
+            }
+        }
+        self
+    }
+
+    /// The warning when a requested TTL was more than could be granted (V14).
+    pub fn warn_if_capped(self, requested: u64, granted: i64) -> Self {
+        // A second of slack: the grant is read back a moment after it was made.
+        if requested > 0 && granted + 1 < requested as i64 {
+            self.warn(format!(
+                "TTL of \"{requested}s\" exceeded the effective max_ttl of \"{}s\"; TTL value is capped accordingly",
+                granted.max(0)
+            ))
+        } else {
+            self
+        }
+    }
+
     pub fn no_content() -> Self {
         Self {
             status: StatusCode::NO_CONTENT,

@@ -326,7 +326,7 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
                 body["lease_duration"] = json!((renewed.expire_time - crate::clock::now()).max(0));
                 body["renewable"] = json!(renewed.renewable);
             }
-            Ok(reply)
+            Ok(reply.warn_if_capped(increment, renewed.expire_time - crate::clock::now()))
         }
         "revoke" => {
             engine.leases.revoke(&id()?, "revoked").await?;
