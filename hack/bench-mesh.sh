@@ -6,6 +6,8 @@
 #   hack/bench-mesh.sh --profile callgrind   instructions per request of each sidecar
 #                                            (they run under valgrind; slow but exact)
 #   hack/bench-mesh.sh --profile strace      system calls of each sidecar at 1,000 rps
+#   hack/bench-mesh.sh --profile perf        the pair alone: CPU per request and RSS at
+#                                            1,000 rps, then a perf profile (kernel too)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -19,7 +21,10 @@ for tool in haproxy iptables; do
   fi
 done
 say "release builds"
-cargo build --release --locked -p capstan-sidecar -p capstan-engine -p capstan-tests --bins
+cargo build --release --locked -p capstan-engine -p capstan-tests --bins
+# The sidecar as it ships: its own profile (Cargo.toml, [profile.sidecar]).
+cargo build --profile sidecar --locked -p capstan-sidecar
+export CAPSTAN_SIDECAR_BIN=${CAPSTAN_SIDECAR_BIN:-$ROOT/target/sidecar/capstan-sidecar}
 
 use_cluster "${CAPSTAN_BENCH_CLUSTER:-capstan-bench}"
 if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; then
@@ -28,7 +33,7 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; th
 fi
 export CAPSTAN_BIN_PROFILE=release
 if [ "${1:-}" = "--profile" ]; then
-  export CAPSTAN_BENCH_PROFILE=${2:?callgrind or strace}
+  export CAPSTAN_BENCH_PROFILE=${2:?callgrind, strace or perf}
   if [ "$CAPSTAN_BENCH_PROFILE" = callgrind ]; then
     # The harness runs target/$CAPSTAN_BIN_PROFILE/<bin>: the same binaries, the sidecar
     # wrapped in valgrind (its output folder writable by the proxy's UID). Counters are
@@ -42,9 +47,10 @@ if [ "${1:-}" = "--profile" ]; then
     rm -f "$ROOT/target/callgrind/capstan-sidecar"
     cat >"$ROOT/target/callgrind/capstan-sidecar" <<WRAP
 #!/bin/sh
-exec valgrind --tool=callgrind --vgdb=no --dump-before='*histogram::Histogram*EncodeMetric*encode' --callgrind-out-file=$CAPSTAN_CALLGRIND_DIR/callgrind.out.%p $ROOT/target/release/capstan-sidecar "\$@"
+exec valgrind --tool=callgrind --vgdb=no --dump-before='*histogram::Histogram*EncodeMetric*encode' --callgrind-out-file=$CAPSTAN_CALLGRIND_DIR/callgrind.out.%p $CAPSTAN_SIDECAR_BIN "\$@"
 WRAP
     chmod 755 "$ROOT/target/callgrind/capstan-sidecar"
+    export CAPSTAN_SIDECAR_BIN=$ROOT/target/callgrind/capstan-sidecar
     export CAPSTAN_BIN_PROFILE=callgrind
   else
     export CAPSTAN_BENCH_PROFILE_RATE=${CAPSTAN_BENCH_PROFILE_RATE:-1000}

@@ -136,7 +136,8 @@ async fn main() -> Result<()> {
 /// wrapper); instructions are counted over a short and a long fixed-rate run, and their
 /// difference divided by the difference in requests is the cost of one request, without
 /// the connections' handshakes or start-up. `strace`: system calls of each sidecar,
-/// counted over one fixed-rate run of the benchmark's rate.
+/// counted over one fixed-rate run of the benchmark's rate. `perf`: the pair's CPU per
+/// request and RSS at that rate, then a perf profile of each sidecar, kernel included.
 async fn profile(
     kind: &str,
     web: &Pod,
@@ -205,7 +206,74 @@ async fn profile(
                 println!("{label}:\n{}", std::fs::read_to_string(&file)?);
             }
         }
-        other => anyhow::bail!("unknown profile {other:?} (callgrind or strace)"),
+        "perf" => {
+            // First the benchmark's own figures for the pair alone (CPU per request, RSS
+            // under load: a quick loop while changing the sidecar), then where that CPU
+            // goes, kernel included, sampled by perf during a second run.
+            let pids: Vec<u32> = sidecars.iter().map(|(_, pid, _)| *pid).collect();
+            let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+            let sampler = RssSampler::start(pids.clone());
+            let v = load(web, app, url, &rate).await?;
+            let peak = sampler.stop().await;
+            let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+            let requests = v["requests"].as_f64().unwrap_or(1.0).max(1.0);
+            println!("{SECONDS} s at {rate} rps: {v}");
+            for (i, (label, ..)) in sidecars.iter().enumerate() {
+                let cpu_ms = (after[i] - before[i]) as f64 / ticks_per_second() * 1000.0;
+                println!(
+                    "{label}: {:.1} ms CPU per 1,000 requests, RSS under load {:.1} MiB",
+                    cpu_ms / (requests / 1000.0),
+                    peak[i] as f64 / 1024.0
+                );
+            }
+            let mut recorders = Vec::new();
+            for (label, pid, _) in sidecars {
+                let file = repo_root().join(format!("target/perf-{}.data", label.replace(' ', "-")));
+                let child = std::process::Command::new("perf")
+                    .args([
+                        "record",
+                        "-e",
+                        "cpu-clock",
+                        "-F",
+                        "4999",
+                        "-g",
+                        "-p",
+                        &pid.to_string(),
+                        "-o",
+                    ])
+                    .arg(&file)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?;
+                recorders.push((*label, child, file));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            load(web, app, url, &rate).await?;
+            for (_, child, _) in &recorders {
+                run("kill", &["-INT", &child.id().to_string()])?;
+            }
+            for (label, mut child, file) in recorders {
+                child.wait()?;
+                let report = run(
+                    "perf",
+                    &[
+                        "report",
+                        "--stdio",
+                        "--no-children",
+                        "--sort",
+                        "dso,sym",
+                        "-g",
+                        "none",
+                        "--percent-limit",
+                        "0.7",
+                        "-i",
+                        &file.to_string_lossy(),
+                    ],
+                )?;
+                println!("{label} ({}):\n{report}", file.display());
+            }
+        }
+        other => anyhow::bail!("unknown profile {other:?} (callgrind, strace or perf)"),
     }
     Ok(())
 }

@@ -228,13 +228,12 @@ impl Mesh {
         if transparent {
             env.push(("CAPSTAN_OUTBOUND_PORT", "15001".to_owned()));
         }
-        pod.spawn(
-            "proxy",
-            &bin("capstan-sidecar"),
-            &["proxy"],
-            &env,
-            Some(PROXY_UID),
-        )?;
+        // CAPSTAN_SIDECAR_BIN: a sidecar built another way (another profile, say), for
+        // comparing builds in the benchmark without rebuilding the rest.
+        let sidecar = std::env::var_os("CAPSTAN_SIDECAR_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin("capstan-sidecar"));
+        pod.spawn("proxy", &sidecar, &["proxy"], &env, Some(PROXY_UID))?;
         let admin = SocketAddr::new(pod.address.into(), ADMIN_PORT);
         eventually(
             Duration::from_secs(30),

@@ -36,11 +36,22 @@ struct ErrorBody {
     errors: Vec<String>,
 }
 
-#[derive(Clone)]
 pub struct CaClient {
     uri: Uri,
     host: String,
     port: u16,
+    /// The connection of the last call, kept open for the next one, with the bundle its
+    /// TLS config trusts: a trust-bundle refresh then costs a request, not a TCP and TLS
+    /// handshake (the CA closes a connection idle longer than its header timeout; the
+    /// next call dials again).
+    kept: tokio::sync::Mutex<Option<Kept>>,
+}
+
+struct Kept {
+    roots_pem: String,
+    /// Built once per bundle rather than per connection (no PEM parsing per refresh).
+    config: Arc<ClientConfig>,
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
 
 impl CaClient {
@@ -56,7 +67,12 @@ impl CaClient {
             .trim_end_matches(']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(443);
-        Ok(Self { uri, host, port })
+        Ok(Self {
+            uri,
+            host,
+            port,
+            kept: tokio::sync::Mutex::new(None),
+        })
     }
 
     pub async fn sign(&self, roots_pem: &str, token: &str, csr_pem: &str) -> anyhow::Result<SignResponse> {
@@ -95,18 +111,6 @@ impl CaClient {
         token: Option<&str>,
         body: Vec<u8>,
     ) -> anyhow::Result<Bytes> {
-        let tls = TlsConnector::from(tls_config(roots_pem)?);
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .with_context(|| format!("connecting to the mesh CA at {}", self.uri))?;
-        let name = ServerName::try_from(self.host.clone()).context("the CA's host name")?;
-        let stream = tls
-            .connect(name, tcp)
-            .await
-            .with_context(|| format!("TLS with the mesh CA at {}", self.uri))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let driver = tokio::spawn(connection);
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -115,16 +119,54 @@ impl CaClient {
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
         }
-        let response = sender
-            .send_request(request.body(Full::new(Bytes::from(body)))?)
-            .await?;
+        let mut request = request.body(Full::new(Bytes::from(body)))?;
+        // One call at a time (there is one caller): the lock is held across it.
+        let mut kept = self.kept.lock().await;
+        if kept.as_ref().is_none_or(|k| k.roots_pem != roots_pem) {
+            *kept = Some(Kept {
+                roots_pem: roots_pem.to_owned(),
+                config: tls_config(roots_pem)?,
+                sender: None,
+            });
+        }
+        let kept = kept.as_mut().expect("set above");
+        let reused = kept.sender.take().filter(|s| !s.is_closed());
+        let mut fresh = reused.is_none();
+        let mut sender = match reused {
+            Some(sender) => sender,
+            None => self.dial(&kept.config).await?,
+        };
+        let response = loop {
+            let sent = match sender.ready().await {
+                Ok(()) => sender.try_send_request(request).await,
+                // The CA closed the kept connection meanwhile: dial again, once.
+                Err(_) if !fresh => {
+                    fresh = true;
+                    sender = self.dial(&kept.config).await?;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            match sent {
+                Ok(response) => break response,
+                Err(mut error) => match error.take_message() {
+                    // Never written (the connection had just closed): send it on a new one.
+                    Some(unsent) if !fresh => {
+                        fresh = true;
+                        request = unsent;
+                        sender = self.dial(&kept.config).await?;
+                    }
+                    _ => return Err(error.into_error().into()),
+                },
+            }
+        };
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
             .collect()
             .await
             .map_err(|e| anyhow!("reading the CA's response: {e}"))?
             .to_bytes();
-        driver.abort();
+        kept.sender = Some(sender);
         if !status.is_success() {
             // The CA's error messages name identities, never tokens: safe to log.
             let reason = serde_json::from_slice::<ErrorBody>(&bytes)
@@ -133,6 +175,31 @@ impl CaClient {
             bail!("the mesh CA refused {path}: {status}: {reason}");
         }
         Ok(bytes)
+    }
+
+    /// A new HTTPS connection to the CA, its driver on a task of its own that ends when
+    /// the connection closes (or its sender is dropped).
+    async fn dial(
+        &self,
+        config: &Arc<ClientConfig>,
+    ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("connecting to the mesh CA at {}", self.uri))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.host.clone()).context("the CA's host name")?;
+        let stream = TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with the mesh CA at {}", self.uri))?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "The connection to the mesh CA ended with an error");
+            }
+        });
+        Ok(sender)
     }
 }
 
@@ -147,9 +214,12 @@ fn tls_config(roots_pem: &str) -> anyhow::Result<Arc<ClientConfig>> {
     if roots.is_empty() {
         bail!("the trust bundle holds no certificate");
     }
-    let config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // As with the mesh's own connections (M13): every new connection verifies the CA's
+    // certificate against the current bundle, none resumes a session verified earlier.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
