@@ -2,7 +2,7 @@
 # The secrets engine's benchmark: KV v2 reads and writes, PostgreSQL credentials and PKI
 # certificates per second through the HTTPS API (release builds, a real cluster, a real
 # PostgreSQL), and the barrier against raw AES-256-GCM. Prints figures and ratios; raw
-# numbers land in target/bench-secrets.json.
+# numbers land in target/bench-secrets.json. CAPSTAN_BENCH_ONLY: see below.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -13,8 +13,12 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
 fi
-say "the barrier against raw AES-256-GCM"
-cargo bench --locked -p capstan-engine --bench barrier
+# CAPSTAN_BENCH_ONLY=kv_read,... runs only those API operations (and skips the barrier
+# benchmark unless it names `barrier`): for profiling one of them.
+if [ -z "${CAPSTAN_BENCH_ONLY:-}" ] || [[ ",$CAPSTAN_BENCH_ONLY," == *,barrier,* ]]; then
+  say "the barrier against raw AES-256-GCM"
+  cargo bench --locked -p capstan-engine --bench barrier
+fi
 say "release builds"
 cargo build --release --locked -p capstan-engine -p capstan-tests --bins
 

@@ -9,12 +9,14 @@
 use crate::{
     logical::{Logical, LogicalError},
     storage::Precondition,
+    token::TokenEntry,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::{
+    collections::BTreeMap,
     fs::{File, OpenOptions},
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
@@ -107,14 +109,12 @@ struct HmacKey {
     key: String,
 }
 
-/// Who made a request, as the record shows it (HMAC'd where secret).
-#[derive(Clone, Debug, Default)]
-pub struct AuthInfo {
-    pub token: Option<String>,
-    pub accessor: Option<String>,
-    pub policies: Vec<String>,
-    pub display_name: String,
-    pub metadata: Map<String, Value>,
+/// Who made a request, as the record shows it (HMAC'd where secret): the token it
+/// carried and that token's entry (none on unauthenticated paths).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AuthInfo<'a> {
+    pub token: Option<&'a str>,
+    pub entry: Option<&'a TokenEntry>,
 }
 
 /// Records waiting for one sink, at most: a sink that stops taking them fails requests
@@ -166,8 +166,183 @@ impl Writer {
 #[derive(Clone)]
 pub struct Audit {
     sinks: Arc<Vec<Writer>>,
-    key: Arc<Mutex<Option<ring::hmac::Key>>>,
+    /// ring's HMAC key holds the hash states after the inner and outer pads, so each
+    /// HMAC costs only the hashing of its input; shared, not copied, per record.
+    key: Arc<RwLock<Option<Arc<ring::hmac::Key>>>>,
     failures: Family<Vec<(String, String)>, Counter>,
+}
+
+const HMAC_PREFIX: &str = "hmac-sha256:";
+const HMAC_UNAVAILABLE: &str = "hmac-sha256:unavailable";
+
+/// `hmac-sha256:<hex>` of `value` under `key`, as the log shows it.
+fn hmac_string(key: &ring::hmac::Key, value: &str) -> String {
+    let tag = ring::hmac::sign(key, value.as_bytes());
+    let mut out = String::with_capacity(HMAC_PREFIX.len() + 2 * tag.as_ref().len());
+    out.push_str(HMAC_PREFIX);
+    for byte in tag.as_ref() {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.push(HEX[usize::from(byte >> 4)] as char);
+        out.push(HEX[usize::from(byte & 0xf)] as char);
+    }
+    out
+}
+
+/// A string as the log shows it: its HMAC, or a placeholder while there is no key
+/// (never the string itself).
+struct HashedStr<'a> {
+    key: Option<&'a ring::hmac::Key>,
+    value: &'a str,
+}
+
+impl Serialize for HashedStr<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.key {
+            Some(key) => serializer.serialize_str(&hmac_string(key, self.value)),
+            None => serializer.serialize_str(HMAC_UNAVAILABLE),
+        }
+    }
+}
+
+/// `value` with every string at any depth replaced by its HMAC (numbers and booleans
+/// stay: they are not secrets in any engine we have, and they help reading the log),
+/// serialized straight from the original: no hashed copy of the tree is built.
+struct Hashed<'a> {
+    key: Option<&'a ring::hmac::Key>,
+    value: &'a Value,
+}
+
+impl Serialize for Hashed<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap as _, SerializeSeq as _};
+        match self.value {
+            Value::String(s) => HashedStr {
+                key: self.key,
+                value: s,
+            }
+            .serialize(serializer),
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for value in items {
+                    seq.serialize_element(&Hashed { key: self.key, value })?;
+                }
+                seq.end()
+            }
+            Value::Object(map) => {
+                let mut out = serializer.serialize_map(Some(map.len()))?;
+                for (name, value) in map {
+                    out.serialize_entry(name, &Hashed { key: self.key, value })?;
+                }
+                out.end()
+            }
+            other => other.serialize(serializer),
+        }
+    }
+}
+
+/// A JSON object hashed as `Hashed` does.
+struct HashedMap<'a> {
+    key: Option<&'a ring::hmac::Key>,
+    map: &'a Map<String, Value>,
+}
+
+impl Serialize for HashedMap<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let key = self.key;
+        serializer.collect_map(self.map.iter().map(|(name, value)| (name, Hashed { key, value })))
+    }
+}
+
+/// The `auth` block of a record (fields in the order the log has always had them).
+#[derive(Serialize)]
+struct AuthRecord<'a> {
+    accessor: Option<HashedStr<'a>>,
+    client_token: Option<HashedStr<'a>>,
+    display_name: &'a str,
+    metadata: Metadata<'a>,
+    policies: &'a [String],
+}
+
+/// The token's metadata, `{}` without a token.
+struct Metadata<'a>(Option<&'a BTreeMap<String, String>>);
+
+impl Serialize for Metadata<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.into_iter().flatten())
+    }
+}
+
+impl<'a> AuthRecord<'a> {
+    fn new(key: Option<&'a ring::hmac::Key>, auth: &AuthInfo<'a>) -> Self {
+        let entry = auth.entry;
+        Self {
+            accessor: entry.map(|e| HashedStr {
+                key,
+                value: &e.accessor,
+            }),
+            client_token: auth.token.map(|value| HashedStr { key, value }),
+            display_name: entry.map_or("", |e| &e.display_name),
+            metadata: Metadata(entry.map(|e| &e.meta)),
+            policies: entry.map_or(&[], |e| &e.policies),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RequestRecord<'a> {
+    auth: AuthRecord<'a>,
+    request: RequestBlock<'a>,
+    time: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct RequestBlock<'a> {
+    #[serde(skip_serializing_if = "Absent::absent")]
+    data: Absent<HashedMap<'a>>,
+    id: &'a str,
+    operation: &'a str,
+    path: &'a str,
+    remote_address: &'a str,
+}
+
+/// A field that the request record shows (as `null` when None) and the response
+/// record's `request` block leaves out.
+enum Absent<T> {
+    Omitted,
+    Shown(Option<T>),
+}
+
+impl<T> Absent<T> {
+    fn absent(&self) -> bool {
+        matches!(self, Self::Omitted)
+    }
+}
+
+impl<T: Serialize> Serialize for Absent<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Shown(value) => value.serialize(serializer),
+            Self::Omitted => serializer.serialize_none(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ResponseRecord<'a> {
+    auth: AuthRecord<'a>,
+    request: RequestBlock<'a>,
+    response: ResponseBlock<'a>,
+    time: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct ResponseBlock<'a> {
+    body: Option<Hashed<'a>>,
+    status: u16,
 }
 
 impl Audit {
@@ -205,46 +380,21 @@ impl Audit {
             }
         };
         let bytes = hex::decode(&stored.key).map_err(|_| AuditError::Key("stored key is not hex"))?;
-        *self.key.lock() = Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes));
+        *self.key.write() = Some(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)));
         Ok(())
     }
 
     pub fn forget_key(&self) {
-        *self.key.lock() = None;
+        *self.key.write() = None;
+    }
+
+    fn current_key(&self) -> Option<Arc<ring::hmac::Key>> {
+        self.key.read().clone()
     }
 
     /// `hmac-sha256:<hex>` of `value`, as the log shows it.
     pub fn hash(&self, value: &str) -> Option<String> {
-        let key = self.key.lock().clone()?;
-        Some(format!(
-            "hmac-sha256:{}",
-            hex::encode(ring::hmac::sign(&key, value.as_bytes()).as_ref())
-        ))
-    }
-
-    /// Every string in `value`, at any depth, replaced by its HMAC (numbers and booleans
-    /// stay: they are not secrets in any engine we have, and they help reading the log).
-    fn hash_value(&self, value: &Value) -> Value {
-        match value {
-            Value::String(s) => {
-                Value::String(self.hash(s).unwrap_or_else(|| "hmac-sha256:unavailable".into()))
-            }
-            Value::Array(items) => Value::Array(items.iter().map(|v| self.hash_value(v)).collect()),
-            Value::Object(map) => {
-                Value::Object(map.iter().map(|(k, v)| (k.clone(), self.hash_value(v))).collect())
-            }
-            other => other.clone(),
-        }
-    }
-
-    fn auth_json(&self, auth: &AuthInfo) -> Value {
-        serde_json::json!({
-            "client_token": auth.token.as_deref().map(|t| self.hash_value(&Value::String(t.to_owned()))),
-            "accessor": auth.accessor.as_deref().map(|a| self.hash_value(&Value::String(a.to_owned()))),
-            "policies": auth.policies,
-            "display_name": auth.display_name,
-            "metadata": auth.metadata,
-        })
+        self.current_key().map(|key| hmac_string(&key, value))
     }
 
     /// Records a request before it runs.
@@ -253,26 +403,28 @@ impl Audit {
         id: &str,
         operation: &str,
         path: &str,
-        auth: &AuthInfo,
-        data: Option<&Value>,
+        auth: &AuthInfo<'_>,
+        data: Option<&Map<String, Value>>,
         remote: &str,
     ) -> Result<(), AuditError> {
         if !self.enabled() {
             return Ok(());
         }
-        let record = serde_json::json!({
-            "time": jiff::Timestamp::now().to_string(),
-            "type": "request",
-            "auth": self.auth_json(auth),
-            "request": {
-                "id": id,
-                "operation": operation,
-                "path": path,
-                "data": data.map(|d| self.hash_value(d)),
-                "remote_address": remote,
+        let key = self.current_key();
+        let key = key.as_deref();
+        let record = RequestRecord {
+            auth: AuthRecord::new(key, auth),
+            request: RequestBlock {
+                data: Absent::Shown(data.map(|map| HashedMap { key, map })),
+                id,
+                operation,
+                path,
+                remote_address: remote,
             },
-        });
-        self.write(record).await
+            time: jiff::Timestamp::now().to_string(),
+            kind: "request",
+        };
+        self.write(&record).await
     }
 
     /// Records a response before it is sent. `response_auth` is a token the response
@@ -283,7 +435,7 @@ impl Audit {
         id: &str,
         operation: &str,
         path: &str,
-        auth: &AuthInfo,
+        auth: &AuthInfo<'_>,
         status: u16,
         body: Option<&Value>,
         remote: &str,
@@ -291,22 +443,31 @@ impl Audit {
         if !self.enabled() {
             return Ok(());
         }
-        let record = serde_json::json!({
-            "time": jiff::Timestamp::now().to_string(),
-            "type": "response",
-            "auth": self.auth_json(auth),
-            "request": { "id": id, "operation": operation, "path": path, "remote_address": remote },
-            "response": {
-                "status": status,
-                "body": body.map(|b| self.hash_value(b)),
+        let key = self.current_key();
+        let key = key.as_deref();
+        let record = ResponseRecord {
+            auth: AuthRecord::new(key, auth),
+            request: RequestBlock {
+                data: Absent::Omitted,
+                id,
+                operation,
+                path,
+                remote_address: remote,
             },
-        });
-        self.write(record).await
+            response: ResponseBlock {
+                body: body.map(|value| Hashed { key, value }),
+                status,
+            },
+            time: jiff::Timestamp::now().to_string(),
+            kind: "response",
+        };
+        self.write(&record).await
     }
 
     /// Writes one record to every sink at once; Ok once at least one accepted it.
-    async fn write(&self, record: Value) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(&record).map_err(|_| AuditError::NoSink)?;
+    async fn write(&self, record: &impl Serialize) -> Result<(), AuditError> {
+        let mut line = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut line, record).map_err(|_| AuditError::NoSink)?;
         line.push(b'\n');
         let line: Arc<[u8]> = line.into();
         let writes = self.sinks.iter().map(|writer| {
@@ -404,7 +565,8 @@ mod tests {
             .unwrap();
         let sink = Sink::file(&fifo).unwrap();
         let hanging = audit(vec![sink]);
-        let data = Value::String("x".repeat(4096));
+        let mut data = Map::new();
+        data.insert("v".into(), Value::String("x".repeat(4096)));
         let started = Instant::now();
         let mut failed = false;
         for i in 0..1024 {
@@ -455,21 +617,66 @@ mod tests {
         let audit = audit(vec![Sink::file(&path).unwrap()]);
         let logical = crate::token::tests::unsealed().await;
         audit.load_key(&logical).await.unwrap();
+        let entry = TokenEntry {
+            id_hash: String::new(),
+            accessor: "accessor-1".into(),
+            policies: vec!["app".into()],
+            parent: None,
+            path: "auth/token/create".into(),
+            display_name: "token-app".into(),
+            meta: BTreeMap::from([("team".into(), "blue".into())]),
+            creation_time: 0,
+            ttl: 60,
+            expire_time: Some(60),
+            max_expire_time: Some(60),
+            renewable: true,
+        };
         let auth = AuthInfo {
-            token: Some("hvs.secret-token".into()),
-            accessor: Some("accessor-1".into()),
-            ..Default::default()
+            token: Some("hvs.secret-token"),
+            entry: Some(&entry),
         };
         let data = serde_json::json!({"data": {"password": "hunter2", "n": 3}});
         audit
-            .request("1", "update", "secret/data/x", &auth, Some(&data), "")
+            .request("1", "update", "secret/data/x", &auth, data.as_object(), "")
             .await
             .unwrap();
-        let line = std::fs::read_to_string(&path).unwrap();
-        for secret in ["hunter2", "hvs.secret-token", "accessor-1"] {
-            assert!(!line.contains(secret), "{secret} in {line}");
-            assert!(line.contains(&audit.hash(secret).unwrap()));
+        let body = serde_json::json!({"data": {"keys": ["key-one", 7, {"deep": "deep-secret"}], "ok": true}});
+        audit
+            .response("1", "read", "secret/data/x", &auth, 200, Some(&body), "")
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for secret in [
+            "hunter2",
+            "hvs.secret-token",
+            "accessor-1",
+            "key-one",
+            "deep-secret",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+            assert!(text.contains(&audit.hash(secret).unwrap()));
         }
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let hash = |s: &str| Value::String(audit.hash(s).unwrap());
+        // The records' shape: what log readers parse.
+        assert_eq!(lines[0]["type"], "request");
+        assert_eq!(lines[0]["request"]["data"]["data"]["n"], 3);
+        assert_eq!(lines[0]["request"]["data"]["data"]["password"], hash("hunter2"));
+        assert_eq!(
+            lines[0]["auth"],
+            serde_json::json!({
+                "accessor": hash("accessor-1"), "client_token": hash("hvs.secret-token"),
+                "display_name": "token-app", "metadata": {"team": "blue"}, "policies": ["app"],
+            })
+        );
+        assert_eq!(lines[1]["type"], "response");
+        assert_eq!(lines[1]["request"]["path"], "secret/data/x");
+        assert!(lines[1]["request"].get("data").is_none());
+        assert_eq!(lines[1]["response"]["status"], 200);
+        assert_eq!(
+            lines[1]["response"]["body"],
+            serde_json::json!({"data": {"keys": [hash("key-one"), 7, {"deep": hash("deep-secret")}], "ok": true}})
+        );
         let _ = std::fs::remove_file(path);
     }
 }

@@ -256,7 +256,8 @@ impl Kv {
     /// A version (0 or None: the current one).
     pub async fn read(&self, key: &str, version: Option<u64>) -> Result<Read, KvError> {
         check_key(key)?;
-        let Some(entry) = self.logical.get::<KeyEntry>(&self.path(key)).await? else {
+        // Shared: a key read over and over is decrypted and decoded once per version.
+        let Some(entry) = self.logical.get_shared::<KeyEntry>(&self.path(key)).await? else {
             return Ok(Read::Missing);
         };
         let entry = entry.value;

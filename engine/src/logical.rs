@@ -7,9 +7,17 @@ use crate::{
     seal::{Seal, SealError},
     storage::{Backend, Precondition, StorageError, children},
 };
+use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Serialize, de::DeserializeOwned};
-use std::sync::Arc;
+use std::{
+    any::Any,
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogicalError {
@@ -43,6 +51,66 @@ pub struct Versioned<T> {
     pub version: u64,
 }
 
+/// Values already opened and decoded, by path, each with the stored ciphertext it came
+/// from. A hit needs the very ciphertext storage holds now (the same allocation: a
+/// write, a watch event or a delete replaces or drops it), so a value changed or deleted
+/// by this replica or, through the watch, by another is never served from here: the
+/// cache saves the decryption and the JSON decoding of unchanged entries, nothing else.
+/// It belongs to one unsealed period (see `Seal`) and is dropped with the keys.
+#[derive(Default)]
+pub struct Decoded {
+    entries: RwLock<HashMap<String, DecodedEntry>>,
+    /// Ciphertext bytes of the entries held (the bound below).
+    bytes: AtomicUsize,
+}
+
+struct DecodedEntry {
+    ciphertext: Arc<[u8]>,
+    value: Arc<dyn Any + Send + Sync>,
+}
+
+/// At most this much ciphertext's worth of decoded values is kept; past it, arbitrary
+/// entries make room (the hot ones come back at their next read).
+const DECODED_MAX_BYTES: usize = 32 << 20;
+
+impl Decoded {
+    fn get<T: Send + Sync + 'static>(&self, path: &str, ciphertext: &Arc<[u8]>) -> Option<Arc<T>> {
+        let entries = self.entries.read();
+        let entry = entries.get(path)?;
+        if !Arc::ptr_eq(&entry.ciphertext, ciphertext) {
+            return None;
+        }
+        entry.value.clone().downcast::<T>().ok()
+    }
+
+    fn insert(&self, path: &str, ciphertext: Arc<[u8]>, value: Arc<dyn Any + Send + Sync>) {
+        let size = ciphertext.len();
+        if size > DECODED_MAX_BYTES / 8 {
+            return;
+        }
+        let mut entries = self.entries.write();
+        let mut bytes = self.bytes.load(Ordering::Relaxed);
+        if let Some(old) = entries.remove(path) {
+            bytes -= old.ciphertext.len();
+        }
+        while bytes + size > DECODED_MAX_BYTES {
+            let Some(victim) = entries.keys().next().cloned() else {
+                break;
+            };
+            if let Some(old) = entries.remove(&victim) {
+                bytes -= old.ciphertext.len();
+            }
+        }
+        entries.insert(path.to_owned(), DecodedEntry { ciphertext, value });
+        self.bytes.store(bytes + size, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.read().len()
+    }
+}
+
 #[derive(Clone)]
 pub struct Logical {
     backend: Arc<dyn Backend>,
@@ -71,6 +139,14 @@ impl Logical {
     }
 
     async fn open<T: DeserializeOwned>(&self, path: &str, envelope: &[u8]) -> Result<T, LogicalError> {
+        let plaintext = self.decrypt(path, envelope).await?;
+        serde_json::from_slice(&plaintext).map_err(|e| LogicalError::Decode {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn decrypt(&self, path: &str, envelope: &[u8]) -> Result<Vec<u8>, LogicalError> {
         let mut keyring = self.seal.keyring()?;
         let plaintext = match keyring.open(path, envelope) {
             Err(BarrierError::UnknownTerm(_)) => {
@@ -81,16 +157,12 @@ impl Logical {
             }
             other => other,
         };
-        let plaintext = plaintext.map_err(|error| {
+        plaintext.map_err(|error| {
             self.integrity_errors.inc();
             tracing::error!(%path, %error, "A storage entry failed its integrity check");
             LogicalError::Integrity {
                 path: path.to_owned(),
             }
-        })?;
-        serde_json::from_slice(&plaintext).map_err(|e| LogicalError::Decode {
-            path: path.to_owned(),
-            reason: e.to_string(),
         })
     }
 
@@ -118,6 +190,32 @@ impl Logical {
     /// The value at `path` as this replica knows it.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<Versioned<T>>, LogicalError> {
         self.read(path, false).await
+    }
+
+    /// The value at `path` as this replica knows it, shared: decoded once per stored
+    /// version and handed out again while storage still holds that version (for entries
+    /// read on every request: tokens, policies, KV keys). Same answers as `get`.
+    pub async fn get_shared<T: DeserializeOwned + Send + Sync + 'static>(
+        &self,
+        path: &str,
+    ) -> Result<Option<Versioned<Arc<T>>>, LogicalError> {
+        // Sealed is checked first, as in `read`.
+        let decoded = self.seal.decoded()?;
+        let Some(stored) = self.backend.get(path).await? else {
+            return Ok(None);
+        };
+        if let Some(value) = decoded.get::<T>(path, &stored.value) {
+            return Ok(Some(Versioned {
+                value,
+                version: stored.version,
+            }));
+        }
+        let value: Arc<T> = Arc::new(self.open(path, &stored.value).await?);
+        decoded.insert(path, stored.value, value.clone());
+        Ok(Some(Versioned {
+            value,
+            version: stored.version,
+        }))
     }
 
     /// The value at `path` as storage has it now.
@@ -210,5 +308,132 @@ impl Logical {
             }
         }
         Err(LogicalError::Storage(StorageError::Conflict(path.to_owned())))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{
+        policies::Policies,
+        storage::memory::Memory,
+        token::{NewToken, TokenError, Tokens},
+    };
+    use serde::Deserialize;
+
+    /// Two replicas over one storage (as two engines over one namespace), each unsealed
+    /// on its own, each with its own cache of decoded values.
+    pub(crate) async fn two_replicas() -> (Logical, Logical) {
+        let backend: Arc<dyn Backend> = Arc::new(Memory::default());
+        let first = Arc::new(Seal::new(backend.clone()));
+        let share = first.init(1, 1, false).await.unwrap().shares.remove(0);
+        first.unseal(share.clone()).await.unwrap();
+        let second = Arc::new(Seal::new(backend.clone()));
+        second.unseal(share).await.unwrap();
+        (
+            Logical::new(backend.clone(), first, Counter::default()),
+            Logical::new(backend, second, Counter::default()),
+        )
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Item {
+        n: u32,
+    }
+
+    #[tokio::test]
+    async fn shared_values_follow_every_change_of_storage() {
+        let (a, b) = two_replicas().await;
+        a.put("x/item", &Item { n: 1 }, Precondition::None).await.unwrap();
+        let first = b.get_shared::<Item>("x/item").await.unwrap().unwrap();
+        assert_eq!(*first.value, Item { n: 1 });
+        let again = b.get_shared::<Item>("x/item").await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first.value, &again.value), "decoded once");
+        // Written by the other replica: the next read has it.
+        a.put("x/item", &Item { n: 2 }, Precondition::None).await.unwrap();
+        assert_eq!(
+            *b.get_shared::<Item>("x/item").await.unwrap().unwrap().value,
+            Item { n: 2 }
+        );
+        // A tampered ciphertext is refused, not answered from the cache.
+        let stored = b.backend().get("x/item").await.unwrap().unwrap();
+        let mut tampered = stored.value.to_vec();
+        *tampered.last_mut().unwrap() ^= 1;
+        b.backend()
+            .put("x/item", tampered, Precondition::None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            b.get_shared::<Item>("x/item").await,
+            Err(LogicalError::Integrity { .. })
+        ));
+        // Deleted by the other replica: gone here too.
+        a.delete("x/item", Precondition::None).await.unwrap();
+        assert!(b.get_shared::<Item>("x/item").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn sealing_drops_the_decoded_values() {
+        let (a, _) = two_replicas().await;
+        a.put("x/item", &Item { n: 1 }, Precondition::None).await.unwrap();
+        a.get_shared::<Item>("x/item").await.unwrap().unwrap();
+        let decoded = a.seal().decoded().unwrap();
+        assert_eq!(decoded.len(), 1);
+        a.seal().seal();
+        assert!(matches!(
+            a.get_shared::<Item>("x/item").await,
+            Err(LogicalError::Sealed)
+        ));
+        assert!(a.seal().decoded().is_err());
+        drop(decoded);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_at_once_on_every_replica() {
+        let (a, b) = two_replicas().await;
+        let (on_a, on_b) = (Tokens::new(a), Tokens::new(b));
+        let (token, _) = on_a
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    ttl: 600,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        // Both replicas have looked it up (and keep its decoded entry).
+        on_a.lookup(&token).await.unwrap();
+        on_b.lookup(&token).await.unwrap();
+        on_a.revoke(&token).await.unwrap();
+        assert!(matches!(on_a.lookup(&token).await, Err(TokenError::Invalid)));
+        assert!(matches!(on_b.lookup(&token).await, Err(TokenError::Invalid)));
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_takes_effect_on_every_replica() {
+        let (a, b) = two_replicas().await;
+        let declared = Arc::new(crate::declared::Declared::default());
+        let (on_a, on_b) = (Policies::new(a, declared.clone()), Policies::new(b, declared));
+        let names = vec!["app".to_owned()];
+        on_a.write("app", r#"path "secret/data/app" { capabilities = ["read"] }"#)
+            .await
+            .unwrap();
+        for policies in [&on_a, &on_b] {
+            let acl = policies.acl(&names).await.unwrap();
+            assert!(acl.allows("secret/data/app", crate::policy::Capability::Read));
+        }
+        on_a.write("app", r#"path "secret/data/other" { capabilities = ["read"] }"#)
+            .await
+            .unwrap();
+        for policies in [&on_a, &on_b] {
+            let acl = policies.acl(&names).await.unwrap();
+            assert!(!acl.allows("secret/data/app", crate::policy::Capability::Read));
+            assert!(acl.allows("secret/data/other", crate::policy::Capability::Read));
+        }
+        on_a.delete("app").await.unwrap();
+        let acl = on_b.acl(&names).await.unwrap();
+        assert!(!acl.allows("secret/data/other", crate::policy::Capability::Read));
     }
 }

@@ -133,7 +133,8 @@ impl Policies {
     /// The ACL a token with `names` has. Unknown names grant nothing.
     pub async fn acl(&self, names: &[String]) -> Result<Arc<Acl>, PolicyStoreError> {
         if names.iter().any(|n| n == "root") {
-            return Ok(Arc::new(Acl::root()));
+            static ROOT: std::sync::LazyLock<Arc<Acl>> = std::sync::LazyLock::new(|| Arc::new(Acl::root()));
+            return Ok(ROOT.clone());
         }
         let mut key: CacheKey = Vec::with_capacity(names.len());
         let mut texts = Vec::with_capacity(names.len());
@@ -148,9 +149,12 @@ impl Policies {
                 texts.push((name, Some(text)));
                 continue;
             }
-            let stored = self.logical.get::<StoredPolicy>(&Self::path(&name)).await?;
+            let stored = self
+                .logical
+                .get_shared::<StoredPolicy>(&Self::path(&name))
+                .await?;
             let (version, text) = match stored {
-                Some(s) => (s.version, Some(s.value.policy)),
+                Some(s) => (s.version, Some(s.value.policy.clone())),
                 None if name == "default" => (0, Some(DEFAULT_POLICY.to_owned())),
                 None => (0, None),
             };

@@ -11,6 +11,7 @@
 
 use crate::{
     barrier::{self, BarrierError, Keyring, RootKey},
+    logical::Decoded,
     shamir::{self, ShamirError, UnsealProgress},
     storage::{Backend, Precondition, StorageError},
 };
@@ -94,6 +95,9 @@ enum State {
     Unsealed {
         root: Option<RootKey>,
         keyring: Arc<Keyring>,
+        /// Values decoded from storage while unsealed (`Logical::get_shared`); they go
+        /// with the keys when the engine seals.
+        decoded: Arc<Decoded>,
     },
 }
 
@@ -115,7 +119,11 @@ impl Seal {
     pub fn for_init(storage: Arc<dyn Backend>, keyring: Arc<Keyring>) -> Self {
         Self {
             storage,
-            state: RwLock::new(State::Unsealed { root: None, keyring }),
+            state: RwLock::new(State::Unsealed {
+                root: None,
+                keyring,
+                decoded: Arc::default(),
+            }),
         }
     }
 
@@ -142,6 +150,14 @@ impl Seal {
     pub fn keyring(&self) -> Result<Arc<Keyring>, SealError> {
         match &*self.state.read() {
             State::Unsealed { keyring, .. } => Ok(keyring.clone()),
+            State::Sealed(_) => Err(SealError::Sealed),
+        }
+    }
+
+    /// The cache of decoded values of this unsealed period (Sealed when sealed).
+    pub(crate) fn decoded(&self) -> Result<Arc<Decoded>, SealError> {
+        match &*self.state.read() {
+            State::Unsealed { decoded, .. } => Ok(decoded.clone()),
             State::Sealed(_) => Err(SealError::Sealed),
         }
     }
@@ -231,6 +247,7 @@ impl Seal {
                     *state = State::Unsealed {
                         root: Some(root),
                         keyring: Arc::new(keyring),
+                        decoded: Arc::default(),
                     };
                     tracing::info!("Unsealed");
                 }
@@ -283,6 +300,7 @@ impl Seal {
         if let State::Unsealed {
             root: Some(root),
             keyring,
+            ..
         } = &mut *state
         {
             let stored = self.open_keyring(&config, root)?;

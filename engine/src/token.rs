@@ -10,7 +10,7 @@ use crate::{
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 const ID_PREFIX: &str = "sys/token/id/";
 const ACCESSOR_PREFIX: &str = "sys/token/accessor/";
@@ -185,13 +185,15 @@ impl Tokens {
         Ok((token, entry))
     }
 
-    async fn by_hash(&self, id_hash: &str) -> Result<Option<TokenEntry>, TokenError> {
+    /// Every request looks its token up: the decoded entry is shared while storage
+    /// holds the same version of it (a revocation or renewal is a new version, or none).
+    async fn by_hash(&self, id_hash: &str) -> Result<Option<Arc<TokenEntry>>, TokenError> {
         if id_hash.len() != 64 || !id_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
         Ok(self
             .logical
-            .get::<TokenEntry>(&format!("{ID_PREFIX}{id_hash}"))
+            .get_shared::<TokenEntry>(&format!("{ID_PREFIX}{id_hash}"))
             .await?
             .map(|v| v.value))
     }
@@ -203,11 +205,11 @@ impl Tokens {
     }
 
     /// The live entry of `token`; an expired token is revoked here and refused.
-    pub async fn lookup(&self, token: &str) -> Result<TokenEntry, TokenError> {
+    pub async fn lookup(&self, token: &str) -> Result<Arc<TokenEntry>, TokenError> {
         self.live(&hash(token)).await
     }
 
-    async fn live(&self, id_hash: &str) -> Result<TokenEntry, TokenError> {
+    async fn live(&self, id_hash: &str) -> Result<Arc<TokenEntry>, TokenError> {
         let entry = self.by_hash(id_hash).await?.ok_or(TokenError::Invalid)?;
         if entry.expired(now()) {
             let _ = self.revoke_hash(id_hash).await;
@@ -216,7 +218,7 @@ impl Tokens {
         Ok(entry)
     }
 
-    pub async fn lookup_accessor(&self, accessor: &str) -> Result<TokenEntry, TokenError> {
+    pub async fn lookup_accessor(&self, accessor: &str) -> Result<Arc<TokenEntry>, TokenError> {
         let id_hash = self.accessor_hash(accessor).await?;
         self.live(&id_hash).await
     }
@@ -314,7 +316,7 @@ impl Tokens {
         let mut entries = Vec::new();
         for id_hash in self.logical.list(ID_PREFIX).await? {
             if let Some(entry) = self.by_hash(&id_hash).await? {
-                entries.push(entry);
+                entries.push(TokenEntry::clone(&entry));
             }
         }
         Ok(entries)

@@ -141,7 +141,7 @@ pub struct Request {
     pub body: Map<String, Value>,
     /// The caller's token (absent on unauthenticated paths).
     pub token: Option<String>,
-    pub entry: Option<TokenEntry>,
+    pub entry: Option<Arc<TokenEntry>>,
 }
 
 impl Request {
@@ -204,9 +204,17 @@ impl Request {
         self.body.get(key).and_then(Value::as_bool).unwrap_or(default)
     }
 
+    /// Who is asking, as the audit records show it.
+    fn auth_info(&self) -> AuthInfo<'_> {
+        AuthInfo {
+            token: self.token.as_deref(),
+            entry: self.entry.as_deref(),
+        }
+    }
+
     /// The caller's token entry; handlers behind authentication always have one.
     fn caller(&self) -> Result<&TokenEntry, ApiError> {
-        self.entry.as_ref().ok_or_else(ApiError::denied)
+        self.entry.as_deref().ok_or_else(ApiError::denied)
     }
 }
 
@@ -538,8 +546,10 @@ async fn serve(
         return Err(ApiError::sealed());
     }
     // Logging in needs no token; nor does reading a PKI mount's CA certificate (public).
-    let login = path == "auth/kubernetes/login" || path == format!("{}/cert/ca", engine.pki.mount());
-    let mut auth_info = AuthInfo::default();
+    let login = path == "auth/kubernetes/login"
+        || path
+            .strip_prefix(engine.pki.mount())
+            .is_some_and(|rest| rest == "/cert/ca");
     if !login {
         let token = token_of(headers).ok_or_else(ApiError::denied)?;
         let entry = engine.tokens.lookup(&token).await?;
@@ -555,39 +565,34 @@ async fn serve(
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let allowed = acl.allows(path, operation.capability())
             && (!needs_sudo(path) || acl.allows(path, Capability::Sudo));
-        auth_info = AuthInfo {
-            token: Some(token.clone()),
-            accessor: Some(entry.accessor.clone()),
-            policies: entry.policies.clone(),
-            display_name: entry.display_name.clone(),
-            metadata: entry
-                .meta
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect(),
-        };
-        if !allowed {
-            // Denials are audited too: who tried what matters most.
-            audit_request(engine, &request, &auth_info).await?;
-            let denied = ApiError::denied();
-            audit_response(engine, &request, &auth_info, denied.status, Some(&denied.body())).await?;
-            return Err(denied);
-        }
         request.token = Some(token);
         request.entry = Some(entry);
+        if !allowed {
+            // Denials are audited too: who tried what matters most.
+            let auth = request.auth_info();
+            audit_request(engine, &request, &auth).await?;
+            let denied = ApiError::denied();
+            audit_response(engine, &request, &auth, denied.status, Some(&denied.body())).await?;
+            return Err(denied);
+        }
     }
-    audit_request(engine, &request, &auth_info).await?;
+    let auth = request.auth_info();
+    audit_request(engine, &request, &auth).await?;
     let result = route(engine, &request).await;
+    let error_body;
     let (status, body) = match &result {
-        Ok(reply) => (reply.status, reply.body.clone()),
-        Err(error) => (error.status, Some(error.body())),
+        Ok(reply) => (reply.status, reply.body.as_ref()),
+        Err(error) => {
+            error_body = error.body();
+            (error.status, Some(&error_body))
+        }
     };
-    audit_response(engine, &request, &auth_info, status, body.as_ref()).await?;
+    audit_response(engine, &request, &auth, status, body).await?;
     result
 }
 
-async fn audit_request(engine: &Engine, request: &Request, auth: &AuthInfo) -> Result<(), ApiError> {
-    let data = (!request.body.is_empty()).then(|| Value::Object(request.body.clone()));
+async fn audit_request(engine: &Engine, request: &Request, auth: &AuthInfo<'_>) -> Result<(), ApiError> {
+    let data = (!request.body.is_empty()).then_some(&request.body);
     engine
         .audit
         .request(
@@ -595,7 +600,7 @@ async fn audit_request(engine: &Engine, request: &Request, auth: &AuthInfo) -> R
             request.operation.as_str(),
             &request.path,
             auth,
-            data.as_ref(),
+            data,
             "",
         )
         .await
@@ -605,7 +610,7 @@ async fn audit_request(engine: &Engine, request: &Request, auth: &AuthInfo) -> R
 async fn audit_response(
     engine: &Engine,
     request: &Request,
-    auth: &AuthInfo,
+    auth: &AuthInfo<'_>,
     status: StatusCode,
     body: Option<&Value>,
 ) -> Result<(), ApiError> {
@@ -635,13 +640,14 @@ async fn route(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
     if let Some(rest) = path.strip_prefix("auth/kubernetes/") {
         return auth::kubernetes(engine, request, rest).await;
     }
-    if let Some(rest) = path.strip_prefix(&format!("{}/", engine.database.mount())) {
+    let below = |mount: &str| path.strip_prefix(mount).and_then(|rest| rest.strip_prefix('/'));
+    if let Some(rest) = below(engine.database.mount()) {
         return database::route(engine, request, rest).await;
     }
-    if let Some(rest) = path.strip_prefix(&format!("{}/", engine.pki.mount())) {
+    if let Some(rest) = below(engine.pki.mount()) {
         return pki::route(engine, request, rest).await;
     }
-    if let Some(rest) = path.strip_prefix(&format!("{}/", engine.kv.mount())) {
+    if let Some(rest) = below(engine.kv.mount()) {
         return kv::route(engine, request, rest).await;
     }
     Err(ApiError::new(
