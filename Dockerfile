@@ -1,4 +1,5 @@
-# One image with every Capstan binary: capstan-controller, capstan-webhook, capstan-sidecar.
+# One image with every Capstan binary: capstan-controller, capstan-webhook, capstan-engine,
+# and capstan-sidecar built with the sidecar profile (fat LTO, panic=abort: see Cargo.toml).
 #   docker build -t capstan:0.1.0 .
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
@@ -6,8 +7,10 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
+ && cargo build --profile sidecar --locked -p capstan-sidecar \
  && mkdir -p /out \
- && cp target/release/capstan-controller target/release/capstan-webhook target/release/capstan-sidecar target/release/capstan-engine /out/
+ && cp target/release/capstan-controller target/release/capstan-webhook target/release/capstan-engine /out/ \
+ && cp target/sidecar/capstan-sidecar /out/
 
 # distroless/cc: glibc and libgcc for the Rust binaries, no shell, runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
