@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
 # The secrets engine's benchmark: KV v2 reads and writes, PostgreSQL credentials and PKI
 # certificates per second through the HTTPS API (release builds, a real cluster, a real
-# PostgreSQL), and the barrier against raw AES-256-GCM. Prints figures and ratios; raw
+# PostgreSQL), the time from a secret's change to the new value in a synced Secret and in an
+# agent's file, and the barrier against raw AES-256-GCM. Prints figures and ratios; raw
 # numbers land in target/bench-secrets.json. CAPSTAN_BENCH_ONLY: see below.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 "$ROOT/hack/cluster.sh" build
-if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-  say "installing PostgreSQL (Debian package)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
-fi
+debian_package postgresql
 # CAPSTAN_BENCH_ONLY=kv_read,... runs only those API operations (and skips the barrier
 # benchmark unless it names `barrier`): for profiling one of them.
 if [ -z "${CAPSTAN_BENCH_ONLY:-}" ] || [[ ",$CAPSTAN_BENCH_ONLY," == *,barrier,* ]]; then
@@ -29,3 +26,6 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; th
 fi
 export CAPSTAN_BIN_PROFILE=release
 cargo bench --locked -p capstan-tests --bench secrets_engine
+say "a secret's change to the new value in a SecretSync's Secret and an agent's file"
+cargo build --release --locked -p capstan-controllers -p capstan-sidecar --bins
+cargo bench --locked -p capstan-tests --bench secret_delivery
