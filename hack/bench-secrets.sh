@@ -11,7 +11,7 @@ cd "$ROOT"
 "$ROOT/hack/cluster.sh" build
 debian_package postgresql
 # CAPSTAN_BENCH_ONLY=kv_read,... runs only those API operations (and skips the barrier
-# benchmark unless it names `barrier`): for profiling one of them.
+# and delivery benchmarks unless it names `barrier` or `delivery`): for profiling one.
 if [ -z "${CAPSTAN_BENCH_ONLY:-}" ] || [[ ",$CAPSTAN_BENCH_ONLY," == *,barrier,* ]]; then
   say "the barrier against raw AES-256-GCM"
   cargo bench --locked -p capstan-engine --bench barrier
@@ -26,6 +26,8 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; th
 fi
 export CAPSTAN_BIN_PROFILE=release
 cargo bench --locked -p capstan-tests --bench secrets_engine
-say "a secret's change to the new value in a SecretSync's Secret and an agent's file"
-cargo build --release --locked -p capstan-controllers -p capstan-sidecar --bins
-cargo bench --locked -p capstan-tests --bench secret_delivery
+if [ -z "${CAPSTAN_BENCH_ONLY:-}" ] || [[ ",$CAPSTAN_BENCH_ONLY," == *,delivery,* ]]; then
+  say "a secret's change to the new value in a SecretSync's Secret and an agent's file"
+  cargo build --release --locked -p capstan-controllers -p capstan-sidecar --bins
+  cargo bench --locked -p capstan-tests --bench secret_delivery
+fi

@@ -138,8 +138,12 @@ impl Writer {
         let thread_name = format!("audit-{}", name.chars().take(8).collect::<String>());
         let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
             let mut buffer = Vec::new();
+            let mut batch = Vec::with_capacity(256);
+            // Sleeping until the next record, not spinning for it: a writer that yielded
+            // its CPU a few times before sleeping read 5-8% faster but had a worse p99
+            // (1.6 against 1.4 ms) on 2 cores shared with the load generator.
             while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
+                batch.push(first);
                 while batch.len() < 256 {
                     match rx.try_recv() {
                         Ok(job) => batch.push(job),
@@ -151,7 +155,7 @@ impl Writer {
                     buffer.extend_from_slice(line);
                 }
                 let result = sink.write(&buffer).map_err(|e| e.to_string());
-                for (_, ack) in batch {
+                for (_, ack) in batch.drain(..) {
                     let _ = ack.send(result.clone());
                 }
             }

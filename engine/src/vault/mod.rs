@@ -380,16 +380,18 @@ impl From<TokenError> for ApiError {
 }
 
 fn uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let bytes: [u8; 16] = rand::random();
+    let mut hex = [0u8; 32];
+    // Cannot fail: the buffer is exactly twice the input.
+    let _ = hex::encode_to_slice(bytes, &mut hex);
+    let mut out = String::with_capacity(36);
+    for (i, range) in [0..8, 8..12, 12..16, 16..20, 20..32].into_iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        out.push_str(std::str::from_utf8(&hex[range]).unwrap_or_default());
+    }
+    out
 }
 
 fn respond(status: StatusCode, body: Option<Value>) -> Response {
@@ -691,6 +693,15 @@ mod tests {
         );
         assert_eq!(operation(&Method::PUT, &none), Some(Operation::update));
         assert_eq!(operation(&Method::OPTIONS, &none), None);
+    }
+
+    #[test]
+    fn uuids_look_like_uuids() {
+        let id = uuid();
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+        assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{id}");
+        assert_ne!(uuid(), id);
     }
 
     #[test]
