@@ -1,9 +1,12 @@
 //! A real PostgreSQL server for the secrets engine's database tests: Debian's
 //! postgresql package (hack/test.sh installs it), a fresh cluster in a temporary folder,
-//! listening on a loopback port with password authentication, run as the `postgres` user
-//! (PostgreSQL refuses to run as root). Dropping it stops the server and removes the data.
+//! listening on a loopback port with password authentication over TLS only (a server
+//! certificate from a CA made here; plain-text connections are rejected by pg_hba.conf, so
+//! every login that works went over TLS), run as the `postgres` user (PostgreSQL refuses
+//! to run as root). Dropping it stops the server and removes the data.
 
 use anyhow::{Context as _, Result, bail};
+use rustls::pki_types::pem::PemObject as _;
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
@@ -18,6 +21,26 @@ pub struct Postgres {
     pub admin_password: String,
     dir: PathBuf,
     bin: PathBuf,
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, PEM (cert, key, CA).
+fn server_certificate() -> Result<(String, String, String)> {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "capstan e2e PostgreSQL CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+    let cert = server.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem(), ca_cert.pem()))
+}
+
+/// A CA no server here uses (for the refusal tests).
+pub fn foreign_ca_pem() -> Result<String> {
+    Ok(server_certificate()?.2)
 }
 
 fn bin_dir() -> Result<PathBuf> {
@@ -67,6 +90,20 @@ impl Postgres {
             .arg(&pwfile)
             .status();
         let data = dir.join("data");
+        let (cert, key, ca) = server_certificate()?;
+        for (name, pem, mode) in [
+            ("server.crt", &cert, 0o644),
+            ("server.key", &key, 0o600),
+            ("ca.pem", &ca, 0o644),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, pem)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            let _ = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&path)
+                .status();
+        }
         let out = as_postgres(&bin.join("initdb"))
             .args(["-D"])
             .arg(&data)
@@ -76,6 +113,10 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        // TLS only: a plain-text connection is rejected before authentication.
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)?;
+        std::fs::write(&hba, format!("hostnossl all all all reject\n{rules}"))?;
         let server = Self {
             port,
             admin_password,
@@ -94,7 +135,11 @@ impl Postgres {
             .arg("-l")
             .arg(self.dir.join("server.log"))
             .args(["-w", "-t", "30", "-o"])
-            .arg(format!("-p {} -h 127.0.0.1 -k {}", self.port, self.dir.display()))
+            .arg(format!(
+                "-p {} -h 127.0.0.1 -k {dir} -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
+                self.port,
+                dir = self.dir.display()
+            ))
             .arg("start")
             .stdout(Stdio::null())
             .output()?;
@@ -131,12 +176,41 @@ impl Postgres {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
-    /// The URL the engine's connection config takes (Vault's template form).
+    /// The URL the engine's connection config takes (Vault's template form): TLS with
+    /// the server's certificate checked against this server's CA, host name included.
     pub fn connection_url(&self) -> String {
+        self.connection_url_with(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            self.ca_file().display()
+        ))
+    }
+
+    /// The URL with other query parameters (e.g. `sslmode=disable`, another CA).
+    pub fn connection_url_with(&self, query: &str) -> String {
         format!(
-            "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+            "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?{query}",
             self.port
         )
+    }
+
+    /// The CA that issued the server's certificate (PEM file).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read_to_string(self.ca_file())?;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
     /// Logs in as `user` and runs `SELECT current_user`: Ok only if the database let
@@ -149,8 +223,9 @@ impl Postgres {
             .user(user)
             .password(password)
             .dbname("postgres")
-            .connect_timeout(Duration::from_secs(5));
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            .connect_timeout(Duration::from_secs(5))
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config.connect(self.tls()?).await?;
         tokio::spawn(connection);
         let row = client.query_one("SELECT current_user::text", &[]).await?;
         Ok(row.get(0))
@@ -164,8 +239,9 @@ impl Postgres {
             .port(self.port)
             .user(ADMIN_USER)
             .password(&self.admin_password)
-            .dbname("postgres");
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            .dbname("postgres")
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config.connect(self.tls()?).await?;
         tokio::spawn(connection);
         let row = client
             .query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role])

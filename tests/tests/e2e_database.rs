@@ -2,11 +2,12 @@
 //! that log in until their lease is revoked, expires, or its token goes; leases that
 //! survive an engine restart; a database that is down when leases expire (V11); the
 //! connection's root password rotated so only the engine knows it; the engine's wall clock
-//! stepped an hour back and forward under libfaketime (V14).
+//! stepped an hour back and forward under libfaketime (V14); TLS to PostgreSQL checked
+//! (the server takes TLS only: plain text and a server a foreign CA vouches for are refused).
 
 use anyhow::{Context as _, Result, ensure};
 use capstan_tests::{
-    postgres::{ADMIN_USER, Postgres},
+    postgres::{ADMIN_USER, Postgres, foreign_ca_pem},
     secrets::{call, fresh_storage, init_and_unseal, roots, unseal},
     *,
 };
@@ -481,5 +482,72 @@ async fn wall_clock_jumps_never_extend_a_lease_or_a_token() -> Result<()> {
         "a 1 h token outlived an hour's step forward"
     );
     let _ = std::fs::remove_file(&offset);
+    Ok(())
+}
+
+/// The engine reaches PostgreSQL over TLS and checks who answers: every connection in
+/// these tests is TLS (the server rejects plain text, so `sslmode=disable` fails), a CA
+/// that did not issue the server's certificate is refused, and verify-ca with the right CA
+/// works as verify-full does.
+#[tokio::test]
+async fn postgres_connections_are_tls_and_verified() -> Result<()> {
+    let w = world("pgtls").await?;
+    let config = |url: String| {
+        json!({"plugin_name": "postgresql-database-plugin", "connection_url": url,
+               "username": ADMIN_USER, "password": w.pg.admin_password, "allowed_roles": ["app"]})
+    };
+    let (code, body) = w
+        .call(
+            "POST",
+            "database/config/plain",
+            Some(config(w.pg.connection_url_with("sslmode=disable"))),
+        )
+        .await?;
+    ensure!(
+        code >= 400 && body.to_string().contains("no encryption"),
+        "plain text reached the server: {code} {body}"
+    );
+
+    let foreign = std::env::temp_dir().join(format!(
+        "capstan-e2e-foreign-ca-{:08x}.pem",
+        rand::random::<u32>()
+    ));
+    std::fs::write(&foreign, foreign_ca_pem()?)?;
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let url =
+            w.pg.connection_url_with(&format!("sslmode={mode}&sslrootcert={}", foreign.display()));
+        let (code, body) = w
+            .call("POST", "database/config/foreign", Some(config(url)))
+            .await?;
+        ensure!(
+            code >= 400 && body.to_string().contains("certificate"),
+            "{mode} with a foreign CA: {code} {body}"
+        );
+    }
+    let _ = std::fs::remove_file(&foreign);
+    let (code, body) = w
+        .call(
+            "POST",
+            "database/config/missing",
+            Some(config(w.pg.connection_url_with(
+                "sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+            ))),
+        )
+        .await?;
+    ensure!(
+        code == 400 && body.to_string().contains("sslrootcert"),
+        "{code} {body}"
+    );
+
+    let url = w.pg.connection_url_with(&format!(
+        "sslmode=verify-ca&sslrootcert={}",
+        w.pg.ca_file().display()
+    ));
+    w.ok("POST", "database/config/pg", config(url)).await?;
+    let (_, user, password) = w.creds("app", None).await?;
+    ensure!(
+        w.pg.login(&user, &password).await? == user,
+        "a credential over verify-ca"
+    );
     Ok(())
 }

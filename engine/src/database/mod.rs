@@ -8,6 +8,8 @@ use crate::{
     logical::{Logical, LogicalError},
     storage::Precondition,
 };
+mod tls;
+
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, str::FromStr as _, sync::Arc, time::Duration};
@@ -198,7 +200,8 @@ impl Database {
                 "connection_url must be a postgresql:// URL".into(),
             ));
         }
-        config_for(&connection, &connection.password)?;
+        // A bad URL or an unreadable sslrootcert is refused now, verified or not.
+        config_for(&connection, &connection.password)?.1.connector()?;
         if verify {
             let client = connect(&connection, &connection.password).await?;
             client
@@ -451,33 +454,54 @@ impl Database {
     }
 }
 
-fn config_for(connection: &Connection, password: &str) -> Result<tokio_postgres::Config, DatabaseError> {
+fn config_for(
+    connection: &Connection,
+    password: &str,
+) -> Result<(tokio_postgres::Config, tls::Settings), DatabaseError> {
     // The URL's placeholders are filled through the config, not the text, so a password
     // with URL syntax in it cannot change the URL's meaning.
     let url = connection
         .connection_url
         .replace("{{username}}", "placeholder")
         .replace("{{password}}", "placeholder");
+    let (url, tls) = tls::split_url(&url)?;
     let mut config = tokio_postgres::Config::from_str(&url)
         .map_err(|e| DatabaseError::Invalid(format!("connection_url: {e}")))?;
     config.user(&connection.username);
     config.password(password);
     config.connect_timeout(CONNECT_TIMEOUT);
-    Ok(config)
+    config.ssl_mode(tls.ssl_mode());
+    Ok((config, tls))
 }
 
 async fn connect(connection: &Connection, password: &str) -> Result<tokio_postgres::Client, DatabaseError> {
-    let config = config_for(connection, password)?;
-    let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tokio_postgres::NoTls))
+    let (config, tls) = config_for(connection, password)?;
+    let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.connector()?))
         .await
         .map_err(|_| DatabaseError::Backend("connecting timed out".into()))?
-        .map_err(|e| DatabaseError::Backend(e.to_string()))?;
+        .map_err(|e| DatabaseError::Backend(connect_error(&e)))?;
     tokio::spawn(async move {
         if let Err(error) = conn.await {
             tracing::debug!(%error, "A database connection ended");
         }
     });
     Ok(client)
+}
+
+/// Why a connection failed, with its causes (a refused TLS certificate, pg_hba.conf's
+/// verdict, a wrong password): tokio-postgres' own text is only "db error". Statements'
+/// errors are not spelled out like this, since they could quote what was rendered in them.
+fn connect_error(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -520,7 +544,7 @@ mod tests {
             password: "p@ss:/word".into(),
             ..Default::default()
         };
-        let config = config_for(&connection, &connection.password).unwrap();
+        let (config, _) = config_for(&connection, &connection.password).unwrap();
         assert_eq!(config.get_user(), Some("admin"));
         assert!(!format!("{connection:?}").contains("p@ss"));
     }
