@@ -9,10 +9,10 @@
 
 use anyhow::{Context as _, Result, ensure};
 use capstan_tests::{
-    secrets::{call, fresh_storage, init_and_unseal, pod_bound_token, roots},
+    secrets::{call, create_pod, fresh_storage, init_and_unseal, pod_bound_token, roots},
     *,
 };
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{
     Api,
     api::{ObjectMeta, PostParams},
@@ -41,10 +41,6 @@ impl Drop for Agent {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -105,25 +101,10 @@ async fn main() -> Result<()> {
          refreshInterval: 200ms\n  target: {{name: config}}\n",
         ns.name
     );
-    let applied = Command::new("kubectl")
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child.stdin.take().expect("piped").write_all(sync.as_bytes())?;
-            child.wait()
-        })?;
-    ensure!(applied.success(), "kubectl apply of the SecretSync failed");
+    let (applied, out) = kubectl_stdin(&["apply", "-f", "-"], &sync);
+    ensure!(applied, "kubectl apply of the SecretSync: {out}");
 
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app-0"},
-        "spec": {"serviceAccountName": "app", "containers": [{"name": "app", "image": "app:1"}]},
-    }))?;
-    let pod = Api::<Pod>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &pod)
-        .await?;
+    let pod = create_pod(&client, &ns.name, "app-0", "app").await?;
     let jwt = pod_bound_token(&client, &ns.name, "app", &pod, AUDIENCE).await?;
     let dir = std::env::temp_dir().join(format!("capstan-bench-delivery-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(dir.join("secrets"))?;

@@ -111,6 +111,25 @@ pub async fn unseal(engine: &EngineProcess, roots: &str, keys: &[String]) -> Res
     Ok(())
 }
 
+/// A Pod object `name` of ServiceAccount `serviceaccount` (no kubelet runs it: it is
+/// what tokens are bound to, and its deletion is what the engine reacts to).
+pub async fn create_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    serviceaccount: &str,
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    let pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"serviceAccountName": serviceaccount, "containers": [{"name": "app", "image": "app:1"}]},
+    }))?;
+    Ok(kube::Api::namespaced(client.clone(), namespace)
+        .create(&kube::api::PostParams::default(), &pod)
+        .await?)
+}
+
 /// A token of `namespace/serviceaccount` for `audience`, bound to pod `pod` (the API
 /// server stops accepting it once that pod is gone; TokenReview names the pod).
 pub async fn pod_bound_token(

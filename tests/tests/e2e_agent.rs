@@ -9,7 +9,7 @@
 use anyhow::{Context as _, Result, bail, ensure};
 use capstan_tests::{
     postgres::{ADMIN_USER, Postgres},
-    secrets::{call, fresh_storage, init_and_unseal, pod_bound_token, roots, unseal},
+    secrets::{call, create_pod, fresh_storage, init_and_unseal, pod_bound_token, roots, unseal},
     *,
 };
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -74,15 +74,7 @@ async fn world(name: &str) -> Result<World> {
             },
         )
         .await?;
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "app-0"},
-        "spec": {"serviceAccountName": "app", "containers": [{"name": "app", "image": "app:1"}]},
-    }))?;
-    let pod = Api::<Pod>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &pod)
-        .await?;
+    let pod = create_pod(&client, &ns.name, "app-0", "app").await?;
     let jwt = pod_bound_token(&client, &ns.name, "app", &pod, AUDIENCE).await?;
 
     let dir = std::env::temp_dir().join(format!("capstan-e2e-agent-{:08x}", rand::random::<u32>()));
@@ -250,11 +242,6 @@ fn parse_url(path: &Path) -> Option<(String, String)> {
     let (credentials, _) = rest.split_once('@')?;
     let (user, password) = credentials.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 #[tokio::test]

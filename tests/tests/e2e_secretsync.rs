@@ -252,10 +252,6 @@ fn kv_sync(name: &str, path: &str, extra: &str) -> String {
     )
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
-}
-
 /// A KV entry becomes the target Secret (templated, owned, labelled); every change of
 /// the entry reaches it (latency measured), a hand edit or deletion of the Secret is
 /// undone, and deleting the SecretSync deletes the Secret (Retain keeps another).
