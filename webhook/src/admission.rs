@@ -33,7 +33,10 @@ use kube::{
 use parking_lot::Mutex;
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -52,6 +55,8 @@ pub struct AppState {
     pub roots_namespace: String,
     pub roots_configmap: String,
     pub roots: Mutex<Option<(Instant, Option<String>)>>,
+    /// Whether a background re-read of the roots is under way (at most one at a time).
+    pub refreshing_roots: AtomicBool,
     pub metrics: Metrics,
 }
 
@@ -109,7 +114,7 @@ async fn mutate_pods(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     }
 }
 
-async fn mutate(state: &AppState, body: &[u8]) -> Reply {
+async fn mutate(state: &Arc<AppState>, body: &[u8]) -> Reply {
     let request = match parse::<Pod>(body) {
         Ok(request) => request,
         Err(invalid) => {
@@ -353,12 +358,28 @@ impl AppState {
     }
 
     /// The mesh roots PEM, or None when the engine has not published any.
-    async fn roots(&self) -> Option<String> {
-        if let Some((read, roots)) = &*self.roots.lock()
-            && read.elapsed() < ROOTS_TTL
-        {
-            return roots.clone();
+    ///
+    /// Roots older than ROOTS_TTL are still answered, and re-read in the background: a
+    /// read of the ConfigMap inside an admission call is a round trip to the API server
+    /// nested in one of its own calls (milliseconds on a busy node), which would fall on
+    /// one call every ROOTS_TTL. Only the first read, or one after the roots were found
+    /// gone, is made in the call.
+    async fn roots(self: &Arc<Self>) -> Option<String> {
+        let cached = self.roots.lock().clone();
+        if let Some((read, roots)) = cached {
+            if read.elapsed() >= ROOTS_TTL && !self.refreshing_roots.swap(true, Ordering::AcqRel) {
+                let state = self.clone();
+                tokio::spawn(async move {
+                    state.read_roots().await;
+                    state.refreshing_roots.store(false, Ordering::Release);
+                });
+            }
+            return roots;
         }
+        self.read_roots().await
+    }
+
+    async fn read_roots(&self) -> Option<String> {
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.roots_namespace);
         let roots = match api.get_opt(&self.roots_configmap).await {
             Ok(configmap) => configmap
@@ -375,10 +396,9 @@ impl AppState {
             }
         };
         // Only roots are cached: a pod refused for want of roots is retried (by its
-        // ReplicaSet) and must succeed as soon as the engine publishes them.
-        if roots.is_some() {
-            *self.roots.lock() = Some((Instant::now(), roots.clone()));
-        }
+        // ReplicaSet) and must succeed as soon as the engine publishes them; roots found
+        // gone are forgotten, so the next pod reads again.
+        *self.roots.lock() = roots.clone().map(|roots| (Instant::now(), Some(roots)));
         roots
     }
 }

@@ -262,16 +262,22 @@ async fn main() -> anyhow::Result<()> {
         roots_namespace: args.namespace.clone(),
         roots_configmap: args.roots_configmap.clone(),
         roots: Default::default(),
+        refreshing_roots: Default::default(),
         metrics: metrics.clone(),
     });
-    let tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+    let tls = server_tls(resolver);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %args.listen, "Serving admission");
-    serve(listener, Arc::new(tls), admission::router(state), stop.clone()).await;
+    serve(
+        listener,
+        Arc::new(tls),
+        admission::router(state),
+        metrics,
+        stop.clone(),
+    )
+    .await;
 
     rotation.abort();
     namespace_watch.abort();
@@ -279,8 +285,26 @@ async fn main() -> anyhow::Result<()> {
     Ok(admin.finish().await?)
 }
 
+/// TLS 1.3 with the rotating certificate, offering h2 before HTTP/1.1.
+fn server_tls(resolver: Arc<dyn rustls::server::ResolvesServerCert>) -> rustls::ServerConfig {
+    let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    // The API server's webhook client (Go's net/http) offers h2 and multiplexes every
+    // concurrent call on one connection; with HTTP/1.1 it opens a connection, and so a
+    // TLS handshake, per call in flight.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls
+}
+
 /// Accepts TLS connections until shutdown, then lets in-flight requests finish.
-async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: axum::Router, stop: Stop) {
+async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    metrics: metrics::Metrics,
+    stop: Stop,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -298,6 +322,7 @@ async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: ax
         let acceptor = acceptor.clone();
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let stop = stop.clone();
+        let metrics = metrics.clone();
         connections.spawn(async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -307,8 +332,17 @@ async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: ax
                 }
                 Err(_) => return,
             };
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            // The protocol was settled by ALPN: no sniffing of the connection preface.
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            metrics.connection(if h2 { "h2" } else { "http/1.1" });
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder = if h2 {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -333,7 +367,117 @@ async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: ax
 
 #[cfg(test)]
 mod tests {
-    use super::url_host;
+    use super::{metrics::Metrics, serve, server_tls, url_host};
+    use capstan_telemetry::Stop;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use std::sync::Arc;
+
+    /// Serves a trivial router the way main serves admission, on a self-signed
+    /// certificate; returns the address, the certificate and the metrics text source.
+    async fn server() -> (
+        std::net::SocketAddr,
+        rustls::pki_types::CertificateDer<'static>,
+        prometheus_client::registry::Registry,
+        Stop,
+    ) {
+        rustls::crypto::ring::default_provider().install_default().ok();
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+            key.signing_key.serialize_der().into(),
+        ))
+        .unwrap();
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(
+            rustls::sign::CertifiedKey::new(vec![key.cert.der().clone()], signing),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let stop = Stop::new();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(
+            listener,
+            Arc::new(server_tls(resolver)),
+            router,
+            metrics,
+            stop.clone(),
+        ));
+        (addr, key.cert.der().clone(), registry, stop)
+    }
+
+    /// A TLS connection offering `alpn`, as a client trusting `cert`.
+    async fn connect(
+        addr: std::net::SocketAddr,
+        cert: rustls::pki_types::CertificateDer<'static>,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    fn get() -> http::Request<axum::body::Body> {
+        http::Request::get("https://localhost/")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
+    fn connections(registry: &prometheus_client::registry::Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        // Sorted: a label family's series come in no set order.
+        let mut lines: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("connections_total{"))
+            .collect();
+        lines.sort_unstable();
+        lines.join("\n")
+    }
+
+    /// What Go's net/http (the API server's webhook client) offers, h2 first, gets h2, and
+    /// concurrent calls share the one connection; an HTTP/1.1-only client is still served.
+    #[tokio::test]
+    async fn h2_is_negotiated_and_concurrent_calls_share_one_connection() {
+        let (addr, cert, registry, stop) = server().await;
+
+        let tls = connect(addr, cert.clone(), &[b"h2", b"http/1.1"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let calls = (0..4).map(|_| {
+            let mut sender = sender.clone();
+            async move { sender.send_request(get()).await }
+        });
+        for response in futures::future::join_all(calls).await {
+            assert_eq!(response.unwrap().status(), 200);
+        }
+
+        let tls = connect(addr, cert, &[b"http/1.1"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+
+        assert_eq!(
+            connections(&registry),
+            "connections_total{protocol=\"h2\"} 1\nconnections_total{protocol=\"http/1.1\"} 1"
+        );
+        stop.stop();
+    }
 
     #[test]
     fn the_external_urls_host_goes_into_the_certificate() {

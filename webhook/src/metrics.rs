@@ -12,9 +12,17 @@ pub struct RequestLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub protocol: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
+    /// Connections accepted (TLS handshakes completed), by the protocol ALPN chose: with
+    /// h2 the API server keeps one, with HTTP/1.1 one per call in flight.
+    connections: Family<ConnectionLabels, Counter>,
     /// The mutation itself (deciding and building the patch), not the HTTP round trip:
     /// the part that is Capstan's to keep fast.
     pub mutation: Histogram,
@@ -28,6 +36,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             requests: Family::default(),
+            connections: Family::default(),
             // 5 µs .. ~5 ms: the pure function is expected in the low microseconds.
             mutation: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 5e-6, 2.0, 11,
@@ -40,6 +49,11 @@ impl Metrics {
             "admission_requests",
             "Admission requests answered, by webhook and result",
             metrics.requests.clone(),
+        );
+        registry.register(
+            "connections",
+            "TLS connections accepted, by the protocol negotiated with ALPN",
+            metrics.connections.clone(),
         );
         registry.register(
             "mutation_duration_seconds",
@@ -67,6 +81,12 @@ impl Metrics {
     pub fn request(&self, webhook: &'static str, result: &'static str) {
         self.requests
             .get_or_create(&RequestLabels { webhook, result })
+            .inc();
+    }
+
+    pub fn connection(&self, protocol: &'static str) {
+        self.connections
+            .get_or_create(&ConnectionLabels { protocol })
             .inc();
     }
 }
