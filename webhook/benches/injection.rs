@@ -257,6 +257,11 @@ async fn admission() -> anyhow::Result<()> {
             println!("  the webhook's {name}: {n}");
         }
     }
+    let requests = Histogram::parse(&metrics, "capstan_webhook_mutate_request_duration_seconds", &[]);
+    println!(
+        "  the webhook's own /mutate-pods handler time (both rounds, parse to encoded answer): {}",
+        requests.describe()
+    );
     let count = metric(&metrics, "capstan_webhook_mutation_duration_seconds_count").unwrap_or(0.0);
     let sum = metric(&metrics, "capstan_webhook_mutation_duration_seconds_sum").unwrap_or(0.0);
     if count > 0.0 {
@@ -285,13 +290,19 @@ impl Histogram {
             let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
                 continue;
             };
-            if line.starts_with(&format!("{name}_bucket{{")) {
+            // A series with labels, or (the webhook's own) without.
+            let is = |suffix: &str| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(suffix))
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            };
+            if is("_bucket") {
                 if let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) {
                     h.buckets.push((le.to_owned(), value));
                 }
-            } else if line.starts_with(&format!("{name}_sum{{")) {
+            } else if is("_sum") {
                 h.sum += value;
-            } else if line.starts_with(&format!("{name}_count{{")) {
+            } else if is("_count") {
                 h.count += value;
             }
         }

@@ -104,14 +104,20 @@ fn deny(request_response: AdmissionResponse, message: String) -> AdmissionRespon
 }
 
 async fn mutate_pods(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    match mutate(&state, &body).await {
+    let started = Instant::now();
+    let response = match mutate(&state, &body).await {
         Ok(json) => json.into_response(),
         Err((code, message)) => {
             state.metrics.request(MUTATE_PODS, "error");
             tracing::warn!(%message, "Could not decide on a pod");
             (code, message).into_response()
         }
-    }
+    };
+    state
+        .metrics
+        .mutate_request
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn mutate(state: &Arc<AppState>, body: &[u8]) -> Reply {

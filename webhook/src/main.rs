@@ -290,9 +290,12 @@ fn server_tls(resolver: Arc<dyn rustls::server::ResolvesServerCert>) -> rustls::
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    // The API server's webhook client (Go's net/http) offers h2 and multiplexes every
-    // concurrent call on one connection; with HTTP/1.1 it opens a connection, and so a
-    // TLS handshake, per call in flight.
+    // The API server's webhook client (Go's net/http) offers h2 for a webhook configured
+    // by URL (--external-url) and multiplexes every concurrent call on one connection;
+    // with HTTP/1.1 it opens a connection, and so a TLS handshake, per call in flight. For
+    // a webhook configured by Service it offers only HTTP/1.1 (so that calls spread over
+    // the replicas, kubernetes#75791): there, keep-alive (hyper's default, with no idle
+    // timeout of ours) is what spares the handshakes.
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     tls
 }

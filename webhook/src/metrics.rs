@@ -26,6 +26,9 @@ pub struct Metrics {
     /// The mutation itself (deciding and building the patch), not the HTTP round trip:
     /// the part that is Capstan's to keep fast.
     pub mutation: Histogram,
+    /// A /mutate-pods request from its body to its encoded answer (parsing the review,
+    /// deciding, encoding): the webhook's share of the API server's HTTP round trip.
+    pub mutate_request: Histogram,
     /// When the certificate being served expires (seconds since the epoch).
     pub serving_cert_expiry: Gauge,
     pub ca_rotations: Counter,
@@ -40,6 +43,10 @@ impl Metrics {
             // 5 µs .. ~5 ms: the pure function is expected in the low microseconds.
             mutation: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 5e-6, 2.0, 11,
+            )),
+            // 10 µs .. ~20 ms.
+            mutate_request: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                1e-5, 2.0, 12,
             )),
             serving_cert_expiry: Gauge::default(),
             ca_rotations: Counter::default(),
@@ -59,6 +66,11 @@ impl Metrics {
             "mutation_duration_seconds",
             "Time the injection decision and patch took, excluding IO",
             metrics.mutation.clone(),
+        );
+        registry.register(
+            "mutate_request_duration_seconds",
+            "Time a /mutate-pods request took in the handler, from its body to its encoded answer",
+            metrics.mutate_request.clone(),
         );
         registry.register(
             "serving_certificate_expiry_timestamp_seconds",
