@@ -533,7 +533,8 @@ async fn the_agent_rides_out_an_engine_restart() -> Result<()> {
 #[tokio::test]
 async fn the_webhook_injects_the_agent_and_refuses_bad_annotations_and_fails_closed() -> Result<()> {
     let client = client().await;
-    let mut webhook = WebhookProcess::start(&client, &[]).await?;
+    // The engine's URL as the pods will be told it (and as the webhook resolves it).
+    let mut webhook = WebhookProcess::start(&client, &["--ca-url", "https://127.0.0.1:8200"]).await?;
     let ns = TestNamespace::new(&client, "e2e-agent-inject").await;
     let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
     let annotated = |name: &str, extra: Value| -> Result<Pod> {
@@ -619,6 +620,53 @@ async fn the_webhook_injects_the_agent_and_refuses_bad_annotations_and_fails_clo
         .and_then(|c| c.iter().find(|c| c.name == "capstan-agent").cloned())
         .context("the agent")?;
     ensure!(agent.restart_policy.is_none() && agent.startup_probe.is_none());
+
+    // Meshed and given the agent: the redirect leaves the engine's address alone, so the
+    // agent's later connections (renewals) reach the engine and not the outbound proxy; a
+    // meshed pod without the agent is redirected whole.
+    let redirect_exclusions = |pod: &Pod| -> Option<String> {
+        pod.spec
+            .as_ref()?
+            .init_containers
+            .as_ref()?
+            .iter()
+            .find(|c| c.name == "capstan-init")?
+            .args
+            .as_ref()?
+            .iter()
+            .find_map(|a| a.strip_prefix("--exclude-outbound-cidrs=").map(str::to_owned))
+    };
+    let both = pods
+        .create(
+            &PostParams::default(),
+            &annotated("both", json!({"capstan.dev/inject": "true"}))?,
+        )
+        .await?;
+    ensure!(
+        redirect_exclusions(&both).as_deref() == Some("127.0.0.1/32"),
+        "the engine left out of the redirect: {:?}",
+        both.spec.as_ref().and_then(|s| s.init_containers.as_ref())
+    );
+    let meshed: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "meshed", "annotations": {"capstan.dev/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }))?;
+    let meshed = pods.create(&PostParams::default(), &meshed).await?;
+    ensure!(
+        meshed
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.name == "capstan-init")),
+        "the meshed pod has the redirect"
+    );
+    ensure!(
+        redirect_exclusions(&meshed).is_none(),
+        "{:?}",
+        redirect_exclusions(&meshed)
+    );
 
     // Bad annotations are refused, naming the annotation.
     for (extra, expected) in [

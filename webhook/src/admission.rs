@@ -7,7 +7,7 @@
 //! Ignore elsewhere. Handlers never panic on input: a body that does not parse is
 //! answered with an invalid response.
 
-use crate::{agent, metrics::Metrics};
+use crate::{agent, engine_address::EngineAddress, metrics::Metrics};
 use axum::{
     Json, Router,
     body::Bytes,
@@ -58,6 +58,8 @@ pub struct AppState {
     /// Whether a background re-read of the roots is under way (at most one at a time).
     pub refreshing_roots: AtomicBool,
     pub metrics: Metrics,
+    /// The engine's addresses, left out of the redirect of pods that also get the agent.
+    pub engine: EngineAddress,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -181,9 +183,35 @@ async fn mutate(state: &Arc<AppState>, body: &[u8]) -> Reply {
     } else {
         String::new()
     };
+    // A pod that gets the agent too: its redirect leaves the engine alone, so the agent's
+    // later connections (renewals) reach the engine directly (see engine_address.rs).
+    let mut warnings = Vec::new();
+    let with_engine_excluded = if mesh_wanted && agent_wanted && !injection::is_injected(pod) {
+        match state.engine.cidrs().await {
+            Ok(cidrs) => {
+                let mut config = state.config.clone();
+                config.exclude_outbound_cidrs.extend(cidrs);
+                Some(config)
+            }
+            Err(error) => {
+                tracing::warn!(%namespace, pod = %pod_name, %error, "The engine's address is unknown; the agent's renewals may be redirected");
+                warnings.push(format!(
+                    "capstan-webhook: the engine's address is unknown ({error}); the secrets agent's \
+                     connections after the app starts go through the mesh redirect and may fail"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let started = Instant::now();
     let mesh = if mesh_wanted {
-        injection::inject(pod, &state.config, &roots)
+        injection::inject(
+            pod,
+            with_engine_excluded.as_ref().unwrap_or(&state.config),
+            &roots,
+        )
     } else {
         Ok(Injection::AlreadyInjected)
     };
@@ -237,6 +265,10 @@ async fn mutate(state: &Arc<AppState>, body: &[u8]) -> Reply {
         .metrics
         .mutation
         .observe((deciding + started.elapsed()).as_secs_f64());
+    let mut response = response;
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
     if ops.is_empty() {
         state.metrics.request(MUTATE_PODS, "already_injected");
         return reply(response);

@@ -16,6 +16,7 @@
 mod admission;
 mod agent;
 mod certs;
+mod engine_address;
 mod metrics;
 mod rotation;
 
@@ -264,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
         roots: Default::default(),
         refreshing_roots: Default::default(),
         metrics: metrics.clone(),
+        engine: engine_address::EngineAddress::new(&args.injection().ca_url),
     });
     let tls = server_tls(resolver);
     let listener = TcpListener::bind(args.listen)
