@@ -627,21 +627,8 @@ fn proxy_container(
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
-            run_as_user: Some(PROXY_UID),
             run_as_group: Some(PROXY_UID),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..Default::default()
+            ..restricted_security_context(PROXY_UID)
         }),
         volume_mounts: Some(vec![VolumeMount {
             name: TOKEN_VOLUME.into(),
@@ -649,6 +636,27 @@ fn proxy_container(
             read_only: Some(true),
             ..Default::default()
         }]),
+        ..Default::default()
+    }
+}
+
+/// What an injected container that needs no privilege runs with (the proxy, the secrets
+/// agent): a fixed non-root UID, read-only root, no capabilities, RuntimeDefault seccomp.
+pub fn restricted_security_context(uid: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(uid),
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
         ..Default::default()
     }
 }

@@ -22,9 +22,9 @@
 use capstan_mesh::injection::{Config, LABEL_NAMESPACE_NAME, Refusal};
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-        ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-        SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+        Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+        ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -199,55 +199,12 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Wanted, Vec<Refus
     }
 }
 
-/// The agent's rule for file names (S4): one component, no `..`, not hidden.
-pub fn check_file_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the file name is empty".into());
-    }
-    if name.len() > 200 {
-        return Err("the file name is longer than 200 bytes".into());
-    }
-    if name.contains('/') || name.contains('\\') {
-        return Err("a file name cannot contain '/' or '\\'".into());
-    }
-    if name.contains("..") {
-        return Err("a file name cannot contain '..'".into());
-    }
-    if name.starts_with('.') {
-        return Err("a file name cannot start with '.'".into());
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("a file name may hold only letters, digits, '-', '_' and '.'".into());
-    }
-    Ok(())
-}
+/// The agent's rules for file names (S4) and engine paths, shared with the agent itself.
+pub use capstan_crds::secrets::check_file_name;
 
 /// The agent's rule for engine paths: `<mount>/data/<key>` or `<mount>/creds/<role>`.
 pub fn check_path(path: &str) -> Result<(), String> {
-    let segments: Vec<&str> = path.split('/').collect();
-    for segment in &segments {
-        if segment.is_empty() || *segment == "." || *segment == ".." {
-            return Err(format!("path {path:?} has an empty, '.' or '..' segment"));
-        }
-        if !segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+' | b'='))
-        {
-            return Err(format!(
-                "path {path:?}: segment {segment:?} holds a character other than letters, digits and -_.@+="
-            ));
-        }
-    }
-    match segments.as_slice() {
-        [_, "data", _, ..] | [_, "creds", _] => Ok(()),
-        _ => Err(format!(
-            "path {path:?} is of an unknown kind: neither a KV v2 secret (<mount>/data/<key>) nor a \
-             database credential (<mount>/creds/<role>)"
-        )),
-    }
+    capstan_crds::secrets::agent_path_kind(path).map(|_| ())
 }
 
 /// The agent's template grammar: `{{ field }}` placeholders, nothing else.
@@ -511,22 +468,7 @@ fn agent_container(config: &Config, ca_bundle: &str, wanted: &Wanted, uid: i64) 
             limits: Some([("memory".to_owned(), Quantity("64Mi".into()))].into()),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(uid),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(capstan_mesh::injection::restricted_security_context(uid)),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: SECRETS_VOLUME.into(),
@@ -782,10 +724,11 @@ mod tests {
         };
         assert_eq!(uid(&pod_), Some(4242));
         let mut root_app = pod(asking());
-        root_app.spec.as_mut().unwrap().containers[0].security_context = Some(SecurityContext {
-            run_as_user: Some(0),
-            ..Default::default()
-        });
+        root_app.spec.as_mut().unwrap().containers[0].security_context =
+            Some(k8s_openapi::api::core::v1::SecurityContext {
+                run_as_user: Some(0),
+                ..Default::default()
+            });
         assert_eq!(uid(&injected(&root_app)), Some(DEFAULT_UID));
     }
 

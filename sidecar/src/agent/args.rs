@@ -152,64 +152,16 @@ impl AgentArgs {
     }
 }
 
-/// A file name the agent may create in its folder, and nowhere else (S4): one path
-/// component, no `..`, not absolute, not hidden (the agent's own temporary files start
-/// with a dot), of the characters Kubernetes allows in an annotation name.
-pub fn check_file_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the file name is empty".into());
-    }
-    if name.len() > 200 {
-        return Err("the file name is longer than 200 bytes".into());
-    }
-    if name.contains('/') || name.contains('\\') {
-        return Err(
-            "a file name cannot contain '/' or '\\': files are only written into the secrets folder".into(),
-        );
-    }
-    if name.contains("..") {
-        return Err("a file name cannot contain '..'".into());
-    }
-    if name.starts_with('.') {
-        return Err("a file name cannot start with '.'".into());
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("a file name may hold only letters, digits, '-', '_' and '.'".into());
-    }
-    Ok(())
-}
+pub use capstan_crds::secrets::check_file_name;
 
 /// An engine path the agent knows how to render: `<mount>/data/<key>` (KV v2) or
 /// `<mount>/creds/<role>` (database).
 pub fn parse_path(path: &str) -> Result<Source, String> {
-    let segments: Vec<&str> = path.split('/').collect();
-    for segment in &segments {
-        if segment.is_empty() || *segment == "." || *segment == ".." {
-            return Err(format!("path {path:?} has an empty, '.' or '..' segment"));
-        }
-        if !segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+' | b'='))
-        {
-            return Err(format!(
-                "path {path:?}: segment {segment:?} holds a character other than letters, digits and -_.@+="
-            ));
-        }
-    }
-    match segments.as_slice() {
-        [_, "data", _, ..] => Ok(Source::Kv {
-            path: path.to_owned(),
-        }),
-        [_, "creds", _] => Ok(Source::Database {
-            path: path.to_owned(),
-        }),
-        _ => Err(format!(
-            "path {path:?} is neither a KV v2 secret (<mount>/data/<key>) nor a database credential (<mount>/creds/<role>)"
-        )),
-    }
+    let path = path.to_owned();
+    Ok(match capstan_crds::secrets::agent_path_kind(&path)? {
+        capstan_crds::secrets::AgentPathKind::Kv => Source::Kv { path },
+        capstan_crds::secrets::AgentPathKind::Database => Source::Database { path },
+    })
 }
 
 #[cfg(test)]
