@@ -19,7 +19,39 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use parking_lot::RwLock;
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+/// Follows every object of a kind into `held` (by name): `take` decides on each object as
+/// it is listed or changes; a deleted object, or one a relist no longer has, is dropped.
+async fn follow<K, T, F, Fut>(api: &Api<K>, kind: &str, held: &RwLock<HashMap<String, T>>, take: F)
+where
+    F: Fn(K) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut events = watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut seen = HashSet::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => seen.clear(),
+            Ok(watcher::Event::InitApply(object)) => {
+                seen.insert(object.name_any());
+                take(object).await;
+            }
+            Ok(watcher::Event::InitDone) => held.write().retain(|name, _| seen.contains(name)),
+            Ok(watcher::Event::Apply(object)) => take(object).await,
+            Ok(watcher::Event::Delete(object)) => {
+                held.write().remove(&object.name_any());
+            }
+            Err(error) => tracing::warn!(%error, "Watching {kind}"),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Declared {
@@ -54,27 +86,10 @@ impl Declared {
 
     async fn follow_policies(self: Arc<Self>, client: Client) {
         let api: Api<SecretPolicy> = Api::all(client);
-        let mut events = watcher(api.clone(), watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut seen = Vec::new();
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(watcher::Event::Init) => seen.clear(),
-                Ok(watcher::Event::InitApply(object)) => {
-                    seen.push(object.name_any());
-                    self.take_policy(&api, object).await;
-                }
-                Ok(watcher::Event::InitDone) => {
-                    self.policies.write().retain(|name, _| seen.contains(name));
-                }
-                Ok(watcher::Event::Apply(object)) => self.take_policy(&api, object).await,
-                Ok(watcher::Event::Delete(object)) => {
-                    self.policies.write().remove(&object.name_any());
-                }
-                Err(error) => tracing::warn!(%error, "Watching SecretPolicies"),
-            }
-        }
+        follow(&api, "SecretPolicies", &self.policies, |object| {
+            self.take_policy(&api, object)
+        })
+        .await;
     }
 
     async fn take_policy(&self, api: &Api<SecretPolicy>, object: SecretPolicy) {
@@ -123,25 +138,10 @@ impl Declared {
 
     async fn follow_roles(self: Arc<Self>, client: Client, default_audience: String) {
         let api: Api<AuthRole> = Api::all(client);
-        let mut events = watcher(api.clone(), watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut seen = Vec::new();
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(watcher::Event::Init) => seen.clear(),
-                Ok(watcher::Event::InitApply(object)) => {
-                    seen.push(object.name_any());
-                    self.take_role(&api, object, &default_audience).await;
-                }
-                Ok(watcher::Event::InitDone) => self.roles.write().retain(|name, _| seen.contains(name)),
-                Ok(watcher::Event::Apply(object)) => self.take_role(&api, object, &default_audience).await,
-                Ok(watcher::Event::Delete(object)) => {
-                    self.roles.write().remove(&object.name_any());
-                }
-                Err(error) => tracing::warn!(%error, "Watching AuthRoles"),
-            }
-        }
+        follow(&api, "AuthRoles", &self.roles, |object| {
+            self.take_role(&api, object, &default_audience)
+        })
+        .await;
     }
 
     async fn take_role(&self, api: &Api<AuthRole>, object: AuthRole, default_audience: &str) {
