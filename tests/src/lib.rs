@@ -816,18 +816,34 @@ impl WebhookProcess {
         // calls this process before handing it to the test.
         let probe = TestNamespace::new(client, "e2e-whready").await;
         label_meshed(client, &probe.name).await?;
+        // What the last dry run came back with, for the failure message.
+        let last = std::sync::Mutex::new(String::new());
         eventually(
             Duration::from_secs(30),
             "the API server to call the webhook",
             || async {
-                let pod = dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({})))
-                    .await
-                    .ok()?;
-                is_injected(&pod).then_some(())
+                match dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({}))).await {
+                    Ok(pod) if is_injected(&pod) => Some(()),
+                    Ok(_) => {
+                        *last.lock().unwrap() = "the pod was admitted without the proxy".into();
+                        None
+                    }
+                    Err(error) => {
+                        *last.lock().unwrap() = format!("the create failed: {error}");
+                        None
+                    }
+                }
             },
         )
         .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; last dry run: {}\nthe webhook's log:\n{}\nthe API server's log on webhooks:\n{}",
+                last.lock().unwrap(),
+                process.logs(),
+                apiserver_log_lines("webhook", 20)
+            )
+        })?;
         Ok(process)
     }
 }
@@ -839,6 +855,18 @@ impl Drop for WebhookProcess {
         self.process.kill();
         restore_webhook_service_refs();
     }
+}
+
+/// The last `count` lines of the local cluster's API server log that contain `needle`,
+/// for a failure message (empty when the cluster is not one hack/cluster.sh started).
+pub fn apiserver_log_lines(needle: &str, count: usize) -> String {
+    let Ok(name) = std::env::var("CAPSTAN_CLUSTER_NAME") else {
+        return String::new();
+    };
+    let log = repo_root().join(format!(".cache/kwok/clusters/{name}/logs/kube-apiserver.log"));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
 /// Points the chart's webhook configurations back at the webhook Service, as the chart

@@ -959,7 +959,7 @@ async fn database_credentials_rotate_before_max_ttl_and_are_revoked() -> Result<
         .root_call(
             "POST",
             "database/roles/app",
-            json!({"db_name": "pg", "creation_statements": [CREATE], "default_ttl": 10, "max_ttl": 24}),
+            json!({"db_name": "pg", "creation_statements": [CREATE], "default_ttl": 20, "max_ttl": 40}),
         )
         .await?;
     world
@@ -972,9 +972,14 @@ async fn database_credentials_rotate_before_max_ttl_and_are_revoked() -> Result<
                               path \"sys/leases/revoke\" { capabilities = [\"update\"] }"}),
         )
         .await?;
+    // kwok's pods are ready at once, so a rollout could finish (and the old lease be
+    // revoked) before this test looks at the old credential: minReadySeconds holds the
+    // rollout open for that look. The lease is replaced 12 s (60% of its TTL) before its
+    // max TTL, which leaves the rollout and the revocation time to happen before the old
+    // lease would have ended anyway.
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+        "spec": {"replicas": 1, "minReadySeconds": 3, "selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
                               "spec": {"containers": [{"name": "web", "image": "registry.example/web:1"}]}}},
     }))?;
@@ -1022,9 +1027,9 @@ async fn database_credentials_rotate_before_max_ttl_and_are_revoked() -> Result<
         .contains("database/creds/app/")
     );
 
-    // Replaced before the max TTL (24 s)...
+    // Replaced before the max TTL (40 s)...
     let second = eventually(
-        Duration::from_secs(40),
+        Duration::from_secs(50),
         "a new credential before the max TTL",
         || {
             let secrets = secrets.clone();

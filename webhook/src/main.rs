@@ -335,11 +335,16 @@ async fn serve(
                     tracing::debug!(%peer, %error, "TLS handshake failed");
                     return;
                 }
-                Err(_) => return,
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
             };
             // The protocol was settled by ALPN: no sniffing of the connection preface.
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            metrics.connection(if h2 { "h2" } else { "http/1.1" });
+            let protocol = if h2 { "h2" } else { "http/1.1" };
+            tracing::debug!(%peer, protocol, "Accepted a connection");
+            metrics.connection(protocol);
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder = if h2 {
