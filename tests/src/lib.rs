@@ -817,7 +817,7 @@ impl WebhookProcess {
         let probe = TestNamespace::new(client, "e2e-whready").await;
         label_meshed(client, &probe.name).await?;
         // What the last dry run came back with, for the failure message.
-        let last = std::sync::Mutex::new(String::new());
+        let last = parking_lot::Mutex::new(String::new());
         eventually(
             Duration::from_secs(30),
             "the API server to call the webhook",
@@ -825,11 +825,11 @@ impl WebhookProcess {
                 match dry_run_pod(client, &probe.name, &app_pod("ready", serde_json::json!({}))).await {
                     Ok(pod) if is_injected(&pod) => Some(()),
                     Ok(_) => {
-                        *last.lock().unwrap() = "the pod was admitted without the proxy".into();
+                        *last.lock() = "the pod was admitted without the proxy".into();
                         None
                     }
                     Err(error) => {
-                        *last.lock().unwrap() = format!("the create failed: {error}");
+                        *last.lock() = format!("the create failed: {error}");
                         None
                     }
                 }
@@ -839,7 +839,7 @@ impl WebhookProcess {
         .map_err(|e| {
             anyhow::anyhow!(
                 "{e}; last dry run: {}\nthe webhook's log:\n{}\nthe API server's log on webhooks:\n{}",
-                last.lock().unwrap(),
+                last.lock(),
                 process.logs(),
                 apiserver_log_lines("webhook", 20)
             )
