@@ -72,10 +72,12 @@ async fn main() -> Result<()> {
         haproxy.logs()
     );
 
-    let idle_rss: Vec<u64> = sidecars
-        .iter()
-        .map(|(_, pid)| rss_kib(*pid))
-        .collect::<Result<_>>()?;
+    // The peer's two processes are measured as ours are, at the same rate, so the CPU
+    // and memory figures say where the sidecars stand against a C proxy on this machine.
+    let haproxies = [
+        ("server HAProxy", haproxy.server_pid),
+        ("client HAProxy", web.pid("haproxy").context("web's HAProxy")?),
+    ];
 
     let mut results = serde_json::Map::new();
     for (name, url) in [
@@ -84,19 +86,24 @@ async fn main() -> Result<()> {
         ("haproxy", haproxy_url.as_str()),
     ] {
         eprintln!("measuring {name}");
+        let proxies: &[(&str, u32)] = match name {
+            "capstan" => &sidecars,
+            "haproxy" => &haproxies,
+            _ => &[],
+        };
+        let idle_rss: Vec<u64> = proxies
+            .iter()
+            .map(|(_, pid)| rss_kib(*pid))
+            .collect::<Result<_>>()?;
         let open = load(&web, &app, &format!("{url}/kib"), "0").await?;
-        let cpu_before: Vec<u64> = sidecars
+        let cpu_before: Vec<u64> = proxies
             .iter()
             .map(|(_, pid)| cpu_ticks(*pid))
             .collect::<Result<_>>()?;
-        let sampler =
-            (name == "capstan").then(|| RssSampler::start(sidecars.iter().map(|(_, p)| *p).collect()));
+        let sampler = RssSampler::start(proxies.iter().map(|(_, p)| *p).collect());
         let fixed = load(&web, &app, &format!("{url}/kib"), RATE).await?;
-        let peak = match sampler {
-            Some(s) => s.stop().await,
-            None => vec![],
-        };
-        let cpu_after: Vec<u64> = sidecars
+        let peak = sampler.stop().await;
+        let cpu_after: Vec<u64> = proxies
             .iter()
             .map(|(_, pid)| cpu_ticks(*pid))
             .collect::<Result<_>>()?;
@@ -105,11 +112,11 @@ async fn main() -> Result<()> {
             .await?;
         let bulk: Value = serde_json::from_str(bulk.trim())?;
         let mut entry = json!({"open_loop": open, "fixed_rate": fixed, "bulk": bulk});
-        if name == "capstan" {
+        if !proxies.is_empty() {
             let requests = fixed["requests"].as_f64().unwrap_or(1.0).max(1.0);
             let seconds = fixed["seconds"].as_f64().unwrap_or(1.0);
             let tick = ticks_per_second();
-            let per_sidecar: Vec<Value> = sidecars
+            let per_sidecar: Vec<Value> = proxies
                 .iter()
                 .enumerate()
                 .map(|(i, (label, _))| {
@@ -354,15 +361,18 @@ fn report(r: &Value) -> Result<()> {
         "bulk through the capstan pair: {:.2} GB/s (target ≥ 1)",
         f(&["capstan", "bulk", "bytes_per_second"]) / 1e9
     );
-    for s in r["capstan"]["sidecars"].as_array().into_iter().flatten() {
-        println!(
-            "{}: {:.1} ms CPU per 1,000 requests ({:.3} vCPU at 1,000 rps; target ≤ 0.05), RSS idle {:.1} MiB, under load {:.1} MiB (target < 15)",
-            s["sidecar"].as_str().unwrap_or_default(),
-            s["cpu_ms_per_1000_requests"].as_f64().unwrap_or(f64::NAN),
-            s["vcpu_at_rate"].as_f64().unwrap_or(f64::NAN),
-            s["rss_idle_mib"].as_f64().unwrap_or(f64::NAN),
-            s["rss_peak_under_load_mib"].as_f64().unwrap_or(f64::NAN),
-        );
+    for (path, targets) in [("capstan", "; target ≤ 0.05"), ("haproxy", "")] {
+        for s in r[path]["sidecars"].as_array().into_iter().flatten() {
+            println!(
+                "{}: {:.1} ms CPU per 1,000 requests ({:.3} vCPU at 1,000 rps{targets}), RSS idle {:.1} MiB, under load {:.1} MiB{}",
+                s["sidecar"].as_str().unwrap_or_default(),
+                s["cpu_ms_per_1000_requests"].as_f64().unwrap_or(f64::NAN),
+                s["vcpu_at_rate"].as_f64().unwrap_or(f64::NAN),
+                s["rss_idle_mib"].as_f64().unwrap_or(f64::NAN),
+                s["rss_peak_under_load_mib"].as_f64().unwrap_or(f64::NAN),
+                if targets.is_empty() { "" } else { " (target < 15)" },
+            );
+        }
     }
     let path = repo_root().join("target/bench-mesh.json");
     std::fs::write(&path, serde_json::to_vec_pretty(r)?)?;
@@ -429,6 +439,8 @@ impl RssSampler {
 /// api's, with certificates from a CA of its own and a path rule like the intention's.
 struct Haproxy {
     dir: std::path::PathBuf,
+    /// The server side's process (in api's pod; the client side is web's "haproxy").
+    server_pid: u32,
 }
 
 impl Haproxy {
@@ -503,7 +515,10 @@ impl Haproxy {
             None,
         )?;
         std::thread::sleep(Duration::from_millis(500));
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            server_pid: server_child.id(),
+        })
     }
 }
 
