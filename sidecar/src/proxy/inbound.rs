@@ -6,6 +6,7 @@
 
 use super::{
     Mode, Shared,
+    app_connections::AppConnections,
     metrics::{DecisionLabels, DirectionLabels, HandshakeLabels},
 };
 use bytes::Bytes;
@@ -35,13 +36,17 @@ pub const SOURCE_HEADER: &str = "x-capstan-source";
 type Body = BoxBody<Bytes, hyper::Error>;
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, app_port: u16) {
+    let app = AppConnections::new(app_port);
+    let reaper = tokio::spawn(app.clone().reap_forever());
     super::accept_loop(shared, listener, "inbound", move |shared, tcp, peer| {
-        handle(shared, tcp, peer, app_port)
+        handle(shared, tcp, peer, app.clone())
     })
     .await;
+    reaper.abort();
 }
 
-async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app_port: u16) {
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<AppConnections>) {
+    let app_port = app.port();
     let Some(credentials) = shared.credentials.borrow().clone() else {
         tracing::debug!(%peer, "Refusing a connection: no certificate yet");
         return;
@@ -129,7 +134,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app_port:
     let served = async {
         match mode {
             Mode::Tcp => tunnel_to_app(tls, app_port).await,
-            Mode::Http => serve_http(shared.clone(), tls, source.clone(), source_header, app_port).await,
+            Mode::Http => serve_http(shared.clone(), tls, source.clone(), source_header, app).await,
         }
     };
     tokio::select! {
@@ -210,9 +215,8 @@ struct Connection {
     /// `127.0.0.1:<application port>`, as a URI authority and as a Host header.
     app_authority: Authority,
     app_host: header::HeaderValue,
-    /// This connection's own keep-alive connection to the application, for HTTP/1
-    /// requests (one at a time): no shared pool to look up and lock per request.
-    app: parking_lot::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
+    /// The HTTP/1 connections to the application, shared by all inbound connections.
+    app: Arc<AppConnections>,
     /// `requests_total` of this source, by decision (a handful at most).
     requests: parking_lot::Mutex<Vec<(Decision, Counter)>>,
     request_duration: std::sync::OnceLock<Histogram>,
@@ -261,13 +265,13 @@ async fn serve_http<S>(
     tls: S,
     source: Identity,
     source_header: Option<header::HeaderValue>,
-    app_port: u16,
+    app: Arc<AppConnections>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let address = format!("127.0.0.1:{app_port}");
+    let address = format!("127.0.0.1:{}", app.port());
     // The pool's Host leaves out the default port.
-    let host = if app_port == 80 { "127.0.0.1" } else { &address };
+    let host = if app.port() == 80 { "127.0.0.1" } else { &address };
     let (Ok(app_authority), Ok(app_host)) =
         (address.parse::<Authority>(), header::HeaderValue::from_str(host))
     else {
@@ -279,7 +283,7 @@ async fn serve_http<S>(
         source_header,
         app_authority,
         app_host,
-        app: parking_lot::Mutex::new(None),
+        app,
         requests: parking_lot::Mutex::new(Vec::new()),
         request_duration: std::sync::OnceLock::new(),
     });
@@ -441,6 +445,7 @@ async fn forward(
             .app_client
             .request(request)
             .await
+            .map(|response| response.map(|b| b.boxed()))
             .map_err(|e| e.to_string())
     } else {
         // As the pool sends it: origin-form, with the address as Host if none came.
@@ -453,74 +458,14 @@ async fn forward(
             hyper::Uri::from(path_and_query)
         };
         let request = hyper::Request::from_parts(parts, body.boxed());
-        connection.send_to_app(request).await
+        connection.app.send(request).await
     };
     match sent {
-        Ok(response) => response.map(|b| b.boxed()),
+        Ok(response) => response,
         Err(error) => {
             tracing::warn!(%error, "Forwarding to the application failed");
             status(StatusCode::BAD_GATEWAY)
         }
-    }
-}
-
-impl Connection {
-    /// Sends an HTTP/1 request on this connection's own connection to the application,
-    /// dialled on first use and again when the application closed it. A request that
-    /// was never written because a reused connection had just closed is sent again on
-    /// a new one, as the pool does.
-    async fn send_to_app(&self, request: hyper::Request<Body>) -> Result<Response<Incoming>, String> {
-        let reused = self.app.lock().take().filter(|s| !s.is_closed());
-        let (mut sender, mut request) = match reused {
-            Some(sender) => (sender, request),
-            None => (self.dial_app().await?, request),
-        };
-        let mut retried = false;
-        loop {
-            let ready = sender.ready().await;
-            let result = match ready {
-                Ok(()) => sender.try_send_request(request).await,
-                Err(error) if !retried => {
-                    tracing::debug!(%error, "The application closed a kept-alive connection; dialling again");
-                    retried = true;
-                    sender = self.dial_app().await?;
-                    continue;
-                }
-                Err(error) => return Err(error.to_string()),
-            };
-            match result {
-                Ok(response) => {
-                    *self.app.lock() = Some(sender);
-                    return Ok(response);
-                }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !retried => {
-                        retried = true;
-                        request = unsent;
-                        sender = self.dial_app().await?;
-                    }
-                    _ => return Err(error.into_error().to_string()),
-                },
-            }
-        }
-    }
-
-    async fn dial_app(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
-        let address = (
-            std::net::Ipv4Addr::LOCALHOST,
-            self.app_authority.port_u16().unwrap_or(80),
-        );
-        let tcp = TcpStream::connect(address).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "A connection to the application ended with an error");
-            }
-        });
-        Ok(sender)
     }
 }
 

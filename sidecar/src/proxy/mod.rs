@@ -4,6 +4,7 @@
 //! outbound (upstream and transparent listeners), admin (/ready, app probes).
 
 mod admin;
+mod app_connections;
 pub mod args;
 mod ca_client;
 mod credentials;
