@@ -205,13 +205,12 @@ const HMAC_UNAVAILABLE: &str = "hmac-sha256:unavailable";
 /// `hmac-sha256:<hex>` of `value` under `key`, as the log shows it.
 fn hmac_string(key: &ring::hmac::Key, value: &str) -> String {
     let tag = ring::hmac::sign(key, value.as_bytes());
-    let mut out = String::with_capacity(HMAC_PREFIX.len() + 2 * tag.as_ref().len());
+    let mut hex = [0u8; 64];
+    // Cannot fail: the buffer is exactly twice the SHA-256 tag.
+    let _ = hex::encode_to_slice(tag.as_ref(), &mut hex);
+    let mut out = String::with_capacity(HMAC_PREFIX.len() + hex.len());
     out.push_str(HMAC_PREFIX);
-    for byte in tag.as_ref() {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        out.push(HEX[usize::from(byte >> 4)] as char);
-        out.push(HEX[usize::from(byte & 0xf)] as char);
-    }
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     out
 }
 

@@ -219,12 +219,7 @@ async fn main() -> Result<()> {
         ("Secret (SecretSync, refreshInterval 200ms)", to_secret),
         ("file (agent, 250 ms poll)", to_file),
     ] {
-        latencies.sort();
-        let (p50, p99, max) = (
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-            latencies[latencies.len() - 1],
-        );
+        let (p50, p99, max) = p50_p99_max(&mut latencies);
         println!(
             "{name:<44} {:>9.1} {:>9.1} {:>9.1}  p99 {:.2}x of the target ({})",
             ms(p50),

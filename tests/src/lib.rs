@@ -101,6 +101,16 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// Sorts `latencies` (at least one) and returns their p50, p99 and maximum.
+pub fn p50_p99_max(latencies: &mut [Duration]) -> (Duration, Duration, Duration) {
+    latencies.sort_unstable();
+    (
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        latencies[latencies.len() - 1],
+    )
+}
+
 /// Polls `check` until it returns Some, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
 where

@@ -71,6 +71,16 @@ pub async fn call(
     .await
 }
 
+/// The engine's answer to `auth/token/lookup-self` for `token`: 200 while the token is
+/// usable, 403 once it is not.
+pub async fn lookup_self(engine: &EngineProcess, roots: &str, token: &str) -> Result<u16> {
+    Ok(
+        call(engine, roots, "GET", "auth/token/lookup-self", Some(token), None)
+            .await?
+            .0,
+    )
+}
+
 /// Initializes (3 shares, threshold 2) and unseals; returns (root token, shares).
 pub async fn init_and_unseal(engine: &EngineProcess, roots: &str) -> Result<(String, Vec<String>)> {
     let (code, init) = call(

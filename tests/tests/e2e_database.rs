@@ -8,7 +8,7 @@
 use anyhow::{Context as _, Result, ensure};
 use capstan_tests::{
     postgres::{ADMIN_USER, Postgres, foreign_ca_pem},
-    secrets::{call, fresh_storage, init_and_unseal, roots, unseal},
+    secrets::{call, fresh_storage, init_and_unseal, lookup_self, roots, unseal},
     *,
 };
 use serde_json::{Value, json};
@@ -391,19 +391,7 @@ async fn wall_clock_jumps_never_extend_a_lease_or_a_token() -> Result<()> {
     };
     let usable = |token: String| {
         let w = &w;
-        async move {
-            let (code, _) = call(
-                &w.engine,
-                &w.roots,
-                "GET",
-                "auth/token/lookup-self",
-                Some(&token),
-                None,
-            )
-            .await
-            .ok()?;
-            Some(code == 200)
-        }
+        async move { Some(lookup_self(&w.engine, &w.roots, &token).await.ok()? == 200) }
     };
 
     // A TTL above the maximum is capped, with a warning (V14).

@@ -5,7 +5,7 @@
 use anyhow::{Context as _, Result, ensure};
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use capstan_tests::{
-    secrets::{fresh_storage, init_and_unseal, unseal},
+    secrets::{fresh_storage, init_and_unseal, lookup_self, unseal},
     *,
 };
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -578,19 +578,7 @@ async fn logins_are_bound_to_the_serviceaccount_uid_and_to_their_pod() -> Result
     eventually(
         Duration::from_secs(20),
         "the deleted pod's login to be revoked",
-        || async {
-            let (code, _) = call(
-                &engine,
-                &roots,
-                "GET",
-                "auth/token/lookup-self",
-                Some(&token),
-                None,
-            )
-            .await
-            .ok()?;
-            (code == 403).then_some(())
-        },
+        || async { (lookup_self(&engine, &roots, &token).await.ok()? == 403).then_some(()) },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", engine.logs()))?;

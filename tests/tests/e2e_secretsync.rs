@@ -330,12 +330,7 @@ async fn kv_secret_follows_changes_is_restored_and_cleaned_up() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    latencies.sort();
-    let (p50, p99, max) = (
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies[latencies.len() - 1],
-    );
+    let (p50, p99, max) = p50_p99_max(&mut latencies);
     println!(
         "KV change -> Secret updated (refreshInterval 200ms, {} changes): p50 {p50:?}, p99 {p99:?}, max {max:?}",
         latencies.len()
