@@ -21,6 +21,8 @@ pub struct Postgres {
     pub admin_password: String,
     dir: PathBuf,
     bin: PathBuf,
+    /// TLS for the test's own logins, trusting this server's CA (made once).
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost, PEM (cert, key, CA).
@@ -36,6 +38,21 @@ fn server_certificate() -> Result<(String, String, String)> {
     let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
     let cert = server.signed_by(&key, &issuer)?;
     Ok((cert.pem(), key.serialize_pem(), ca_cert.pem()))
+}
+
+/// A TLS connector for tokio-postgres that trusts the CA `ca_pem`.
+fn client_tls(ca_pem: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// A CA no server here uses (for the refusal tests).
@@ -117,11 +134,13 @@ impl Postgres {
         let hba = data.join("pg_hba.conf");
         let rules = std::fs::read_to_string(&hba)?;
         std::fs::write(&hba, format!("hostnossl all all all reject\n{rules}"))?;
+        let tls = client_tls(&ca)?;
         let server = Self {
             port,
             admin_password,
             dir,
             bin,
+            tls,
         };
         server.run_server()?;
         Ok(server)
@@ -198,21 +217,6 @@ impl Postgres {
         self.dir.join("ca.pem")
     }
 
-    fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = std::fs::read_to_string(self.ca_file())?;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            roots.add(cert?)?;
-        }
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-    }
-
     /// Logs in as `user` and runs `SELECT current_user`: Ok only if the database let
     /// that user in.
     pub async fn login(&self, user: &str, password: &str) -> Result<String> {
@@ -225,7 +229,7 @@ impl Postgres {
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(5))
             .ssl_mode(tokio_postgres::config::SslMode::Require);
-        let (client, connection) = config.connect(self.tls()?).await?;
+        let (client, connection) = config.connect(self.tls.clone()).await?;
         tokio::spawn(connection);
         let row = client.query_one("SELECT current_user::text", &[]).await?;
         Ok(row.get(0))
@@ -241,7 +245,7 @@ impl Postgres {
             .password(&self.admin_password)
             .dbname("postgres")
             .ssl_mode(tokio_postgres::config::SslMode::Require);
-        let (client, connection) = config.connect(self.tls()?).await?;
+        let (client, connection) = config.connect(self.tls.clone()).await?;
         tokio::spawn(connection);
         let row = client
             .query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role])
