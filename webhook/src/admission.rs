@@ -54,12 +54,13 @@ pub struct AppState {
     /// Namespace and name of the ConfigMap the engine publishes the mesh roots in.
     pub roots_namespace: String,
     pub roots_configmap: String,
-    pub roots: Mutex<Option<(Instant, Option<String>)>>,
+    /// The roots last read, and when (only found roots are kept).
+    pub roots: Mutex<Option<(Instant, String)>>,
     /// Whether a background re-read of the roots is under way (at most one at a time).
     pub refreshing_roots: AtomicBool,
     pub metrics: Metrics,
     /// The engine's addresses, left out of the redirect of pods that also get the agent.
-    pub engine: EngineAddress,
+    pub engine: Arc<EngineAddress>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -412,7 +413,7 @@ impl AppState {
                     state.refreshing_roots.store(false, Ordering::Release);
                 });
             }
-            return roots;
+            return Some(roots);
         }
         self.read_roots().await
     }
@@ -427,16 +428,13 @@ impl AppState {
             Err(error) => {
                 tracing::warn!(%error, "Reading the mesh roots");
                 // Keep serving the last roots read rather than refusing pods.
-                if let Some((_, last)) = &*self.roots.lock() {
-                    return last.clone();
-                }
-                None
+                return self.roots.lock().as_ref().map(|(_, last)| last.clone());
             }
         };
         // Only roots are cached: a pod refused for want of roots is retried (by its
         // ReplicaSet) and must succeed as soon as the engine publishes them; roots found
         // gone are forgotten, so the next pod reads again.
-        *self.roots.lock() = roots.clone().map(|roots| (Instant::now(), Some(roots)));
+        *self.roots.lock() = roots.clone().map(|roots| (Instant::now(), roots));
         roots
     }
 }

@@ -5,45 +5,58 @@
 //! outbound proxy, which would dial the engine's Service over mTLS, which the engine does
 //! not serve. So the redirect of such a pod leaves the engine's addresses alone (and
 //! nothing else): the engine URL's host, resolved as the pod will resolve it (the webhook
-//! runs in the cluster and uses its DNS), each address as a /32. Resolved at most every
-//! 30 s, so a burst of pod creations costs one lookup.
+//! runs in the cluster and uses its DNS), each address as a /32. Resolved in the
+//! background every 30 s (`refresh_forever`), so an admission call reads the last answer
+//! and never waits on DNS; only a call before the first answer resolves itself.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
-use tokio::sync::Mutex;
 
-const FRESH_FOR: Duration = Duration::from_secs(30);
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
-/// When the engine was last resolved, and to what (or why not).
-type Resolved = Option<(Instant, Result<Vec<String>, String>)>;
+type Resolved = Result<Vec<String>, String>;
 
 pub struct EngineAddress {
     /// `host:port` of the engine URL.
     authority: Option<String>,
-    cache: Mutex<Resolved>,
+    /// The last answer (the CIDRs, or why there are none).
+    last: parking_lot::Mutex<Option<Resolved>>,
 }
 
 impl EngineAddress {
-    pub fn new(engine_url: &str) -> Self {
-        Self {
+    pub fn new(engine_url: &str) -> Arc<Self> {
+        Arc::new(Self {
             authority: authority(engine_url),
-            cache: Mutex::default(),
-        }
+            last: parking_lot::Mutex::default(),
+        })
     }
 
     /// The CIDRs to exclude from the redirect, or why they could not be found.
-    pub async fn cidrs(&self) -> Result<Vec<String>, String> {
+    pub async fn cidrs(&self) -> Resolved {
+        let last = self.last.lock().clone();
+        match last {
+            Some(resolved) => resolved,
+            None => self.resolve().await,
+        }
+    }
+
+    /// Resolves the engine's name again every REFRESH_EVERY, for the life of the process.
+    pub async fn refresh_forever(self: Arc<Self>) {
+        loop {
+            if let Err(error) = self.resolve().await {
+                tracing::debug!(%error, "The engine's address is unknown");
+            }
+            tokio::time::sleep(REFRESH_EVERY).await;
+        }
+    }
+
+    async fn resolve(&self) -> Resolved {
         let Some(authority) = &self.authority else {
             return Err("the engine URL has no host".into());
         };
-        let mut cache = self.cache.lock().await;
-        if let Some((at, result)) = cache.as_ref()
-            && at.elapsed() < FRESH_FOR
-        {
-            return result.clone();
-        }
         let result =
             match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(authority)).await {
                 Ok(Ok(addresses)) => {
@@ -57,27 +70,16 @@ impl EngineAddress {
                 Ok(Err(error)) => Err(format!("resolving {authority}: {error}")),
                 Err(_) => Err(format!("resolving {authority} timed out")),
             };
-        *cache = Some((Instant::now(), result.clone()));
+        *self.last.lock() = Some(result.clone());
         result
     }
 }
 
 /// `host:port` from `https://host[:port]/...` (443 when the URL names no port).
 fn authority(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next()?;
-    if authority.is_empty() {
-        return None;
-    }
-    let has_port = match authority.strip_prefix('[') {
-        Some(v6) => v6.split_once(']').is_some_and(|(_, rest)| rest.starts_with(':')),
-        None => authority.contains(':'),
-    };
-    Some(if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:443")
-    })
+    let uri: hyper::Uri = url.parse().ok()?;
+    uri.scheme()?;
+    Some(format!("{}:{}", uri.host()?, uri.port_u16().unwrap_or(443)))
 }
 
 /// Each IPv4 address as a /32, sorted and without repeats (the redirect is IPv4 only).

@@ -181,13 +181,9 @@ impl Args {
 
 /// The host of an https URL, without brackets or port.
 fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next()?;
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
+    let uri: hyper::Uri = url.parse().ok()?;
+    uri.scheme()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
     (!host.is_empty()).then(|| host.to_owned())
 }
 
@@ -256,16 +252,19 @@ async fn main() -> anyhow::Result<()> {
         .for_each(|_| futures::future::ready(())),
     );
 
+    let config = args.injection();
+    let engine = engine_address::EngineAddress::new(&config.ca_url);
+    let engine_refresh = tokio::spawn(engine.clone().refresh_forever());
     let state = Arc::new(admission::AppState {
         client: client.clone(),
-        config: args.injection(),
+        config,
         namespaces,
         roots_namespace: args.namespace.clone(),
         roots_configmap: args.roots_configmap.clone(),
         roots: Default::default(),
         refreshing_roots: Default::default(),
         metrics: metrics.clone(),
-        engine: engine_address::EngineAddress::new(&args.injection().ca_url),
+        engine,
     });
     let tls = server_tls(resolver);
     let listener = TcpListener::bind(args.listen)
@@ -283,6 +282,7 @@ async fn main() -> anyhow::Result<()> {
 
     rotation.abort();
     namespace_watch.abort();
+    engine_refresh.abort();
     health.set(false);
     Ok(admin.finish().await?)
 }
