@@ -13,13 +13,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 "$ROOT/hack/cluster.sh" build
-for tool in haproxy iptables; do
-  if ! command -v "$tool" >/dev/null && [ ! -x "/usr/sbin/$tool" ]; then
-    say "installing $tool (Debian package)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "$tool" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$tool" >/dev/null; }
-  fi
-done
+debian_package haproxy
+debian_package iptables
 say "release builds"
 cargo build --release --locked -p capstan-engine -p capstan-tests --bins
 # The sidecar as it ships: its own profile (Cargo.toml, [profile.sidecar]).

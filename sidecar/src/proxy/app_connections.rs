@@ -1,4 +1,4 @@
-//! The inbound side's HTTP/1 connections to the application, shared by every inbound
+//! The inbound side's HTTP/1.1 connections to the application, shared by every inbound
 //! connection: a request takes the connection idled last (or dials one), and gets it
 //! back into the idle stack when the response's body has ended. So the connections to
 //! the application follow the requests in flight, not the inbound connections: each held
@@ -6,7 +6,8 @@
 //! 64 mostly idle keep-alive clients at 1,000 rps multiplied into 2 MiB. Connections idle
 //! for longer than IDLE_TIMEOUT are closed.
 //!
-//! Unlike hyper-util's pool (still used for HTTP/2 streams and CONNECT), this is a stack
+//! HTTP/2 clients' streams come here too, downgraded to HTTP/1.1 (each stream takes a
+//! connection of its own). Unlike hyper-util's pool (still used for CONNECT), this is a stack
 //! of ready senders behind one short lock: no per-request key, checkout or waiter.
 
 use bytes::Bytes;
@@ -14,6 +15,8 @@ use hyper::{
     Response,
     body::{Body as _, Frame, Incoming, SizeHint},
     client::conn::http1::SendRequest,
+    header::HeaderValue,
+    http::uri::Authority,
 };
 use std::{
     pin::Pin,
@@ -32,14 +35,24 @@ const MAX_IDLE: usize = 256;
 
 pub struct AppConnections {
     port: u16,
+    /// `127.0.0.1:<port>` as a URI authority, and as the Host header a request without
+    /// one is given (without the port when it is 80, as hyper-util's pool sends it).
+    authority: Authority,
+    host: HeaderValue,
     /// Idle senders, the most recently used last.
     idle: parking_lot::Mutex<Vec<(SendRequest<Body>, Instant)>>,
 }
 
 impl AppConnections {
     pub fn new(port: u16) -> Arc<Self> {
+        let address = format!("127.0.0.1:{port}");
+        let host = if port == 80 { "127.0.0.1" } else { &address };
         Arc::new(Self {
             port,
+            authority: address
+                .parse()
+                .expect("an IPv4 address and a port are an authority"),
+            host: HeaderValue::from_str(host).expect("an address is a valid header value"),
             idle: parking_lot::Mutex::new(Vec::new()),
         })
     }
@@ -89,6 +102,14 @@ impl AppConnections {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
     }
 
     fn take(&self) -> Option<SendRequest<Body>> {
@@ -257,6 +278,21 @@ mod tests {
         // A response dropped unread does not give its connection back.
         drop(pool.send(get("/dropped")).await.unwrap());
         assert_eq!(pool.idle(), 1);
+    }
+
+    /// HTTP/2 streams arrive concurrently: each in-flight request gets a connection of
+    /// its own, and all come back for reuse.
+    #[tokio::test]
+    async fn concurrent_requests_each_take_a_connection_and_all_return() {
+        let (port, accepted) = app(true).await;
+        let pool = AppConnections::new(port);
+        let paths = ["/1", "/2", "/3", "/4"];
+        let responses = futures::future::join_all(paths.iter().map(|p| pool.send(get(p)))).await;
+        for (response, path) in responses.into_iter().zip(paths) {
+            assert_eq!(read(response.unwrap()).await, path);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(pool.idle(), 4);
     }
 
     #[tokio::test]

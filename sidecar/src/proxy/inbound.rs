@@ -12,12 +12,7 @@ use super::{
 use bytes::Bytes;
 use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy, Request, svid};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
-use hyper::{
-    Response, StatusCode,
-    body::Incoming,
-    header,
-    http::uri::{Authority, PathAndQuery},
-};
+use hyper::{Response, StatusCode, body::Incoming, header, http::uri::PathAndQuery};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use std::{net::SocketAddr, sync::Arc, time::Instant};
@@ -212,10 +207,7 @@ struct Connection {
     shared: Arc<Shared>,
     source: Identity,
     source_header: Option<header::HeaderValue>,
-    /// `127.0.0.1:<application port>`, as a URI authority and as a Host header.
-    app_authority: Authority,
-    app_host: header::HeaderValue,
-    /// The HTTP/1 connections to the application, shared by all inbound connections.
+    /// The connections to the application, shared by all inbound connections.
     app: Arc<AppConnections>,
     /// `requests_total` of this source, by decision (a handful at most).
     requests: parking_lot::Mutex<Vec<(Decision, Counter)>>,
@@ -269,20 +261,10 @@ async fn serve_http<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let address = format!("127.0.0.1:{}", app.port());
-    // The pool's Host leaves out the default port.
-    let host = if app.port() == 80 { "127.0.0.1" } else { &address };
-    let (Ok(app_authority), Ok(app_host)) =
-        (address.parse::<Authority>(), header::HeaderValue::from_str(host))
-    else {
-        return;
-    };
     let connection = Arc::new(Connection {
         shared,
         source,
         source_header,
-        app_authority,
-        app_host,
         app,
         requests: parking_lot::Mutex::new(Vec::new()),
         request_duration: std::sync::OnceLock::new(),
@@ -424,16 +406,16 @@ async fn forward(
     if let Some(source) = &connection.source_header {
         parts.headers.insert(SOURCE_HEADER, source.clone());
     }
-    let pooled = parts.method == hyper::Method::CONNECT || parts.version == hyper::Version::HTTP_2;
+    let pooled = parts.method == hyper::Method::CONNECT;
     // The application is spoken to in HTTP/1.1, whatever the client spoke, and nothing
     // the server side attached to the request (upgrades, say) is passed on.
     parts.version = hyper::Version::HTTP_11;
     parts.extensions = hyper::http::Extensions::new();
     let sent = if pooled {
-        // Concurrent streams (HTTP/2) and CONNECT go through the shared pool.
+        // CONNECT goes through hyper-util's pool, which tunnels it.
         let mut uri = hyper::http::uri::Parts::default();
         uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-        uri.authority = Some(connection.app_authority.clone());
+        uri.authority = Some(connection.app.authority().clone());
         uri.path_and_query = Some(path_and_query);
         let Ok(uri) = hyper::Uri::from_parts(uri) else {
             return status(StatusCode::BAD_REQUEST);
@@ -450,7 +432,7 @@ async fn forward(
     } else {
         // As the pool sends it: origin-form, with the address as Host if none came.
         if !parts.headers.contains_key(header::HOST) {
-            parts.headers.insert(header::HOST, connection.app_host.clone());
+            parts.headers.insert(header::HOST, connection.app.host().clone());
         }
         parts.uri = if path_and_query.as_str() == "/" {
             hyper::Uri::default()
