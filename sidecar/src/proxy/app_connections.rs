@@ -57,47 +57,23 @@ impl AppConnections {
         })
     }
 
-    /// Sends an HTTP/1 request to the application on an idle connection, or a new one.
-    /// A request that was never written because a reused connection had just closed is
-    /// sent again, once, on a new connection (as hyper-util's pool does).
-    pub async fn send(self: &Arc<Self>, request: hyper::Request<Body>) -> Result<Response<Body>, String> {
-        let (mut sender, mut request) = match self.take() {
-            Some(sender) => (sender, request),
-            None => (self.dial().await?, request),
+    /// Sends an HTTP/1 request to the application on an idle connection, or a new one
+    /// (see `http1::send_retrying_once` for a kept connection found closed).
+    pub async fn send(self: &Arc<Self>, request: hyper::Request<Body>) -> anyhow::Result<Response<Body>> {
+        let (sender, fresh) = match self.take() {
+            Some(sender) => (sender, false),
+            None => (self.dial().await?, true),
         };
-        let mut retried = false;
-        loop {
-            let result = match sender.ready().await {
-                Ok(()) => sender.try_send_request(request).await,
-                Err(error) if !retried => {
-                    tracing::debug!(%error, "The application closed a kept-alive connection; dialling again");
-                    retried = true;
-                    sender = self.dial().await?;
-                    continue;
-                }
-                Err(error) => return Err(error.to_string()),
-            };
-            match result {
-                Ok(response) => {
-                    let pool = self.clone();
-                    return Ok(response.map(|body| {
-                        http_body_util::BodyExt::boxed(Returning {
-                            body,
-                            sender: Some(sender),
-                            pool,
-                        })
-                    }));
-                }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !retried => {
-                        retried = true;
-                        request = unsent;
-                        sender = self.dial().await?;
-                    }
-                    _ => return Err(error.into_error().to_string()),
-                },
-            }
-        }
+        let (sender, response) =
+            super::http1::send_retrying_once(sender, fresh, request, || self.dial()).await?;
+        let pool = self.clone();
+        Ok(response.map(|body| {
+            http_body_util::BodyExt::boxed(Returning {
+                body,
+                sender: Some(sender),
+                pool,
+            })
+        }))
     }
 
     pub fn port(&self) -> u16 {
@@ -149,14 +125,11 @@ impl AppConnections {
         }
     }
 
-    async fn dial(&self) -> Result<SendRequest<Body>, String> {
-        let tcp = TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port))
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn dial(&self) -> anyhow::Result<SendRequest<Body>> {
+        let tcp = TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port)).await?;
         let _ = tcp.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "A connection to the application ended with an error");

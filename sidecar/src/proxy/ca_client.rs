@@ -119,7 +119,7 @@ impl CaClient {
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
         }
-        let mut request = request.body(Full::new(Bytes::from(body)))?;
+        let request = request.body(Full::new(Bytes::from(body)))?;
         // One call at a time (there is one caller): the lock is held across it.
         let mut kept = self.kept.lock().await;
         if kept.as_ref().is_none_or(|k| k.roots_pem != roots_pem) {
@@ -130,36 +130,13 @@ impl CaClient {
             });
         }
         let kept = kept.as_mut().expect("set above");
-        let reused = kept.sender.take().filter(|s| !s.is_closed());
-        let mut fresh = reused.is_none();
-        let mut sender = match reused {
-            Some(sender) => sender,
-            None => self.dial(&kept.config).await?,
+        let (sender, fresh) = match kept.sender.take().filter(|s| !s.is_closed()) {
+            Some(sender) => (sender, false),
+            None => (self.dial(&kept.config).await?, true),
         };
-        let response = loop {
-            let sent = match sender.ready().await {
-                Ok(()) => sender.try_send_request(request).await,
-                // The CA closed the kept connection meanwhile: dial again, once.
-                Err(_) if !fresh => {
-                    fresh = true;
-                    sender = self.dial(&kept.config).await?;
-                    continue;
-                }
-                Err(error) => return Err(error.into()),
-            };
-            match sent {
-                Ok(response) => break response,
-                Err(mut error) => match error.take_message() {
-                    // Never written (the connection had just closed): send it on a new one.
-                    Some(unsent) if !fresh => {
-                        fresh = true;
-                        request = unsent;
-                        sender = self.dial(&kept.config).await?;
-                    }
-                    _ => return Err(error.into_error().into()),
-                },
-            }
-        };
+        let config = kept.config.clone();
+        let (sender, response) =
+            super::http1::send_retrying_once(sender, fresh, request, || self.dial(&config)).await?;
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
             .collect()

@@ -428,7 +428,7 @@ async fn forward(
             .request(request)
             .await
             .map(|response| response.map(|b| b.boxed()))
-            .map_err(|e| e.to_string())
+            .map_err(anyhow::Error::from)
     } else {
         // As the pool sends it: origin-form, with the address as Host if none came.
         if !parts.headers.contains_key(header::HOST) {
@@ -445,7 +445,10 @@ async fn forward(
     match sent {
         Ok(response) => response,
         Err(error) => {
-            tracing::warn!(%error, "Forwarding to the application failed");
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "Forwarding to the application failed"
+            );
             status(StatusCode::BAD_GATEWAY)
         }
     }

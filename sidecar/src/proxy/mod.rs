@@ -9,6 +9,7 @@ pub mod args;
 mod ca_client;
 mod credentials;
 mod directory;
+mod http1;
 mod inbound;
 mod intentions;
 mod metrics;
