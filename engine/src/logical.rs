@@ -10,14 +10,7 @@ use crate::{
 use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Serialize, de::DeserializeOwned};
-use std::{
-    any::Any,
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-};
+use std::{any::Any, collections::HashMap, sync::Arc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogicalError {
@@ -59,9 +52,14 @@ pub struct Versioned<T> {
 /// It belongs to one unsealed period (see `Seal`) and is dropped with the keys.
 #[derive(Default)]
 pub struct Decoded {
-    entries: RwLock<HashMap<String, DecodedEntry>>,
+    entries: RwLock<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_path: HashMap<String, DecodedEntry>,
     /// Ciphertext bytes of the entries held (the bound below).
-    bytes: AtomicUsize,
+    bytes: usize,
 }
 
 struct DecodedEntry {
@@ -76,7 +74,7 @@ const DECODED_MAX_BYTES: usize = 32 << 20;
 impl Decoded {
     fn get<T: Send + Sync + 'static>(&self, path: &str, ciphertext: &Arc<[u8]>) -> Option<Arc<T>> {
         let entries = self.entries.read();
-        let entry = entries.get(path)?;
+        let entry = entries.by_path.get(path)?;
         if !Arc::ptr_eq(&entry.ciphertext, ciphertext) {
             return None;
         }
@@ -89,25 +87,25 @@ impl Decoded {
             return;
         }
         let mut entries = self.entries.write();
-        let mut bytes = self.bytes.load(Ordering::Relaxed);
-        if let Some(old) = entries.remove(path) {
-            bytes -= old.ciphertext.len();
+        let Entries { by_path, bytes } = &mut *entries;
+        if let Some(old) = by_path.remove(path) {
+            *bytes -= old.ciphertext.len();
         }
-        while bytes + size > DECODED_MAX_BYTES {
-            let Some(victim) = entries.keys().next().cloned() else {
+        while *bytes + size > DECODED_MAX_BYTES {
+            let Some(victim) = by_path.keys().next().cloned() else {
                 break;
             };
-            if let Some(old) = entries.remove(&victim) {
-                bytes -= old.ciphertext.len();
+            if let Some(old) = by_path.remove(&victim) {
+                *bytes -= old.ciphertext.len();
             }
         }
-        entries.insert(path.to_owned(), DecodedEntry { ciphertext, value });
-        self.bytes.store(bytes + size, Ordering::Relaxed);
+        by_path.insert(path.to_owned(), DecodedEntry { ciphertext, value });
+        *bytes += size;
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.entries.read().len()
+        self.entries.read().by_path.len()
     }
 }
 

@@ -130,7 +130,9 @@ impl Policies {
         Ok(names)
     }
 
-    /// The ACL a token with `names` has. Unknown names grant nothing.
+    /// The ACL a token with `names` has. Unknown names grant nothing. The texts are only
+    /// parsed when the ACL of these policy versions is not cached yet, so they are held as
+    /// found, not copied.
     pub async fn acl(&self, names: &[String]) -> Result<Arc<Acl>, PolicyStoreError> {
         if names.iter().any(|n| n == "root") {
             static ROOT: std::sync::LazyLock<Arc<Acl>> = std::sync::LazyLock::new(|| Arc::new(Acl::root()));
@@ -146,7 +148,7 @@ impl Policies {
                 let version =
                     u64::from_be_bytes(digest.as_ref()[..8].try_into().unwrap_or_default()) | 1 << 63;
                 key.push((name.clone(), version));
-                texts.push((name, Some(text)));
+                texts.push((name, Some(Text::Declared(text))));
                 continue;
             }
             let stored = self
@@ -154,8 +156,8 @@ impl Policies {
                 .get_shared::<StoredPolicy>(&Self::path(&name))
                 .await?;
             let (version, text) = match stored {
-                Some(s) => (s.version, Some(s.value.policy.clone())),
-                None if name == "default" => (0, Some(DEFAULT_POLICY.to_owned())),
+                Some(s) => (s.version, Some(Text::Stored(s.value))),
+                None if name == "default" => (0, Some(Text::Default)),
                 None => (0, None),
             };
             key.push((name.clone(), version));
@@ -169,7 +171,7 @@ impl Policies {
             .into_iter()
             .filter_map(|(name, text)| {
                 let text = text?;
-                match Policy::parse(&name, &text) {
+                match Policy::parse(&name, text.as_str()) {
                     Ok(p) => Some(p),
                     Err(error) => {
                         // Stored policies were parsed when written; one that no longer
@@ -187,5 +189,23 @@ impl Policies {
         }
         cache.insert(key, acl.clone());
         Ok(acl)
+    }
+}
+
+/// A policy's text as found for an ACL.
+enum Text {
+    Declared(String),
+    /// Shared with the decoded-value cache.
+    Stored(Arc<StoredPolicy>),
+    Default,
+}
+
+impl Text {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Declared(text) => text,
+            Self::Stored(stored) => &stored.policy,
+            Self::Default => DEFAULT_POLICY,
+        }
     }
 }

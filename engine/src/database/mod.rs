@@ -200,14 +200,16 @@ impl Database {
                 "connection_url must be a postgresql:// URL".into(),
             ));
         }
-        // A bad URL or an unreadable sslrootcert is refused now, verified or not.
-        config_for(&connection, &connection.password)?.1.connector()?;
+        // A bad URL or an unreadable sslrootcert is refused now, verified or not
+        // (connect refuses them too, before it dials).
         if verify {
             let client = connect(&connection, &connection.password).await?;
             client
                 .simple_query("SELECT 1")
                 .await
                 .map_err(|e| DatabaseError::Backend(e.to_string()))?;
+        } else {
+            config_for(&connection, &connection.password)?.1.connector()?;
         }
         self.logical
             .put(&self.config_path(name), &connection, Precondition::None)
@@ -495,13 +497,7 @@ fn connect_error(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
         return format!("{}: {}", db.severity(), db.message());
     }
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
+    crate::mesh_ca::error_chain(error)
 }
 
 #[cfg(test)]

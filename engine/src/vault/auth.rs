@@ -203,7 +203,7 @@ async fn create(
             (!no_parent).then_some(parent),
         )
         .await?;
-    Ok(Reply::auth(auth_block(&token, &entry)).warn_if_capped(requested_ttl, entry.ttl_left(now()) as i64))
+    Ok(Reply::auth(auth_block(&token, &entry)).warn_if_capped(requested_ttl, entry.ttl as i64))
 }
 
 pub async fn kubernetes(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {

@@ -320,13 +320,14 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
             let crate::lease::LeaseSecret::Database { role, .. } = &lease.secret;
             let default_ttl = engine.database.role(role).await?.map_or(3600, |r| r.ttl());
             let renewed = engine.leases.renew(&id, increment, default_ttl).await?;
+            let left = renewed.expire_time - crate::clock::now();
             let mut reply = Reply::data(Value::Null);
             if let Some(body) = reply.body.as_mut() {
                 body["lease_id"] = json!(renewed.id);
-                body["lease_duration"] = json!((renewed.expire_time - crate::clock::now()).max(0));
+                body["lease_duration"] = json!(left.max(0));
                 body["renewable"] = json!(renewed.renewable);
             }
-            Ok(reply.warn_if_capped(increment, renewed.expire_time - crate::clock::now()))
+            Ok(reply.warn_if_capped(increment, left))
         }
         "revoke" => {
             engine.leases.revoke(&id()?, "revoked").await?;
