@@ -238,10 +238,12 @@ relaunch() {
 }
 
 # Kills kube-apiserver and starts it again with the same command line, as a crash and
-# restart of the control plane would. Components that exit meanwhile (the
-# controller-manager and scheduler give up when they cannot renew their own leases) are
-# started again too. The failure tests (K2, M11) use it; CAPSTAN_APISERVER_DOWNTIME=<s>
-# keeps it down that long first.
+# restart of the control plane would; CAPSTAN_APISERVER_DOWNTIME=<s> keeps it down that
+# long first. The failure tests (K2, M11) use it. The controller-manager, scheduler and
+# kwok are started again once it is back, as kubelet restarts a control plane's static
+# pods: left alone, their informers took from 20 s to over a minute to resume watching
+# (client-go's backoff), and until then new namespaces got no default ServiceAccount, so
+# every pod created in them was refused (stop 9's CI failure).
 cmd_restart_apiserver() {
   local started=$SECONDS name pid
   [ -f "$CLUSTER_DIR/pids/kube-apiserver.pid" ] || die "no cluster: run $0 up"
@@ -252,12 +254,12 @@ cmd_restart_apiserver() {
     cwds[$name]=$(readlink "/proc/$pid/cwd")
   done
   local -a args=()
-  mapfile -t args <<<"${cmdlines[kube-apiserver]}"
   pid=$(<"$CLUSTER_DIR/pids/kube-apiserver.pid")
   kill -KILL "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
   # An outage of a chosen length (the mesh's "API server down" scenario, M11).
   sleep "${CAPSTAN_APISERVER_DOWNTIME:-0}"
+  mapfile -t args <<<"${cmdlines[kube-apiserver]}"
   relaunch kube-apiserver "${cwds[kube-apiserver]}" "${args[@]}"
   until kubectl_ get --raw /readyz >/dev/null 2>&1; do
     if [ $((SECONDS - started)) -gt 60 ]; then
@@ -267,13 +269,34 @@ cmd_restart_apiserver() {
     sleep 0.2
   done
   for name in kube-controller-manager kube-scheduler kwok-controller; do
-    if ! kill -0 "$(<"$CLUSTER_DIR/pids/$name.pid")" 2>/dev/null; then
-      mapfile -t args <<<"${cmdlines[$name]}"
-      relaunch "$name" "${cwds[$name]}" "${args[@]}"
-      log "restarted $name, which exited while the API server was away"
-    fi
+    pid=$(<"$CLUSTER_DIR/pids/$name.pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    mapfile -t args <<<"${cmdlines[$name]}"
+    relaunch "$name" "${cwds[$name]}" "${args[@]}"
   done
-  log "kube-apiserver restarted in $((SECONDS - started))s"
+  controllers_work "$started"
+  log "kube-apiserver restarted in $((SECONDS - started))s; the controllers work again"
+}
+
+# Returns once kube-controller-manager acts on new objects (a new namespace gets its
+# default ServiceAccount), so a test after a restart never meets a half-recovered
+# cluster: the ServiceAccount admission plugin refuses every pod until that account
+# exists. Fails if the controller-manager exited or has not caught up within 60 s of $1.
+controllers_work() {
+  local started=$1 probe
+  probe=cluster-probe-$RANDOM$RANDOM
+  kubectl_ create namespace "$probe" >/dev/null
+  until kubectl_ get serviceaccount default -n "$probe" >/dev/null 2>&1; do
+    if [ $((SECONDS - started)) -gt 60 ] ||
+       ! kill -0 "$(<"$CLUSTER_DIR/pids/kube-controller-manager.pid")" 2>/dev/null; then
+      kubectl_ delete namespace "$probe" --wait=false >/dev/null 2>&1 || true
+      print_logs
+      die "kube-controller-manager does not work after the restart"
+    fi
+    sleep 0.2
+  done
+  kubectl_ delete namespace "$probe" --wait=false >/dev/null
 }
 
 # Compacts etcd's history up to now, so every watch older than this moment must relist
