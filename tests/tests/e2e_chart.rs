@@ -54,8 +54,21 @@ async fn helm_install_is_accepted_and_crds_are_established_and_kept() -> anyhow:
     );
 
     // A second release with the chart's defaults (two replicas of each Deployment) in a
-    // namespace of its own; the CRDs stay with the first release.
+    // namespace of its own; the CRDs stay with the first release. Its engine mounts a CA
+    // for PostgreSQL from a Secret and writes a file audit sink to a volume of its own.
     let ns = TestNamespace::new(&client, "e2e-helm").await;
+    run(
+        "kubectl",
+        &[
+            "create",
+            "secret",
+            "generic",
+            "postgres-ca",
+            "-n",
+            &ns.name,
+            "--from-literal=ca.crt=not-a-real-ca",
+        ],
+    )?;
     run(
         "helm",
         &[
@@ -66,12 +79,48 @@ async fn helm_install_is_accepted_and_crds_are_established_and_kept() -> anyhow:
             &ns.name,
             "--set",
             "crds.enabled=false",
+            "--set-json",
+            EXTRA_VOLUMES,
+            "--set-json",
+            EXTRA_VOLUME_MOUNTS,
+            "--set-json",
+            r#"engine.audit=["stdout","/var/log/capstan/audit.log"]"#,
             "--wait",
             "--timeout",
             "120s",
         ],
     )?;
     assert_release_objects_exist("second", &ns.name);
+    let engine: Value = serde_json::from_str(&run(
+        "kubectl",
+        &[
+            "get",
+            "deployment",
+            "second-capstan-engine",
+            "-n",
+            &ns.name,
+            "-o",
+            "json",
+        ],
+    )?)?;
+    let spec = &engine["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["volumes"][0]["secret"]["secretName"], "postgres-ca",
+        "{spec}"
+    );
+    assert_eq!(spec["volumes"][1]["name"], "audit", "{spec}");
+    let mounts = &spec["containers"][0]["volumeMounts"];
+    assert_eq!(mounts[0]["mountPath"], "/etc/capstan/postgres-ca", "{mounts}");
+    assert_eq!(mounts[0]["readOnly"], true, "{mounts}");
+    assert_eq!(mounts[1]["mountPath"], "/var/log/capstan", "{mounts}");
+    assert!(
+        spec["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "CAPSTAN_ENGINE_AUDIT" && e["value"] == "stdout,/var/log/capstan/audit.log"),
+        "{spec}"
+    );
     let pods: Value = serde_json::from_str(&run(
         "kubectl",
         &[
@@ -98,6 +147,58 @@ async fn helm_install_is_accepted_and_crds_are_established_and_kept() -> anyhow:
     let (gone, out) = kubectl_stdin(&["get", "clusterrole", "second-capstan-controller"], "");
     assert!(!gone && out.contains("NotFound"), "{out}");
     Ok(())
+}
+
+const EXTRA_VOLUMES: &str = r#"engine.extraVolumes=[{"name":"postgres-ca","secret":{"secretName":"postgres-ca"}},{"name":"audit","emptyDir":{}}]"#;
+const EXTRA_VOLUME_MOUNTS: &str = r#"engine.extraVolumeMounts=[{"name":"postgres-ca","mountPath":"/etc/capstan/postgres-ca","readOnly":true},{"name":"audit","mountPath":"/var/log/capstan"}]"#;
+
+/// The engine's root filesystem is read-only and it does not start with an audit file it
+/// cannot open: the chart refuses such a sink by name instead of rendering a crash loop.
+#[test]
+fn an_audit_file_outside_a_writable_mount_is_refused_by_name() {
+    let chart = chart();
+    for (audit, mounts) in [
+        // No mount at all.
+        (r#"engine.audit=["stdout","/var/log/capstan/audit.log"]"#, None),
+        // Only a read-only mount holds it.
+        (
+            r#"engine.audit=["/etc/capstan/postgres-ca/audit.log"]"#,
+            Some(EXTRA_VOLUME_MOUNTS),
+        ),
+        // A sibling folder whose name starts like the mount's.
+        (
+            r#"engine.audit=["/var/log/capstan-old/audit.log"]"#,
+            Some(EXTRA_VOLUME_MOUNTS),
+        ),
+    ] {
+        let mut args = vec!["template", RELEASE, &chart, "--set-json", audit];
+        if let Some(mounts) = mounts {
+            args.extend(["--set-json", EXTRA_VOLUMES, "--set-json", mounts]);
+        }
+        let error = run("helm", &args).expect_err(audit).to_string();
+        // The refused path is named (the last one of each list here).
+        let path = audit.rsplit('"').nth(1).unwrap();
+        assert!(
+            error.contains(&format!("engine.audit: \"{path}\" is not under a writable mount")),
+            "{audit}: {error}"
+        );
+    }
+    let rendered = run(
+        "helm",
+        &[
+            "template",
+            RELEASE,
+            &chart,
+            "--set-json",
+            r#"engine.audit=["/var/log/capstan/audit.log"]"#,
+            "--set-json",
+            EXTRA_VOLUMES,
+            "--set-json",
+            EXTRA_VOLUME_MOUNTS,
+        ],
+    )
+    .expect("an audit file under a writable mount renders");
+    assert!(rendered.contains("mountPath: /var/log/capstan"), "{rendered}");
 }
 
 /// K7: no rule with a wildcard, no Secret access beyond the named exceptions, nothing
