@@ -27,17 +27,30 @@ pub struct Postgres {
 
 /// A CA and a server certificate for 127.0.0.1 and localhost, PEM (cert, key, CA).
 fn server_certificate() -> Result<(String, String, String)> {
-    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "capstan e2e PostgreSQL CA");
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let (ca_pem, issuer) = new_ca("capstan e2e PostgreSQL CA")?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
     let cert = server.signed_by(&key, &issuer)?;
-    Ok((cert.pem(), key.serialize_pem(), ca_cert.pem()))
+    Ok((cert.pem(), key.serialize_pem(), ca_pem))
+}
+
+fn new_ca(name: &str) -> Result<(String, rcgen::Issuer<'static, rcgen::KeyPair>)> {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    Ok((ca_cert.pem(), rcgen::Issuer::new(ca, ca_key)))
+}
+
+/// A client certificate for `user` (PostgreSQL compares its common name with the user
+/// name) issued by `issuer`, PEM (cert, key).
+fn client_certificate(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, user: &str) -> Result<(String, String)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, user);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
 }
 
 /// A TLS connector for tokio-postgres that trusts the CA `ca_pem`.
@@ -108,10 +121,21 @@ impl Postgres {
             .status();
         let data = dir.join("data");
         let (cert, key, ca) = server_certificate()?;
+        // The CA the server trusts for client certificates (only asked of ADMIN_USER, and
+        // only after `require_client_certificate`), a certificate from it for ADMIN_USER,
+        // and one for ADMIN_USER from a CA the server does not trust.
+        let (client_ca, client_issuer) = new_ca("capstan e2e PostgreSQL client CA")?;
+        let (client_cert, client_key) = client_certificate(&client_issuer, ADMIN_USER)?;
+        let (foreign_cert, foreign_key) = client_certificate(&new_ca("a foreign client CA")?.1, ADMIN_USER)?;
         for (name, pem, mode) in [
             ("server.crt", &cert, 0o644),
             ("server.key", &key, 0o600),
             ("ca.pem", &ca, 0o644),
+            ("client-ca.pem", &client_ca, 0o644),
+            ("client.crt", &client_cert, 0o644),
+            ("client.key", &client_key, 0o600),
+            ("foreign-client.crt", &foreign_cert, 0o644),
+            ("foreign-client.key", &foreign_key, 0o600),
         ] {
             let path = dir.join(name);
             std::fs::write(&path, pem)?;
@@ -155,7 +179,7 @@ impl Postgres {
             .arg(self.dir.join("server.log"))
             .args(["-w", "-t", "30", "-o"])
             .arg(format!(
-                "-p {} -h 127.0.0.1 -k {dir} -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
+                "-p {} -h 127.0.0.1 -k {dir} -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key -c ssl_ca_file={dir}/client-ca.pem",
                 self.port,
                 dir = self.dir.display()
             ))
@@ -170,6 +194,37 @@ impl Postgres {
             );
         }
         Ok(())
+    }
+
+    /// From now on ADMIN_USER must also present a client certificate from the server's
+    /// client CA whose common name is its name (pg_hba.conf's `clientcert=verify-full`).
+    pub fn require_client_certificate(&self) -> Result<()> {
+        let hba = self.dir.join("data/pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)?;
+        std::fs::write(
+            &hba,
+            format!("hostssl all {ADMIN_USER} all scram-sha-256 clientcert=verify-full\n{rules}"),
+        )?;
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("reload")
+            .stdout(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl reload failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// ADMIN_USER's client certificate and key files: from the CA the server trusts, or
+    /// (`foreign`) from another one.
+    pub fn client_certificate_files(&self, foreign: bool) -> (PathBuf, PathBuf) {
+        let prefix = if foreign { "foreign-client" } else { "client" };
+        (
+            self.dir.join(format!("{prefix}.crt")),
+            self.dir.join(format!("{prefix}.key")),
+        )
     }
 
     /// Stops the server (fast: sessions are ended), keeping its data.

@@ -539,3 +539,66 @@ async fn postgres_connections_are_tls_and_verified() -> Result<()> {
     );
     Ok(())
 }
+
+/// A server that asks the engine's user for a client certificate (pg_hba.conf's
+/// `clientcert=verify-full`): without one, or with one from a CA the server does not
+/// trust, the connection is refused with the reason; a missing key file is refused by
+/// name; with `sslcert` and `sslkey` the engine connects and issues credentials.
+#[tokio::test]
+async fn a_client_certificate_is_presented_when_the_server_asks_for_one() -> Result<()> {
+    let w = world("pgcert").await?;
+    w.pg.require_client_certificate()?;
+    let config = |query: String| {
+        json!({"plugin_name": "postgresql-database-plugin",
+               "connection_url": w.pg.connection_url_with(&query),
+               "username": ADMIN_USER, "password": w.pg.admin_password, "allowed_roles": ["app"]})
+    };
+    let verified = format!("sslmode=verify-full&sslrootcert={}", w.pg.ca_file().display());
+    let with_cert = |(cert, key): (std::path::PathBuf, std::path::PathBuf)| {
+        format!("{verified}&sslcert={}&sslkey={}", cert.display(), key.display())
+    };
+
+    let (code, body) = w
+        .call("POST", "database/config/nocert", Some(config(verified.clone())))
+        .await?;
+    ensure!(
+        code >= 400 && body.to_string().contains("requires a valid client certificate"),
+        "no client certificate: {code} {body}"
+    );
+    let (code, body) = w
+        .call(
+            "POST",
+            "database/config/foreign",
+            Some(config(with_cert(w.pg.client_certificate_files(true)))),
+        )
+        .await?;
+    ensure!(
+        code >= 400 && body.to_string().contains("UnknownCA"),
+        "a client certificate from a foreign CA: {code} {body}"
+    );
+    let (cert, _) = w.pg.client_certificate_files(false);
+    let (code, body) = w
+        .call(
+            "POST",
+            "database/config/nokey",
+            Some(config(with_cert((cert, "/nonexistent/client.key".into())))),
+        )
+        .await?;
+    ensure!(
+        code == 400 && body.to_string().contains("sslkey /nonexistent/client.key"),
+        "a missing key file: {code} {body}"
+    );
+
+    w.ok(
+        "POST",
+        "database/config/pg",
+        config(with_cert(w.pg.client_certificate_files(false))),
+    )
+    .await?;
+    let (_, user, password) = w.creds("app", None).await?;
+    ensure!(
+        w.pg.login(&user, &password).await? == user,
+        "a credential issued over a connection with a client certificate"
+    );
+    Ok(())
+}

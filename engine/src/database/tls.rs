@@ -1,6 +1,7 @@
 //! TLS to PostgreSQL, through rustls (no OpenSSL in the binary), set as libpq and Vault
-//! read it: `sslmode` and `sslrootcert` (a PEM file on the engine, e.g. a mounted Secret)
-//! in the connection URL's query.
+//! read it: `sslmode`, `sslrootcert` and a client certificate (`sslcert`, `sslkey`), PEM
+//! files on the engine (e.g. a mounted Secret), in the connection URL's query. The files
+//! are read at each new connection, so a certificate renewed in place is picked up.
 //!
 //! One difference from libpq, on purpose: a TLS connection is always verified. libpq's
 //! `require` and `prefer` encrypt without checking who answers, which a man in the middle
@@ -16,7 +17,7 @@ use rustls::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     },
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject as _},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
     server::ParsedCertificate,
 };
 use std::{path::PathBuf, sync::Arc};
@@ -36,15 +37,26 @@ pub enum Mode {
 pub struct Settings {
     pub mode: Mode,
     pub root_cert: Option<PathBuf>,
+    /// The client certificate (chain) and its key, for servers that ask for one
+    /// (pg_hba.conf's `cert` method or `clientcert=verify-ca|verify-full`).
+    pub client_cert: Option<ClientCert>,
 }
 
-/// Takes `sslmode` and `sslrootcert` out of the URL's query (tokio-postgres knows neither
-/// `verify-*` nor `sslrootcert`); the rest of the URL is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Takes the TLS settings out of the URL's query (tokio-postgres knows neither
+/// `verify-*` nor the file parameters); the rest of the URL is left as it was.
 pub fn split_url(url: &str) -> Result<(String, Settings), DatabaseError> {
     let mut settings = Settings {
         mode: Mode::Prefer,
         root_cert: None,
+        client_cert: None,
     };
+    let (mut cert, mut key_file) = (None, None);
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_owned(), settings));
     };
@@ -66,19 +78,42 @@ pub fn split_url(url: &str) -> Result<(String, Settings), DatabaseError> {
                     }
                 }
             }
-            "sslrootcert" => settings.root_cert = Some(PathBuf::from(percent_decode(value)?)),
-            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" => {
+            "sslrootcert" => settings.root_cert = Some(path(key, value)?),
+            "sslcert" => cert = Some(path(key, value)?),
+            "sslkey" => key_file = Some(path(key, value)?),
+            "sslpassword" => {
+                return Err(DatabaseError::Invalid(
+                    "connection_url: sslpassword is not supported: give sslkey an unencrypted key file (PKCS#8, SEC1 or PKCS#1 PEM)".into(),
+                ));
+            }
+            "sslcrl" | "sslcrldir" => {
                 return Err(DatabaseError::Invalid(format!(
-                    "connection_url: {key} is not supported (client certificates are not, yet)"
+                    "connection_url: {key} is not supported"
                 )));
             }
             _ => kept.push(pair),
         }
     }
-    if settings.root_cert.is_some() && settings.mode == Mode::Disable {
-        return Err(DatabaseError::Invalid(
-            "connection_url: sslrootcert with sslmode=disable".into(),
-        ));
+    settings.client_cert = match (cert, key_file) {
+        (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+        (None, None) => None,
+        _ => {
+            return Err(DatabaseError::Invalid(
+                "connection_url: sslcert and sslkey go together".into(),
+            ));
+        }
+    };
+    if settings.mode == Mode::Disable {
+        for (set, name) in [
+            (settings.root_cert.is_some(), "sslrootcert"),
+            (settings.client_cert.is_some(), "sslcert"),
+        ] {
+            if set {
+                return Err(DatabaseError::Invalid(format!(
+                    "connection_url: {name} with sslmode=disable"
+                )));
+            }
+        }
     }
     let url = if kept.is_empty() {
         base.to_owned()
@@ -88,25 +123,12 @@ pub fn split_url(url: &str) -> Result<(String, Settings), DatabaseError> {
     Ok((url, settings))
 }
 
-fn percent_decode(value: &str) -> Result<String, DatabaseError> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = value
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| DatabaseError::Invalid("connection_url: bad percent-encoding".into()))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out)
-        .map_err(|_| DatabaseError::Invalid("connection_url: sslrootcert is not UTF-8".into()))
+/// A file parameter's value, percent-decoded as in any URL query.
+fn path(key: &str, value: &str) -> Result<PathBuf, DatabaseError> {
+    percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map(|path| PathBuf::from(path.as_ref()))
+        .map_err(|_| DatabaseError::Invalid(format!("connection_url: {key} is not UTF-8")))
 }
 
 impl Settings {
@@ -128,8 +150,8 @@ impl Settings {
         let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| DatabaseError::Invalid(format!("sslrootcert: {e}")))?;
-        let config = if self.mode == Mode::VerifyFull {
-            builder.with_webpki_verifier(webpki).with_no_client_auth()
+        let builder = if self.mode == Mode::VerifyFull {
+            builder.with_webpki_verifier(webpki)
         } else {
             builder
                 .dangerous()
@@ -138,7 +160,19 @@ impl Settings {
                     provider,
                     webpki,
                 }))
-                .with_no_client_auth()
+        };
+        let config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some(client) => {
+                let (chain, key) = client.load()?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    DatabaseError::Invalid(format!(
+                        "sslcert {} with sslkey {}: {e}",
+                        client.cert.display(),
+                        client.key.display()
+                    ))
+                })?
+            }
         };
         Ok(MakeRustlsConnect::new(config))
     }
@@ -163,6 +197,36 @@ impl Settings {
             }
         }
         Ok(roots)
+    }
+}
+
+impl ClientCert {
+    /// The certificate chain and key from their files. Errors name the file and what is
+    /// wrong with it, never its contents.
+    fn load(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), DatabaseError> {
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| DatabaseError::Invalid(format!("sslcert {}: {e}", self.cert.display())))?;
+        if chain.is_empty() {
+            return Err(DatabaseError::Invalid(format!(
+                "sslcert {}: no certificate in it",
+                self.cert.display()
+            )));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
+            DatabaseError::Invalid(format!("sslkey {}: {}", self.key.display(), key_error(&e)))
+        })?;
+        Ok((chain, key))
+    }
+}
+
+/// What is wrong with a key file, without any of its bytes.
+fn key_error(error: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match error {
+        Error::NoItemsFound => "no unencrypted private key in it (PKCS#8, SEC1 or PKCS#1 PEM)".into(),
+        Error::Io(e) => e.to_string(),
+        _ => "not a PEM private key".into(),
     }
 }
 
@@ -250,11 +314,71 @@ mod tests {
         for url in [
             "postgresql://db/app?sslmode=sometimes",
             "postgresql://db/app?sslcert=/c.pem",
+            "postgresql://db/app?sslkey=/k.pem",
+            "postgresql://db/app?sslcert=/c.pem&sslkey=/k.pem&sslpassword=x",
+            "postgresql://db/app?sslmode=disable&sslcert=/c.pem&sslkey=/k.pem",
+            "postgresql://db/app?sslcrl=/crl.pem",
             "postgresql://db/app?sslmode=disable&sslrootcert=/ca.pem",
-            "postgresql://db/app?sslrootcert=%zz",
+            "postgresql://db/app?sslrootcert=%ff",
         ] {
             assert!(split_url(url).is_err(), "{url}");
         }
+    }
+
+    #[test]
+    fn a_client_certificate_is_taken_from_the_url_and_loaded() {
+        let dir = std::env::temp_dir().join(format!("capstan-client-cert-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["capstan_admin".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("client.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ca.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("client key.pem"), key.serialize_pem()).unwrap();
+        let url = format!(
+            "postgresql://db/app?sslmode=verify-full&sslrootcert={d}/ca.crt&sslcert={d}/client.crt&sslkey={d}/client%20key.pem",
+            d = dir.display()
+        );
+        let (rest, settings) = split_url(&url).unwrap();
+        assert_eq!(rest, "postgresql://db/app");
+        assert_eq!(
+            settings.client_cert,
+            Some(ClientCert {
+                cert: dir.join("client.crt"),
+                key: dir.join("client key.pem"),
+            })
+        );
+        settings.connector().expect("a certificate and its key load");
+
+        // Another certificate's key.
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(dir.join("client key.pem"), other.serialize_pem()).unwrap();
+        let error = settings.connector().err().expect("refused").to_string();
+        assert!(error.contains("with sslkey"), "{error}");
+
+        // A key file that is not a key: the error names the file, never its bytes.
+        let secret = "c2VjcmV0LWtleS1ieXRlcy1uZXZlci1sb2dnZWQ";
+        std::fs::write(
+            dir.join("client key.pem"),
+            format!("-----BEGIN PRIVATE KEY-----\n{secret}!!\n-----END PRIVATE KEY-----\n"),
+        )
+        .unwrap();
+        let error = settings.connector().err().expect("refused").to_string();
+        assert!(
+            error.contains("client key.pem") && !error.contains(secret),
+            "{error}"
+        );
+        // A certificate file with no certificate in it.
+        std::fs::write(dir.join("client.crt"), "nothing\n").unwrap();
+        let error = settings.connector().err().expect("refused").to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            error.starts_with("sslcert") || error.contains(": sslcert"),
+            "{error}"
+        );
+        assert!(error.contains("no certificate"), "{error}");
     }
 
     #[test]
@@ -264,6 +388,7 @@ mod tests {
         let settings = Settings {
             mode: Mode::VerifyCa,
             root_cert: Some(path.clone()),
+            client_cert: None,
         };
         let error = settings.connector().err().expect("refused").to_string();
         std::fs::remove_file(&path).unwrap();
