@@ -13,6 +13,8 @@ use std::{path::Path, time::Duration};
 
 const CONNECTIONS: &str = "64";
 const SECONDS: &str = "10";
+/// Open-loop runs of each path; the throughput ratio is the median of the rounds' ratios.
+const OPEN_LOOP_ROUNDS: usize = 3;
 const RATE: &str = "1000";
 const BULK_BYTES: u64 = 2 << 30;
 const HAPROXY_CLIENT_PORT: u16 = 9191;
@@ -134,6 +136,26 @@ async fn main() -> Result<()> {
             entry["sidecars"] = json!(per_sidecar);
         }
         results.insert(name.to_owned(), entry);
+    }
+    // The direct path's open loop moves by ±10 % from run to run, as much as any change
+    // to a proxy: more rounds, each path in turn, and the ratio taken within each round.
+    let urls = [
+        ("direct", direct_url.as_str()),
+        ("capstan", capstan_url),
+        ("haproxy", haproxy_url.as_str()),
+    ];
+    for (name, _) in urls {
+        let first = results[name]["open_loop"]["rps"].clone();
+        results[name]["open_loop_rounds"] = json!([first]);
+    }
+    for round in 2..=OPEN_LOOP_ROUNDS {
+        eprintln!("open loop, round {round} of {OPEN_LOOP_ROUNDS}");
+        for (name, url) in urls {
+            let open = load(&web, &app, &format!("{url}/kib"), "0").await?;
+            if let Some(rounds) = results[name]["open_loop_rounds"].as_array_mut() {
+                rounds.push(open["rps"].clone());
+            }
+        }
     }
     drop(haproxy);
     report(&Value::Object(results))
@@ -344,12 +366,38 @@ fn report(r: &Value) -> Result<()> {
             f(&[name, "bulk", "bytes_per_second"]) / 1e9
         );
     }
-    let ratio = |n: &str| f(&[n, "open_loop", "rps"]) / f(&["direct", "open_loop", "rps"]);
+    // Each round's ratio, then their median.
+    let rounds = |n: &str| -> Vec<f64> {
+        r[n]["open_loop_rounds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let ratios = |n: &str| -> Vec<f64> {
+        rounds(n)
+            .iter()
+            .zip(rounds("direct"))
+            .map(|(path, direct)| path / direct)
+            .collect()
+    };
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     let added = |n: &str, p: &str| f(&[n, "fixed_rate", p]) - f(&["direct", "fixed_rate", p]);
+    for name in ["direct", "capstan", "haproxy"] {
+        let list: Vec<String> = rounds(name).iter().map(|v| format!("{v:.0}")).collect();
+        println!("open-loop rps by round, {name}: {}", list.join(", "));
+    }
+    let shown = |v: Vec<f64>| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
     println!(
-        "\nthroughput vs direct: capstan {:.2}, haproxy {:.2} (target ≥ 0.40)",
-        ratio("capstan"),
-        ratio("haproxy")
+        "\nthroughput vs direct, median of {OPEN_LOOP_ROUNDS} rounds: capstan {:.2} ({}), haproxy {:.2} ({}) (target ≥ 0.40)",
+        median(ratios("capstan")),
+        shown(ratios("capstan")),
+        median(ratios("haproxy")),
+        shown(ratios("haproxy"))
     );
     println!(
         "added latency at 1,000 rps: capstan p50 +{:.0} µs, p99 +{:.0} µs; haproxy p50 +{:.0} µs, p99 +{:.0} µs (target p99 ≤ +300 µs)",
