@@ -20,7 +20,10 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
     server::ParsedCertificate,
 };
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -123,8 +126,19 @@ pub fn split_url(url: &str) -> Result<(String, Settings), DatabaseError> {
     Ok((url, settings))
 }
 
-/// A file parameter's value, percent-decoded as in any URL query.
+/// A file parameter's value, percent-decoded as in any URL query. A `%` not followed by
+/// two hex digits is refused, as libpq refuses it (the decoder would keep it as text).
 fn path(key: &str, value: &str) -> Result<PathBuf, DatabaseError> {
+    let malformed = value.match_indices('%').any(|(i, _)| {
+        value
+            .get(i + 1..i + 3)
+            .is_none_or(|hex| !hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if malformed {
+        return Err(DatabaseError::Invalid(format!(
+            "connection_url: {key} has a malformed percent-encoding"
+        )));
+    }
     percent_encoding::percent_decode_str(value)
         .decode_utf8()
         .map(|path| PathBuf::from(path.as_ref()))
@@ -181,10 +195,7 @@ impl Settings {
         let mut roots = RootCertStore::empty();
         match &self.root_cert {
             Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| DatabaseError::Invalid(format!("sslrootcert {}: {e}", path.display())))?;
-                let (added, _) = roots.add_parsable_certificates(certs);
+                let (added, _) = roots.add_parsable_certificates(certificates("sslrootcert", path)?);
                 if added == 0 {
                     return Err(DatabaseError::Invalid(format!(
                         "sslrootcert {}: no certificate in it",
@@ -204,9 +215,7 @@ impl ClientCert {
     /// The certificate chain and key from their files. Errors name the file and what is
     /// wrong with it, never its contents.
     fn load(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), DatabaseError> {
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| DatabaseError::Invalid(format!("sslcert {}: {e}", self.cert.display())))?;
+        let chain = certificates("sslcert", &self.cert)?;
         if chain.is_empty() {
             return Err(DatabaseError::Invalid(format!(
                 "sslcert {}: no certificate in it",
@@ -214,19 +223,37 @@ impl ClientCert {
             )));
         }
         let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
-            DatabaseError::Invalid(format!("sslkey {}: {}", self.key.display(), key_error(&e)))
+            DatabaseError::Invalid(format!(
+                "sslkey {}: {}",
+                self.key.display(),
+                pem_error(&e, "not a PEM private key")
+            ))
         })?;
         Ok((chain, key))
     }
 }
 
-/// What is wrong with a key file, without any of its bytes.
-fn key_error(error: &rustls::pki_types::pem::Error) -> String {
+/// The certificates of a PEM file named by the URL's parameter `param`.
+fn certificates(param: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, DatabaseError> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            DatabaseError::Invalid(format!(
+                "{param} {}: {}",
+                path.display(),
+                pem_error(&e, "not a PEM certificate file")
+            ))
+        })
+}
+
+/// What is wrong with a PEM file, without any of its bytes: the parser's own errors quote
+/// the offending line, which in a file pasted onto one line is all of it, key included.
+fn pem_error(error: &rustls::pki_types::pem::Error, otherwise: &str) -> String {
     use rustls::pki_types::pem::Error;
     match error {
         Error::NoItemsFound => "no unencrypted private key in it (PKCS#8, SEC1 or PKCS#1 PEM)".into(),
         Error::Io(e) => e.to_string(),
-        _ => "not a PEM private key".into(),
+        _ => otherwise.into(),
     }
 }
 
@@ -320,6 +347,9 @@ mod tests {
             "postgresql://db/app?sslcrl=/crl.pem",
             "postgresql://db/app?sslmode=disable&sslrootcert=/ca.pem",
             "postgresql://db/app?sslrootcert=%ff",
+            "postgresql://db/app?sslrootcert=%zz",
+            "postgresql://db/app?sslrootcert=/ca%2",
+            "postgresql://db/app?sslrootcert=/ca%",
         ] {
             assert!(split_url(url).is_err(), "{url}");
         }
@@ -358,18 +388,21 @@ mod tests {
         let error = settings.connector().err().expect("refused").to_string();
         assert!(error.contains("with sslkey"), "{error}");
 
-        // A key file that is not a key: the error names the file, never its bytes.
-        let secret = "c2VjcmV0LWtleS1ieXRlcy1uZXZlci1sb2dnZWQ";
-        std::fs::write(
-            dir.join("client key.pem"),
-            format!("-----BEGIN PRIVATE KEY-----\n{secret}!!\n-----END PRIVATE KEY-----\n"),
-        )
-        .unwrap();
+        // A key pasted onto one line, named as the key and as the certificate: the
+        // parser's error quotes the line (as a list of byte values); ours names the file.
+        let one_line = key.serialize_pem().replace('\n', " ");
+        std::fs::write(dir.join("client key.pem"), &one_line).unwrap();
+        let error = settings.connector().err().expect("refused").to_string();
+        assert!(error.contains("client key.pem: not a PEM private key"), "{error}");
+        assert!(!error.contains('['), "the error quotes the file: {error}");
+        std::fs::write(dir.join("client key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("client.crt"), &one_line).unwrap();
         let error = settings.connector().err().expect("refused").to_string();
         assert!(
-            error.contains("client key.pem") && !error.contains(secret),
+            error.contains("client.crt: not a PEM certificate file"),
             "{error}"
         );
+        assert!(!error.contains('['), "the error quotes the file: {error}");
         // A certificate file with no certificate in it.
         std::fs::write(dir.join("client.crt"), "nothing\n").unwrap();
         let error = settings.connector().err().expect("refused").to_string();
