@@ -273,36 +273,45 @@ cmd_restart_apiserver() {
     # kwok is left running when it survived: it holds the simulated nodes' leases, and a
     # new kwok would leave their pods Pending until those leases expired.
     if [ "$name" = kwok-controller ] && kill -0 "$pid" 2>/dev/null; then continue; fi
-    kill -TERM "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    stop_process "$pid"
     mapfile -t args <<<"${cmdlines[$name]}"
     relaunch "$name" "${cwds[$name]}" "${args[@]}"
   done
-  controllers_work "$started"
+  controllers_work
   log "kube-apiserver restarted in $((SECONDS - started))s; the controllers work again"
+}
+
+# Sends TERM to $1 and waits until it is gone, with KILL after 20 s.
+stop_process() {
+  local pid=$1 waited=0
+  kill -TERM "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ $waited -eq 200 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+    sleep 0.1; waited=$((waited + 1))
+  done
 }
 
 # Returns once the controllers act on new objects again: a new namespace gets its default
 # ServiceAccount (kube-controller-manager; the ServiceAccount admission plugin refuses
 # every pod until that account exists), and a pod in it is scheduled and Running
 # (kube-scheduler, kwok). A test after a restart never meets a half-recovered cluster.
-# Fails if that takes more than 60 s from $1.
+# Fails, with the last refusal, if that takes more than 60 s.
 controllers_work() {
-  local started=$1 probe
+  local started=$SECONDS probe refused=""
   probe=cluster-probe-$RANDOM$RANDOM
-  kubectl_ create namespace "$probe" >/dev/null
+  kubectl_ create namespace "$probe" >/dev/null || die "could not create namespace $probe"
   until kubectl_ get serviceaccount default -n "$probe" >/dev/null 2>&1 &&
         { kubectl_ get pod probe -n "$probe" >/dev/null 2>&1 ||
-          kubectl_ run probe -n "$probe" --image=probe --restart=Never >/dev/null 2>&1; } &&
+          refused=$(kubectl_ run probe -n "$probe" --image=probe --restart=Never 2>&1 >/dev/null); } &&
         [ "$(kubectl_ get pod probe -n "$probe" -o jsonpath='{.status.phase}' 2>/dev/null)" = Running ]; do
     if [ $((SECONDS - started)) -gt 60 ]; then
       kubectl_ delete namespace "$probe" --wait=false >/dev/null 2>&1 || true
       print_logs
-      die "the controllers do not work after the restart"
+      die "the controllers do not work after the restart${refused:+ (last refusal: $refused)}"
     fi
     sleep 0.2
   done
-  kubectl_ delete namespace "$probe" --wait=false >/dev/null
+  kubectl_ delete namespace "$probe" --wait=false >/dev/null 2>&1 || true
 }
 
 # Compacts etcd's history up to now, so every watch older than this moment must relist

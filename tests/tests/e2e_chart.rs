@@ -154,51 +154,72 @@ const EXTRA_VOLUME_MOUNTS: &str = r#"engine.extraVolumeMounts=[{"name":"postgres
 
 /// The engine's root filesystem is read-only and it does not start with an audit file it
 /// cannot open: the chart refuses such a sink by name instead of rendering a crash loop.
+/// The mount that holds a path is the deepest one (a read-only mount inside a writable
+/// one holds its files); Secret volumes are read-only even when the mount does not say so.
 #[test]
 fn an_audit_file_outside_a_writable_mount_is_refused_by_name() {
+    const VOLUMES: &str = r#"engine.extraVolumes=[{"name":"logs","emptyDir":{}},{"name":"sealed","emptyDir":{}},{"name":"pg","secret":{"secretName":"pg"}},{"name":"one","emptyDir":{}}]"#;
+    const MOUNTS: &str = r#"engine.extraVolumeMounts=[{"name":"logs","mountPath":"/var/log"},{"name":"sealed","mountPath":"/var/log/capstan","readOnly":true},{"name":"pg","mountPath":"/etc/pg"},{"name":"one","mountPath":"/data/audit.log","subPath":"audit.log"}]"#;
     let chart = chart();
-    for (audit, mounts) in [
-        // No mount at all.
-        (r#"engine.audit=["stdout","/var/log/capstan/audit.log"]"#, None),
-        // Only a read-only mount holds it.
-        (
-            r#"engine.audit=["/etc/capstan/postgres-ca/audit.log"]"#,
-            Some(EXTRA_VOLUME_MOUNTS),
-        ),
-        // A sibling folder whose name starts like the mount's.
-        (
-            r#"engine.audit=["/var/log/capstan-old/audit.log"]"#,
-            Some(EXTRA_VOLUME_MOUNTS),
-        ),
+    for (path, renders) in [
+        ("/var/log/audit.log", true),
+        // A read-only mount inside the writable one.
+        ("/var/log/capstan/audit.log", false),
+        // A Secret volume, mounted without readOnly.
+        ("/etc/pg/audit.log", false),
+        // A file mounted by itself (subPath), and its neighbour.
+        ("/data/audit.log", true),
+        ("/data/other.log", false),
+        // A sibling folder whose name starts like a mount's, and a way out by "..".
+        ("/var/logs/audit.log", false),
+        ("/var/log/../etc/audit.log", false),
+        // No mount at all, and a relative path.
+        ("/srv/audit.log", false),
+        ("audit.log", false),
     ] {
-        let mut args = vec!["template", RELEASE, &chart, "--set-json", audit];
-        if let Some(mounts) = mounts {
-            args.extend(["--set-json", EXTRA_VOLUMES, "--set-json", mounts]);
-        }
-        let error = run("helm", &args).expect_err(audit).to_string();
-        // The refused path is named (the last one of each list here).
-        let path = audit.rsplit('"').nth(1).unwrap();
-        assert!(
-            error.contains(&format!("engine.audit: \"{path}\" is not under a writable mount")),
-            "{audit}: {error}"
+        let audit = format!(r#"engine.audit=["-","{path}"]"#);
+        let rendered = run(
+            "helm",
+            &[
+                "template",
+                RELEASE,
+                &chart,
+                "--set-json",
+                &audit,
+                "--set-json",
+                VOLUMES,
+                "--set-json",
+                MOUNTS,
+            ],
         );
+        match (renders, rendered) {
+            (true, Ok(manifest)) => assert!(manifest.contains(&format!("-,{path}")), "{path}"),
+            (false, Err(error)) => assert!(
+                error
+                    .to_string()
+                    .contains(&format!("engine.audit: \"{path}\" is not under a writable mount")),
+                "{path}: {error}"
+            ),
+            (true, Err(error)) => panic!("{path} should render: {error}"),
+            (false, Ok(_)) => panic!("{path} should be refused"),
+        }
     }
-    let rendered = run(
+    // Without any mount, even the chart's own example path is refused.
+    let error = run(
         "helm",
         &[
             "template",
             RELEASE,
             &chart,
             "--set-json",
-            r#"engine.audit=["/var/log/capstan/audit.log"]"#,
-            "--set-json",
-            EXTRA_VOLUMES,
-            "--set-json",
-            EXTRA_VOLUME_MOUNTS,
+            r#"engine.audit=["stdout","/var/log/capstan/audit.log"]"#,
         ],
     )
-    .expect("an audit file under a writable mount renders");
-    assert!(rendered.contains("mountPath: /var/log/capstan"), "{rendered}");
+    .expect_err("no mount");
+    assert!(
+        error.to_string().contains("is not under a writable mount"),
+        "{error}"
+    );
 }
 
 /// K7: no rule with a wildcard, no Secret access beyond the named exceptions, nothing
