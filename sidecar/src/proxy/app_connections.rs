@@ -128,14 +128,7 @@ impl AppConnections {
     async fn dial(&self) -> anyhow::Result<SendRequest<Body>> {
         let tcp = TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port)).await?;
         let _ = tcp.set_nodelay(true);
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "A connection to the application ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(super::http1::handshake(tcp, "the application").await?)
     }
 
     #[cfg(test)]

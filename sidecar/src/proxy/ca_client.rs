@@ -169,14 +169,7 @@ impl CaClient {
             .connect(name, tcp)
             .await
             .with_context(|| format!("TLS with the mesh CA at {}", self.uri))?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "The connection to the mesh CA ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(super::http1::handshake(stream, "the mesh CA").await?)
     }
 }
 
