@@ -53,6 +53,14 @@ fn client_certificate(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, user: &str) ->
     Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
 }
 
+/// Puts `rule` first in the cluster's pg_hba.conf (the first matching line decides).
+fn prepend_hba_rule(data: &std::path::Path, rule: &str) -> Result<()> {
+    let hba = data.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba)?;
+    std::fs::write(&hba, format!("{rule}\n{rules}"))?;
+    Ok(())
+}
+
 /// A TLS connector for tokio-postgres that trusts the CA `ca_pem`.
 fn client_tls(ca_pem: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
     let mut roots = rustls::RootCertStore::empty();
@@ -70,7 +78,7 @@ fn client_tls(ca_pem: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect> 
 
 /// A CA no server here uses (for the refusal tests).
 pub fn foreign_ca_pem() -> Result<String> {
-    Ok(server_certificate()?.2)
+    Ok(new_ca("a foreign PostgreSQL CA")?.0)
 }
 
 fn bin_dir() -> Result<PathBuf> {
@@ -155,9 +163,7 @@ impl Postgres {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         // TLS only: a plain-text connection is rejected before authentication.
-        let hba = data.join("pg_hba.conf");
-        let rules = std::fs::read_to_string(&hba)?;
-        std::fs::write(&hba, format!("hostnossl all all all reject\n{rules}"))?;
+        prepend_hba_rule(&data, "hostnossl all all all reject")?;
         let tls = client_tls(&ca)?;
         let server = Self {
             port,
@@ -199,22 +205,11 @@ impl Postgres {
     /// From now on ADMIN_USER must also present a client certificate from the server's
     /// client CA whose common name is its name (pg_hba.conf's `clientcert=verify-full`).
     pub fn require_client_certificate(&self) -> Result<()> {
-        let hba = self.dir.join("data/pg_hba.conf");
-        let rules = std::fs::read_to_string(&hba)?;
-        std::fs::write(
-            &hba,
-            format!("hostssl all {ADMIN_USER} all scram-sha-256 clientcert=verify-full\n{rules}"),
+        prepend_hba_rule(
+            &self.dir.join("data"),
+            &format!("hostssl all {ADMIN_USER} all scram-sha-256 clientcert=verify-full"),
         )?;
-        let out = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .arg("reload")
-            .stdout(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            bail!("pg_ctl reload failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        self.pg_ctl(&["reload"])
     }
 
     /// ADMIN_USER's client certificate and key files: from the CA the server trusts, or
@@ -229,14 +224,23 @@ impl Postgres {
 
     /// Stops the server (fast: sessions are ended), keeping its data.
     pub fn stop(&self) -> Result<()> {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"])
+    }
+
+    /// Runs `pg_ctl -D <data> ARGS` as the postgres user.
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
         let out = as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.dir.join("data"))
-            .args(["-w", "-m", "fast", "stop"])
+            .args(args)
             .stdout(Stdio::null())
             .output()?;
         if !out.status.success() {
-            bail!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pg_ctl {} failed: {}",
+                args.last().unwrap_or(&""),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
