@@ -81,12 +81,13 @@ async fn main() -> Result<()> {
         ("client HAProxy", web.pid("haproxy").context("web's HAProxy")?),
     ];
 
-    let mut results = serde_json::Map::new();
-    for (name, url) in [
+    let paths = [
         ("direct", direct_url.as_str()),
         ("capstan", capstan_url),
         ("haproxy", haproxy_url.as_str()),
-    ] {
+    ];
+    let mut results = serde_json::Map::new();
+    for (name, url) in paths {
         eprintln!("measuring {name}");
         let proxies: &[(&str, u32)] = match name {
             "capstan" => &sidecars,
@@ -139,18 +140,13 @@ async fn main() -> Result<()> {
     }
     // The direct path's open loop moves by ±10 % from run to run, as much as any change
     // to a proxy: more rounds, each path in turn, and the ratio taken within each round.
-    let urls = [
-        ("direct", direct_url.as_str()),
-        ("capstan", capstan_url),
-        ("haproxy", haproxy_url.as_str()),
-    ];
-    for (name, _) in urls {
+    for (name, _) in paths {
         let first = results[name]["open_loop"]["rps"].clone();
         results[name]["open_loop_rounds"] = json!([first]);
     }
     for round in 2..=OPEN_LOOP_ROUNDS {
         eprintln!("open loop, round {round} of {OPEN_LOOP_ROUNDS}");
-        for (name, url) in urls {
+        for (name, url) in paths {
             let open = load(&web, &app, &format!("{url}/kib"), "0").await?;
             if let Some(rounds) = results[name]["open_loop_rounds"].as_array_mut() {
                 rounds.push(open["rps"].clone());
