@@ -103,6 +103,21 @@ cluster_answers() {
   [ -f "$KUBECONFIG_OUT" ] && kubectl_ get --raw /readyz >/dev/null 2>&1
 }
 
+# Sends TERM to every pid given and waits until all are gone; what is left after 20 s
+# gets KILL.
+stop_processes() {
+  local pid waited=0
+  for pid in "$@"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "$@"; do
+    while kill -0 "$pid" 2>/dev/null; do
+      if [ $waited -ge 200 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+      sleep 0.1; waited=$((waited + 1))
+    done
+  done
+}
+
 component_pids() {
   local f
   for f in "$CLUSTER_DIR"/pids/*.pid; do
@@ -199,7 +214,7 @@ cmd_status() {
 }
 
 cmd_down() {
-  local pids pid waited=0
+  local pids
   # The recorded pids, and any process still running a binary of this cluster's (one
   # started by hand, or left by an interrupted restart).
   pids="$(component_pids) $(pgrep -f "^$CLUSTER_DIR/bin/" || true)"
@@ -207,17 +222,9 @@ cmd_down() {
     "$KWOK_DIR/kwokctl" delete cluster --name "$CLUSTER_NAME" >"$CACHE/kwokctl-delete.log" 2>&1 ||
       log "kwokctl delete cluster failed (see ${CACHE#"$ROOT"/}/kwokctl-delete.log); stopping the processes directly"
   fi
-  # kwokctl returns before its processes have exited: wait for each by its own pid,
-  # and kill what is still there after 20 s.
-  for pid in $pids; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in $pids; do
-    while kill -0 "$pid" 2>/dev/null; do
-      if [ $waited -ge 200 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
-      sleep 0.1; waited=$((waited + 1))
-    done
-  done
+  # kwokctl returns before its processes have exited: wait for each by its own pid.
+  # shellcheck disable=SC2086 # a list of pids
+  stop_processes $pids
   rm -rf "$CLUSTER_DIR" "$KUBECONFIG_OUT"
   # `down` promises that nothing of the cluster is left running: check it.
   local left
@@ -273,7 +280,7 @@ cmd_restart_apiserver() {
     # kwok is left running when it survived: it holds the simulated nodes' leases, and a
     # new kwok would leave their pods Pending until those leases expired.
     if [ "$name" = kwok-controller ] && kill -0 "$pid" 2>/dev/null; then continue; fi
-    stop_process "$pid"
+    stop_processes "$pid"
     mapfile -t args <<<"${cmdlines[$name]}"
     relaunch "$name" "${cwds[$name]}" "${args[@]}"
   done
@@ -281,15 +288,6 @@ cmd_restart_apiserver() {
   log "kube-apiserver restarted in $((SECONDS - started))s; the controllers work again"
 }
 
-# Sends TERM to $1 and waits until it is gone, with KILL after 20 s.
-stop_process() {
-  local pid=$1 waited=0
-  kill -TERM "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do
-    if [ $waited -eq 200 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
-    sleep 0.1; waited=$((waited + 1))
-  done
-}
 
 # Returns once the controllers act on new objects again: a new namespace gets its default
 # ServiceAccount (kube-controller-manager; the ServiceAccount admission plugin refuses
