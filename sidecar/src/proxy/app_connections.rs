@@ -223,13 +223,18 @@ mod tests {
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
+    /// Sends each path in turn, reading each answer (the path) before the next request.
+    async fn send_one_after_another(pool: &Arc<AppConnections>, paths: &[&str]) {
+        for path in paths {
+            assert_eq!(read(pool.send(get(path)).await.unwrap()).await, *path);
+        }
+    }
+
     #[tokio::test]
     async fn sequential_requests_share_one_connection_and_it_returns_only_when_read() {
         let (port, accepted) = app(true).await;
         let pool = AppConnections::new(port);
-        for path in ["/a", "/b", "/c"] {
-            assert_eq!(read(pool.send(get(path)).await.unwrap()).await, path);
-        }
+        send_one_after_another(&pool, &["/a", "/b", "/c"]).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle(), 1);
 
@@ -265,9 +270,7 @@ mod tests {
     async fn connections_the_application_closes_are_replaced_without_failing_a_request() {
         let (port, accepted) = app(false).await;
         let pool = AppConnections::new(port);
-        for path in ["/a", "/b", "/c"] {
-            assert_eq!(read(pool.send(get(path)).await.unwrap()).await, path);
-        }
+        send_one_after_another(&pool, &["/a", "/b", "/c"]).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
