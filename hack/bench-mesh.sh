@@ -8,6 +8,9 @@
 #   hack/bench-mesh.sh --profile strace      system calls of each sidecar at 1,000 rps
 #   hack/bench-mesh.sh --profile perf        the pair alone: CPU per request and RSS at
 #                                            1,000 rps, then a perf profile (kernel too)
+#   hack/bench-mesh.sh --profile segments    TCP segments per request in each pod
+#                                            (pure ACKs beyond the messages themselves)
+# CAPSTAN_BENCH_PROFILE_RATE=0 profiles the open loop instead of 1,000 rps.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -28,7 +31,7 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; th
 fi
 export CAPSTAN_BIN_PROFILE=release
 if [ "${1:-}" = "--profile" ]; then
-  export CAPSTAN_BENCH_PROFILE=${2:?callgrind, strace or perf}
+  export CAPSTAN_BENCH_PROFILE=${2:?callgrind, strace, perf or segments}
   if [ "$CAPSTAN_BENCH_PROFILE" = callgrind ]; then
     # The harness runs target/$CAPSTAN_BIN_PROFILE/<bin>: the same binaries, the sidecar
     # wrapped in valgrind (its output folder writable by the proxy's UID). Counters are

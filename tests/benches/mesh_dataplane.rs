@@ -60,7 +60,9 @@ async fn main() -> Result<()> {
             (sidecars[0].0, sidecars[0].1, admin(&api)),
             (sidecars[1].0, sidecars[1].1, admin(&web)),
         ];
-        return profile(&kind, &web, &app, &sidecars, &format!("{capstan_url}/kib")).await;
+        let namespaces = [("web", web.netns.as_str()), ("api", api.netns.as_str())];
+        let url = format!("{capstan_url}/kib");
+        return profile(&kind, &web, &app, &sidecars, &namespaces, &url).await;
     }
     let haproxy = Haproxy::start(&mut web, &api, mesh.namespace())?;
     let direct_url = format!("http://{}:{APP_PORT}", api.address);
@@ -164,11 +166,13 @@ async fn main() -> Result<()> {
 /// the connections' handshakes or start-up. `strace`: system calls of each sidecar,
 /// counted over one fixed-rate run of the benchmark's rate. `perf`: the pair's CPU per
 /// request and RSS at that rate, then a perf profile of each sidecar, kernel included.
+/// `segments`: the TCP counters of each pod's network namespace, per request.
 async fn profile(
     kind: &str,
     web: &Pod,
     app: &Path,
     sidecars: &[(&str, u32, std::net::SocketAddr)],
+    namespaces: &[(&str, &str)],
     url: &str,
 ) -> Result<()> {
     let rate = std::env::var("CAPSTAN_BENCH_PROFILE_RATE").unwrap_or_else(|_| "100".to_owned());
@@ -299,7 +303,45 @@ async fn profile(
                 println!("{label} ({}):\n{report}", file.display());
             }
         }
-        other => anyhow::bail!("unknown profile {other:?} (callgrind, strace or perf)"),
+        "segments" => {
+            // TCP segments per request in each pod's network namespace (both ends of a
+            // loopback connection count there): what a request costs the kernel beyond
+            // its messages, pure ACKs above all.
+            let counters = |ns: &str| -> Result<std::collections::HashMap<String, f64>> {
+                let out = run("ip", &["netns", "exec", ns, "nstat", "-asz"])?;
+                Ok(out
+                    .lines()
+                    .filter_map(|l| {
+                        let mut f = l.split_whitespace();
+                        Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
+                    })
+                    .collect())
+            };
+            let before: Vec<_> = namespaces
+                .iter()
+                .map(|(_, ns)| counters(ns))
+                .collect::<Result<_>>()?;
+            let v = load(web, app, url, &rate).await?;
+            let after: Vec<_> = namespaces
+                .iter()
+                .map(|(_, ns)| counters(ns))
+                .collect::<Result<_>>()?;
+            let requests = v["requests"].as_f64().unwrap_or(1.0).max(1.0);
+            println!("{SECONDS} s at {rate} rps: {v}");
+            for (i, (label, _)) in namespaces.iter().enumerate() {
+                let mut lines: Vec<String> = after[i]
+                    .iter()
+                    .filter_map(|(k, a)| {
+                        let d = a - before[i].get(k).copied().unwrap_or(0.0);
+                        (k.starts_with("Tcp") && d / requests >= 0.01)
+                            .then(|| format!("  {k:<28} {:>8.2}", d / requests))
+                    })
+                    .collect();
+                lines.sort();
+                println!("{label} (per request):\n{}", lines.join("\n"));
+            }
+        }
+        other => anyhow::bail!("unknown profile {other:?} (callgrind, strace, perf or segments)"),
     }
     Ok(())
 }
