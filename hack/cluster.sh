@@ -288,7 +288,6 @@ cmd_restart_apiserver() {
   log "kube-apiserver restarted in $((SECONDS - started))s; the controllers work again"
 }
 
-
 # Returns once the controllers act on new objects again: a new namespace gets its default
 # ServiceAccount (kube-controller-manager; the ServiceAccount admission plugin refuses
 # every pod until that account exists), and a pod in it is scheduled and Running

@@ -118,7 +118,7 @@ async fn main() -> Result<()> {
         let bulk: Value = serde_json::from_str(bulk.trim())?;
         let mut entry = json!({"open_loop": open, "fixed_rate": fixed, "bulk": bulk});
         if !proxies.is_empty() {
-            let requests = fixed["requests"].as_f64().unwrap_or(1.0).max(1.0);
+            let requests = requests(&fixed);
             let seconds = fixed["seconds"].as_f64().unwrap_or(1.0);
             let tick = ticks_per_second();
             let per_sidecar: Vec<Value> = proxies
@@ -246,7 +246,7 @@ async fn profile(
             let v = load(web, app, url, &rate).await?;
             let peak = sampler.stop().await;
             let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
-            let requests = v["requests"].as_f64().unwrap_or(1.0).max(1.0);
+            let requests = requests(&v);
             println!("{SECONDS} s at {rate} rps: {v}");
             for (i, (label, ..)) in sidecars.iter().enumerate() {
                 let cpu_ms = (after[i] - before[i]) as f64 / ticks_per_second() * 1000.0;
@@ -326,15 +326,15 @@ async fn profile(
                 .iter()
                 .map(|(_, ns)| counters(ns))
                 .collect::<Result<_>>()?;
-            let requests = v["requests"].as_f64().unwrap_or(1.0).max(1.0);
+            let requests = requests(&v);
             println!("{SECONDS} s at {rate} rps: {v}");
             for (i, (label, _)) in namespaces.iter().enumerate() {
                 let mut lines: Vec<String> = after[i]
                     .iter()
                     .filter_map(|(k, a)| {
-                        let d = a - before[i].get(k).copied().unwrap_or(0.0);
-                        (k.starts_with("Tcp") && d / requests >= 0.01)
-                            .then(|| format!("  {k:<28} {:>8.2}", d / requests))
+                        let per_request = (a - before[i].get(k).copied().unwrap_or(0.0)) / requests;
+                        (k.starts_with("Tcp") && per_request >= 0.01)
+                            .then(|| format!("  {k:<28} {per_request:>8.2}"))
                     })
                     .collect();
                 lines.sort();
@@ -370,6 +370,11 @@ fn new_dumps_total(
         seen.insert(path);
     }
     Ok(total)
+}
+
+/// The requests a load run answered (at least 1, to divide by).
+fn requests(run: &Value) -> f64 {
+    run["requests"].as_f64().unwrap_or(1.0).max(1.0)
 }
 
 async fn load(pod: &Pod, app: &Path, url: &str, rate: &str) -> Result<Value> {
