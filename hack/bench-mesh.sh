@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The mesh data-path benchmark (direct vs a Capstan sidecar pair vs an HAProxy mTLS pair),
+# The mesh data-path benchmark (direct vs a Capstan sidecar pair vs an HAProxy mTLS pair,
+# and a plain-TCP HAProxy pair as the floor of any proxy pair),
 # on release builds, against the cluster KUBECONFIG names or a local one started here.
 # Prints figures and ratios; raw numbers land in target/bench-mesh.json.
 #

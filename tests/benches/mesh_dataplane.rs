@@ -1,8 +1,10 @@
 //! The mesh data path's benchmark (issue 4, part 7), one run on this machine: the same
 //! HTTP workload (1 KiB answers, 64 keep-alive connections) straight to the application,
 //! through a Capstan sidecar pair (mTLS, an L7 intention), and through an HAProxy mTLS
-//! pair with an equivalent path rule (the well-known peer, from Debian). Figures and
-//! ratios are printed, and written to target/bench-mesh.json.
+//! pair with an equivalent path rule (the well-known peer, from Debian), and through a
+//! plain-TCP HAProxy pair (no TLS, no HTTP: the floor of any proxy pair on these two
+//! hops, which says how much of the throughput ratio the path itself takes). Figures
+//! and ratios are printed, and written to target/bench-mesh.json.
 //!
 //! Run with `hack/bench-mesh.sh` (release builds, a cluster, HAProxy installed).
 
@@ -19,6 +21,9 @@ const RATE: &str = "1000";
 const BULK_BYTES: u64 = 2 << 30;
 const HAPROXY_CLIENT_PORT: u16 = 9191;
 const HAPROXY_SERVER_PORT: u16 = 20443;
+/// The plain-TCP pair: the floor any proxy pair has on this path (below).
+const FLOOR_CLIENT_PORT: u16 = 9292;
+const FLOOR_SERVER_PORT: u16 = 20444;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -67,12 +72,21 @@ async fn main() -> Result<()> {
     let haproxy = Haproxy::start(&mut web, &api, mesh.namespace())?;
     let direct_url = format!("http://{}:{APP_PORT}", api.address);
     let haproxy_url = format!("http://127.0.0.1:{HAPROXY_CLIENT_PORT}");
+    let floor_url = format!("http://127.0.0.1:{FLOOR_CLIENT_PORT}");
     let probe = web
         .exec(&app, &["request", "GET", &format!("{haproxy_url}/kib")])
         .await?;
     ensure!(
         probe.contains("\"status\":200"),
         "the HAProxy pair does not answer: {probe}\nlogs: {}",
+        haproxy.logs()
+    );
+    let probe = web
+        .exec(&app, &["request", "GET", &format!("{floor_url}/kib")])
+        .await?;
+    ensure!(
+        probe.contains("\"status\":200"),
+        "the plain-TCP pair does not answer: {probe}\nlogs: {}",
         haproxy.logs()
     );
 
@@ -87,6 +101,7 @@ async fn main() -> Result<()> {
         ("direct", direct_url.as_str()),
         ("capstan", capstan_url),
         ("haproxy", haproxy_url.as_str()),
+        ("tcp-pair", floor_url.as_str()),
     ];
     let mut results = serde_json::Map::new();
     for (name, url) in paths {
@@ -399,7 +414,7 @@ fn report(r: &Value) -> Result<()> {
         "{:<10} {:>14} {:>12} {:>12} {:>14}",
         "path", "open-loop rps", "p50 @1k rps", "p99 @1k rps", "bulk GB/s"
     );
-    for name in ["direct", "capstan", "haproxy"] {
+    for name in ["direct", "capstan", "haproxy", "tcp-pair"] {
         println!(
             "{:<10} {:>14.0} {:>10.0}µs {:>10.0}µs {:>14.2}",
             name,
@@ -430,7 +445,7 @@ fn report(r: &Value) -> Result<()> {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let added = |n: &str, p: &str| f(&[n, "fixed_rate", p]) - f(&["direct", "fixed_rate", p]);
-    for name in ["direct", "capstan", "haproxy"] {
+    for name in ["direct", "capstan", "haproxy", "tcp-pair"] {
         let list: Vec<String> = rounds(name).iter().map(|v| format!("{v:.0}")).collect();
         println!("open-loop rps by round, {name}: {}", list.join(", "));
     }
@@ -441,6 +456,12 @@ fn report(r: &Value) -> Result<()> {
         shown(ratios("capstan")),
         median(ratios("haproxy")),
         shown(ratios("haproxy"))
+    );
+    println!(
+        "the floor, a plain-TCP pair (HAProxy, one thread each, no TLS, no HTTP): {:.2} ({}); capstan's ratio is {:.0} % of it",
+        median(ratios("tcp-pair")),
+        shown(ratios("tcp-pair")),
+        100.0 * median(ratios("capstan")) / median(ratios("tcp-pair"))
     );
     println!(
         "added latency at 1,000 rps: capstan p50 +{:.0} µs, p99 +{:.0} µs; haproxy p50 +{:.0} µs, p99 +{:.0} µs (target p99 ≤ +300 µs)",
@@ -583,57 +604,97 @@ impl Haproxy {
              backend mesh\n  server api {api}:{HAPROXY_SERVER_PORT} ssl crt {d}/client.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3 sni str(api)\n",
             api = api.address
         );
-        std::fs::write(dir.join("server.cfg"), server)?;
-        std::fs::write(dir.join("client.cfg"), client)?;
+        // The floor: the same two hops with nothing on them but the bytes (one thread
+        // each, as each sidecar has). What a pair costs here before TLS and HTTP.
+        let plain = |bind: String, to: String| {
+            format!(
+                "global\n  maxconn 4096\n  nbthread 1\n  log stderr format raw local0 warning\ndefaults\n  mode tcp\n  log global\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend plain\n  bind {bind}\n  default_backend next\nbackend next\n  server next {to}\n"
+            )
+        };
+        let configs = [
+            ("server", server),
+            ("client", client),
+            (
+                "server-tcp",
+                plain(
+                    format!("{}:{FLOOR_SERVER_PORT}", api.address),
+                    format!("127.0.0.1:{APP_PORT}"),
+                ),
+            ),
+            (
+                "client-tcp",
+                plain(
+                    format!("127.0.0.1:{FLOOR_CLIENT_PORT}"),
+                    format!("{}:{FLOOR_SERVER_PORT}", api.address),
+                ),
+            ),
+        ];
+        for (name, config) in configs {
+            std::fs::write(dir.join(format!("{name}.cfg")), config)?;
+        }
         let haproxy = Path::new("/usr/sbin/haproxy");
         ensure!(
             haproxy.exists(),
             "haproxy is missing: run hack/bench-mesh.sh, which installs it"
         );
-        // The server side runs in api's pod: a Pod handle owns its processes, so borrow
-        // web's spawner for the client and start the server with `ip netns exec` here.
-        let server_child = std::process::Command::new("ip")
-            .args(["netns", "exec", &api.netns])
-            .arg(haproxy)
-            .args(["-f", &dir.join("server.cfg").to_string_lossy(), "-db"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("server.log"))?)
-            .spawn()?;
-        std::fs::write(dir.join("server.pid"), server_child.id().to_string())?;
-        web.spawn(
-            "haproxy",
-            haproxy,
-            &["-f", &dir.join("client.cfg").to_string_lossy(), "-db"],
-            &[],
-            None,
-        )?;
+        // The server sides run in api's pod: a Pod handle owns its processes, so borrow
+        // web's spawner for the clients and start the servers with `ip netns exec` here.
+        let mut server_pid = 0;
+        for (server, client) in [("server", "haproxy"), ("server-tcp", "haproxy-tcp")] {
+            let child = std::process::Command::new("ip")
+                .args(["netns", "exec", &api.netns])
+                .arg(haproxy)
+                .args(["-f", &dir.join(format!("{server}.cfg")).to_string_lossy(), "-db"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("{server}.log")))?)
+                .spawn()?;
+            std::fs::write(dir.join(format!("{server}.pid")), child.id().to_string())?;
+            if server == "server" {
+                server_pid = child.id();
+            }
+            let config = format!("{}.cfg", server.replace("server", "client"));
+            web.spawn(
+                client,
+                haproxy,
+                &["-f", &dir.join(config).to_string_lossy(), "-db"],
+                &[],
+                None,
+            )?;
+        }
         std::thread::sleep(Duration::from_millis(500));
-        Ok(Self {
-            dir,
-            server_pid: server_child.id(),
-        })
+        Ok(Self { dir, server_pid })
     }
 }
 
 impl Haproxy {
     fn logs(&self) -> String {
-        let client = std::fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with("-web-haproxy.log"))
-            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-            .and_then(|e| std::fs::read_to_string(e.path()).ok())
-            .unwrap_or_default();
-        let server = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let latest = |suffix: &str| {
+            std::fs::read_dir(std::env::temp_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+                .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+                .and_then(|e| std::fs::read_to_string(e.path()).ok())
+                .unwrap_or_default()
+        };
+        let client = ["-web-haproxy.log", "-web-haproxy-tcp.log"]
+            .map(latest)
+            .join("\n");
+        let server = ["server", "server-tcp"]
+            .map(|s| std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default())
+            .join("\n");
         format!("server:\n{server}\nclient:\n{client}")
     }
 }
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("server.pid")) {
-            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        for server in ["server", "server-tcp"] {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("{server}.pid"))) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
         }
     }
 }
