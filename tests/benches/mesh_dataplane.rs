@@ -73,22 +73,14 @@ async fn main() -> Result<()> {
     let direct_url = format!("http://{}:{APP_PORT}", api.address);
     let haproxy_url = format!("http://127.0.0.1:{HAPROXY_CLIENT_PORT}");
     let floor_url = format!("http://127.0.0.1:{FLOOR_CLIENT_PORT}");
-    let probe = web
-        .exec(&app, &["request", "GET", &format!("{haproxy_url}/kib")])
-        .await?;
-    ensure!(
-        probe.contains("\"status\":200"),
-        "the HAProxy pair does not answer: {probe}\nlogs: {}",
-        haproxy.logs()
-    );
-    let probe = web
-        .exec(&app, &["request", "GET", &format!("{floor_url}/kib")])
-        .await?;
-    ensure!(
-        probe.contains("\"status\":200"),
-        "the plain-TCP pair does not answer: {probe}\nlogs: {}",
-        haproxy.logs()
-    );
+    for (pair, url) in [("HAProxy", &haproxy_url), ("plain-TCP", &floor_url)] {
+        let probe = web.exec(&app, &["request", "GET", &format!("{url}/kib")]).await?;
+        ensure!(
+            probe.contains("\"status\":200"),
+            "the {pair} pair does not answer: {probe}\nlogs: {}",
+            haproxy.logs()
+        );
+    }
 
     // The peer's two processes are measured as ours are, at the same rate, so the CPU
     // and memory figures say where the sidecars stand against a C proxy on this machine.
