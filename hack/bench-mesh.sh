@@ -46,7 +46,7 @@ if [ "${1:-}" = "--profile" ]; then
     rm -f "$ROOT/target/callgrind/capstan-sidecar"
     cat >"$ROOT/target/callgrind/capstan-sidecar" <<WRAP
 #!/bin/sh
-exec valgrind --tool=callgrind --vgdb=no --dump-before='*histogram::Histogram*EncodeMetric*encode' --callgrind-out-file=$CAPSTAN_CALLGRIND_DIR/callgrind.out.%p $CAPSTAN_SIDECAR_BIN "\$@"
+exec valgrind --tool=callgrind --vgdb=no --dump-before='*MetricEncoder::encode_histogram' --callgrind-out-file=$CAPSTAN_CALLGRIND_DIR/callgrind.out.%p $CAPSTAN_SIDECAR_BIN "\$@"
 WRAP
     chmod 755 "$ROOT/target/callgrind/capstan-sidecar"
     export CAPSTAN_SIDECAR_BIN=$ROOT/target/callgrind/capstan-sidecar

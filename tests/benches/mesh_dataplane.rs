@@ -208,7 +208,15 @@ async fn profile(
                 for (i, (_, pid, admin)) in sidecars.iter().enumerate() {
                     http_get(*admin, "/metrics").await?;
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    counts.push(new_dumps_total(dir, *pid, &mut seen[i])?);
+                    let total = new_dumps_total(dir, *pid, &mut seen[i])?;
+                    // No dump at all: the wrapper's --dump-before pattern names no
+                    // function of this build (inlined away, say), and every figure would
+                    // read 0.
+                    ensure!(
+                        total > 0,
+                        "no callgrind dump from {pid} after a /metrics scrape: check the --dump-before pattern in hack/bench-mesh.sh against `nm -C` of the sidecar"
+                    );
+                    counts.push(total);
                 }
                 eprintln!("{seconds} s at {rate} rps: {v}; instructions {counts:?}");
                 runs.push((v["requests"].as_f64().unwrap_or(0.0), counts));
