@@ -85,8 +85,16 @@ async fn main() -> Result<()> {
     // The peer's two processes are measured as ours are, at the same rate, so the CPU
     // and memory figures say where the sidecars stand against a C proxy on this machine.
     let haproxies = [
-        ("server HAProxy", haproxy.server_pid),
+        ("server HAProxy", haproxy.server_pids[0]),
         ("client HAProxy", web.pid("haproxy").context("web's HAProxy")?),
+    ];
+    // And the floor's: what moving the bytes alone costs per request here.
+    let floor = [
+        ("server plain-TCP HAProxy", haproxy.server_pids[1]),
+        (
+            "client plain-TCP HAProxy",
+            web.pid("haproxy-tcp").context("web's plain-TCP HAProxy")?,
+        ),
     ];
 
     let paths = [
@@ -101,6 +109,7 @@ async fn main() -> Result<()> {
         let proxies: &[(&str, u32)] = match name {
             "capstan" => &sidecars,
             "haproxy" => &haproxies,
+            "tcp-pair" => &floor,
             _ => &[],
         };
         let idle_rss: Vec<u64> = proxies
@@ -474,7 +483,7 @@ fn report(r: &Value) -> Result<()> {
         "bulk through the capstan pair: {:.2} GB/s (target ≥ 1)",
         f(&["capstan", "bulk", "bytes_per_second"]) / 1e9
     );
-    for (path, targets) in [("capstan", "; target ≤ 0.05"), ("haproxy", "")] {
+    for (path, targets) in [("capstan", "; target ≤ 0.05"), ("haproxy", ""), ("tcp-pair", "")] {
         for s in r[path]["sidecars"].as_array().into_iter().flatten() {
             println!(
                 "{}: {:.1} ms CPU per 1,000 requests ({:.3} vCPU at 1,000 rps{targets}), RSS idle {:.1} MiB, at 1,000 rps {:.1} MiB{}, peak in the open loop {:.1} MiB",
@@ -554,7 +563,9 @@ impl RssSampler {
 struct Haproxy {
     dir: std::path::PathBuf,
     /// The server side's process (in api's pod; the client side is web's "haproxy").
-    server_pid: u32,
+    /// The server sides' processes (in api's pod; the client sides are web's "haproxy"
+    /// and "haproxy-tcp"): the mTLS pair's, then the plain-TCP pair's.
+    server_pids: [u32; 2],
 }
 
 impl Haproxy {
@@ -640,8 +651,11 @@ impl Haproxy {
         );
         // The server sides run in api's pod: a Pod handle owns its processes, so borrow
         // web's spawner for the clients and start the servers with `ip netns exec` here.
-        let mut server_pid = 0;
-        for (server, client) in [("server", "haproxy"), ("server-tcp", "haproxy-tcp")] {
+        let mut server_pids = [0; 2];
+        for (i, (server, client)) in [("server", "haproxy"), ("server-tcp", "haproxy-tcp")]
+            .into_iter()
+            .enumerate()
+        {
             let child = std::process::Command::new("ip")
                 .args(["netns", "exec", &api.netns])
                 .arg(haproxy)
@@ -649,10 +663,7 @@ impl Haproxy {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(dir.join(format!("{server}.log")))?)
                 .spawn()?;
-            std::fs::write(dir.join(format!("{server}.pid")), child.id().to_string())?;
-            if server == "server" {
-                server_pid = child.id();
-            }
+            server_pids[i] = child.id();
             let config = format!("{}.cfg", server.replace("server", "client"));
             web.spawn(
                 client,
@@ -663,7 +674,7 @@ impl Haproxy {
             )?;
         }
         std::thread::sleep(Duration::from_millis(500));
-        Ok(Self { dir, server_pid })
+        Ok(Self { dir, server_pids })
     }
 }
 
@@ -691,10 +702,8 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        for server in ["server", "server-tcp"] {
-            if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("{server}.pid"))) {
-                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
-            }
+        for pid in self.server_pids {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
         }
     }
 }
