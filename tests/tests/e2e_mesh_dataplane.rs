@@ -191,6 +191,26 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
     .await?;
     let web = &web;
     until_ok(web, "GET", "/public", "GET /public to be allowed").await?;
+    // The application's connections share one mTLS connection between the sidecars
+    // (streams of the mux): ten requests, each on a connection of its own, add no
+    // handshake at the destination.
+    let handshakes = |m: &str| {
+        metric(
+            m,
+            "capstan_sidecar_tls_handshake_duration_seconds_count{direction=\"inbound\"}",
+        )
+    };
+    let before = handshakes(&sidecar_metrics(&api).await?).context("the inbound handshake count")?;
+    for _ in 0..10 {
+        let v = request(web, "GET", 9090, "/public", &[]).await?;
+        ensure!(status_of(&v) == Some(200), "{v}");
+    }
+    let after = handshakes(&sidecar_metrics(&api).await?).context("the inbound handshake count")?;
+    ensure!(
+        after == before,
+        "ten application connections made {} mesh connections",
+        after - before
+    );
     let ns = mesh.namespace().to_owned();
     let admin = request(web, "POST", 9090, "/admin", &[]).await?;
     ensure!(status_of(&admin) == Some(403), "{admin}");

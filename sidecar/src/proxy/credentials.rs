@@ -93,10 +93,14 @@ impl Credentials {
     }
 }
 
-/// The mesh speaks one protocol between sidecars: a byte tunnel inside mTLS.
+/// What sidecars speak to each other inside mTLS, most preferred first: many
+/// application connections as streams of one connection (`mux.rs`), or one
+/// application connection's bytes (the tunnel, for a peer that knows no better).
 fn alpn() -> Vec<Vec<u8>> {
-    vec![b"capstan-mesh/1".to_vec()]
+    vec![MUX.to_vec(), b"capstan-mesh/1".to_vec()]
 }
+
+pub const MUX: &[u8] = b"capstan-mux/1";
 
 pub struct Issuer {
     pub ca: CaClient,

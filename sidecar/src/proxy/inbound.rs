@@ -2,7 +2,9 @@
 //! source service; the intentions for this workload decide. Plain TCP destinations are
 //! decided once per connection; HTTP destinations per request (403 naming the rule).
 //! A connection whose source an intention change no longer allows is closed (DESIGN.md,
-//! decision 2), within the time the change takes to arrive.
+//! decision 2), within the time the change takes to arrive. A connection carrying
+//! streams (`mux.rs`) is decided, and closed, as one: its streams share its source; each
+//! stream is served as a connection of its own would be.
 
 use super::{
     Mode, Shared,
@@ -126,7 +128,23 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
         let _ = shutdown.wait_for(|stop| *stop).await;
         tokio::time::sleep(shared.drain).await;
     };
+    let muxed = tls.get_ref().1.alpn_protocol() == Some(super::credentials::MUX);
     let served = async {
+        if muxed {
+            let (shared, source) = (shared.clone(), source.clone());
+            super::mux::serve(tls, move |stream| {
+                let (shared, source, source_header, app) =
+                    (shared.clone(), source.clone(), source_header.clone(), app.clone());
+                async move {
+                    match mode {
+                        Mode::Tcp => tunnel_to_app(stream, app_port).await,
+                        Mode::Http => serve_http(shared, stream, source, source_header, app).await,
+                    }
+                }
+            })
+            .await;
+            return;
+        }
         match mode {
             Mode::Tcp => tunnel_to_app(tls, app_port).await,
             Mode::Http => serve_http(shared.clone(), tls, source.clone(), source_header, app).await,

@@ -1,7 +1,8 @@
 //! `capstan-sidecar proxy`: the mTLS sidecar. Its parts, each in its own module:
 //! credentials (certificate from the mesh CA, renewal), intentions (watched, compiled),
 //! directory (Services and EndpointSlices), inbound (mTLS listener, authorization),
-//! outbound (upstream and transparent listeners), admin (/ready, app probes).
+//! outbound (upstream and transparent listeners), mux (application connections as
+//! streams of one connection between two sidecars), admin (/ready, app probes).
 
 mod admin;
 mod app_connections;
@@ -13,6 +14,7 @@ mod http1;
 mod inbound;
 mod intentions;
 mod metrics;
+mod mux;
 mod outbound;
 mod tunnel;
 
@@ -52,6 +54,9 @@ enum Mode {
     Http,
 }
 
+type Muxes =
+    std::collections::HashMap<(String, std::net::IpAddr), (Arc<mux::Client>, Arc<credentials::Credentials>)>;
+
 /// What every connection task reads.
 struct Shared {
     me: Identity,
@@ -62,6 +67,9 @@ struct Shared {
     policy: watch::Sender<Arc<Policy>>,
     intentions_synced: watch::Receiver<bool>,
     directory: directory::Directory,
+    /// The outbound side's shared connections to other sidecars, by destination and
+    /// endpoint, with the credentials each was made with.
+    muxes: parking_lot::Mutex<Muxes>,
     metrics: metrics::Metrics,
     app_client: AppClient,
     shutdown: watch::Sender<bool>,
@@ -198,6 +206,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         policy: policy_tx.clone(),
         intentions_synced: synced_rx,
         directory: directory.clone(),
+        muxes: parking_lot::Mutex::new(std::collections::HashMap::new()),
         metrics: metrics.clone(),
         app_client: HttpClient::builder(TokioExecutor::new()).build(http),
         shutdown: shutdown_tx.clone(),

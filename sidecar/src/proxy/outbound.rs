@@ -1,8 +1,10 @@
 //! The outbound side: the application talks plain TCP to a loopback listener (declared
 //! upstreams) or is redirected to the transparent listener; the proxy dials the
 //! destination's sidecar with mTLS and accepts it only if its SVID is the destination's
-//! identity (M9). Ports a Service does not declare are refused (M18); addresses outside
-//! the mesh's directory pass through unchanged.
+//! identity (M9). Application connections to the same endpoint share one such connection
+//! as streams (`mux.rs`) when the peer speaks it, and get a tunnel of their own when not.
+//! Ports a Service does not declare are refused (M18); addresses outside the mesh's
+//! directory pass through unchanged.
 
 use super::{
     Shared,
@@ -85,6 +87,21 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
     endpoints.shuffle(&mut rand::rng());
     let connector = TlsConnector::from(config);
     for ip in endpoints {
+        // A stream of the connection already open to this endpoint, if there is one
+        // (made with the current certificate).
+        let pooled = {
+            let muxes = shared.muxes.lock();
+            muxes
+                .get(&(destination.clone(), ip))
+                .filter(|(client, made_with)| !client.is_closed() && Arc::ptr_eq(made_with, &credentials))
+                .map(|(client, _)| client.clone())
+        };
+        // (None when it is full: a new connection below takes its place in the pool,
+        // and it closes once its streams have ended.)
+        if let Some(mut stream) = pooled.and_then(|client| client.open()) {
+            carry(&shared, destination, &mut app, &mut stream).await;
+            return;
+        }
         let address = SocketAddr::new(ip, shared.peer_inbound_port);
         let started = Instant::now();
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
@@ -104,6 +121,18 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
         )
         .await
         {
+            Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(super::credentials::MUX) => {
+                let client = super::mux::Client::start(tls);
+                let Some(mut stream) = client.open() else { continue };
+                {
+                    let mut muxes = shared.muxes.lock();
+                    // Connections that ended leave the pool here.
+                    muxes.retain(|_, (client, _)| !client.is_closed());
+                    muxes.insert((destination.clone(), ip), (client, credentials.clone()));
+                }
+                carry(&shared, destination, &mut app, &mut stream).await;
+                return;
+            }
             Ok(Ok(mut tls)) => {
                 shared
                     .metrics
@@ -112,18 +141,7 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
                         direction: "outbound",
                     })
                     .observe(started.elapsed().as_secs_f64());
-                count(&shared, destination, "connected");
-                let active = shared
-                    .metrics
-                    .active_connections
-                    .get_or_create(&DirectionLabels {
-                        direction: "outbound",
-                    })
-                    .clone();
-                active.inc();
-                let _guard = shared.track();
-                let _ = super::tunnel(&mut app, &mut tls).await;
-                active.dec();
+                carry(&shared, destination, &mut app, &mut tls).await;
                 return;
             }
             Ok(Err(error)) => {
@@ -151,6 +169,26 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
         }
     }
     count(&shared, destination, "unreachable");
+}
+
+/// Carries the application's connection to the destination's sidecar, on its own
+/// mesh connection or a stream of a shared one, until both sides have closed.
+async fn carry<S>(shared: &Shared, destination: String, app: &mut TcpStream, mesh: &mut S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    count(shared, destination, "connected");
+    let active = shared
+        .metrics
+        .active_connections
+        .get_or_create(&DirectionLabels {
+            direction: "outbound",
+        })
+        .clone();
+    active.inc();
+    let _guard = shared.track();
+    let _ = super::tunnel(app, mesh).await;
+    active.dec();
 }
 
 fn count(shared: &Shared, destination: String, result: &'static str) {
