@@ -480,29 +480,25 @@ mod tests {
     use super::*;
     use tokio::io::duplex;
 
-    /// An echo server over a mux connection, and the client side.
-    fn pair() -> Arc<Client> {
+    /// The client side of an echo server over a mux connection, and the server's task
+    /// (it ends with the connection).
+    fn echo_pair() -> (Arc<Client>, tokio::task::JoinHandle<()>) {
         let (a, b) = duplex(1 << 20);
-        tokio::spawn(serve(b, |mut stream| async move {
+        let server = tokio::spawn(serve(b, |mut stream| async move {
             let mut buf = vec![0; 4096];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
                 }
             }
             let _ = stream.shutdown().await;
         }));
-        Client::start(a)
+        (Client::start(a), server)
     }
 
     #[tokio::test]
     async fn streams_carry_bytes_both_ways_and_pass_on_each_close() {
-        let client = pair();
+        let (client, _) = echo_pair();
         let mut tasks = Vec::new();
         for i in 0..50u32 {
             let mut stream = client.open().unwrap();
@@ -621,17 +617,7 @@ mod tests {
     /// for the streams still on it, and closed once they end.
     #[tokio::test]
     async fn a_retired_connection_closes_with_its_last_stream() {
-        let (a, b) = duplex(1 << 20);
-        let server = tokio::spawn(serve(b, |mut stream| async move {
-            let mut buf = [0u8; 64];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = stream.shutdown().await;
-        }));
-        let client = Client::start(a);
+        let (client, server) = echo_pair();
         let mut stream = client.open().unwrap();
         drop(client);
         stream.write_all(b"still here").await.unwrap();
@@ -648,7 +634,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_beyond_the_limit_are_refused() {
-        let client = pair();
+        let (client, _) = echo_pair();
         let mut open = Vec::new();
         for _ in 0..MAX_STREAMS {
             let mut stream = client.open().unwrap();
