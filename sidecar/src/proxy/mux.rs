@@ -11,7 +11,10 @@
 //! a 1-byte kind and a 3-byte length, then the payload:
 //! - DATA: bytes of the stream, at most MAX_FRAME (the first, empty, opens it);
 //! - FIN: the sender will send no more on the stream (its half-close);
-//! - WINDOW: 4 bytes, how many more bytes the sender of the frame will accept.
+//! - WINDOW: 4 bytes, how many more bytes the sender of the frame will accept;
+//! - RESET: the sender dropped the stream before the end of what it was reading (its
+//!   application went away): the other side's reads and writes fail, as a TCP reset
+//!   would make them, so a writer there stops instead of waiting for credit forever.
 //!
 //! Flow control is per stream: a side sends at most WINDOW bytes its peer has not yet
 //! read, so a stream whose reader stalls holds back its own writer and no other stream,
@@ -43,6 +46,7 @@ const HEADER: usize = 8;
 const DATA: u8 = 0;
 const FIN: u8 = 1;
 const WINDOW_UPDATE: u8 = 2;
+const RESET: u8 = 3;
 
 /// What the two tasks of a connection and its streams share.
 struct Connection {
@@ -262,6 +266,7 @@ impl Connection {
                 }
             }
             FIN => state.read_done = true,
+            RESET => state.broken = true,
             WINDOW_UPDATE => {
                 let increment = payload
                     .get(..4)
@@ -367,7 +372,9 @@ impl AsyncWrite for Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         let mut state = self.state.lock();
-        if !state.fin_sent && !state.broken {
+        if !state.broken && !state.read_done {
+            self.connection.frame(self.id, RESET, &[]);
+        } else if !state.fin_sent && !state.broken {
             state.fin_sent = true;
             self.connection.frame(self.id, FIN, &[]);
         }
@@ -611,6 +618,36 @@ mod tests {
         assert_ne!(seen_rx.recv().await, Some(false));
         let mut rest = Vec::new();
         raw.read_to_end(&mut rest).await.unwrap();
+    }
+
+    /// A stream dropped before its end (the application went away) stops a writer on the
+    /// other side, which would otherwise wait for credit that never comes.
+    #[tokio::test]
+    async fn a_stream_dropped_midway_stops_the_writer_on_the_other_side() {
+        let (a, b) = duplex(1 << 20);
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(serve(b, move |mut stream| {
+            let done_tx = done_tx.clone();
+            async move {
+                let chunk = vec![0u8; MAX_FRAME];
+                let error = loop {
+                    if let Err(error) = stream.write_all(&chunk).await {
+                        break error;
+                    }
+                };
+                let _ = done_tx.send(error.kind());
+            }
+        }));
+        let client = Client::start(a);
+        let stream = client.open().unwrap();
+        // The writer fills the window and waits for credit.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(stream);
+        let kind = tokio::time::timeout(std::time::Duration::from_secs(5), done_rx.recv())
+            .await
+            .expect("the writer stopped")
+            .unwrap();
+        assert_eq!(kind, io::ErrorKind::BrokenPipe);
     }
 
     /// A client handle dropped (replaced after a renewal) leaves its connection open
