@@ -129,25 +129,25 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
         tokio::time::sleep(shared.drain).await;
     };
     let muxed = tls.get_ref().1.alpn_protocol() == Some(super::credentials::MUX);
-    let served = async {
-        if muxed {
-            let (shared, source) = (shared.clone(), source.clone());
-            super::mux::serve(tls, move |stream| {
-                let (shared, source, source_header, app) =
-                    (shared.clone(), source.clone(), source_header.clone(), app.clone());
-                async move {
-                    match mode {
-                        Mode::Tcp => tunnel_to_app(stream, app_port).await,
-                        Mode::Http => serve_http(shared, stream, source, source_header, app).await,
-                    }
-                }
-            })
-            .await;
-            return;
-        }
-        match mode {
-            Mode::Tcp => tunnel_to_app(tls, app_port).await,
-            Mode::Http => serve_http(shared.clone(), tls, source.clone(), source_header, app).await,
+    let served = {
+        let (shared, source) = (shared.clone(), source.clone());
+        async move {
+            if muxed {
+                // Each stream is served as a connection of its own would be.
+                super::mux::serve(tls, move |stream| {
+                    serve_one(
+                        shared.clone(),
+                        stream,
+                        source.clone(),
+                        source_header.clone(),
+                        app.clone(),
+                        mode,
+                    )
+                })
+                .await;
+            } else {
+                serve_one(shared, tls, source, source_header, app, mode).await;
+            }
         }
     };
     tokio::select! {
@@ -163,6 +163,24 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
         () = drained => {}
     }
     active.dec();
+}
+
+/// Serves one connection's (or one stream's) bytes: a tunnel to the application for a
+/// plain-TCP workload, HTTP for an HTTP one.
+async fn serve_one<S>(
+    shared: Arc<Shared>,
+    io: S,
+    source: Identity,
+    source_header: Option<header::HeaderValue>,
+    app: Arc<AppConnections>,
+    mode: Mode,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match mode {
+        Mode::Tcp => tunnel_to_app(io, app.port()).await,
+        Mode::Http => serve_http(shared, io, source, source_header, app).await,
+    }
 }
 
 /// Resolves once the policy, as it changes, stops allowing this connection.

@@ -155,12 +155,14 @@ impl Connection {
         }
     }
 
-    /// Registers stream `id`; `limit`: at most MAX_STREAMS open (the accepting side's).
-    fn open(self: &Arc<Self>, id: u32, limit: bool) -> Option<Stream> {
+    /// Registers stream `id` (None: the one after the last, for the opening side);
+    /// `limit`: at most MAX_STREAMS open.
+    fn open(self: &Arc<Self>, id: Option<u32>, limit: bool) -> Option<Stream> {
         let mut streams = self.streams.lock();
         if streams.closed || (limit && streams.open.len() >= MAX_STREAMS) {
             return None;
         }
+        let id = id.unwrap_or(streams.last_id + 1);
         let state = Arc::new(Mutex::new(StreamState::new()));
         streams.open.insert(id, state.clone());
         streams.last_id = id;
@@ -225,23 +227,17 @@ impl Connection {
         payload: BytesMut,
         accept: &mut Option<&mut (dyn FnMut(Stream) + Send)>,
     ) -> io::Result<()> {
-        let state = {
+        let (known, new_id) = {
             let streams = self.streams.lock();
-            match streams.open.get(&id) {
-                Some(state) => Some(state.clone()),
-                None if kind == DATA && id > streams.last_id && accept.is_some() => None,
-                // A stream that has ended here (or was refused): its late frames go.
-                None => return Ok(()),
-            }
+            (streams.open.get(&id).cloned(), id > streams.last_id)
         };
-        let state = match state {
-            Some(state) => state,
-            None => match self.open(id, true) {
+        let state = match (known, accept.as_mut()) {
+            (Some(state), _) => state,
+            // The peer opens a stream (an accepting side only).
+            (None, Some(accept)) if kind == DATA && new_id => match self.open(Some(id), true) {
                 Some(stream) => {
                     let state = stream.state.clone();
-                    if let Some(accept) = accept.as_mut() {
-                        accept(stream);
-                    }
+                    accept(stream);
                     state
                 }
                 None => {
@@ -250,6 +246,8 @@ impl Connection {
                     return Ok(());
                 }
             },
+            // A stream that has ended here (or was refused): its late frames go.
+            _ => return Ok(()),
         };
         let mut state = state.lock();
         match kind {
@@ -390,7 +388,6 @@ impl Drop for Stream {
 /// The side that opens streams (the client sidecar).
 pub struct Client {
     connection: Arc<Connection>,
-    next_id: Mutex<u32>,
 }
 
 impl Client {
@@ -414,20 +411,7 @@ impl Client {
             }
             c.close();
         });
-        Arc::new(Self {
-            connection,
-            next_id: Mutex::new(1),
-        })
-    }
-
-    /// No new streams: the connection closes once its open streams have ended. (The
-    /// handle kept for new connections is replaced when the certificate is renewed.)
-    fn retire(&self) {
-        let mut streams = self.connection.streams.lock();
-        streams.retired = true;
-        if streams.open.is_empty() {
-            self.connection.idle.notify_one();
-        }
+        Arc::new(Self { connection })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -443,17 +427,21 @@ impl Client {
     }
 
     fn open_with(&self, limit: bool) -> Option<Stream> {
-        let mut next = self.next_id.lock();
-        let stream = self.connection.open(*next, limit)?;
-        *next += 1;
+        let stream = self.connection.open(None, limit)?;
         self.connection.frame(stream.id, DATA, &[]);
         Some(stream)
     }
 }
 
+/// No new streams once the handle is gone: the connection closes when its open streams
+/// have ended. (The pool's handle is replaced when the certificate is renewed.)
 impl Drop for Client {
     fn drop(&mut self) {
-        self.retire();
+        let mut streams = self.connection.streams.lock();
+        streams.retired = true;
+        if streams.open.is_empty() {
+            self.connection.idle.notify_one();
+        }
     }
 }
 

@@ -121,7 +121,18 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
         )
         .await
         {
-            Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(super::credentials::MUX) => {
+            Ok(Ok(mut tls)) => {
+                shared
+                    .metrics
+                    .handshake_duration
+                    .get_or_create(&DirectionLabels {
+                        direction: "outbound",
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+                if tls.get_ref().1.alpn_protocol() != Some(super::credentials::MUX) {
+                    carry(&shared, destination, &mut app, &mut tls).await;
+                    return;
+                }
                 let client = super::mux::Client::start(tls);
                 let Some(mut stream) = client.open() else { continue };
                 {
@@ -131,17 +142,6 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
                     muxes.insert((destination.clone(), ip), (client, credentials.clone()));
                 }
                 carry(&shared, destination, &mut app, &mut stream).await;
-                return;
-            }
-            Ok(Ok(mut tls)) => {
-                shared
-                    .metrics
-                    .handshake_duration
-                    .get_or_create(&DirectionLabels {
-                        direction: "outbound",
-                    })
-                    .observe(started.elapsed().as_secs_f64());
-                carry(&shared, destination, &mut app, &mut tls).await;
                 return;
             }
             Ok(Err(error)) => {
