@@ -24,6 +24,8 @@ const HAPROXY_SERVER_PORT: u16 = 20443;
 /// The plain-TCP pair: the floor any proxy pair has on this path (below).
 const FLOOR_CLIENT_PORT: u16 = 9292;
 const FLOOR_SERVER_PORT: u16 = 20444;
+/// The paths measured, in the report's order.
+const PATHS: [&str; 4] = ["direct", "capstan", "haproxy", "tcp-pair"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -423,7 +425,7 @@ fn report(r: &Value) -> Result<()> {
         "{:<10} {:>14} {:>12} {:>12} {:>14}",
         "path", "open-loop rps", "p50 @1k rps", "p99 @1k rps", "bulk GB/s"
     );
-    for name in ["direct", "capstan", "haproxy", "tcp-pair"] {
+    for name in PATHS {
         println!(
             "{:<10} {:>14.0} {:>10.0}µs {:>10.0}µs {:>14.2}",
             name,
@@ -454,7 +456,7 @@ fn report(r: &Value) -> Result<()> {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let added = |n: &str, p: &str| f(&[n, "fixed_rate", p]) - f(&["direct", "fixed_rate", p]);
-    for name in ["direct", "capstan", "haproxy", "tcp-pair"] {
+    for name in PATHS {
         let list: Vec<String> = rounds(name).iter().map(|v| format!("{v:.0}")).collect();
         println!("open-loop rps by round, {name}: {}", list.join(", "));
     }
@@ -562,7 +564,6 @@ impl RssSampler {
 /// api's, with certificates from a CA of its own and a path rule like the intention's.
 struct Haproxy {
     dir: std::path::PathBuf,
-    /// The server side's process (in api's pod; the client side is web's "haproxy").
     /// The server sides' processes (in api's pod; the client sides are web's "haproxy"
     /// and "haproxy-tcp"): the mTLS pair's, then the plain-TCP pair's.
     server_pids: [u32; 2],
@@ -652,10 +653,12 @@ impl Haproxy {
         // The server sides run in api's pod: a Pod handle owns its processes, so borrow
         // web's spawner for the clients and start the servers with `ip netns exec` here.
         let mut server_pids = [0; 2];
-        for (i, (server, client)) in [("server", "haproxy"), ("server-tcp", "haproxy-tcp")]
-            .into_iter()
-            .enumerate()
-        {
+        // (server config, client config, the client's process name in web's pod)
+        let pairs = [
+            ("server", "client", "haproxy"),
+            ("server-tcp", "client-tcp", "haproxy-tcp"),
+        ];
+        for (i, (server, client, process)) in pairs.into_iter().enumerate() {
             let child = std::process::Command::new("ip")
                 .args(["netns", "exec", &api.netns])
                 .arg(haproxy)
@@ -664,11 +667,10 @@ impl Haproxy {
                 .stderr(std::fs::File::create(dir.join(format!("{server}.log")))?)
                 .spawn()?;
             server_pids[i] = child.id();
-            let config = format!("{}.cfg", server.replace("server", "client"));
             web.spawn(
-                client,
+                process,
                 haproxy,
-                &["-f", &dir.join(config).to_string_lossy(), "-db"],
+                &["-f", &dir.join(format!("{client}.cfg")).to_string_lossy(), "-db"],
                 &[],
                 None,
             )?;
