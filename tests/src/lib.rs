@@ -271,8 +271,18 @@ pub async fn lease_holder(client: &Client) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// A loopback port nothing listens on, never one this process handed out before: the
+/// kernel may give a port it just released to the next `bind(0)`, and two listeners of
+/// one child (an engine's API and admin) were once handed the same port that way.
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    static GIVEN: parking_lot::Mutex<std::collections::BTreeSet<u16>> =
+        parking_lot::const_mutex(std::collections::BTreeSet::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        if GIVEN.lock().insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
 /// Timings a test gives the controller's leader election.
@@ -1028,3 +1038,16 @@ pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 pub mod mesh;
+
+#[cfg(test)]
+mod free_port_tests {
+    /// Without the record of handed-out ports, 500 calls on Linux repeat a port almost
+    /// surely (the kernel picks from about 14,000, and reuses ones just released).
+    #[test]
+    fn free_port_never_repeats_within_a_process() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..500 {
+            assert!(seen.insert(super::free_port().port()));
+        }
+    }
+}
