@@ -11,6 +11,8 @@
 #                                            1,000 rps, then a perf profile (kernel too)
 #   hack/bench-mesh.sh --profile segments    TCP segments per request in each pod
 #                                            (pure ACKs beyond the messages themselves)
+#   hack/bench-mesh.sh --profile bulk        bulk transfers through the pair, CPU per GB
+#                                            of each sidecar, then a perf profile of one
 # CAPSTAN_BENCH_PROFILE_RATE=0 profiles the open loop instead of 1,000 rps.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -32,7 +34,7 @@ if [ -n "$CAPSTAN_STARTED_CLUSTER" ] && [ "${CAPSTAN_KEEP_CLUSTER:-}" != 1 ]; th
 fi
 export CAPSTAN_BIN_PROFILE=release
 if [ "${1:-}" = "--profile" ]; then
-  export CAPSTAN_BENCH_PROFILE=${2:?callgrind, strace, perf or segments}
+  export CAPSTAN_BENCH_PROFILE=${2:?callgrind, strace, perf, segments or bulk}
   if [ "$CAPSTAN_BENCH_PROFILE" = callgrind ]; then
     # The harness runs target/$CAPSTAN_BIN_PROFILE/<bin>: the same binaries, the sidecar
     # wrapped in valgrind (its output folder writable by the proxy's UID). Counters are

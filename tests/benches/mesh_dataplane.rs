@@ -68,8 +68,7 @@ async fn main() -> Result<()> {
             (sidecars[1].0, sidecars[1].1, admin(&web)),
         ];
         let namespaces = [("web", web.netns.as_str()), ("api", api.netns.as_str())];
-        let url = format!("{capstan_url}/kib");
-        return profile(&kind, &web, &app, &sidecars, &namespaces, &url).await;
+        return profile(&kind, &web, &app, &sidecars, &namespaces, capstan_url).await;
     }
     let haproxy = Haproxy::start(&mut web, &api, mesh.namespace())?;
     let direct_url = format!("http://{}:{APP_PORT}", api.address);
@@ -184,15 +183,18 @@ async fn main() -> Result<()> {
 /// the connections' handshakes or start-up. `strace`: system calls of each sidecar,
 /// counted over one fixed-rate run of the benchmark's rate. `perf`: the pair's CPU per
 /// request and RSS at that rate, then a perf profile of each sidecar, kernel included.
-/// `segments`: the TCP counters of each pod's network namespace, per request.
+/// `segments`: the TCP counters of each pod's network namespace, per request. `bulk`:
+/// bulk transfers through the pair, each with the sidecars' CPU per GB, then a perf
+/// profile of one.
 async fn profile(
     kind: &str,
     web: &Pod,
     app: &Path,
     sidecars: &[(&str, u32, std::net::SocketAddr)],
     namespaces: &[(&str, &str)],
-    url: &str,
+    base_url: &str,
 ) -> Result<()> {
+    let url = &format!("{base_url}/kib");
     let rate = std::env::var("CAPSTAN_BENCH_PROFILE_RATE").unwrap_or_else(|_| "100".to_owned());
     match kind {
         "callgrind" => {
@@ -282,52 +284,32 @@ async fn profile(
                     peak[i] as f64 / 1024.0
                 );
             }
-            let mut recorders = Vec::new();
-            for (label, pid, _) in sidecars {
-                let file = repo_root().join(format!("target/perf-{}.data", label.replace(' ', "-")));
-                let child = std::process::Command::new("perf")
-                    .args([
-                        "record",
-                        "-e",
-                        "cpu-clock",
-                        "-F",
-                        "4999",
-                        "-g",
-                        "-p",
-                        &pid.to_string(),
-                        "-o",
-                    ])
-                    .arg(&file)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()?;
-                recorders.push((*label, child, file));
+            perf_profile(sidecars, load(web, app, url, &rate)).await?;
+        }
+        "bulk" => {
+            let pids: Vec<u32> = sidecars.iter().map(|(_, pid, _)| *pid).collect();
+            let bulk_url = format!("{base_url}/bulk?bytes={BULK_BYTES}");
+            for _ in 0..3 {
+                let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+                let out = web.exec(app, &["bulk", &bulk_url]).await?;
+                let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+                let v: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+                let gb = BULK_BYTES as f64 / 1e9;
+                let cpu: Vec<String> = sidecars
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (label, ..))| {
+                        let seconds = (after[i] - before[i]) as f64 / ticks_per_second();
+                        format!("{label} {:.2} CPU s per GB", seconds / gb)
+                    })
+                    .collect();
+                println!(
+                    "bulk: {:.3} GB/s; {}",
+                    v["bytes_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+                    cpu.join(", ")
+                );
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            load(web, app, url, &rate).await?;
-            for (_, child, _) in &recorders {
-                run("kill", &["-INT", &child.id().to_string()])?;
-            }
-            for (label, mut child, file) in recorders {
-                child.wait()?;
-                let report = run(
-                    "perf",
-                    &[
-                        "report",
-                        "--stdio",
-                        "--no-children",
-                        "--sort",
-                        "dso,sym",
-                        "-g",
-                        "none",
-                        "--percent-limit",
-                        "0.7",
-                        "-i",
-                        &file.to_string_lossy(),
-                    ],
-                )?;
-                println!("{label} ({}):\n{report}", file.display());
-            }
+            perf_profile(sidecars, web.exec(app, &["bulk", &bulk_url])).await?;
         }
         "segments" => {
             // TCP segments per request in each pod's network namespace (both ends of a
@@ -367,7 +349,7 @@ async fn profile(
                 println!("{label} (per request):\n{}", lines.join("\n"));
             }
         }
-        other => anyhow::bail!("unknown profile {other:?} (callgrind, strace, perf or segments)"),
+        other => anyhow::bail!("unknown profile {other:?} (callgrind, strace, perf, segments or bulk)"),
     }
     Ok(())
 }
@@ -401,6 +383,61 @@ fn new_dumps_total(
 /// The requests a load run answered (at least 1, to divide by).
 fn requests(run: &Value) -> f64 {
     run["requests"].as_f64().unwrap_or(1.0).max(1.0)
+}
+
+/// Samples each sidecar with perf (kernel included) while `during` runs, and prints where
+/// their CPU went.
+async fn perf_profile<T>(
+    sidecars: &[(&str, u32, std::net::SocketAddr)],
+    during: impl std::future::Future<Output = Result<T>>,
+) -> Result<()> {
+    let mut recorders = Vec::new();
+    for (label, pid, _) in sidecars {
+        let file = repo_root().join(format!("target/perf-{}.data", label.replace(' ', "-")));
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "4999",
+                "-g",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        recorders.push((*label, child, file));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    during.await?;
+    for (_, child, _) in &recorders {
+        run("kill", &["-INT", &child.id().to_string()])?;
+    }
+    for (label, mut child, file) in recorders {
+        child.wait()?;
+        let report = run(
+            "perf",
+            &[
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "dso,sym",
+                "-g",
+                "none",
+                "--percent-limit",
+                "0.7",
+                "-i",
+                &file.to_string_lossy(),
+            ],
+        )?;
+        println!("{label} ({}):\n{report}", file.display());
+    }
+    Ok(())
 }
 
 async fn load(pod: &Pod, app: &Path, url: &str, rate: &str) -> Result<Value> {

@@ -175,7 +175,7 @@ async fn serve_one<S>(
     app: Arc<AppConnections>,
     mode: Mode,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: super::tunnel::Side + Send + 'static,
 {
     match mode {
         Mode::Tcp => tunnel_to_app(io, app.port()).await,
@@ -223,10 +223,7 @@ fn labels(source: &Identity, destination: &Identity, allowed: bool, decided_by: 
     }
 }
 
-async fn tunnel_to_app<S>(mut tls: S, app_port: u16)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn tunnel_to_app<S: super::tunnel::Side>(mut tls: S, app_port: u16) {
     match TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, app_port)).await {
         Ok(mut app) => {
             let _ = app.set_nodelay(true);

@@ -173,10 +173,12 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
 
 /// Carries the application's connection to the destination's sidecar, on its own
 /// mesh connection or a stream of a shared one, until both sides have closed.
-async fn carry<S>(shared: &Shared, destination: String, app: &mut TcpStream, mesh: &mut S)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn carry<S: super::tunnel::Side>(
+    shared: &Shared,
+    destination: String,
+    app: &mut TcpStream,
+    mesh: &mut S,
+) {
     count(shared, destination, "connected");
     let active = shared
         .metrics

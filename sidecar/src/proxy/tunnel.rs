@@ -20,11 +20,7 @@ const MAX_BUFFER: usize = 64 * 1024;
 
 /// Copies both ways until both sides have closed (an EOF on one side shuts down the
 /// other's write half, as `copy_bidirectional` does); the first error ends both.
-pub async fn tunnel<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
+pub async fn tunnel<A: Side, B: Side>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)> {
     let mut a_to_b = Direction::Running(Buffer::new());
     let mut b_to_a = Direction::Running(Buffer::new());
     poll_fn(|cx| {
@@ -38,6 +34,69 @@ where
     .await
 }
 
+/// A side of a tunnel, and how what it receives reaches the other side: through the
+/// direction's buffer, or (a mux stream, which holds its payloads already) written
+/// out from where it is.
+pub trait Side: AsyncRead + AsyncWrite + Unpin {
+    /// Copies what this side receives into `out` until its end, as `Buffer::poll_copy`.
+    fn poll_copy_into<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut Buffer,
+        out: &mut W,
+    ) -> Poll<io::Result<u64>> {
+        buffer.poll_copy(cx, Pin::new(self), Pin::new(out))
+    }
+}
+
+impl Side for tokio::net::TcpStream {}
+impl<S: AsyncRead + AsyncWrite + Unpin> Side for tokio_rustls::client::TlsStream<S> {}
+impl<S: AsyncRead + AsyncWrite + Unpin> Side for tokio_rustls::server::TlsStream<S> {}
+#[cfg(test)]
+impl Side for tokio::io::DuplexStream {}
+
+impl Side for super::mux::Stream {
+    /// The received payloads go out as they came, without a copy into the buffer, which
+    /// stays unallocated.
+    fn poll_copy_into<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut Buffer,
+        out: &mut W,
+    ) -> Poll<io::Result<u64>> {
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        loop {
+            match self.poll_write_into(cx, Pin::new(&mut *out)) {
+                Poll::Ready(Ok(Some(0))) => {
+                    coop.made_progress();
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(Some(n))) => {
+                    coop.made_progress();
+                    buffer.copied += n as u64;
+                    buffer.need_flush = true;
+                }
+                Poll::Ready(Ok(None)) => {
+                    coop.made_progress();
+                    ready!(Pin::new(&mut *out).poll_flush(cx))?;
+                    return Poll::Ready(Ok(buffer.copied));
+                }
+                Poll::Ready(Err(error)) => {
+                    coop.made_progress();
+                    return Poll::Ready(Err(error));
+                }
+                Poll::Pending => {
+                    if buffer.need_flush {
+                        ready!(Pin::new(&mut *out).poll_flush(cx))?;
+                        buffer.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
 enum Direction {
     Running(Buffer),
     ShuttingDown(u64),
@@ -45,15 +104,16 @@ enum Direction {
 }
 
 impl Direction {
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
+    fn poll<R: Side, W: Side>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<u64>> {
         loop {
             match self {
                 Self::Running(buffer) => {
-                    let copied = ready!(buffer.poll_copy(cx, Pin::new(&mut *r), Pin::new(&mut *w)))?;
+                    let copied = ready!(r.poll_copy_into(cx, buffer, w))?;
                     *self = Self::ShuttingDown(copied);
                 }
                 Self::ShuttingDown(copied) => {
@@ -66,8 +126,9 @@ impl Direction {
     }
 }
 
-/// One direction's buffer: tokio's `CopyBuffer` logic, plus growth.
-struct Buffer {
+/// One direction's buffer: tokio's `CopyBuffer` logic, plus growth. It is allocated on
+/// the first read.
+pub struct Buffer {
     buf: Vec<u8>,
     /// Written out up to here.
     pos: usize,
@@ -81,7 +142,7 @@ struct Buffer {
 impl Buffer {
     fn new() -> Self {
         Self {
-            buf: vec![0; FIRST_BUFFER],
+            buf: Vec::new(),
             pos: 0,
             cap: 0,
             read_done: false,
@@ -94,6 +155,9 @@ impl Buffer {
     where
         R: AsyncRead + ?Sized,
     {
+        if self.buf.is_empty() {
+            self.buf = vec![0; FIRST_BUFFER];
+        }
         let mut buf = ReadBuf::new(&mut self.buf);
         buf.set_filled(self.cap);
         let result = loop {
@@ -153,8 +217,8 @@ impl Buffer {
         // the single-threaded runtime.
         let coop = ready!(tokio::task::coop::poll_proceed(cx));
         loop {
-            // Room left: read more first, for larger writes.
-            if self.cap < self.buf.len() && !self.read_done {
+            // Room left (or none allocated yet): read more first, for larger writes.
+            if (self.buf.is_empty() || self.cap < self.buf.len()) && !self.read_done {
                 match self.poll_fill(cx, reader.as_mut()) {
                     Poll::Ready(Ok(())) => coop.made_progress(),
                     Poll::Ready(Err(error)) => {
@@ -319,6 +383,38 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(sender.await.unwrap(), b"done");
         assert_eq!(proxy.await.unwrap().unwrap(), (1_000_000, 4));
+    }
+
+    /// A mux stream's payloads go to the other side as they came: every byte, in order,
+    /// and never through the direction's buffer, which stays unallocated.
+    #[tokio::test]
+    async fn a_mux_stream_is_written_out_without_the_buffer() {
+        let (a, b) = duplex(1 << 20);
+        let bulk: Vec<u8> = (0..3_000_000u32).map(|i| (i % 249) as u8).collect();
+        let sent = bulk.clone();
+        tokio::spawn(crate::proxy::mux::serve(b, move |mut stream| {
+            let bulk = sent.clone();
+            async move {
+                stream.write_all(&bulk).await.unwrap();
+                stream.shutdown().await.unwrap();
+            }
+        }));
+        let client = crate::proxy::mux::Client::start(a);
+        let mut stream = client.open().unwrap();
+        let (mut out, mut app) = duplex(256 * 1024);
+        let reading = tokio::spawn(async move {
+            let mut received = Vec::new();
+            app.read_to_end(&mut received).await.unwrap();
+            received
+        });
+        let mut buffer = Buffer::new();
+        let copied = poll_fn(|cx| stream.poll_copy_into(cx, &mut buffer, &mut out))
+            .await
+            .unwrap();
+        drop(out);
+        assert_eq!(copied, bulk.len() as u64);
+        assert!(buffer.buf.is_empty(), "the bytes went through the buffer");
+        assert_eq!(reading.await.unwrap(), bulk);
     }
 
     #[tokio::test]
