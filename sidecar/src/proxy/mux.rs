@@ -41,6 +41,10 @@ pub const WINDOW: u32 = 256 * 1024;
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Streams one connection may have open at once; more are refused (FIN at once).
 pub const MAX_STREAMS: usize = 1024;
+/// How long a client's connection stays open with no stream on it, for the next
+/// application connection to the same endpoint. After that it closes: a pool entry per
+/// endpoint ever used would otherwise stay open until the peer went away.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// A received DATA payload smaller than this is copied onto a small one before it; a
 /// larger one is kept as it came. Kept payloads share the read buffer they arrived in:
 /// without the copy, a peer trickling single bytes to a stalled stream could keep one
@@ -59,11 +63,11 @@ struct Connection {
     queue: Mutex<BytesMut>,
     wake_writer: Notify,
     streams: Mutex<Streams>,
-    /// Signalled when a retired connection has no stream left: it closes.
+    /// Signalled when the last open stream has ended, or the handle retired: a client's
+    /// connection closes once none is open, at once if retired, else after IDLE_TIMEOUT.
     idle: Notify,
 }
 
-#[derive(Default)]
 struct Streams {
     open: HashMap<u32, Arc<Mutex<StreamState>>>,
     /// The connection has ended: no stream may be opened or written.
@@ -73,6 +77,8 @@ struct Streams {
     /// No stream will be opened any more (the client's handle is gone): the connection
     /// closes with its last stream.
     retired: bool,
+    /// Since when no stream has been open (None: one is).
+    idle_since: Option<tokio::time::Instant>,
 }
 
 struct StreamState {
@@ -124,7 +130,13 @@ impl Connection {
         Arc::new(Self {
             queue: Mutex::new(BytesMut::new()),
             wake_writer: Notify::new(),
-            streams: Mutex::new(Streams::default()),
+            streams: Mutex::new(Streams {
+                open: HashMap::new(),
+                closed: false,
+                last_id: 0,
+                retired: false,
+                idle_since: Some(tokio::time::Instant::now()),
+            }),
             idle: Notify::new(),
         })
     }
@@ -154,6 +166,32 @@ impl Connection {
         self.wake_writer.notify_one();
     }
 
+    /// Resolves when a client's connection has no use any more: retired with no stream
+    /// open, or with none open for IDLE_TIMEOUT. It is marked closed at once, under the
+    /// lock `open` takes, so no stream can start on it after the last look.
+    async fn until_unused(&self) {
+        loop {
+            let deadline = {
+                let mut streams = self.streams.lock();
+                let deadline = streams.idle_since.map(|since| since + IDLE_TIMEOUT);
+                match deadline {
+                    Some(deadline) if streams.retired || deadline <= tokio::time::Instant::now() => {
+                        streams.closed = true;
+                        return;
+                    }
+                    _ => deadline,
+                }
+            };
+            match deadline {
+                Some(deadline) => tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = self.idle.notified() => {}
+                },
+                None => self.idle.notified().await,
+            }
+        }
+    }
+
     /// Ends every stream: their reads and writes fail from now on.
     fn close(&self) {
         let mut streams = self.streams.lock();
@@ -176,6 +214,7 @@ impl Connection {
         let state = Arc::new(Mutex::new(StreamState::new()));
         streams.open.insert(id, state.clone());
         streams.last_id = id;
+        streams.idle_since = None;
         Some(Stream {
             connection: self.clone(),
             id,
@@ -458,7 +497,8 @@ impl Drop for Stream {
         drop(state);
         let mut streams = self.connection.streams.lock();
         streams.open.remove(&self.id);
-        if streams.retired && streams.open.is_empty() {
+        if streams.open.is_empty() {
+            streams.idle_since = Some(tokio::time::Instant::now());
             self.connection.idle.notify_one();
         }
     }
@@ -486,7 +526,7 @@ impl Client {
                     }
                 }
                 _ = c.write_frames(write) => {}
-                () = c.idle.notified() => {}
+                () = c.until_unused() => {}
             }
             c.close();
         });
@@ -516,11 +556,8 @@ impl Client {
 /// have ended. (The pool's handle is replaced when the certificate is renewed.)
 impl Drop for Client {
     fn drop(&mut self) {
-        let mut streams = self.connection.streams.lock();
-        streams.retired = true;
-        if streams.open.is_empty() {
-            self.connection.idle.notify_one();
-        }
+        self.connection.streams.lock().retired = true;
+        self.connection.idle.notify_one();
     }
 }
 
@@ -776,6 +813,33 @@ mod tests {
         .expect("every payload arrives");
         let lengths: Vec<usize> = state.lock().inbound.iter().map(|p| p.len()).collect();
         assert_eq!(lengths, [1000, MAX_FRAME, 1000, MAX_FRAME]);
+    }
+
+    /// A pooled connection no application uses any more closes after IDLE_TIMEOUT (the
+    /// server's end with it); a stream opened meanwhile keeps it open.
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_connection_closes_after_the_idle_timeout() {
+        let second = std::time::Duration::from_secs(1);
+        let (client, server) = echo_pair();
+        let echo = |mut stream: Stream| async move {
+            stream.write_all(b"ping").await.unwrap();
+            let mut answer = [0u8; 4];
+            stream.read_exact(&mut answer).await.unwrap();
+        };
+        echo(client.open().unwrap()).await;
+        tokio::time::sleep(IDLE_TIMEOUT - second).await;
+        assert!(!client.is_closed(), "closed before the idle timeout");
+        // Used again just in time: the timeout starts over when this stream ends.
+        echo(client.open().unwrap()).await;
+        tokio::time::sleep(IDLE_TIMEOUT - second).await;
+        assert!(!client.is_closed(), "the timeout did not start over");
+        tokio::time::sleep(2 * second).await;
+        assert!(client.is_closed());
+        assert!(client.open().is_none());
+        tokio::time::timeout(5 * second, server)
+            .await
+            .expect("the server's end closed too")
+            .unwrap();
     }
 
     #[tokio::test]
