@@ -211,6 +211,39 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
         "ten application connections made {} mesh connections",
         after - before
     );
+    // The gauges say so too: one mesh connection each way, and no application
+    // connection left open once the requests are answered.
+    let gauges = |m: &str, direction: &str| {
+        (
+            metric(
+                m,
+                &format!("capstan_sidecar_mesh_connections{{direction=\"{direction}\"}}"),
+            ),
+            metric(
+                m,
+                &format!("capstan_sidecar_active_connections{{direction=\"{direction}\"}}"),
+            ),
+        )
+    };
+    let api_ref = &api;
+    let settled = eventually(
+        Duration::from_secs(5),
+        "one mesh connection, no application connection",
+        || async move {
+            let client_side = gauges(&sidecar_metrics(web).await.ok()?, "outbound");
+            let server_side = gauges(&sidecar_metrics(api_ref).await.ok()?, "inbound");
+            let expected = (Some(1.0), Some(0.0));
+            (client_side == expected && server_side == expected).then_some(())
+        },
+    )
+    .await;
+    if settled.is_err() {
+        bail!(
+            "(mesh, application) connections: web {:?}, api {:?}",
+            gauges(&sidecar_metrics(web).await?, "outbound"),
+            gauges(&sidecar_metrics(&api).await?, "inbound")
+        );
+    }
     let ns = mesh.namespace().to_owned();
     let admin = request(web, "POST", 9090, "/admin", &[]).await?;
     ensure!(status_of(&admin) == Some(403), "{admin}");

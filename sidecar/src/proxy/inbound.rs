@@ -114,12 +114,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
     }
     tracing::debug!(%source, destination = %me, decided_by = %by, "Connection allowed");
 
-    let active = shared
-        .metrics
-        .active_connections
-        .get_or_create(&DirectionLabels { direction: "inbound" })
-        .clone();
-    active.inc();
+    let _mesh_connection = shared.metrics.mesh_connection("inbound");
     let _guard = shared.track();
     let mut policy_rx = shared.policy.subscribe();
     let revoked = revoked(&mut policy_rx, &source, &me, mode);
@@ -162,7 +157,6 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
         }
         () = drained => {}
     }
-    active.dec();
 }
 
 /// Serves one connection's (or one stream's) bytes: a tunnel to the application for a
@@ -177,6 +171,7 @@ async fn serve_one<S>(
 ) where
     S: super::tunnel::Side + Send + 'static,
 {
+    let _active = shared.metrics.application_connection("inbound");
     match mode {
         Mode::Tcp => tunnel_to_app(io, app.port()).await,
         Mode::Http => serve_http(shared, io, source, source_header, app).await,

@@ -36,6 +36,22 @@ pub struct OutboundLabels {
     pub result: &'static str,
 }
 
+/// One unit of a gauge, held while this lives: the count stays right when the task
+/// holding it is aborted (a mux stream's, when its connection ends).
+pub struct Held(Gauge);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn hold(family: &Family<DirectionLabels, Gauge>, direction: &'static str) -> Held {
+    let gauge = family.get_or_create(&DirectionLabels { direction }).clone();
+    gauge.inc();
+    Held(gauge)
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub inbound_connections: Family<DecisionLabels, Counter>,
@@ -46,6 +62,7 @@ pub struct Metrics {
     pub request_duration: Family<DirectionLabels, Histogram>,
     pub handshake_duration: Family<DirectionLabels, Histogram>,
     pub active_connections: Family<DirectionLabels, Gauge>,
+    pub mesh_connections: Family<DirectionLabels, Gauge>,
     pub certificate_expiry: Gauge,
     pub certificate_renewals: Family<RenewalLabels, Counter>,
     pub intentions_updates: Counter,
@@ -65,6 +82,16 @@ fn latency_buckets() -> Histogram {
 }
 
 impl Metrics {
+    /// An application connection carried in `direction`, while the result lives.
+    pub fn application_connection(&self, direction: &'static str) -> Held {
+        hold(&self.active_connections, direction)
+    }
+
+    /// A mesh connection open in `direction`, while the result lives.
+    pub fn mesh_connection(&self, direction: &'static str) -> Held {
+        hold(&self.mesh_connections, direction)
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             inbound_connections: Family::default(),
@@ -75,6 +102,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency_buckets),
             handshake_duration: Family::new_with_constructor(latency_buckets),
             active_connections: Family::default(),
+            mesh_connections: Family::default(),
             certificate_expiry: Gauge::default(),
             certificate_renewals: Family::default(),
             intentions_updates: Counter::default(),
@@ -116,8 +144,13 @@ impl Metrics {
         );
         registry.register(
             "active_connections",
-            "Open proxied connections",
+            "Open application connections carried, by direction (each stream of a mesh connection counts)",
             m.active_connections.clone(),
+        );
+        registry.register(
+            "mesh_connections",
+            "Open mTLS connections between sidecars, by direction (one carries many application connections)",
+            m.mesh_connections.clone(),
         );
         registry.register(
             "certificate_expiry_timestamp_seconds",

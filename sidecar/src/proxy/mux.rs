@@ -510,10 +510,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts the connection's reader and writer on `io`.
-    pub fn start<S>(io: S) -> Arc<Self>
+    /// Starts the connection's reader and writer on `io`; `held` (a gauge's unit, say)
+    /// is dropped when the connection ends.
+    pub fn start<S, H>(io: S, held: H) -> Arc<Self>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
+        H: Send + 'static,
     {
         let connection = Connection::new();
         let (read, write) = tokio::io::split(io);
@@ -529,6 +531,7 @@ impl Client {
                 () = c.until_unused() => {}
             }
             c.close();
+            drop(held);
         });
         Arc::new(Self { connection })
     }
@@ -604,7 +607,7 @@ mod tests {
             }
             let _ = stream.shutdown().await;
         }));
-        (Client::start(a), server)
+        (Client::start(a, ()), server)
     }
 
     #[tokio::test]
@@ -647,7 +650,7 @@ mod tests {
             stream.write_all(b"ok").await.unwrap();
             stream.shutdown().await.unwrap();
         }));
-        let client = Client::start(a);
+        let client = Client::start(a, ());
         let mut stalled = client.open().unwrap();
         stalled.write_all(b"s").await.unwrap();
         let big = vec![0u8; WINDOW as usize * 4];
@@ -742,7 +745,7 @@ mod tests {
                 let _ = done_tx.send(error.kind());
             }
         }));
-        let client = Client::start(a);
+        let client = Client::start(a, ());
         let stream = client.open().unwrap();
         // The writer fills the window and waits for credit.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -129,11 +129,12 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
                         direction: "outbound",
                     })
                     .observe(started.elapsed().as_secs_f64());
+                let mesh_connection = shared.metrics.mesh_connection("outbound");
                 if tls.get_ref().1.alpn_protocol() != Some(super::credentials::MUX) {
                     carry(&shared, destination, &mut app, &mut tls).await;
                     return;
                 }
-                let client = super::mux::Client::start(tls);
+                let client = super::mux::Client::start(tls, mesh_connection);
                 let Some(mut stream) = client.open() else { continue };
                 {
                     let mut muxes = shared.muxes.lock();
@@ -180,17 +181,9 @@ async fn carry<S: super::tunnel::Side>(
     mesh: &mut S,
 ) {
     count(shared, destination, "connected");
-    let active = shared
-        .metrics
-        .active_connections
-        .get_or_create(&DirectionLabels {
-            direction: "outbound",
-        })
-        .clone();
-    active.inc();
+    let _active = shared.metrics.application_connection("outbound");
     let _guard = shared.track();
     let _ = super::tunnel(app, mesh).await;
-    active.dec();
 }
 
 fn count(shared: &Shared, destination: String, result: &'static str) {

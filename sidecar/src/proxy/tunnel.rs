@@ -399,7 +399,7 @@ mod tests {
                 stream.shutdown().await.unwrap();
             }
         }));
-        let client = crate::proxy::mux::Client::start(a);
+        let client = crate::proxy::mux::Client::start(a, ());
         let mut stream = client.open().unwrap();
         let (mut out, mut app) = duplex(256 * 1024);
         let reading = tokio::spawn(async move {
