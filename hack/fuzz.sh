@@ -2,8 +2,10 @@
 # Fuzzes the untrusted-input parsers with cargo-fuzz (libFuzzer): capstan-mesh's HTTP
 # path normalizer, intention matcher and X509-SVID validator (mesh/fuzz), and
 # capstan-engine's policy parser and matcher, barrier envelope and Shamir combine
-# (engine/fuzz). Not part of hack/test.sh; the seed corpora are replayed there by
-# `cargo test -p capstan-mesh --test fuzz_seeds` and `-p capstan-engine --test fuzz_seeds`.
+# (engine/fuzz), and capstan-sidecar's mux frame reader (sidecar/fuzz). Not part of
+# hack/test.sh; the seed corpora are replayed there by `cargo test -p capstan-mesh
+# --test fuzz_seeds`, `-p capstan-engine --test fuzz_seeds` and `-p capstan-sidecar
+# --test fuzz_seeds`.
 #
 #   hack/fuzz.sh                       every target for 120 s
 #   hack/fuzz.sh 600 svid              one target for 10 minutes (a bare name is mesh's)
@@ -21,7 +23,7 @@ CARGO_FUZZ_VERSION=0.13.1
 seconds=${1:-120}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(mesh/path mesh/policy mesh/svid engine/barrier engine/policy engine/shamir)
+[ ${#targets[@]} -gt 0 ] || targets=(mesh/path mesh/policy mesh/svid engine/barrier engine/policy engine/shamir sidecar/mux)
 
 if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
   say "installing cargo-fuzz $CARGO_FUZZ_VERSION"

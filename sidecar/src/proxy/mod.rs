@@ -1,8 +1,9 @@
 //! `capstan-sidecar proxy`: the mTLS sidecar. Its parts, each in its own module:
 //! credentials (certificate from the mesh CA, renewal), intentions (watched, compiled),
 //! directory (Services and EndpointSlices), inbound (mTLS listener, authorization),
-//! outbound (upstream and transparent listeners), mux (application connections as
-//! streams of one connection between two sidecars), admin (/ready, app probes).
+//! outbound (upstream and transparent listeners), admin (/ready, app probes). The mux
+//! (application connections as streams of one connection between two sidecars) is in
+//! the crate's library (`src/mux.rs`), where its fuzz target reaches it.
 
 mod admin;
 mod app_connections;
@@ -14,9 +15,10 @@ mod http1;
 mod inbound;
 mod intentions;
 mod metrics;
-mod mux;
 mod outbound;
 mod tunnel;
+
+use capstan_sidecar::mux;
 
 use tunnel::tunnel;
 
