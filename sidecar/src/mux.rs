@@ -11,7 +11,7 @@
 //! a 1-byte kind and a 3-byte length, then the payload:
 //! - DATA: bytes of the stream, at most MAX_FRAME (the first, empty, opens it);
 //! - FIN: the sender will send no more on the stream (its half-close);
-//! - WINDOW: 4 bytes, how many more bytes the sender of the frame will accept;
+//! - WINDOW_UPDATE: 4 bytes, how many more bytes the sender of the frame will accept;
 //! - RESET: the sender dropped the stream before the end of what it was reading (its
 //!   application went away): the other side's reads and writes fail, as a TCP reset
 //!   would make them, so a writer there stops instead of waiting for credit forever.
@@ -77,8 +77,9 @@ struct Streams {
     /// No stream will be opened any more (the client's handle is gone): the connection
     /// closes with its last stream.
     retired: bool,
-    /// Since when no stream has been open (None: one is).
-    idle_since: Option<tokio::time::Instant>,
+    /// When the last stream ended (or the connection started): with none open, the
+    /// connection has been unused since then.
+    last_emptied: tokio::time::Instant,
 }
 
 struct StreamState {
@@ -135,7 +136,7 @@ impl Connection {
                 closed: false,
                 last_id: 0,
                 retired: false,
-                idle_since: Some(tokio::time::Instant::now()),
+                last_emptied: tokio::time::Instant::now(),
             }),
             idle: Notify::new(),
         })
@@ -173,7 +174,10 @@ impl Connection {
         loop {
             let deadline = {
                 let mut streams = self.streams.lock();
-                let deadline = streams.idle_since.map(|since| since + IDLE_TIMEOUT);
+                let deadline = streams
+                    .open
+                    .is_empty()
+                    .then(|| streams.last_emptied + IDLE_TIMEOUT);
                 match deadline {
                     Some(deadline) if streams.retired || deadline <= tokio::time::Instant::now() => {
                         streams.closed = true;
@@ -214,7 +218,6 @@ impl Connection {
         let state = Arc::new(Mutex::new(StreamState::new()));
         streams.open.insert(id, state.clone());
         streams.last_id = id;
-        streams.idle_since = None;
         Some(Stream {
             connection: self.clone(),
             id,
@@ -373,6 +376,14 @@ impl Stream {
         Poll::Ready(Ok(Some(n)))
     }
 
+    /// Sends FIN (this side's half-close) once, unless the stream has broken.
+    fn finish(&self, state: &mut StreamState) {
+        if !state.fin_sent && !state.broken {
+            state.fin_sent = true;
+            self.connection.frame(self.id, FIN, &[]);
+        }
+    }
+
     /// Ready(true): `taken` holds bytes; Ready(false): the peer has finished sending.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         if !self.taken.is_empty() {
@@ -476,11 +487,7 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.state.lock();
-        if !state.fin_sent && !state.broken {
-            state.fin_sent = true;
-            self.connection.frame(self.id, FIN, &[]);
-        }
+        self.finish(&mut self.state.lock());
         Poll::Ready(Ok(()))
     }
 }
@@ -490,15 +497,14 @@ impl Drop for Stream {
         let mut state = self.state.lock();
         if !state.broken && !state.read_done {
             self.connection.frame(self.id, RESET, &[]);
-        } else if !state.fin_sent && !state.broken {
-            state.fin_sent = true;
-            self.connection.frame(self.id, FIN, &[]);
+        } else {
+            self.finish(&mut state);
         }
         drop(state);
         let mut streams = self.connection.streams.lock();
         streams.open.remove(&self.id);
         if streams.open.is_empty() {
-            streams.idle_since = Some(tokio::time::Instant::now());
+            streams.last_emptied = tokio::time::Instant::now();
             self.connection.idle.notify_one();
         }
     }

@@ -121,11 +121,11 @@ async fn main() -> Result<()> {
         // glibc keeps an earlier burst's heap resident, which would make the RSS at the
         // rate that of the burst. The open loop's own peak is reported beside it.
         let pids: Vec<u32> = proxies.iter().map(|(_, p)| *p).collect();
-        let cpu_before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+        let cpu_before = cpu_ticks(&pids)?;
         let sampler = RssSampler::start(pids.clone());
         let fixed = load(&web, &app, &format!("{url}/kib"), RATE).await?;
         let at_rate = sampler.stop().await;
-        let cpu_after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+        let cpu_after = cpu_ticks(&pids)?;
         let sampler = RssSampler::start(pids);
         let open = load(&web, &app, &format!("{url}/kib"), "0").await?;
         let open_peak = sampler.stop().await;
@@ -269,11 +269,11 @@ async fn profile(
             // under load: a quick loop while changing the sidecar), then where that CPU
             // goes, kernel included, sampled by perf during a second run.
             let pids: Vec<u32> = sidecars.iter().map(|(_, pid, _)| *pid).collect();
-            let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+            let before = cpu_ticks(&pids)?;
             let sampler = RssSampler::start(pids.clone());
             let v = load(web, app, url, &rate).await?;
             let peak = sampler.stop().await;
-            let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+            let after = cpu_ticks(&pids)?;
             let requests = requests(&v);
             println!("{SECONDS} s at {rate} rps: {v}");
             for (i, (label, ..)) in sidecars.iter().enumerate() {
@@ -290,9 +290,9 @@ async fn profile(
             let pids: Vec<u32> = sidecars.iter().map(|(_, pid, _)| *pid).collect();
             let bulk_url = format!("{base_url}/bulk?bytes={BULK_BYTES}");
             for _ in 0..3 {
-                let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+                let before = cpu_ticks(&pids)?;
                 let out = web.exec(app, &["bulk", &bulk_url]).await?;
-                let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+                let after = cpu_ticks(&pids)?;
                 let v: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
                 let gb = BULK_BYTES as f64 / 1e9;
                 let cpu: Vec<String> = sidecars
@@ -551,13 +551,17 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("VmRSS")
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+/// utime + stime of each process, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> Result<Vec<u64>> {
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = stat.rsplit_once(')').context("stat")?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+        })
+        .collect()
 }
 
 fn ticks_per_second() -> f64 {

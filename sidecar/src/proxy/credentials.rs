@@ -100,7 +100,12 @@ fn alpn() -> Vec<Vec<u8>> {
     vec![MUX.to_vec(), b"capstan-mesh/1".to_vec()]
 }
 
-pub const MUX: &[u8] = b"capstan-mux/1";
+const MUX: &[u8] = b"capstan-mux/1";
+
+/// Whether the connection's handshake settled on the mux (else: the tunnel).
+pub fn speaks_mux(tls: &rustls::CommonState) -> bool {
+    tls.alpn_protocol() == Some(MUX)
+}
 
 pub struct Issuer {
     pub ca: CaClient,

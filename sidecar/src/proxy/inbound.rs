@@ -123,7 +123,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
         let _ = shutdown.wait_for(|stop| *stop).await;
         tokio::time::sleep(shared.drain).await;
     };
-    let muxed = tls.get_ref().1.alpn_protocol() == Some(super::credentials::MUX);
+    let muxed = super::credentials::speaks_mux(tls.get_ref().1);
     let served = {
         let (shared, source) = (shared.clone(), source.clone());
         async move {

@@ -130,7 +130,7 @@ async fn handle(shared: Arc<Shared>, mut app: TcpStream, route: Route) {
                     })
                     .observe(started.elapsed().as_secs_f64());
                 let mesh_connection = shared.metrics.mesh_connection("outbound");
-                if tls.get_ref().1.alpn_protocol() != Some(super::credentials::MUX) {
+                if !super::credentials::speaks_mux(tls.get_ref().1) {
                     carry(&shared, destination, &mut app, &mut tls).await;
                     return;
                 }
