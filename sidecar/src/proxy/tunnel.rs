@@ -66,31 +66,29 @@ impl Side for super::mux::Stream {
     ) -> Poll<io::Result<u64>> {
         let coop = ready!(tokio::task::coop::poll_proceed(cx));
         loop {
-            match self.poll_write_into(cx, Pin::new(&mut *out)) {
-                Poll::Ready(Ok(Some(0))) => {
-                    coop.made_progress();
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(Some(n))) => {
-                    coop.made_progress();
-                    buffer.copied += n as u64;
-                    buffer.need_flush = true;
-                }
-                Poll::Ready(Ok(None)) => {
-                    coop.made_progress();
-                    ready!(Pin::new(&mut *out).poll_flush(cx))?;
-                    return Poll::Ready(Ok(buffer.copied));
-                }
-                Poll::Ready(Err(error)) => {
-                    coop.made_progress();
-                    return Poll::Ready(Err(error));
-                }
+            let written = match self.poll_write_into(cx, Pin::new(&mut *out)) {
                 Poll::Pending => {
+                    // Nothing more to write: flush what was written (TLS may hold it).
                     if buffer.need_flush {
                         ready!(Pin::new(&mut *out).poll_flush(cx))?;
                         buffer.need_flush = false;
                     }
                     return Poll::Pending;
+                }
+                Poll::Ready(result) => {
+                    coop.made_progress();
+                    result?
+                }
+            };
+            match written {
+                Some(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Some(n) => {
+                    buffer.copied += n as u64;
+                    buffer.need_flush = true;
+                }
+                None => {
+                    ready!(Pin::new(&mut *out).poll_flush(cx))?;
+                    return Poll::Ready(Ok(buffer.copied));
                 }
             }
         }
