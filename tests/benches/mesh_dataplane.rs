@@ -482,15 +482,16 @@ fn report(r: &Value) -> Result<()> {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    // A field of each bulk round of path `n`.
-    let bulk = |n: &str, field: &str| -> Vec<f64> {
-        r[n]["bulk_rounds"]
+    // Path `n`'s rounds under `key`: each round's number, or its `field`.
+    let per_round = |n: &str, key: &str, field: Option<&str>| -> Vec<f64> {
+        r[n][key]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|v| v[field].as_f64().unwrap_or(f64::NAN))
+            .map(|v| field.map_or(v, |f| &v[f]).as_f64().unwrap_or(f64::NAN))
             .collect()
     };
+    let bulk = |n: &str, field: &str| per_round(n, "bulk_rounds", Some(field));
     let gbps = |n: &str| -> Vec<f64> { bulk(n, "bytes_per_second").iter().map(|b| b / 1e9).collect() };
     println!(
         "\nMesh data path, 1 KiB answers, {CONNECTIONS} connections, {SECONDS} s per run (2 cores, everything on one machine)"
@@ -510,14 +511,7 @@ fn report(r: &Value) -> Result<()> {
         );
     }
     // Each round's ratio, then their median.
-    let rounds = |n: &str| -> Vec<f64> {
-        r[n]["open_loop_rounds"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| v.as_f64().unwrap_or(f64::NAN))
-            .collect()
-    };
+    let rounds = |n: &str| per_round(n, "open_loop_rounds", None);
     let ratios = |n: &str| -> Vec<f64> {
         rounds(n)
             .iter()
@@ -619,11 +613,15 @@ fn machine_ticks() -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The kernel's clock ticks per second (asked of getconf once: callers sit in loops).
 fn ticks_per_second() -> f64 {
-    run("getconf", &["CLK_TCK"])
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        run("getconf", &["CLK_TCK"])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// The highest RSS of each process while it runs.
