@@ -52,6 +52,10 @@ struct Check {
     /// What applies when no intention matches: the cluster's default.
     #[arg(long, value_parser = ["deny", "allow"], default_value = "deny")]
     default_action: String,
+    /// Capstan's own namespace, the only one whose intentions may govern other
+    /// namespaces (the chart's release namespace).
+    #[arg(long, env = "CAPSTAN_CONTROL_NAMESPACE", default_value = "capstan-system")]
+    control_namespace: String,
 }
 
 #[tokio::main]
@@ -89,7 +93,7 @@ impl Check {
             .await
             .context("listing ServiceIntentions")?
             .items;
-        let policy = Policy::compile(&objects, self.default_action == "allow");
+        let policy = Policy::compile(&objects, self.default_action == "allow", &self.control_namespace);
         let headers: Vec<(&str, &str)> = self
             .headers
             .iter()

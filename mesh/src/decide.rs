@@ -190,14 +190,24 @@ fn regex(pattern: &str) -> Option<regex::Regex> {
 
 impl Policy {
     /// Compiles every ServiceIntentions; of several naming one destination, only the one
-    /// in force counts (the same choice the reconciler reports in status).
-    pub fn compile(objects: &[ServiceIntentions], default_allow: bool) -> Self {
+    /// in force counts (the same choice the reconciler reports in status). An object
+    /// naming a destination outside its own namespace counts only when it is in
+    /// `control_namespace`, Capstan's own (tenancy: see [`in_force::out_of_bounds`]).
+    pub fn compile(objects: &[ServiceIntentions], default_allow: bool, control_namespace: &str) -> Self {
         let intentions = objects
             .iter()
             .filter(|o| o.metadata.deletion_timestamp.is_none())
-            .filter(|o| matches!(in_force::verdict(o, objects), in_force::Verdict::InForce { .. }))
+            .filter(|o| {
+                matches!(
+                    in_force::verdict(o, objects, control_namespace),
+                    in_force::Verdict::InForce { .. }
+                )
+            })
             .map(|o| {
                 let (namespace, name) = in_force::destination(o);
+                // A JWT requirement Capstan cannot check (refused at the door): nothing
+                // the object allows may pass without it.
+                let jwt_required = o.spec.jwt.is_some();
                 Compiled {
                     key: format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()),
                     sources: o
@@ -209,11 +219,22 @@ impl Policy {
                             namespace: s.namespace.clone().unwrap_or_else(|| namespace.clone()),
                             name: s.name.clone(),
                             rule: match (&s.action, &s.permissions) {
+                                // A peer's, partition's or sameness group's source is not
+                                // the local service of that name: it denies.
+                                _ if s.unsupported() || jwt_required => Rule::L4(false),
                                 (Some(action), _) => Rule::L4(*action == IntentionAction::Allow),
                                 (None, Some(permissions)) => Rule::L7(
                                     permissions
                                         .iter()
-                                        .map(|p| compile_permission(p.action, &p.http))
+                                        .map(|p| {
+                                            // JWT-gated: only the deny half can be enforced.
+                                            let action = if p.jwt.is_some() {
+                                                IntentionAction::Deny
+                                            } else {
+                                                p.action
+                                            };
+                                            compile_permission(action, &p.http)
+                                        })
                                         .collect(),
                                 ),
                                 // Refused by the schema; denies if it ever gets here.
@@ -472,19 +493,11 @@ impl HeaderMatch {
             .map(|(_, value)| *value)
             .collect();
         let host = self.name == "host" || self.name == ":authority";
+        let fold = |s: &str| {
+            if host { canonical_host(s) } else { s.to_owned() }
+        };
         let matches = |value: &str| -> bool {
-            let value = if host {
-                value.to_ascii_lowercase()
-            } else {
-                value.to_owned()
-            };
-            let fold = |s: &str| {
-                if host {
-                    s.to_ascii_lowercase()
-                } else {
-                    s.to_owned()
-                }
-            };
+            let value = fold(value);
             match &self.value {
                 ValueMatch::Present => true,
                 ValueMatch::Exact(e) => value == fold(e),
@@ -503,10 +516,31 @@ impl HeaderMatch {
     }
 }
 
+/// A host as every server routes it (M4): lower-cased, without a port and without the
+/// trailing dot of a fully qualified name, so `Admin.Example.:80` is `admin.example`
+/// and cannot slip past a rule written for `admin.example`. Rule values are folded the
+/// same way. An IPv6 literal keeps its brackets.
+pub fn canonical_host(value: &str) -> String {
+    let value = value.trim().to_ascii_lowercase();
+    let host = match value.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((literal, _port)) => return format!("[{literal}]"),
+            None => value.as_str(),
+        },
+        None => match value.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => value.as_str(),
+        },
+    };
+    host.trim_end_matches('.').to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
+    const CONTROL: &str = "capstan-system";
 
     fn intention(ns: &str, name: &str, spec: serde_json::Value) -> ServiceIntentions {
         let mut obj: ServiceIntentions = serde_json::from_value(serde_json::json!({
@@ -543,7 +577,7 @@ mod tests {
     /// M1: with no intentions nothing passes, at L4 or L7.
     #[test]
     fn no_intentions_means_deny() {
-        let policy = Policy::compile(&[], false);
+        let policy = Policy::compile(&[], false, CONTROL);
         assert_eq!(
             policy.connection(&id("shop/web"), &id("shop/api")),
             ConnectionDecision::Decided(Decision {
@@ -556,7 +590,7 @@ mod tests {
                 .request(&id("shop/web"), &id("shop/api"), &get("/", &[]))
                 .allow
         );
-        let open = Policy::compile(&[], true);
+        let open = Policy::compile(&[], true, CONTROL);
         assert_eq!(
             l4(&open, "shop/web", "shop/api"),
             Some(true),
@@ -586,7 +620,7 @@ mod tests {
                 ]}),
             ),
         ];
-        let policy = Policy::compile(&objects, false);
+        let policy = Policy::compile(&objects, false, CONTROL);
         assert_eq!(
             l4(&policy, "shop/web", "shop/api"),
             Some(false),
@@ -638,7 +672,7 @@ mod tests {
                 {"name": "web", "action": "allow"},
             ]}),
         )];
-        let policy = Policy::compile(&objects, false);
+        let policy = Policy::compile(&objects, false, CONTROL);
         for impostor in [
             "shop/web.*",
             "shop/webx",
@@ -671,6 +705,7 @@ mod tests {
                 ]}),
             )],
             false,
+            CONTROL,
         )
     }
 
@@ -820,7 +855,7 @@ mod tests {
                 ]},
             ]}),
         )];
-        let policy = Policy::compile(&objects, false);
+        let policy = Policy::compile(&objects, false, CONTROL);
         let (web, api) = (id("shop/web"), id("shop/api"));
         let delete = Request {
             method: "DELETE",
@@ -851,7 +886,128 @@ mod tests {
             serde_json::json!({"destination": {"name": "api"}, "sources": [{"name": "web", "action": "allow"}]}),
         );
         newer.metadata.creation_timestamp = Some(Time(Timestamp::from_second(2_000).unwrap()));
-        let policy = Policy::compile(&[newer, older], false);
+        let policy = Policy::compile(&[newer, older], false, CONTROL);
         assert_eq!(l4(&policy, "shop/web", "shop/api"), Some(false));
+    }
+
+    /// Tenancy: a tenant's object naming every namespace (or another one) governs
+    /// nothing, so it cannot grant itself access; Capstan's namespace may set defaults.
+    #[test]
+    fn a_tenant_cannot_govern_another_namespace() {
+        let grab = intention(
+            "evil",
+            "grab",
+            serde_json::json!({"destination": {"name": "*", "namespace": "*"}, "sources": [
+                {"name": "*", "namespace": "evil", "action": "allow"},
+            ]}),
+        );
+        let mut older = intention(
+            "evil",
+            "shadow",
+            serde_json::json!({"destination": {"name": "db", "namespace": "shop"}, "sources": [
+                {"name": "x", "namespace": "evil", "action": "allow"},
+            ]}),
+        );
+        older.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1).unwrap()));
+        let owner = intention(
+            "shop",
+            "db",
+            serde_json::json!({"destination": {"name": "db"}, "sources": [{"name": "web", "action": "allow"}]}),
+        );
+        let policy = Policy::compile(&[grab.clone(), older, owner], false, CONTROL);
+        assert_eq!(
+            policy.connection(&id("evil/x"), &id("shop/db")),
+            ConnectionDecision::Decided(Decision {
+                allow: false,
+                by: DecidedBy::Default
+            })
+        );
+        assert_eq!(l4(&policy, "evil/x", "evil/x"), Some(false));
+        // The owner's own object is not shadowed by the older out-of-bounds one.
+        assert_eq!(l4(&policy, "shop/web", "shop/db"), Some(true));
+
+        let mut defaults = grab;
+        defaults.metadata.namespace = Some(CONTROL.into());
+        let policy = Policy::compile(&[defaults], false, CONTROL);
+        assert_eq!(
+            l4(&policy, "evil/x", "shop/db"),
+            Some(true),
+            "a cluster-wide rule"
+        );
+    }
+
+    /// Fields Capstan does not implement (refused by the schema) only ever deny.
+    #[test]
+    fn unsupported_consul_fields_deny() {
+        let objects = [intention(
+            "shop",
+            "api",
+            serde_json::json!({"destination": {"name": "api"}, "sources": [
+                {"name": "web", "peer": "dc2", "action": "allow"},
+                {"name": "cart", "partition": "p1", "action": "allow"},
+                {"name": "batch", "samenessGroup": "g", "action": "allow"},
+                {"name": "ui", "permissions": [
+                    {"action": "allow", "http": {"pathPrefix": "/"}, "jwt": {"providers": [{"name": "okta"}]}},
+                ]},
+            ]}),
+        )];
+        let policy = Policy::compile(&objects, false, CONTROL);
+        for from in ["shop/web", "shop/cart", "shop/batch"] {
+            assert_eq!(l4(&policy, from, "shop/api"), Some(false), "{from}");
+        }
+        assert!(
+            !policy
+                .request(&id("shop/ui"), &id("shop/api"), &get("/x", &[]))
+                .allow
+        );
+
+        let mut gated = objects[0].clone();
+        gated.spec.sources =
+            vec![serde_json::from_value(serde_json::json!({"name": "web", "action": "allow"})).unwrap()];
+        gated.spec.jwt = Some(serde_json::json!({"providers": [{"name": "okta"}]}));
+        let policy = Policy::compile(&[gated], false, CONTROL);
+        assert_eq!(l4(&policy, "shop/web", "shop/api"), Some(false));
+    }
+
+    /// M4: a port or the trailing dot of a fully qualified name does not escape an
+    /// exact host rule, in any case.
+    #[test]
+    fn host_rules_see_through_ports_and_trailing_dots() {
+        let policy = Policy::compile(
+            &[intention(
+                "shop",
+                "api",
+                serde_json::json!({"destination": {"name": "api"}, "sources": [
+                    {"name": "web", "permissions": [
+                        {"action": "deny", "http": {"header": [{"name": "Host", "exact": "admin.example"}]}},
+                        {"action": "allow", "http": {"pathPrefix": "/"}},
+                    ]},
+                ]}),
+            )],
+            false,
+            CONTROL,
+        );
+        for host in [
+            "admin.example",
+            "admin.example.",
+            "admin.example:80",
+            "Admin.Example.:8080",
+            "admin.example..",
+        ] {
+            let decision = policy.request(&id("shop/web"), &id("shop/api"), &get("/", &[("Host", host)]));
+            assert!(!decision.allow, "{host}: {decision}");
+        }
+        assert!(
+            policy
+                .request(
+                    &id("shop/web"),
+                    &id("shop/api"),
+                    &get("/", &[("Host", "shop.example")])
+                )
+                .allow
+        );
+        assert_eq!(canonical_host("[::1]:8080"), "[::1]");
+        assert_eq!(canonical_host("[::1]"), "[::1]");
+        assert_eq!(canonical_host("a.b:x"), "a.b:x");
     }
 }

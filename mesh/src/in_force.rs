@@ -4,6 +4,14 @@
 //! from naming the same one. The oldest (by creation, then namespace/name) is in force,
 //! so a new object can never silently change what an existing one decided; the others
 //! report the conflict in their status until it is resolved.
+//!
+//! Tenancy comes first: an object governs destinations in its own namespace only, so a
+//! tenant can neither grant itself access to another namespace's services nor shadow
+//! their own intentions. Only Capstan's own namespace (the control namespace) may name
+//! other namespaces, `*` included, for cluster-wide rules. The API server refuses such
+//! objects at the door (the chart's ValidatingAdmissionPolicy and the webhook), and
+//! everyone who reads intentions (reconciler, sidecars, CLI) ignores one stored anyway:
+//! created before the rule, or while the webhook was down.
 
 use capstan_crds::ServiceIntentions;
 use kube::ResourceExt;
@@ -24,6 +32,22 @@ fn age_key(obj: &ServiceIntentions) -> (Option<k8s_openapi::jiff::Timestamp>, St
     )
 }
 
+/// Why `obj` may not govern the destination it names, or None when it may. The message
+/// names the field, as the admission checks that share it report it.
+pub fn out_of_bounds(obj: &ServiceIntentions, control_namespace: &str) -> Option<String> {
+    let own = obj.metadata.namespace.as_deref().unwrap_or_default();
+    let named = obj.spec.destination.namespace.as_deref()?;
+    if named == own || own == control_namespace {
+        return None;
+    }
+    Some(format!(
+        "spec.destination.namespace: {named:?} is not this object's namespace ({own:?}); a \
+         ServiceIntentions governs only destinations in its own namespace (leave the field \
+         unset or set it to {own:?}); cluster-wide rules belong in Capstan's namespace \
+         ({control_namespace:?})"
+    ))
+}
+
 pub fn key(obj: &ServiceIntentions) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
@@ -35,14 +59,30 @@ pub enum Verdict {
     InForce { shadowed: Vec<String> },
     /// The listed object is in force instead of `obj`.
     Shadowed { by: String },
+    /// `obj` names a destination outside its own namespace: it governs nothing.
+    OutOfBounds { reason: String },
 }
 
-pub fn verdict<'a>(obj: &ServiceIntentions, all: impl IntoIterator<Item = &'a ServiceIntentions>) -> Verdict {
+/// `control_namespace` is Capstan's own namespace (see [`out_of_bounds`]); an object out
+/// of bounds is never in force and never shadows another.
+pub fn verdict<'a>(
+    obj: &ServiceIntentions,
+    all: impl IntoIterator<Item = &'a ServiceIntentions>,
+    control_namespace: &str,
+) -> Verdict {
+    if let Some(reason) = out_of_bounds(obj, control_namespace) {
+        return Verdict::OutOfBounds { reason };
+    }
     let dest = destination(obj);
     let me = key(obj);
     let mut rivals: Vec<&ServiceIntentions> = all
         .into_iter()
-        .filter(|o| key(o) != me && o.metadata.deletion_timestamp.is_none() && destination(o) == dest)
+        .filter(|o| {
+            key(o) != me
+                && o.metadata.deletion_timestamp.is_none()
+                && destination(o) == dest
+                && out_of_bounds(o, control_namespace).is_none()
+        })
         .collect();
     rivals.sort_by_key(|o| age_key(o));
     match rivals.first() {
@@ -59,6 +99,8 @@ mod tests {
     use capstan_crds::{IntentionDestination, ServiceIntentionsSpec};
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
+    const CONTROL: &str = "capstan-system";
+
     fn intention(name: &str, dest: &str, created_secs: i64) -> ServiceIntentions {
         let mut obj = ServiceIntentions::new(
             name,
@@ -68,6 +110,7 @@ mod tests {
                     namespace: None,
                 },
                 sources: vec![],
+                jwt: None,
             },
         );
         obj.metadata.namespace = Some("shop".into());
@@ -78,7 +121,7 @@ mod tests {
     #[test]
     fn alone_is_in_force() {
         let a = intention("a", "api", 10);
-        assert_eq!(verdict(&a, [&a]), Verdict::InForce { shadowed: vec![] });
+        assert_eq!(verdict(&a, [&a], CONTROL), Verdict::InForce { shadowed: vec![] });
     }
 
     #[test]
@@ -87,13 +130,13 @@ mod tests {
         let b = intention("b", "api", 20);
         let other = intention("c", "web", 5);
         assert_eq!(
-            verdict(&a, [&a, &b, &other]),
+            verdict(&a, [&a, &b, &other], CONTROL),
             Verdict::InForce {
                 shadowed: vec!["shop/b".into()]
             }
         );
         assert_eq!(
-            verdict(&b, [&a, &b, &other]),
+            verdict(&b, [&a, &b, &other], CONTROL),
             Verdict::Shadowed { by: "shop/a".into() }
         );
     }
@@ -102,7 +145,10 @@ mod tests {
     fn same_age_breaks_ties_by_name() {
         let a = intention("a", "api", 10);
         let b = intention("b", "api", 10);
-        assert_eq!(verdict(&b, [&a, &b]), Verdict::Shadowed { by: "shop/a".into() });
+        assert_eq!(
+            verdict(&b, [&a, &b], CONTROL),
+            Verdict::Shadowed { by: "shop/a".into() }
+        );
     }
 
     #[test]
@@ -110,7 +156,10 @@ mod tests {
         let a = intention("a", "api", 10);
         let mut b = intention("b", "api", 20);
         b.spec.destination.namespace = Some("shop".into());
-        assert_eq!(verdict(&b, [&a, &b]), Verdict::Shadowed { by: "shop/a".into() });
+        assert_eq!(
+            verdict(&b, [&a, &b], CONTROL),
+            Verdict::Shadowed { by: "shop/a".into() }
+        );
     }
 
     #[test]
@@ -118,6 +167,51 @@ mod tests {
         let mut a = intention("a", "api", 10);
         a.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(30).unwrap()));
         let b = intention("b", "api", 20);
-        assert_eq!(verdict(&b, [&a, &b]), Verdict::InForce { shadowed: vec![] });
+        assert_eq!(
+            verdict(&b, [&a, &b], CONTROL),
+            Verdict::InForce { shadowed: vec![] }
+        );
+    }
+
+    #[test]
+    fn a_tenant_governs_only_its_own_namespace() {
+        // Older than the owner's own object: were it counted, it would shadow it.
+        let mut grab = intention("grab", "db", 1);
+        grab.metadata.namespace = Some("evil".into());
+        grab.spec.destination.namespace = Some("shop".into());
+        let owner = intention("db", "db", 10);
+        assert!(matches!(
+            verdict(&grab, [&grab, &owner], CONTROL),
+            Verdict::OutOfBounds { reason } if reason.starts_with("spec.destination.namespace:")
+        ));
+        assert_eq!(
+            verdict(&owner, [&grab, &owner], CONTROL),
+            Verdict::InForce { shadowed: vec![] }
+        );
+
+        let mut everywhere = intention("all", "*", 1);
+        everywhere.metadata.namespace = Some("evil".into());
+        everywhere.spec.destination.namespace = Some("*".into());
+        assert!(matches!(
+            verdict(&everywhere, [&everywhere], CONTROL),
+            Verdict::OutOfBounds { .. }
+        ));
+    }
+
+    #[test]
+    fn capstans_namespace_may_name_any_namespace() {
+        let mut defaults = intention("defaults", "*", 1);
+        defaults.metadata.namespace = Some(CONTROL.into());
+        defaults.spec.destination.namespace = Some("*".into());
+        assert_eq!(
+            verdict(&defaults, [&defaults], CONTROL),
+            Verdict::InForce { shadowed: vec![] }
+        );
+        assert_eq!(
+            verdict(&defaults, [&defaults], "other-capstan"),
+            Verdict::OutOfBounds {
+                reason: out_of_bounds(&defaults, "other-capstan").unwrap()
+            }
+        );
     }
 }

@@ -69,6 +69,9 @@ pub struct Config {
     /// CAPSTAN_DEFAULT_ACTION: what applies when no intention matches (deny unless the
     /// chart says otherwise, for migrations only).
     pub default_allow: bool,
+    /// CAPSTAN_CONTROL_NAMESPACE: Capstan's own namespace, the only one whose
+    /// intentions may govern other namespaces.
+    pub control_namespace: String,
     /// Namespaces never meshed (kube-system and Capstan's own).
     pub excluded_namespaces: Vec<String>,
     pub proxy_cpu_request: String,
@@ -88,6 +91,7 @@ impl Default for Config {
             ca_url: "https://capstan-engine.capstan-system.svc:8200".into(),
             trust_domain: "cluster.local".into(),
             default_allow: false,
+            control_namespace: "capstan-system".into(),
             excluded_namespaces: vec!["kube-system".into(), "capstan-system".into()],
             proxy_cpu_request: "10m".into(),
             proxy_memory_request: "16Mi".into(),
@@ -570,6 +574,7 @@ fn proxy_container(
             "CAPSTAN_DEFAULT_ACTION",
             if config.default_allow { "allow" } else { "deny" },
         ),
+        env("CAPSTAN_CONTROL_NAMESPACE", config.control_namespace.clone()),
         env("CAPSTAN_CA_BUNDLE", ca_bundle),
         env("CAPSTAN_INBOUND_PORT", INBOUND_PORT.to_string()),
         env("CAPSTAN_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),

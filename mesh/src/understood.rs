@@ -9,6 +9,10 @@
 use capstan_crds::ServiceIntentions;
 use serde_json::Value;
 
+// Consul fields Capstan declares but does not implement (`jwt`, a source's `peer`,
+// `partition` and `samenessGroup`) are left out of these lists on purpose: the schema
+// refuses them, and one stored anyway is read as not understood, so it denies.
+const SPEC_FIELDS: &[&str] = &["destination", "sources"];
 const SOURCE_FIELDS: &[&str] = &["name", "namespace", "description", "action", "permissions"];
 const PERMISSION_FIELDS: &[&str] = &["action", "http"];
 const HTTP_FIELDS: &[&str] = &["pathExact", "pathPrefix", "pathRegex", "methods", "header"];
@@ -28,6 +32,29 @@ pub struct NotUnderstood(pub Vec<String>);
 /// object's metadata or destination cannot be read at all.
 pub fn decode(mut raw: Value) -> Result<(ServiceIntentions, NotUnderstood), serde_json::Error> {
     let mut notes = Vec::new();
+    let unknown = raw
+        .get("spec")
+        .map(|spec| unknown_keys(spec, SPEC_FIELDS))
+        .unwrap_or_default();
+    if !unknown.is_empty() {
+        // A condition on the whole object (a JWT requirement, say): nothing it allows
+        // may pass without it.
+        notes.push(format!(
+            "spec: not understood ({}), every source denied",
+            describe(&unknown, false)
+        ));
+        if let Some(spec) = raw.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.retain(|k, _| SPEC_FIELDS.contains(&k.as_str()));
+        }
+        for source in raw
+            .pointer_mut("/spec/sources")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            deny_source(source);
+        }
+    }
     if let Some(sources) = raw.pointer_mut("/spec/sources").and_then(Value::as_array_mut) {
         for (i, source) in sources.iter_mut().enumerate() {
             sanitize_source(source, i, &mut notes);
@@ -153,7 +180,7 @@ mod tests {
 
     fn decide(raw: Value, method: &str, path: &str) -> bool {
         let (obj, _) = decode(raw).unwrap();
-        let policy = Policy::compile(&[obj], false);
+        let policy = Policy::compile(&[obj], false, "capstan-system");
         let request = Request {
             method,
             target: path,
@@ -227,5 +254,14 @@ mod tests {
         ] {
             assert!(!decide(object(sources.clone()), "GET", "/"), "{sources}");
         }
+    }
+
+    #[test]
+    fn an_unknown_condition_on_the_whole_object_denies_every_source() {
+        let mut raw = object(json!([{"name": "web", "action": "allow"}]));
+        raw["spec"]["jwt"] = json!({"providers": [{"name": "okta"}]});
+        let (_, notes) = decode(raw.clone()).unwrap();
+        assert_eq!(notes.0.len(), 1, "{notes:?}");
+        assert!(!decide(raw, "GET", "/"));
     }
 }

@@ -165,9 +165,11 @@ mod tests {
                 permissions: Some(vec![IntentionPermission {
                     action: IntentionAction::Allow,
                     http,
+                    jwt: None,
                 }]),
                 ..Default::default()
             }],
+            jwt: None,
         }
     }
 

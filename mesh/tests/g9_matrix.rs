@@ -41,6 +41,8 @@ const SERVICES: [(&str, &str); 9] = [
     ("dev", ".*"),
 ];
 const NAMESPACES: [&str; 3] = ["shop", "ops", "dev"];
+/// Capstan's own namespace: the only one whose objects may name other namespaces.
+const CONTROL: &str = "capstan-system";
 /// Names a rule may use: the services', a prefix of one, and the wildcard (twice as
 /// likely).
 const RULE_NAMES: [&str; 10] = ["web", "api", "a.b", "axb", "svc*x", "svcyx", ".*", "we", "*", "*"];
@@ -117,8 +119,18 @@ mod reference {
                 o.metadata.name.clone().unwrap_or_default(),
             )
         };
+        // Tenancy (the CRD's destination.namespace doc): an object in a tenant namespace
+        // that names another namespace governs nothing and competes with no one.
+        let governs = |o: &&ServiceIntentions| {
+            let own = o.metadata.namespace.as_deref().unwrap_or_default();
+            own == crate::CONTROL || o.spec.destination.namespace.as_deref().is_none_or(|ns| ns == own)
+        };
         let mut oldest: BTreeMap<(&str, &str), &ServiceIntentions> = BTreeMap::new();
-        for obj in objects.iter().filter(|o| o.metadata.deletion_timestamp.is_none()) {
+        for obj in objects
+            .iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .filter(governs)
+        {
             let current = oldest.entry(destination(obj)).or_insert(obj);
             if age(obj) < age(current) {
                 *current = obj;
@@ -272,6 +284,27 @@ mod reference {
             let Some(path) = path else {
                 return (false, "refused path".into());
             };
+            // The application routes the forwarded path its own way: allowed only if
+            // every way a server family routes it is allowed.
+            let mut verdict = (true, String::new());
+            for routed in routed(path) {
+                let (allow, why) = self.decide_path(source, dest, method, &routed, headers);
+                if !allow {
+                    return (false, format!("{why} (as routed: {routed})"));
+                }
+                verdict = (allow, why);
+            }
+            verdict
+        }
+
+        fn decide_path(
+            &self,
+            source: &Id<'_>,
+            dest: &Id<'_>,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+        ) -> (bool, String) {
             match self.grant(source, dest) {
                 Grant::Default => (false, "default deny".into()),
                 Grant::L4 { allow, by } => (allow, by),
@@ -305,8 +338,17 @@ mod reference {
             } else {
                 true
             };
-            // Methods are case-sensitive tokens (RFC 9110 §9.1); none listed means any.
-            let method_ok = http.methods.is_empty() || http.methods.iter().any(|m| method_name(*m) == method);
+            // Methods are case-sensitive tokens (RFC 9110 §9.1); none listed means any. Some
+            // applications upper-case what they receive, so a deny rule holds for any case
+            // of its method (decide.rs: case never widens access).
+            let method_ok = http.methods.is_empty()
+                || http.methods.iter().any(|m| {
+                    if is_allow(p) {
+                        method_name(*m) == method
+                    } else {
+                        method_name(*m).eq_ignore_ascii_case(method)
+                    }
+                });
             path_ok
                 && method_ok
                 && http
@@ -341,13 +383,7 @@ mod reference {
         /// (README, M4), whatever the kind of comparison.
         fn value_matches(&self, h: &HttpHeaderMatch, value: &str) -> bool {
             let fold = is_host(h);
-            let norm = |s: &str| {
-                if fold {
-                    s.to_ascii_lowercase()
-                } else {
-                    s.to_owned()
-                }
-            };
+            let norm = |s: &str| if fold { routed_host(s) } else { s.to_owned() };
             if let Some(exact) = &h.exact {
                 norm(value) == norm(exact)
             } else if let Some(prefix) = &h.prefix {
@@ -356,9 +392,9 @@ mod reference {
                 norm(value).ends_with(&norm(suffix))
             } else if let Some(pattern) = &h.regex {
                 if fold && self.kb1 {
-                    self.regexes[&(pattern.clone(), false)].is_match(&value.to_ascii_lowercase())
+                    self.regexes[&(pattern.clone(), false)].is_match(&norm(value))
                 } else {
-                    self.regexes[&(pattern.clone(), fold)].is_match(value)
+                    self.regexes[&(pattern.clone(), fold)].is_match(&norm(value))
                 }
             } else {
                 // `present`
@@ -402,7 +438,7 @@ mod reference {
     /// None when the request must be refused:
     /// 1. the query (from the first `?`) is not part of the path;
     /// 2. refused: not starting with `/`, a fragment `#`, a raw `\`, a control character or
-    ///    space, a malformed `%` escape, an encoded `/` or `\`;
+    ///    space, a malformed `%` escape, an encoded `/` or `\`, a `;` raw or encoded;
     /// 3. percent-encoded unreserved characters (ALPHA DIGIT `-._~`) are decoded, other
     ///    escapes kept with upper-case hex;
     /// 4. repeated slashes merged, then dot segments removed (RFC 3986 §5.2.4).
@@ -417,6 +453,8 @@ mod reference {
             || path.contains('#')
             || path.contains('\\')
             || path.chars().any(|c| c.is_ascii_control() || c == ' ')
+            || path.contains(';')
+            || path.to_ascii_lowercase().contains("%3b")
         {
             return None;
         }
@@ -455,6 +493,69 @@ mod reference {
         }
         // Only ASCII escapes were rewritten into ASCII: still UTF-8.
         Some(String::from_utf8(out).expect("UTF-8 in, UTF-8 out"))
+    }
+
+    /// The paths servers route a forwarded path to, written from how they are documented
+    /// to behave rather than from Capstan's contract, so that a gap in the contract (a
+    /// spelling it passes through that a server reads differently) shows up as an
+    /// unauthorized request here:
+    /// - RFC 3986 servers (Go, nginx): the path as forwarded;
+    /// - servlet containers (Tomcat, Jetty, Spring): `;` parameters stripped from every
+    ///   segment, every escape decoded, dot segments removed, in either order of the
+    ///   first two (they differ between containers and versions).
+    pub fn routed(path: &str) -> Vec<String> {
+        let strip_params = |p: &str| {
+            p.split('/')
+                .map(|segment| segment.split(';').next().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let decode_all = |p: &str| {
+            let bytes = p.as_bytes();
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                let escape = (bytes[i] == b'%')
+                    .then(|| p.get(i + 1..i + 3))
+                    .flatten()
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+                match escape {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(bytes[i]);
+                        i += 1;
+                    }
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let servlet = |p: String| remove_dot_segments(&merge_slashes(&p));
+        let mut routes = vec![
+            path.to_owned(),
+            servlet(decode_all(&strip_params(path))),
+            servlet(strip_params(&decode_all(path))),
+        ];
+        routes.dedup();
+        routes
+    }
+
+    /// The host a server routes on (M4): case-folded, without a port, without the
+    /// trailing dot(s) of a fully qualified name; an IPv6 literal keeps its brackets.
+    pub fn routed_host(value: &str) -> String {
+        let value = value.trim().to_ascii_lowercase();
+        if value.starts_with('[') {
+            return value
+                .find(']')
+                .map_or(value.clone(), |end| value[..=end].to_owned());
+        }
+        let host = match value.rfind(':') {
+            Some(colon) if value[colon + 1..].chars().all(|c| c.is_ascii_digit()) => &value[..colon],
+            _ => &value[..],
+        };
+        host.trim_end_matches('.').to_owned()
     }
 
     fn merge_slashes(path: &str) -> String {
@@ -516,7 +617,6 @@ fn reference_normalizer_follows_the_documented_examples() {
         ("/admin?x=1", "/admin"),
         ("/%2e%2e/admin", "/admin"),
         ("/ADMIN", "/ADMIN"),
-        ("/admin;x", "/admin;x"),
         ("/a/b/", "/a/b/"),
         ("/a/b/..", "/a/"),
         ("/..", "/"),
@@ -544,6 +644,9 @@ fn reference_normalizer_follows_the_documented_examples() {
         "",
         "*",
         "http://shop.example/admin",
+        "/admin;x",
+        "/public/..;/admin",
+        "/public/..%3b/admin",
     ] {
         assert_eq!(normalize(refused), None, "{refused:?}");
     }
@@ -562,7 +665,11 @@ fn pick<'a, T: ?Sized>(rng: &mut StdRng, items: &[&'a T]) -> &'a T {
 fn random_intentions(rng: &mut StdRng) -> Vec<ServiceIntentions> {
     let mut objects: Vec<ServiceIntentions> = Vec::new();
     for i in 0..OBJECTS_PER_ROUND {
-        let own_namespace = *NAMESPACES.choose(rng).unwrap();
+        let own_namespace = if rng.random_bool(0.15) {
+            CONTROL
+        } else {
+            *NAMESPACES.choose(rng).unwrap()
+        };
         let destination = if !objects.is_empty() && rng.random_bool(0.25) {
             // A rival for an earlier object's destination: only the older one is in force.
             let earlier = &objects[rng.random_range(0..objects.len())];
@@ -599,8 +706,14 @@ fn random_intentions(rng: &mut StdRng) -> Vec<ServiceIntentions> {
                 sources.push(source);
             }
         }
-        let mut obj =
-            ServiceIntentions::new(&format!("si-{i}"), ServiceIntentionsSpec { destination, sources });
+        let mut obj = ServiceIntentions::new(
+            &format!("si-{i}"),
+            ServiceIntentionsSpec {
+                destination,
+                sources,
+                jwt: None,
+            },
+        );
         obj.metadata.namespace = Some(own_namespace.to_owned());
         // Few distinct times, so age ties (broken by namespace/name) happen too.
         let created = *[1_000, 1_000, 2_000, 3_000].choose(rng).unwrap();
@@ -698,6 +811,7 @@ fn random_permission(rng: &mut StdRng) -> IntentionPermission {
     IntentionPermission {
         action: random_action(rng, 0.6),
         http,
+        jwt: None,
     }
 }
 
@@ -768,6 +882,10 @@ const HEADER_SETS: &[&[(&str, &str)]] = &[
     &[("Host", "shop.example"), ("host", "evil.example")],
     &[("host", "evil.example"), ("Host", "shop.example")],
     &[("host", "shop.example:8080")],
+    &[("host", "evil.example.")],
+    &[("Host", "EVIL.example:80")],
+    &[("host", "evil.example.:8080")],
+    &[("host", "shop.example.")],
     &[("x-role", "clerk")],
     &[("X-ROLE", "CLERK")],
     &[("x-role", "clerk"), ("X-Role", "guest")],
@@ -828,6 +946,11 @@ fn path_variants(base: &str) -> Vec<String> {
         format!("/public/../{rest}"),
         format!("{base}#x"),
         format!("{base};x"),
+        format!("/public/..;/{rest}"),
+        format!("/public/..%3b/{rest}"),
+        format!("/public/..%3B/{rest}"),
+        format!("/public;x/../{rest}"),
+        format!("{base}%3bx"),
         format!("{base}?q=1"),
         format!("{base}?q=/../admin#y"),
         format!("{base}/"),
@@ -1004,7 +1127,7 @@ fn g9_no_unauthorized_connection_or_request() {
                 println!("round {round}: {}", serde_json::to_string(obj).unwrap());
             }
         }
-        let policy = Policy::compile(&objects, false);
+        let policy = Policy::compile(&objects, false, CONTROL);
         let model = reference::Model::new(&objects);
         let model_kb1 = reference::Model::with_kb1(&objects);
         intentions += objects.len();
@@ -1178,19 +1301,22 @@ fn kb1_host_regex_compares_case_insensitively() {
                             }],
                             ..Default::default()
                         },
+                        jwt: None,
                     },
                     IntentionPermission {
                         action: IntentionAction::Allow,
                         http: HttpMatch::default(),
+                        jwt: None,
                     },
                 ]),
                 ..Default::default()
             }],
+            jwt: None,
         },
     );
     obj.metadata.namespace = Some("shop".into());
     obj.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1_000).unwrap()));
-    let policy = Policy::compile(&[obj], false);
+    let policy = Policy::compile(&[obj], false, CONTROL);
     for host in ["evil.example", "Evil.Example", "EVIL.EXAMPLE"] {
         let decision = policy.request(
             &Identity::new("shop", "web"),

@@ -387,3 +387,238 @@ async fn intentions_check_decides_from_the_cluster() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Runs `capstan intentions check ARGS`: (exit code, stdout).
+fn check(args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
+    let mut all = vec!["intentions", "check"];
+    all.extend_from_slice(args);
+    let out = std::process::Command::new(bin("capstan")).args(&all).output()?;
+    Ok((
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Switches the chart's tenancy ValidatingAdmissionPolicy to audit-only while alive, as
+/// on a cluster where an object was stored before the policy existed; back to Deny on drop.
+struct TenancyPolicyOff;
+
+const TENANCY_BINDING: &str = "capstan-intentions-tenancy";
+
+impl TenancyPolicyOff {
+    fn new() -> anyhow::Result<Self> {
+        run(
+            "kubectl",
+            &[
+                "patch",
+                "validatingadmissionpolicybinding",
+                TENANCY_BINDING,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"validationActions":["Audit"]}}"#,
+            ],
+        )?;
+        Ok(Self)
+    }
+}
+
+impl Drop for TenancyPolicyOff {
+    fn drop(&mut self) {
+        run(
+            "kubectl",
+            &[
+                "patch",
+                "validatingadmissionpolicybinding",
+                TENANCY_BINDING,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"validationActions":["Deny"]}}"#,
+            ],
+        )
+        .expect("restoring the tenancy policy");
+    }
+}
+
+/// Issue 15.1, tenancy (RELIABILITY S1 for intentions): a ServiceIntentions in a tenant's
+/// namespace that names every namespace, or another one, is refused at the door by the
+/// API server itself (the chart's ValidatingAdmissionPolicy; no webhook runs here), and
+/// one stored anyway (before the policy) governs nothing: the reconciler reports it, the
+/// owner's own object is not shadowed by it, and the CLI decides as the sidecars do.
+#[tokio::test]
+async fn a_tenant_cannot_govern_another_namespace() -> anyhow::Result<()> {
+    let client = client().await;
+    let _controller = ControllerProcess::sole(&client, "intentions-tenancy").await?;
+    let evil = TestNamespace::new(&client, "e2e-evil").await;
+    let shop = TestNamespace::new(&client, "e2e-shop").await;
+    let (e, s) = (evil.name.as_str(), shop.name.as_str());
+    let grab = |name: &str, destination: &str| {
+        format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: {name}, namespace: {e}}}\n\
+             spec:\n  destination: {destination}\n  sources: [{{name: '*', namespace: {e}, action: allow}}]\n"
+        )
+    };
+    let attacks = [
+        ("grab", "{name: '*', namespace: '*'}".to_owned()),
+        ("shadow", format!("{{name: db, namespace: {s}}}")),
+    ];
+    for (name, destination) in &attacks {
+        let (ok, output) = kubectl_stdin(&["create", "-f", "-"], &grab(name, destination));
+        assert!(
+            !ok,
+            "{name}: a tenant's object naming another namespace was accepted"
+        );
+        assert!(
+            output.contains("spec.destination.namespace") && output.contains("its own namespace"),
+            "{name}: the refusal must name the field: {output}"
+        );
+    }
+    // Objects in Capstan's own namespace may set cluster-wide rules.
+    let (ok, output) = kubectl_stdin(
+        &["create", "--dry-run=server", "-f", "-"],
+        &grab("defaults", "{name: '*', namespace: '*'}")
+            .replace(&format!("namespace: {e}}}"), "namespace: capstan-system}"),
+    );
+    assert!(ok, "Capstan's namespace may name every namespace: {output}");
+
+    // Stored anyway, before the owner's object (were it counted, it would shadow it).
+    {
+        let _off = TenancyPolicyOff::new()?;
+        for (name, destination) in &attacks {
+            // The API server picks the binding's change up from its informer.
+            let manifest = grab(name, destination);
+            eventually(Duration::from_secs(20), "the policy in audit mode", || {
+                let manifest = manifest.clone();
+                async move { kubectl_stdin(&["create", "-f", "-"], &manifest).0.then_some(()) }
+            })
+            .await?;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, output) = kubectl_stdin(
+        &["create", "-f", "-"],
+        &format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: db, namespace: {s}}}\n\
+             spec:\n  destination: {{name: db}}\n  sources: [{{name: web, action: allow}}]\n"
+        ),
+    );
+    assert!(ok, "{output}");
+    for (name, _) in &attacks {
+        let obj = wait_ready(&client, e, name, "False", "ForeignDestination", READY_WITHIN).await?;
+        let ready = conditions::get(&obj.status.as_ref().unwrap().conditions, conditions::READY).unwrap();
+        assert!(
+            ready.message.starts_with("spec.destination.namespace:"),
+            "{}",
+            ready.message
+        );
+    }
+    wait_accepted(&client, s, "db").await?;
+
+    let (code, out) = check(&[&format!("{e}/x"), &format!("{s}/db")])?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("DENY by cluster default"), "{out}");
+    let (code, out) = check(&[&format!("{e}/x"), &format!("{e}/anything")])?;
+    assert_eq!(code, Some(1), "{out}");
+    let (code, out) = check(&[&format!("{s}/web"), &format!("{s}/db")])?;
+    assert_eq!(code, Some(0), "the owner's own object is in force: {out}");
+    assert!(out.contains(&format!("ALLOW by {s}/db sources[0]")), "{out}");
+    Ok(())
+}
+
+/// Issue 15.4: consul-k8s fields Capstan does not implement are refused, not pruned into
+/// a wider allow, even from a client that does not ask for strict field validation
+/// (kubectl --validate=false sends fieldValidation=Ignore).
+#[tokio::test]
+async fn unsupported_consul_fields_are_refused_not_pruned() -> anyhow::Result<()> {
+    let client = client().await;
+    install_chart();
+    let ns = TestNamespace::new(&client, "e2e-consul-fields").await;
+    let cases = [
+        (
+            "sources: [{name: web, peer: cluster-2, action: allow}]",
+            "spec.sources[0].peer",
+        ),
+        (
+            "sources: [{name: web, partition: p1, action: allow}]",
+            "spec.sources[0].partition",
+        ),
+        (
+            "sources: [{name: web, samenessGroup: g1, action: allow}]",
+            "spec.sources[0].samenessGroup",
+        ),
+        (
+            "jwt: {providers: [{name: okta}]}\n  sources: [{name: web, action: allow}]",
+            "spec.jwt",
+        ),
+        (
+            "sources: [{name: web, permissions: [{action: allow, http: {pathPrefix: /}, jwt: {providers: [{name: okta}]}}]}]",
+            "spec.sources[0].permissions[0].jwt",
+        ),
+    ];
+    for (spec_tail, field) in cases {
+        let manifest = format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: consul, namespace: {}}}\n\
+             spec:\n  destination: {{name: api}}\n  {spec_tail}\n",
+            ns.name
+        );
+        let (ok, output) = kubectl_stdin(&["create", "--validate=false", "-f", "-"], &manifest);
+        assert!(
+            !ok,
+            "{field}: accepted (pruned?) with field validation off:\n{manifest}"
+        );
+        assert!(
+            output.contains(field) && output.contains("Capstan does not support"),
+            "{field}: the refusal must name the field and say it is unsupported: {output}"
+        );
+    }
+    Ok(())
+}
+
+/// Issue 15.3 through the CLI (RELIABILITY M3, M4): `;` path parameters that servlet
+/// containers strip before routing are refused, and a port or trailing dot on the Host
+/// does not escape an exact host deny.
+#[tokio::test]
+async fn path_parameters_and_host_spellings_do_not_bypass_rules() -> anyhow::Result<()> {
+    let client = client().await;
+    install_chart();
+    let ns = TestNamespace::new(&client, "e2e-m3").await;
+    let n = ns.name.as_str();
+    let (ok, output) = kubectl_stdin(
+        &["create", "-f", "-"],
+        &format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: api, namespace: {n}}}\n\
+             spec:\n  destination: {{name: api}}\n  sources:\n  - name: frontend\n    permissions:\n\
+             \x20   - {{action: deny, http: {{header: [{{name: Host, exact: admin.example}}]}}}}\n\
+             \x20   - {{action: allow, http: {{pathPrefix: /public}}}}\n"
+        ),
+    );
+    assert!(ok, "{output}");
+    let ns_arg = ["-n", n, "frontend", "api", "--path"];
+    for path in ["/public/..;/admin", "/public/..%3b/admin", "/public;x/../admin"] {
+        let mut args = ns_arg.to_vec();
+        args.push(path);
+        let (code, out) = check(&args)?;
+        assert_eq!(code, Some(1), "{path}: {out}");
+        assert!(out.contains("DENY by invalid request path"), "{path}: {out}");
+    }
+    let mut args = ns_arg.to_vec();
+    args.push("/public/a");
+    assert_eq!(check(&args)?.0, Some(0), "the allow still holds");
+    for host in [
+        "admin.example",
+        "admin.example.",
+        "admin.example:80",
+        "ADMIN.example.:8443",
+    ] {
+        let header = format!("Host={host}");
+        let mut args = ns_arg.to_vec();
+        args.extend(["/public/a", "--header", &header]);
+        let (code, out) = check(&args)?;
+        assert_eq!(code, Some(1), "Host {host}: {out}");
+        assert!(out.contains("permissions[0]"), "Host {host}: {out}");
+    }
+    Ok(())
+}

@@ -18,6 +18,7 @@ use axum::{
 };
 use capstan_crds::ServiceIntentions;
 use capstan_mesh::{
+    in_force,
     injection::{self, Injection, Wanted},
     validate,
 };
@@ -337,8 +338,16 @@ async fn validate_intentions(State(state): State<Arc<AppState>>, body: Bytes) ->
         .clone()
         .unwrap_or_else(|| own_namespace.clone());
     let mut problems = validate::validate(&obj.spec, &destination_namespace);
+    // Tenancy: an object governs its own namespace only (Capstan's namespace excepted).
+    // The chart's ValidatingAdmissionPolicy refuses the same without this webhook.
+    let mut governed = obj.clone();
+    governed
+        .metadata
+        .namespace
+        .get_or_insert_with(|| own_namespace.clone());
+    let foreign = in_force::out_of_bounds(&governed, &state.config.control_namespace);
     let mut warnings = Vec::new();
-    if obj.spec.destination.name != "*" && destination_namespace != "*" {
+    if obj.spec.destination.name != "*" && destination_namespace != "*" && foreign.is_none() {
         let services = Api::<Service>::namespaced(state.client.clone(), &destination_namespace);
         match services.get_opt(&obj.spec.destination.name).await {
             Ok(service) => problems.extend(validate::l7_on_tcp(&obj.spec, service.as_ref())),
@@ -350,6 +359,7 @@ async fn validate_intentions(State(state): State<Arc<AppState>>, body: Bytes) ->
             )),
         }
     }
+    problems.extend(foreign);
     let name = obj.name_any();
     let mut response = if problems.is_empty() {
         state.metrics.request(VALIDATE_INTENTIONS, "allowed");

@@ -165,6 +165,7 @@ impl Args {
                 .unwrap_or_else(|| format!("https://capstan-engine.{}.svc:8200", self.namespace)),
             trust_domain: self.trust_domain.clone(),
             default_allow: self.default_action == "allow",
+            control_namespace: self.namespace.clone(),
             excluded_namespaces: excluded,
             proxy_cpu_request: self.proxy_cpu_request.clone(),
             proxy_memory_request: self.proxy_memory_request.clone(),

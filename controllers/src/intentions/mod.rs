@@ -44,6 +44,8 @@ pub mod reasons {
     pub const ACCEPTED: &str = "Accepted";
     pub const CONFLICT: &str = "Conflict";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The object names a destination outside its own namespace: it governs nothing.
+    pub const FOREIGN_DESTINATION: &str = "ForeignDestination";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +93,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let unmeshed = tokio::spawn(unmeshed::run(
         ctx.clone(),
         store.clone(),
-        own_namespace,
+        own_namespace.clone(),
         shutdown.clone(),
     ));
+    // Only objects in Capstan's own namespace may govern other namespaces (tenancy).
+    let control_namespace: Arc<str> = own_namespace.into();
     // Aborted with this future (the end of a leadership term aborts the whole task).
     let _unmeshed = AbortOnDrop(unmeshed);
     controller
@@ -114,7 +118,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         )
         .graceful_shutdown_on(shutdown)
         .run(
-            move |obj, ctx| reconcile(obj, ctx, store.clone()),
+            move |obj, ctx| reconcile(obj, ctx, store.clone(), control_namespace.clone()),
             error_policy,
             ctx,
         )
@@ -122,11 +126,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .await;
 }
 
-#[tracing::instrument(skip(obj, ctx, store), fields(ns = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+#[tracing::instrument(skip(obj, ctx, store, control_namespace), fields(ns = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
 async fn reconcile(
     obj: Arc<ServiceIntentions>,
     ctx: Arc<Context>,
     store: Store<ServiceIntentions>,
+    control_namespace: Arc<str>,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.start(CONTROLLER);
     ctx.leadership.ensure()?;
@@ -143,6 +148,8 @@ async fn reconcile(
     if obj.spec.sources.iter().any(|s| s.permissions.is_some())
         && destination_name != "*"
         && destination_namespace != "*"
+        // Not on behalf of an object that may not govern that namespace.
+        && conflicts::out_of_bounds(&obj, &control_namespace).is_none()
     {
         let service = Api::<Service>::namespaced(ctx.client.clone(), &destination_namespace)
             .get_opt(&destination_name)
@@ -150,7 +157,7 @@ async fn reconcile(
             .map_err(Error::Service)?;
         problems.extend(validate::l7_on_tcp(&obj.spec, service.as_ref()));
     }
-    let mut verdict = conflicts::verdict(&obj, store.state().iter().map(|o| o.as_ref()));
+    let mut verdict = conflicts::verdict(&obj, store.state().iter().map(|o| o.as_ref()), &control_namespace);
     if matches!(verdict, Verdict::Shadowed { .. }) {
         // The cache can still hold an object deleted while our watch was down (it is
         // only swapped at the end of a relist): confirm a conflict with a live read
@@ -159,10 +166,17 @@ async fn reconcile(
             .list(&ListParams::default())
             .await
             .map_err(Error::List)?;
-        verdict = conflicts::verdict(&obj, live.items.iter());
+        verdict = conflicts::verdict(&obj, live.items.iter(), &control_namespace);
     }
 
     let (ready, reason, message, conflicts) = match (&verdict, problems.is_empty()) {
+        // First: it governs nothing, whatever else is wrong with it.
+        (Verdict::OutOfBounds { reason }, _) => (
+            ConditionStatus::False,
+            reasons::FOREIGN_DESTINATION,
+            format!("{reason}; this object is ignored"),
+            vec![],
+        ),
         (_, false) => (
             ConditionStatus::False,
             reasons::INVALID_SPEC,

@@ -46,6 +46,8 @@ const NAME_OR_WILDCARD: &str = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$";
     doc = "Which services may connect to one destination service, decided by service identity"
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.jwt)")
+    .message(UNSUPPORTED_JWT).field_path(".jwt"))]
 pub struct ServiceIntentionsSpec {
     /// The service these intentions protect.
     pub destination: IntentionDestination,
@@ -56,6 +58,33 @@ pub struct ServiceIntentionsSpec {
     #[schemars(length(max = 128))]
     #[serde(default)]
     pub sources: Vec<IntentionSource>,
+    /// consul-k8s's JWT requirement for every request. Not supported yet: refused.
+    #[schemars(schema_with = "any_object")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<serde_json::Value>,
+}
+
+// consul-k8s fields Capstan does not implement yet. They are declared, not left out: the
+// API server prunes an undeclared field from a client that does not ask for strict field
+// validation, and each of these pruned is a wider allow (a peer cluster's source becomes
+// the local service of that name, a JWT-gated allow becomes unconditional). So the schema
+// keeps them and a CEL rule refuses them, and the decision treats one stored anyway as
+// deny-only.
+const UNSUPPORTED_JWT: &str = "Capstan does not support jwt yet: the JWT requirement would not be \
+    enforced, so the object is refused instead of applied without it";
+const UNSUPPORTED_PEER: &str = "Capstan does not support sources[].peer (cluster peering) yet: \
+    without it the source would name the local service of that name";
+const UNSUPPORTED_PARTITION: &str = "Capstan does not support sources[].partition (admin \
+    partitions) yet: without it the source would name the local service of that name";
+const UNSUPPORTED_SAMENESS_GROUP: &str = "Capstan does not support sources[].samenessGroup yet: \
+    without it the source would name the local service of that name";
+
+/// Any JSON object, kept whole by the API server (so a CEL rule can see that it is set).
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -74,6 +103,12 @@ pub struct IntentionDestination {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("has(self.action) != has(self.permissions)")
     .message("set exactly one of action (L4) or permissions (L7)"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.peer)")
+    .message(UNSUPPORTED_PEER).field_path(".peer"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.partition)")
+    .message(UNSUPPORTED_PARTITION).field_path(".partition"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.samenessGroup)")
+    .message(UNSUPPORTED_SAMENESS_GROUP).field_path(".samenessGroup"))]
 pub struct IntentionSource {
     /// The source service's name, or `*` for any service.
     #[schemars(length(min = 1, max = 63), regex(pattern = NAME_OR_WILDCARD))]
@@ -93,6 +128,25 @@ pub struct IntentionSource {
     #[schemars(length(min = 1, max = 32))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<Vec<IntentionPermission>>,
+    /// consul-k8s's cluster peer of the source. Not supported yet: refused.
+    #[schemars(length(max = 253))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// consul-k8s's admin partition of the source. Not supported yet: refused.
+    #[schemars(length(max = 253))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// consul-k8s's sameness group of the source. Not supported yet: refused.
+    #[schemars(length(max = 253))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sameness_group: Option<String>,
+}
+
+impl IntentionSource {
+    /// Whether the source uses a field Capstan does not implement (see above).
+    pub fn unsupported(&self) -> bool {
+        self.peer.is_some() || self.partition.is_some() || self.sameness_group.is_some()
+    }
 }
 
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,9 +158,15 @@ pub enum IntentionAction {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.jwt)")
+    .message(UNSUPPORTED_JWT).field_path(".jwt"))]
 pub struct IntentionPermission {
     pub action: IntentionAction,
     pub http: HttpMatch,
+    /// consul-k8s's JWT requirement for this permission. Not supported yet: refused.
+    #[schemars(schema_with = "any_object")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<serde_json::Value>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

@@ -89,7 +89,7 @@ pub fn check_policy(data: &[u8]) {
     let Ok(object) = serde_json::from_value::<capstan_crds::ServiceIntentions>(spec) else {
         return;
     };
-    let policy = Policy::compile(&[object], false);
+    let policy = Policy::compile(&[object], false, "capstan-system");
     let (web, api) = (Identity::new("shop", "web"), Identity::new("shop", "api"));
     assert!(matches!(
         policy.connection(&web, &api),

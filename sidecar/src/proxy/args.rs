@@ -63,6 +63,10 @@ pub struct ProxyArgs {
     /// The cluster default when no intention matches (deny unless the chart says allow).
     #[arg(long, env = "CAPSTAN_DEFAULT_ACTION", value_enum, default_value = "deny")]
     pub default_action: DefaultAction,
+    /// Capstan's own namespace: the only one whose intentions may govern other
+    /// namespaces (set by the injector; tenants' objects govern their own namespace).
+    #[arg(long, env = "CAPSTAN_CONTROL_NAMESPACE", default_value = "capstan-system")]
+    pub control_namespace: String,
     /// How often to ask the CA for its trust bundle (a rotation adds a root before
     /// signing with it; this must be well under the CA's propagation delay).
     #[arg(long, env = "CAPSTAN_ROOTS_REFRESH", value_parser = parse_duration, default_value = "30s")]

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 pub async fn watch(
     client: Client,
     default_allow: bool,
+    control_namespace: String,
     policy: watch::Sender<Arc<Policy>>,
     synced: watch::Sender<bool>,
     metrics: Metrics,
@@ -47,7 +48,7 @@ pub async fn watch(
             }
         }
         let objects: Vec<ServiceIntentions> = reader.state().iter().filter_map(|o| decode(o)).collect();
-        let compiled = Policy::compile(&objects, default_allow);
+        let compiled = Policy::compile(&objects, default_allow, &control_namespace);
         metrics.intentions_updates.inc();
         tracing::debug!(objects = objects.len(), "Intentions recompiled");
         policy.send_replace(Arc::new(compiled));

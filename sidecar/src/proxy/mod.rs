@@ -193,6 +193,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let (policy_tx, _) = watch::channel(Arc::new(Policy::compile(
         &[],
         args.default_action == DefaultAction::Allow,
+        &args.control_namespace,
     )));
     let (synced_tx, synced_rx) = watch::channel(false);
     let directory = directory::Directory::start(client.clone());
@@ -230,6 +231,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tokio::spawn(intentions::watch(
         client.clone(),
         args.default_action == DefaultAction::Allow,
+        args.control_namespace.clone(),
         policy_tx,
         synced_tx,
         metrics.clone(),
