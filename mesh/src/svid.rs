@@ -483,6 +483,26 @@ fn chain_error(error: webpki::Error, trust_domain: &str, role: PeerRole) -> Svid
     }
 }
 
+/// When the first certificate of a verified chain stops being valid (the earliest
+/// notAfter of the certificates the peer sent, as seconds since the epoch): the moment a
+/// connection the chain opened has outlived its trust. None when one does not parse.
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<UnixTime> {
+    chain
+        .iter()
+        .map(|der| {
+            let (_, cert) = X509Certificate::from_der(der).ok()?;
+            let seconds = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or_default();
+            Some(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                seconds,
+            )))
+        })
+        .try_fold(None::<UnixTime>, |earliest, next| {
+            let next = next?;
+            Some(Some(earliest.map_or(next, |e| e.min(next))))
+        })
+        .flatten()
+}
+
 /// The SPIFFE ID of an already-verified peer certificate (for the sidecar, after the
 /// handshake). Applies the SVID leaf rules again, but no chain or time check.
 pub fn peer_spiffe_id(end_entity: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {

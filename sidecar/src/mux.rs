@@ -45,6 +45,11 @@ pub const MAX_STREAMS: usize = 1024;
 /// application connection to the same endpoint. After that it closes: a pool entry per
 /// endpoint ever used would otherwise stay open until the peer went away.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a server's connection stays open with no stream on it. Longer than the
+/// client's IDLE_TIMEOUT, so a well-behaved client always closes first and never opens a
+/// stream on a connection the server is closing; a client that never closes (gone
+/// without a FIN, or hostile) does not hold the server's resources for ever.
+pub const SERVER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 /// A received DATA payload smaller than this is copied onto a small one before it; a
 /// larger one is kept as it came. Kept payloads share the read buffer they arrived in:
 /// without the copy, a peer trickling single bytes to a stalled stream could keep one
@@ -167,17 +172,14 @@ impl Connection {
         self.wake_writer.notify_one();
     }
 
-    /// Resolves when a client's connection has no use any more: retired with no stream
-    /// open, or with none open for IDLE_TIMEOUT. It is marked closed at once, under the
+    /// Resolves when a connection has no use any more: retired (a client's) with no
+    /// stream open, or with none open for `idle`. It is marked closed at once, under the
     /// lock `open` takes, so no stream can start on it after the last look.
-    async fn until_unused(&self) {
+    async fn until_unused(&self, idle: std::time::Duration) {
         loop {
             let deadline = {
                 let mut streams = self.streams.lock();
-                let deadline = streams
-                    .open
-                    .is_empty()
-                    .then(|| streams.last_emptied + IDLE_TIMEOUT);
+                let deadline = streams.open.is_empty().then(|| streams.last_emptied + idle);
                 match deadline {
                     Some(deadline) if streams.retired || deadline <= tokio::time::Instant::now() => {
                         streams.closed = true;
@@ -534,7 +536,7 @@ impl Client {
                     }
                 }
                 _ = c.write_frames(write) => {}
-                () = c.until_unused() => {}
+                () = c.until_unused(IDLE_TIMEOUT) => {}
             }
             c.close();
             drop(held);
@@ -591,6 +593,9 @@ where
             }
         }
         _ = connection.write_frames(write) => {}
+        () = connection.until_unused(SERVER_IDLE_TIMEOUT) => {
+            tracing::debug!("Closing a mux connection with no stream for the idle timeout");
+        }
     }
     connection.close();
 }
@@ -849,6 +854,42 @@ mod tests {
             .await
             .expect("the server's end closed too")
             .unwrap();
+    }
+
+    /// The server's side closes a connection left without a stream for
+    /// SERVER_IDLE_TIMEOUT, whatever the client does (here: a raw peer that never
+    /// closes), and never while a stream is open.
+    #[tokio::test(start_paused = true)]
+    async fn the_server_closes_a_connection_its_client_leaves_idle() {
+        let second = std::time::Duration::from_secs(1);
+        let (mut raw, b) = duplex(1 << 20);
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            serve(b, |mut stream| async move {
+                let mut buf = Vec::new();
+                let _ = stream.read_to_end(&mut buf).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+            let _ = ended_tx.send(tokio::time::Instant::now());
+        });
+        // Stream 1 opens and stays open (no FIN) across twice the idle timeout.
+        raw.write_all(&[0, 0, 0, 1, DATA, 0, 0, 0]).await.unwrap();
+        tokio::time::sleep(SERVER_IDLE_TIMEOUT * 2).await;
+        assert!(!server.is_finished(), "closed with a stream open");
+        // Its FIN: the server answers with its own, and the stream ends.
+        raw.write_all(&[0, 0, 0, 1, FIN, 0, 0, 0]).await.unwrap();
+        let emptied = tokio::time::Instant::now();
+        let closed = tokio::time::timeout(SERVER_IDLE_TIMEOUT + 5 * second, ended_rx)
+            .await
+            .expect("the server kept an idle connection open")
+            .unwrap();
+        let idle = closed - emptied;
+        assert!(
+            idle >= SERVER_IDLE_TIMEOUT && idle < SERVER_IDLE_TIMEOUT + 2 * second,
+            "closed after {idle:?} idle"
+        );
+        assert!(SERVER_IDLE_TIMEOUT > IDLE_TIMEOUT, "the client must close first");
     }
 
     #[tokio::test]

@@ -557,6 +557,30 @@ async fn certificate_and_root_rotation_fail_no_request() -> Result<()> {
     .await?;
     let webr = &web;
     until_ok(webr, "GET", "/", "web allowed").await?;
+    // A long-lived connection from a client holding web's 12 s leaf, kept open through
+    // the rotation's first step (a bundle change its chain still verifies against):
+    // answered until shortly before the leaf's notAfter, closed by the sidecar when it
+    // passes.
+    let identity = mesh.issue_identity("web").await?;
+    let mut held = HeldConnection::open(SocketAddr::new(api.address.into(), INBOUND_PORT), &identity).await?;
+    held.request()
+        .await
+        .context("the held connection's first request")?;
+    let held = tokio::spawn(async move {
+        let not_after = held.not_after;
+        sleep_until_unix(not_after - Duration::from_secs(2)).await;
+        held.request()
+            .await
+            .context("the held connection closed before its leaf expired")?;
+        let closed = held
+            .closed_within(until_unix(not_after) + Duration::from_secs(3))
+            .await;
+        ensure!(
+            closed,
+            "a connection whose peer's leaf expired at {not_after:?} was still open 3 s later"
+        );
+        anyhow::Ok(())
+    });
     let stream = tokio::spawn(
         web.command(&bin("capstan-e2e-app"))
             .args(["request", "GET", "http://127.0.0.1:9090/stream", "400", "40"])
@@ -602,7 +626,223 @@ async fn certificate_and_root_rotation_fail_no_request() -> Result<()> {
         logs.contains("Trust bundle changed"),
         "the client sidecar never saw the new root"
     );
+    held.await??;
+    let m = sidecar_metrics(&api).await?;
+    ensure!(
+        m.lines().any(
+            |l| l.starts_with("capstan_sidecar_connections_closed_by_policy_total{")
+                && l.contains("decided_by=\"peer certificate expired\"")
+        ),
+        "the closing is counted with its reason:\n{m}"
+    );
     Ok(())
+}
+
+/// M12, a root leaving the bundle: a connection from a peer whose chain ends at the
+/// removed root is closed when the sidecar's bundle changes, though its leaf has most of
+/// its hour left. The CA is a user-supplied root R1 with a second root R2 already in
+/// the bundle; the Secret then moves to R2 alone, as a user finishing a rotation would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_when_its_root_leaves_the_bundle() -> Result<()> {
+    install_chart();
+    let client = client().await;
+    reset_ca(&client).await?;
+    let result = root_removal_closes_connections(&client).await;
+    // The next test gets a CA the engine generates and manages again.
+    reset_ca(&client).await?;
+    result
+}
+
+async fn root_removal_closes_connections(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let root = |name: &str| -> Result<(rcgen::Certificate, rcgen::KeyPair)> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        Ok((params.self_signed(&key)?, key))
+    };
+    let (r1, r1_key) = root("e2e root 1")?;
+    let (r2, r2_key) = root("e2e root 2")?;
+    let secrets = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": MESH_CA_SECRET},
+        "type": "Opaque",
+        "stringData": {
+            "tls.crt": r1.pem(),
+            "tls.key": r1_key.serialize_pem(),
+            "ca.crt": format!("{}{}", r1.pem(), r2.pem()),
+        }
+    }))?;
+    secrets.create(&PostParams::default(), &secret).await?;
+
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.http_service("api").await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
+    )
+    .await?;
+    let identity = mesh.issue_identity("web").await?;
+    let target = SocketAddr::new(api.address.into(), INBOUND_PORT);
+    let mut held = eventually(Duration::from_secs(5), "web allowed", || {
+        let identity = &identity;
+        async move {
+            let mut held = HeldConnection::open(target, identity).await.ok()?;
+            held.request().await.ok()?;
+            Some(held)
+        }
+    })
+    .await?;
+
+    // R1 leaves the bundle; R2 signs.
+    let moved: Secret = serde_json::from_value(json!({
+        "metadata": {"name": MESH_CA_SECRET},
+        "stringData": {
+            "tls.crt": r2.pem(),
+            "tls.key": r2_key.serialize_pem(),
+            "ca.crt": r2.pem(),
+        }
+    }))?;
+    secrets
+        .patch(MESH_CA_SECRET, &PatchParams::default(), &Patch::Merge(&moved))
+        .await?;
+    let removed = Instant::now();
+    ensure!(
+        held.closed_within(Instant::now() + Duration::from_secs(15)).await,
+        "a connection whose chain ends at a removed root was still open 15 s later"
+    );
+    println!("closed {:?} after the root's removal", removed.elapsed());
+    let logs = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-proxy.log", api.netns)))?;
+    ensure!(
+        logs.contains("Trust bundle changed"),
+        "the sidecar never saw the bundle without R1"
+    );
+    let m = sidecar_metrics(&api).await?;
+    ensure!(
+        m.lines().any(
+            |l| l.starts_with("capstan_sidecar_connections_closed_by_policy_total{")
+                && l.contains("decided_by=\"trust bundle changed")
+        ),
+        "the closing is counted with its reason:\n{m}"
+    );
+    Ok(())
+}
+
+/// Deletes the CA Secret and the published roots: the next engine generates a CA.
+async fn reset_ca(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let secrets = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let _ = secrets
+        .delete(MESH_CA_SECRET, &kube::api::DeleteParams::default())
+        .await;
+    let _ = Api::<ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .delete(MESH_ROOTS_CONFIGMAP, &kube::api::DeleteParams::default())
+        .await;
+    eventually(Duration::from_secs(10), "the CA Secret to be gone", || {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .get_opt(MESH_CA_SECRET)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await
+}
+
+/// A test client's mTLS connection to a sidecar, held open: HTTP/1.1 requests on it,
+/// one at a time, and a wait for the sidecar to close it.
+struct HeldConnection {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    /// The leaf's notAfter.
+    not_after: std::time::SystemTime,
+}
+
+impl HeldConnection {
+    async fn open(
+        target: SocketAddr,
+        (chain, key): &(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+    ) -> Result<Self> {
+        use x509_parser::prelude::FromDer as _;
+        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0])?;
+        let not_after = std::time::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(leaf.validity().not_after.timestamp())?);
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer))
+            .with_client_auth_cert(chain.clone(), key.clone_key())?;
+        let tcp = tokio::net::TcpStream::connect(target).await?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from("capstan.mesh")?, tcp)
+            .await?;
+        Ok(Self { tls, not_after })
+    }
+
+    /// `GET /` on the connection; Ok when answered 200.
+    async fn request(&mut self) -> Result<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        self.tls
+            .write_all(b"GET /held HTTP/1.1\r\nhost: api\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The test application's answers are small: the head and the whole body.
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), self.tls.read(&mut buf)).await??;
+            ensure!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .context("no content-length")?;
+                if body.len() >= length {
+                    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Whether the sidecar closes the connection before `deadline`.
+    async fn closed_within(&mut self, deadline: Instant) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 1024];
+        let wait = deadline.saturating_duration_since(Instant::now());
+        matches!(
+            tokio::time::timeout(wait, self.tls.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+/// The `Instant` at which the wall clock reads `at`.
+fn until_unix(at: std::time::SystemTime) -> Instant {
+    Instant::now()
+        + at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+}
+
+async fn sleep_until_unix(at: std::time::SystemTime) {
+    tokio::time::sleep_until(until_unix(at).into()).await;
 }
 
 /// A TLS 1.3 client at a sidecar's mTLS port: Ok when the sidecar answered an HTTP

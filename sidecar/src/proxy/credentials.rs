@@ -26,6 +26,9 @@ pub struct Credentials {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     pub roots_pem: String,
+    /// `roots_pem`, parsed: what inbound connections' peers are verified against again
+    /// when the bundle changes (M12).
+    pub bundle: TrustBundle,
     pub issued: SystemTime,
     pub not_after: SystemTime,
     pub server_config: Arc<ServerConfig>,
@@ -43,12 +46,13 @@ impl Credentials {
         not_after: SystemTime,
     ) -> anyhow::Result<Self> {
         let bundle = TrustBundle::from_pem(&identity.trust_domain, &roots_pem)?;
-        let server_config = svid::server_config(bundle, chain.clone(), key.clone_key(), alpn())?;
+        let server_config = svid::server_config(bundle.clone(), chain.clone(), key.clone_key(), alpn())?;
         Ok(Self {
             identity,
             chain,
             key,
             roots_pem,
+            bundle,
             issued,
             not_after,
             server_config,

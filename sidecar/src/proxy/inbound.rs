@@ -9,15 +9,21 @@
 use super::{
     Mode, Shared,
     app_connections::AppConnections,
+    credentials::Credentials,
     metrics::{DecisionLabels, DirectionLabels, HandshakeLabels},
 };
 use bytes::Bytes;
 use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy, Request, svid};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{Response, StatusCode, body::Incoming, header, http::uri::PathAndQuery};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -123,6 +129,14 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
         let _ = shutdown.wait_for(|stop| *stop).await;
         tokio::time::sleep(shared.drain).await;
     };
+    // M12: the connection lasts only as long as the peer's chain proves its identity.
+    let peer_chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let distrusted = trust_lost(shared.credentials.clone(), credentials, peer_chain);
     let muxed = super::credentials::speaks_mux(tls.get_ref().1);
     let served = {
         let (shared, source) = (shared.clone(), source.clone());
@@ -156,6 +170,66 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, app: Arc<
             tracing::info!(%source, destination = %me, decided_by = %decision.by, "Closing an established connection: an intention no longer allows it");
         }
         () = drained => {}
+        reason = distrusted => {
+            shared
+                .metrics
+                .connections_closed_by_policy
+                .get_or_create(&labels(&source, &me, false, reason.clone()))
+                .inc();
+            tracing::info!(%source, destination = %me, %reason, "Closing an established connection: its peer's certificate no longer proves its identity");
+        }
+    }
+}
+
+/// Resolves, with the reason, when the peer's certificate chain stops proving its
+/// identity (M12): at the earliest notAfter of the certificates it sent, or at a trust
+/// bundle change it no longer verifies against. `handshake` holds the credentials the
+/// handshake verified the chain with. One timer and one watch receiver per connection:
+/// nothing is added to a request's or a byte's path.
+async fn trust_lost(
+    mut credentials: watch::Receiver<Option<Arc<Credentials>>>,
+    handshake: Arc<Credentials>,
+    chain: Vec<CertificateDer<'static>>,
+) -> String {
+    // A chain that verified always parses; one that does not is trusted no further.
+    let left = svid::chain_not_after(&chain).map_or(Duration::ZERO, |not_after| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Duration::from_secs(not_after.as_secs()).saturating_sub(now)
+    });
+    let expiry = tokio::time::sleep(left);
+    tokio::pin!(expiry);
+    let mut verified_with = handshake;
+    loop {
+        tokio::select! {
+            () = &mut expiry => return "peer certificate expired".to_owned(),
+            changed = credentials.changed() => {
+                if changed.is_err() {
+                    // The credentials never change again: only the expiry is left.
+                    expiry.as_mut().await;
+                    return "peer certificate expired".to_owned();
+                }
+                let Some(current) = credentials.borrow_and_update().clone() else { continue };
+                // A renewal of this workload's own certificate keeps the bundle.
+                if current.roots_pem == verified_with.roots_pem {
+                    continue;
+                }
+                let Some((leaf, intermediates)) = chain.split_first() else {
+                    return "peer certificate missing".to_owned();
+                };
+                if let Err(error) = svid::verify_svid_as(
+                    leaf,
+                    intermediates,
+                    &current.bundle,
+                    UnixTime::now(),
+                    svid::PeerRole::Client,
+                ) {
+                    return format!("trust bundle changed: {error}");
+                }
+                verified_with = current;
+            }
+        }
     }
 }
 
@@ -301,7 +375,9 @@ async fn serve_http<S>(
         let connection = connection.clone();
         async move { Ok::<_, std::convert::Infallible>(handle_request(&connection, request).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 serves each stream on a task of its own: they end with the connection.
+    let (_connection_open, ended) = watch::channel(());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(StreamExecutor { ended });
     // Bounded resources against malformed or abusive clients (M20).
     builder
         .http1()
@@ -317,6 +393,33 @@ async fn serve_http<S>(
         .timer(hyper_util::rt::TokioTimer::new());
     if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
         tracing::debug!(%error, "Inbound HTTP connection ended with an error");
+    }
+}
+
+/// Spawns an HTTP/2 connection's stream tasks so that they end with the connection:
+/// a request waiting on the application when its connection is closed (its peer no
+/// longer trusted, say) is dropped too, not answered later. The cost is one receiver
+/// per stream, taken when it starts.
+#[derive(Clone)]
+struct StreamExecutor {
+    /// Closed (its sender dropped) when the connection's future ends or is dropped.
+    ended: watch::Receiver<()>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let mut ended = self.ended.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stream => {}
+                _ = ended.changed() => {}
+            }
+        });
     }
 }
 
