@@ -145,21 +145,30 @@ impl Mesh {
                 &Patch::Apply(&service),
             )
             .await?;
+        // One slice per address family, as the endpoints controller makes them.
         let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), self.namespace());
-        let slice: EndpointSlice = serde_json::from_value(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "app", "port": APP_PORT, "protocol": "TCP"}],
-            "endpoints": addresses.iter().map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
-        }))?;
-        slices
-            .patch(
-                name,
-                &PatchParams::apply("capstan-e2e").force(),
-                &Patch::Apply(&slice),
-            )
-            .await?;
+        let v6: Vec<&IpAddr> = addresses.iter().filter(|a| a.is_ipv6()).collect();
+        let v4: Vec<&IpAddr> = addresses.iter().filter(|a| a.is_ipv4()).collect();
+        let mut families = vec![(name.to_owned(), "IPv4", v4)];
+        if !v6.is_empty() {
+            families.push((format!("{name}-ipv6"), "IPv6", v6));
+        }
+        for (slice_name, family, addresses) in families {
+            let slice: EndpointSlice = serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": slice_name, "labels": {"kubernetes.io/service-name": name}},
+                "addressType": family,
+                "ports": [{"name": "app", "port": APP_PORT, "protocol": "TCP"}],
+                "endpoints": addresses.iter().map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+            }))?;
+            slices
+                .patch(
+                    &slice_name,
+                    &PatchParams::apply("capstan-e2e").force(),
+                    &Patch::Apply(&slice),
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -184,7 +193,10 @@ impl Mesh {
         if transparent {
             pod.exec(&bin("capstan-sidecar"), &["init"]).await?;
         }
-        let listen = if transparent {
+        let listen = if transparent && pod.address6.is_some() {
+            // Every address of both families, as a dual-stack application would.
+            format!("[::]:{APP_PORT}")
+        } else if transparent {
             format!("0.0.0.0:{APP_PORT}")
         } else {
             format!("127.0.0.1:{APP_PORT}")

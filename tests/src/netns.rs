@@ -7,7 +7,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -33,6 +33,8 @@ pub struct Network {
     subnet: u8,
     next_host: u8,
     pods: Vec<String>,
+    /// Pods started from now on get an IPv6 address too (dual stack).
+    ipv6: bool,
 }
 
 impl Network {
@@ -48,6 +50,7 @@ impl Network {
             subnet: n,
             next_host: 2,
             pods: Vec::new(),
+            ipv6: false,
         };
         ip(&[
             "addr",
@@ -63,6 +66,27 @@ impl Network {
     /// The host's address on the bridge: where pods reach the test's forwarders.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 213, self.subnet, 1)
+    }
+
+    /// The host's IPv6 address on the bridge, once [`Network::enable_ipv6`] ran.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x213, u16::from(self.subnet), 0, 0, 0, 0, 1)
+    }
+
+    /// Makes the network dual-stack: the bridge gets fd00:213:<n>::1/64, and every pod
+    /// started after this an IPv6 address beside its IPv4 one.
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.gateway6()),
+            "dev",
+            &self.bridge,
+            "nodad",
+        ])?;
+        self.ipv6 = true;
+        Ok(())
     }
 
     /// A new pod: a network namespace with `eth0` on the bridge and loopback up.
@@ -88,9 +112,48 @@ impl Network {
             full.extend(args.iter().copied());
             ip(&full)?;
         }
+        let address6 = if self.ipv6 {
+            let address6 = Ipv6Addr::new(
+                0xfd00,
+                0x213,
+                u16::from(self.subnet),
+                0,
+                0,
+                0,
+                0,
+                u16::from(index),
+            );
+            for args in [
+                vec![
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{address6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+                vec![
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &self.gateway6().to_string(),
+                ],
+            ] {
+                let mut full = vec!["netns", "exec", &netns, "ip"];
+                full.extend(args.iter().copied());
+                ip(&full)?;
+            }
+            Some(address6)
+        } else {
+            None
+        };
         Ok(Pod {
             netns,
             address,
+            address6,
             children: Vec::new(),
         })
     }
@@ -109,6 +172,8 @@ impl Drop for Network {
 pub struct Pod {
     pub netns: String,
     pub address: Ipv4Addr,
+    /// On a dual-stack network ([`Network::enable_ipv6`]).
+    pub address6: Option<Ipv6Addr>,
     children: Vec<(String, Child)>,
 }
 

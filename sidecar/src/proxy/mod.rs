@@ -171,6 +171,31 @@ fn handshake_reason(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// A listener on an IPv6 address only (beside the IPv4 one on the same port), or None
+/// when the pod has no IPv6: then nothing can arrive over it, and `init` has dropped
+/// IPv6 TCP or found IPv6 off.
+fn bind_ipv6(addr: SocketAddr) -> Option<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    match bind() {
+        Ok(listener) => {
+            tracing::info!(%addr, "IPv6 listener");
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::info!(%addr, %error, "No IPv6 listener: the pod has no IPv6");
+            None
+        }
+    }
+}
+
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let identity = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account);
     let initial_roots = match (&args.ca_bundle, &args.ca_bundle_file) {
@@ -256,6 +281,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the inbound listener {addr}"))?;
         tracing::info!(%addr, app_port, "Inbound mTLS listener");
         tasks.push(tokio::spawn(inbound::serve(shared.clone(), listener, app_port)));
+        // A dual-stack pod: IPv6 peers, and IPv6 redirected by `init`, arrive here too.
+        if args.inbound_ip == std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+            && let Some(listener) = bind_ipv6(SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                args.inbound_port,
+            )))
+        {
+            tasks.push(tokio::spawn(inbound::serve(shared.clone(), listener, app_port)));
+        }
     }
     for upstream in &args.upstreams.0 {
         let addr = SocketAddr::from(([127, 0, 0, 1], upstream.local_port));
@@ -284,6 +318,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             listener,
             outbound::Route::Transparent,
         )));
+        // IPv6 the application sends is redirected to [::1].
+        if let Some(listener) = bind_ipv6(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
+            tasks.push(tokio::spawn(outbound::serve(
+                shared.clone(),
+                listener,
+                outbound::Route::Transparent,
+            )));
+        }
     }
 
     capstan_telemetry::shutdown_signal().await;
