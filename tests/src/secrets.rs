@@ -172,3 +172,84 @@ pub async fn pod_bound_token(
         .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no status"))?
         .token)
 }
+
+/// One request as a Vault client sends it, byte for byte: `target` is the request
+/// target as written on the wire (not normalized: `//`, `%2F`, `..` reach the engine as
+/// they are), `headers` any extra headers (`X-Vault-Token`, `X-Vault-Request`,
+/// `X-Vault-Wrap-TTL`). Returns (status, body as JSON or Null).
+pub async fn send(
+    engine: &EngineProcess,
+    roots_pem: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Result<(u16, Value)> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        store.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let addr = engine.https;
+    let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+    )
+    .await??;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    tls.write_all(head.as_bytes()).await?;
+    tls.write_all(body.as_bytes()).await?;
+    let mut response = Vec::new();
+    // rustls reports a peer that closes without close_notify as an error; the response
+    // has arrived by then.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut response)).await?;
+    let response = String::from_utf8_lossy(&response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no status line"))?
+        .parse()?;
+    let json = response
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    Ok((code, json))
+}
+
+/// A token made by `root` holding `policies` (and `default`), with extra creation
+/// parameters (`num_uses`, `ttl`).
+pub async fn token_with(
+    engine: &EngineProcess,
+    roots: &str,
+    root: &str,
+    policies: &[&str],
+    extra: Value,
+) -> Result<String> {
+    let mut body = json!({ "policies": policies });
+    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    let (code, created) = call(engine, roots, "POST", "auth/token/create", Some(root), Some(body)).await?;
+    ensure!(code == 200, "token create: {code} {created}");
+    created["auth"]["client_token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no client_token in {created}"))
+}

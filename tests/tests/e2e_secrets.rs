@@ -900,3 +900,240 @@ async fn rotation_under_writes_a_crash_and_a_seal_lose_nothing_and_leak_nothing(
     ensure!(code == 503, "sealed: {code}");
     Ok(())
 }
+
+/// One route with a name in its path, as the V20 differential test drives it.
+struct NamedRoute {
+    /// Up to the name, e.g. `sys/policies/acl/`.
+    prefix: &'static str,
+    /// A body whose stored object carries `marker` somewhere visible on read.
+    body: fn(&str) -> Value,
+}
+
+/// Every object a route holds, as root reads it: name to what a read returns.
+async fn objects(
+    engine: &EngineProcess,
+    roots: &str,
+    root: &str,
+    route: &NamedRoute,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    use capstan_tests::secrets::call;
+    // The legacy policy route shares the store of sys/policies/acl; KV lists by metadata.
+    let (list, read) = match route.prefix {
+        "sys/policy/" => ("sys/policies/acl/", "sys/policies/acl/"),
+        "secret/data/" => ("secret/metadata/", "secret/data/"),
+        other => (other, other),
+    };
+    let mut folders = vec![String::new()];
+    let mut names = Vec::new();
+    while let Some(folder) = folders.pop() {
+        let (code, listed) = call(
+            engine,
+            roots,
+            "LIST",
+            &format!("{list}{folder}"),
+            Some(root),
+            None,
+        )
+        .await?;
+        ensure!(code == 200 || code == 404, "LIST {list}{folder}: {code} {listed}");
+        for key in listed["data"]["keys"].as_array().into_iter().flatten() {
+            let key = format!("{folder}{}", key.as_str().unwrap_or_default());
+            if key.ends_with('/') {
+                folders.push(key);
+            } else {
+                names.push(key);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for name in names {
+        let (code, body) = call(engine, roots, "GET", &format!("{read}{name}"), Some(root), None).await?;
+        out.insert(name, format!("{code} {}", body["data"]));
+    }
+    Ok(out)
+}
+
+/// V20 (RELIABILITY.md, policy matrix; issue 15 item 2): for every route that takes a
+/// name (policies, the legacy sys/policy, Kubernetes auth roles, database and PKI roles,
+/// KV), a narrowly scoped token sends path variants: extra segments, case, `//`,
+/// `.`/`..`, percent-encoding (%2F, %2e), trailing slashes. Whatever the engine answers,
+/// the object it touched must be exactly the one the ACL judged: a refused request
+/// changes nothing, an accepted one changes only the object its path names, and
+/// `admin`, `root`, `default` and the explicitly denied `team-admin` are never touched.
+/// Before the shared resolver (vault/route.rs), `PUT sys/policies/acl/team-x/admin`
+/// passed the `team-*` ACL and overwrote `admin`, and `team-ADMIN` passed the ACL and
+/// overwrote the denied `team-admin`.
+#[tokio::test]
+async fn every_named_route_touches_exactly_what_the_acl_judged() -> Result<()> {
+    use capstan_tests::secrets::{call, roots, send, token_with};
+    let client = client().await;
+    fresh_storage();
+    let engine = EngineProcess::start(&client, "v20-routes", &[]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+
+    let routes = [
+        NamedRoute {
+            prefix: "sys/policies/acl/",
+            body: |m| json!({ "policy": format!("path \"{m}/*\" {{ capabilities = [\"read\"] }}") }),
+        },
+        NamedRoute {
+            prefix: "sys/policy/",
+            body: |m| json!({ "rules": format!("path \"{m}/*\" {{ capabilities = [\"read\"] }}") }),
+        },
+        NamedRoute {
+            prefix: "auth/kubernetes/role/",
+            body: |m| {
+                json!({
+                    "bound_service_account_names": ["app"],
+                    "bound_service_account_namespaces": ["shop"],
+                    "token_policies": [m],
+                })
+            },
+        },
+        NamedRoute {
+            prefix: "database/roles/",
+            body: |m| json!({ "db_name": m, "creation_statements": ["SELECT 1"] }),
+        },
+        NamedRoute {
+            prefix: "pki/roles/",
+            body: |m| json!({ "allowed_domains": [format!("{m}.example")] }),
+        },
+        NamedRoute {
+            prefix: "secret/data/",
+            body: |m| json!({ "data": { "marker": m } }),
+        },
+    ];
+    let victims = ["admin", "team-admin"];
+    let mut rules = String::new();
+    for route in &routes {
+        rules.push_str(&format!(
+            "path \"{p}team-*\" {{ capabilities = [\"create\", \"read\", \"update\", \"delete\", \"list\"] }}\n\
+             path \"{p}team-admin\" {{ capabilities = [\"deny\"] }}\n",
+            p = route.prefix
+        ));
+        for victim in victims {
+            let (code, body) = call(
+                &engine,
+                &roots,
+                "PUT",
+                &format!("{}{victim}", route.prefix),
+                Some(&root),
+                Some((route.body)(&format!("victim-{victim}"))),
+            )
+            .await?;
+            ensure!(code < 300, "root writes {}{victim}: {code} {body}", route.prefix);
+        }
+    }
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "PUT",
+        "sys/policies/acl/team",
+        Some(&root),
+        Some(json!({ "policy": rules })),
+    )
+    .await?;
+    ensure!(code == 204, "{code} {body}");
+    let narrow = token_with(&engine, &roots, &root, &["team"], json!({})).await?;
+    let bearer = format!("Bearer {narrow}");
+
+    let tails = [
+        "team-x",
+        "team-x/admin",
+        "team-x/root",
+        "team-x/default",
+        "team-x//admin",
+        "team-x/./admin",
+        "team-x/../admin",
+        "team-x/../../sys/policies/acl/admin",
+        "team-x%2Fadmin",
+        "team-x%2fadmin",
+        "team-x/%2e%2e/admin",
+        "team-x/%2E%2E/admin",
+        "team-%2e%2e/admin",
+        "team-x%2F..%2Fadmin",
+        "team-ADMIN",
+        "team-Admin",
+        "TEAM-admin",
+        "team-admin/",
+        "team-x/",
+        "team-x/admin/",
+        "team-x/.",
+        "team-x/..",
+        "team-",
+    ];
+    let mut marker = 0;
+    let mut failures = Vec::new();
+    for route in &routes {
+        let initial = objects(&engine, &roots, &root, route).await?;
+        for tail in tails {
+            for method in ["PUT", "DELETE"] {
+                marker += 1;
+                let mark = format!("mark{marker}end");
+                let before = objects(&engine, &roots, &root, route).await?;
+                let target = format!("/v1/{}{tail}", route.prefix);
+                let body = (method == "PUT").then(|| (route.body)(&mark));
+                let (code, answer) = send(
+                    &engine,
+                    &roots,
+                    method,
+                    &target,
+                    &[("Authorization", &bearer)],
+                    body.as_ref(),
+                )
+                .await?;
+                let after = objects(&engine, &roots, &root, route).await?;
+                let touched: Vec<&String> = before
+                    .keys()
+                    .chain(after.keys())
+                    .filter(|k| before.get(*k) != after.get(*k))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                // The one object the ACL judged is the one the path names, as written.
+                let judged = tail.to_owned();
+                let ok = if code < 300 {
+                    touched.iter().all(|t| **t == judged) && (method == "DELETE" || touched.len() == 1)
+                } else {
+                    touched.is_empty()
+                };
+                if !ok || touched.iter().any(|t| victims.contains(&t.as_str())) {
+                    failures.push(format!(
+                        "{method} {target} -> {code} {answer}: touched {touched:?}"
+                    ));
+                }
+                // Put back what a legitimate request changed, so every variant starts
+                // from the same objects.
+                if code < 300 && touched.iter().all(|t| !initial.contains_key(*t)) {
+                    for t in &touched {
+                        let path = match route.prefix {
+                            "secret/data/" => format!("secret/metadata/{t}"),
+                            p => format!("{p}{t}"),
+                        };
+                        call(&engine, &roots, "DELETE", &path, Some(&root), None).await?;
+                    }
+                }
+            }
+        }
+        let last = objects(&engine, &roots, &root, route).await?;
+        for victim in victims {
+            if initial.get(victim) != last.get(victim) {
+                failures.push(format!(
+                    "{}{victim} changed: {:?}",
+                    route.prefix,
+                    last.get(victim)
+                ));
+            }
+        }
+    }
+    // root stays what it is: no rules, not writable.
+    let (code, body) = call(&engine, &roots, "GET", "sys/policies/acl/root", Some(&root), None).await?;
+    ensure!(code == 200 && body["data"]["policy"] == "", "{code} {body}");
+    ensure!(
+        failures.is_empty(),
+        "requests that touched another object than the one the ACL judged:\n{}",
+        failures.join("\n")
+    );
+    Ok(())
+}

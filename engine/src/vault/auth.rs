@@ -223,7 +223,7 @@ pub async fn kubernetes(engine: &Engine, request: &Request, rest: &str) -> Resul
             Ok(Reply::data(json!({ "keys": keys })))
         }
         (rest, _) if rest.starts_with("role/") => {
-            let name = &rest["role/".len()..];
+            let name = request.name();
             match op {
                 Operation::read => {
                     let role = engine

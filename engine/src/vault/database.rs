@@ -26,7 +26,8 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
     let db = &engine.database;
     let op = request.operation;
     let write = matches!(op, Operation::create | Operation::update);
-    let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
+    let section = rest.split_once('/').map_or(rest, |(section, _)| section);
+    let name = request.name();
     // SQL statements: a list, or one string holding one statement (commas are SQL's).
     let statements = |key: &str| -> Result<Vec<String>, ApiError> {
         match request.body.get(key) {

@@ -80,7 +80,8 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             op => Err(ApiError::unsupported(&request.path, op)),
         };
     }
-    let (section, key) = rest.split_once('/').unwrap_or((rest, ""));
+    let section = rest.split_once('/').map_or(rest, |(section, _)| section);
+    let key = request.name();
     match (section, op) {
         ("data", Operation::read) => {
             let version = request

@@ -9,6 +9,7 @@ mod auth;
 mod database;
 mod kv;
 mod pki;
+mod route;
 mod sys;
 
 pub use sys::{after_unseal, root_token};
@@ -137,6 +138,9 @@ pub struct Request {
     pub operation: Operation,
     /// Without `/v1/`; a LIST keeps its trailing slash.
     pub path: String,
+    /// The name (or KV key, or lease id) `path` names, resolved once by `route::resolve`
+    /// before the ACL judges `path`; handlers act on this and never re-parse the path.
+    pub name: Option<String>,
     pub query: HashMap<String, String>,
     pub body: Map<String, Value>,
     /// The caller's token (absent on unauthenticated paths).
@@ -145,6 +149,11 @@ pub struct Request {
 }
 
 impl Request {
+    /// The resolved name ("" when the route takes none).
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+
     pub fn str(&self, key: &str) -> Option<&str> {
         self.body.get(key).and_then(Value::as_str)
     }
@@ -526,6 +535,9 @@ async fn serve(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     check_path(path)?;
+    let name = route::resolve(&route::Mounts::of(engine), path, operation)?
+        .name
+        .map(str::to_owned);
     let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {
@@ -536,6 +548,7 @@ async fn serve(
         id: uuid(),
         operation,
         path: path.to_owned(),
+        name,
         query,
         body,
         token: None,

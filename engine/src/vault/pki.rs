@@ -19,8 +19,9 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
     let pki = &engine.pki;
     let op = request.operation;
     let write = matches!(op, Operation::create | Operation::update);
-    let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
-    match (section, name, op) {
+    let (section, after) = rest.split_once('/').unwrap_or((rest, ""));
+    let name = request.name();
+    match (section, after, op) {
         ("root", "generate/internal", _) if write => {
             let common_name = request.str("common_name").unwrap_or_default();
             let certificate = pki.generate_root(common_name, request.seconds(&["ttl"])?).await?;
@@ -30,11 +31,11 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
         }
         ("cert", "ca", Operation::read) => Ok(Reply::data(json!({ "certificate": pki.ca_pem().await? }))),
         ("roles", _, Operation::list) => Ok(Reply::data(json!({ "keys": pki.list_roles().await? }))),
-        ("roles", name, Operation::read) => {
+        ("roles", _, Operation::read) => {
             let role = pki.role(name).await?.ok_or_else(ApiError::not_found)?;
             Ok(Reply::data(serde_json::to_value(role).unwrap_or_default()))
         }
-        ("roles", name, _) if write => {
+        ("roles", _, _) if write => {
             let role = Role {
                 allowed_domains: request.list("allowed_domains")?.unwrap_or_default(),
                 allow_subdomains: request.flag("allow_subdomains", false),
@@ -50,11 +51,11 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             pki.write_role(name, role).await?;
             Ok(Reply::no_content())
         }
-        ("roles", name, Operation::delete) => {
+        ("roles", _, Operation::delete) => {
             pki.delete_role(name).await?;
             Ok(Reply::no_content())
         }
-        ("issue", role, _) if write => {
+        ("issue", _, _) if write => {
             let common_name = request
                 .str("common_name")
                 .filter(|c| !c.is_empty())
@@ -64,7 +65,7 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             }
             let issued = pki
                 .issue(
-                    role,
+                    name,
                     common_name,
                     &request.list("alt_names")?.unwrap_or_default(),
                     &request.list("ip_sans")?.unwrap_or_default(),

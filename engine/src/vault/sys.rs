@@ -215,8 +215,7 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             Ok(Reply::data(json!({ "keys": names })))
         }
         (rest, _) if rest.starts_with("policies/acl/") || rest.starts_with("policy/") => {
-            let name = rest.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
-            policy(engine, request, name, rest.starts_with("policy/")).await
+            policy(engine, request, request.name(), rest.starts_with("policy/")).await
         }
         ("capabilities-self", Operation::update | Operation::create) => {
             let entry = request.caller()?;
@@ -256,7 +255,7 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                 .ok_or_else(|| ApiError::bad_request("no audit device is enabled"))?;
             Ok(Reply::data(json!({ "hash": hash })))
         }
-        (rest, _) if rest.starts_with("leases/") => leases(engine, request, &rest["leases/".len()..]).await,
+        (rest, _) if rest.starts_with("leases/") => leases(engine, request, request.name()).await,
         (path, op) => Err(ApiError::unsupported(&format!("sys/{path}"), op)),
     }
 }

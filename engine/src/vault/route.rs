@@ -1,0 +1,224 @@
+//! The one place a request path is resolved into the object it names (V20). The ACL
+//! judges the request's path and the handler acts on the name resolved here, so the two
+//! can only disagree if this function does: a path is either canonical (one name segment
+//! where a route expects a name, a name spelled exactly as it is stored) or refused with
+//! 400 before any ACL check. Nothing is normalized into something else: `team-x/admin`
+//! under `sys/policies/acl/` is not the policy `admin`, and `Team-X` is not `team-x`.
+//!
+//! `check_path` (in `mod.rs`) has already refused `.`, `..`, empty segments,
+//! percent-encoding, backslashes and control characters everywhere.
+
+use super::{ApiError, Engine, Operation};
+
+/// What follows a route's prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tail {
+    /// Exactly one name segment, as `storage::valid_name` allows (policies: as
+    /// `policy::check_name` allows). `lower`: the store keeps names lowercased, so a name
+    /// with an uppercase letter would reach another object than the one the ACL judged;
+    /// it is refused.
+    Name { lower: bool },
+    /// One or more segments the handler uses whole (KV keys, lease ids and prefixes).
+    Path,
+}
+
+/// The routes with a name or a path after a fixed prefix, by mount; the prefix is
+/// relative to the mount (`sys`, `auth/kubernetes`, or a secrets mount).
+const SYS: &[(&str, Tail)] = &[
+    ("policies/acl/", Tail::Name { lower: true }),
+    ("policy/", Tail::Name { lower: true }),
+    ("audit-hash/", Tail::Name { lower: false }),
+    ("leases/", Tail::Path),
+];
+const AUTH_TOKEN: &[(&str, Tail)] = &[];
+const AUTH_KUBERNETES: &[(&str, Tail)] = &[("role/", Tail::Name { lower: false })];
+const DATABASE: &[(&str, Tail)] = &[
+    ("config/", Tail::Name { lower: false }),
+    ("roles/", Tail::Name { lower: false }),
+    ("creds/", Tail::Name { lower: false }),
+    ("rotate-root/", Tail::Name { lower: false }),
+];
+const PKI: &[(&str, Tail)] = &[
+    ("roles/", Tail::Name { lower: false }),
+    ("issue/", Tail::Name { lower: false }),
+];
+const KV: &[(&str, Tail)] = &[
+    ("data/", Tail::Path),
+    ("metadata/", Tail::Path),
+    ("delete/", Tail::Path),
+    ("undelete/", Tail::Path),
+    ("destroy/", Tail::Path),
+];
+
+/// A path resolved: the part after the mount (`rest`, e.g. `policies/acl/app`), and the
+/// name or key it names, if its route takes one (`app`). A LIST keeps its trailing slash
+/// in both.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resolved<'a> {
+    pub rest: &'a str,
+    pub name: Option<&'a str>,
+}
+
+/// The mount a path is under and the table of its named routes.
+fn table<'a>(mounts: &Mounts<'_>, path: &'a str) -> Option<(&'a str, &'static [(&'static str, Tail)])> {
+    let below = |mount: &str| path.strip_prefix(mount).and_then(|rest| rest.strip_prefix('/'));
+    if let Some(rest) = path.strip_prefix("sys/") {
+        return Some((rest, SYS));
+    }
+    if let Some(rest) = path.strip_prefix("auth/token/") {
+        return Some((rest, AUTH_TOKEN));
+    }
+    if let Some(rest) = path.strip_prefix("auth/kubernetes/") {
+        return Some((rest, AUTH_KUBERNETES));
+    }
+    for (mount, table) in [(mounts.database, DATABASE), (mounts.pki, PKI), (mounts.kv, KV)] {
+        if let Some(rest) = below(mount) {
+            return Some((rest, table));
+        }
+    }
+    None
+}
+
+/// The secrets mounts' paths.
+pub struct Mounts<'a> {
+    pub database: &'a str,
+    pub pki: &'a str,
+    pub kv: &'a str,
+}
+
+impl<'a> Mounts<'a> {
+    pub fn of(engine: &'a Engine) -> Self {
+        Self {
+            database: engine.database.mount(),
+            pki: engine.pki.mount(),
+            kv: engine.kv.mount(),
+        }
+    }
+}
+
+/// Resolves `path` for `operation`, or refuses it (400) when it is not canonical.
+pub fn resolve<'a>(
+    mounts: &Mounts<'_>,
+    path: &'a str,
+    operation: Operation,
+) -> Result<Resolved<'a>, ApiError> {
+    let Some((rest, table)) = table(mounts, path) else {
+        return Ok(Resolved {
+            rest: path,
+            name: None,
+        });
+    };
+    let refuse = |why: &str| {
+        Err(ApiError::bad_request(format!(
+            "invalid request path {path:?}: {why}"
+        )))
+    };
+    let list = operation == Operation::list;
+    for (prefix, tail) in table {
+        let Some(after) = rest.strip_prefix(prefix) else {
+            continue;
+        };
+        // Only a LIST names a folder (a trailing slash); nothing else ends in one.
+        let bare = match after.strip_suffix('/') {
+            Some(bare) if list => bare,
+            Some(_) => return refuse("a trailing slash names a folder, which only LIST takes"),
+            None => after,
+        };
+        if bare.is_empty() {
+            // The collection itself (`LIST sys/policies/acl/`).
+            if list {
+                return Ok(Resolved { rest, name: None });
+            }
+            return refuse("the name is missing");
+        }
+        match tail {
+            Tail::Name { lower } => {
+                if bare.contains('/') {
+                    return refuse("this route takes exactly one name segment");
+                }
+                let valid = if *lower {
+                    crate::policy::check_name(bare).is_ok_and(|canonical| canonical == bare)
+                } else {
+                    crate::storage::valid_name(bare)
+                };
+                if !valid {
+                    return refuse(if *lower {
+                        "names are lowercase ASCII letters, digits, '-', '_', '.' and '@'"
+                    } else {
+                        "names are ASCII letters, digits, '-', '_' and '.'"
+                    });
+                }
+            }
+            // check_path has refused empty, `.` and `..` segments.
+            Tail::Path => {}
+        }
+        return Ok(Resolved {
+            rest,
+            name: Some(after),
+        });
+    }
+    Ok(Resolved { rest, name: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTS: Mounts<'static> = Mounts {
+        database: "database",
+        pki: "pki",
+        kv: "secret",
+    };
+
+    fn name(path: &str, op: Operation) -> Result<Option<&str>, u16> {
+        resolve(&MOUNTS, path, op)
+            .map(|r| r.name)
+            .map_err(|e| e.status.as_u16())
+    }
+
+    #[test]
+    fn one_name_segment_where_a_route_takes_a_name() {
+        use Operation::*;
+        for (path, op) in [
+            ("sys/policies/acl/team-x/admin", update),
+            ("sys/policies/acl/team-x/", update),
+            ("sys/policies/acl/", update),
+            ("sys/policies/acl/Admin", update),
+            ("sys/policies/acl/ADMIN", read),
+            ("sys/policy/team-x/admin", delete),
+            ("sys/policy/Admin", update),
+            ("auth/kubernetes/role/a/b", update),
+            ("auth/kubernetes/role/a/", read),
+            ("database/roles/team-x/admin", update),
+            ("database/creds/a/b", read),
+            ("database/config/a b", update),
+            ("pki/roles/team-x/admin", update),
+            ("pki/issue/a/b", update),
+            ("secret/data/app/", update),
+            ("secret/data/", read),
+            ("sys/audit-hash/file/x", update),
+        ] {
+            assert_eq!(name(path, op), Err(400), "{path} {op:?}");
+        }
+    }
+
+    #[test]
+    fn canonical_paths_resolve_to_their_last_segment_or_key() {
+        use Operation::*;
+        assert_eq!(name("sys/policies/acl/team-x", update), Ok(Some("team-x")));
+        assert_eq!(name("sys/policy/ops@corp", read), Ok(Some("ops@corp")));
+        assert_eq!(name("sys/policies/acl/", list), Ok(None));
+        assert_eq!(name("sys/policies/acl", list), Ok(None));
+        assert_eq!(name("auth/kubernetes/role/App", read), Ok(Some("App")));
+        assert_eq!(name("database/roles/ro", update), Ok(Some("ro")));
+        assert_eq!(name("pki/issue/web", update), Ok(Some("web")));
+        assert_eq!(name("secret/data/team/app", update), Ok(Some("team/app")));
+        assert_eq!(name("secret/metadata/team/", list), Ok(Some("team/")));
+        assert_eq!(
+            name("sys/leases/revoke/database/creds/ro/abc", update),
+            Ok(Some("revoke/database/creds/ro/abc"))
+        );
+        assert_eq!(name("sys/seal", update), Ok(None));
+        assert_eq!(name("elsewhere/x/y", update), Ok(None));
+    }
+}
