@@ -570,3 +570,206 @@ fn serviceaccounts_can_do_only_their_job() {
         assert!(!can(engine, args), "the engine must not be able to: {args:?}");
     }
 }
+
+/// K7 as an attacker holding capstan-controller's credentials: RBAC lets it create tokens,
+/// patch Deployments and write Secrets cluster-wide, as SecretSync needs, and the chart's
+/// ValidatingAdmissionPolicies narrow each to what SecretSync does. Every attack goes
+/// through the real API server as the controller's ServiceAccount and must be refused;
+/// the legitimate shape of each write must still pass.
+#[tokio::test]
+async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow::Result<()> {
+    let client = client().await;
+    install_chart();
+    let ns = TestNamespace::new(&client, "e2e-k7").await;
+    let n = ns.name.as_str();
+    let as_controller = format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{CONTROLLER_SA}");
+    let kubectl = |args: &[&str]| -> (bool, String) {
+        let mut all = args.to_vec();
+        all.push(&as_controller);
+        kubectl_stdin(&all, "")
+    };
+    let refused = |what: &str, (ok, out): (bool, String), needle: &str| {
+        assert!(!ok, "{what}: the controller's credentials did it:\n{out}");
+        assert!(out.contains(needle), "{what}: refused for another reason:\n{out}");
+    };
+
+    // Tokens: a kube-system ServiceAccount's with the API server's audience, a long one,
+    // and one for another audience; the engine's audience in a tenant namespace passes.
+    run("kubectl", &["create", "serviceaccount", "app", "-n", n])?;
+    refused(
+        "a kube-system token for the API",
+        kubectl(&[
+            "create",
+            "token",
+            "default",
+            "-n",
+            "kube-system",
+            "--audience",
+            "https://kubernetes.default.svc",
+        ]),
+        "only for the engine's audience",
+    );
+    refused(
+        "a kube-system token for the engine",
+        kubectl(&[
+            "create",
+            "token",
+            "default",
+            "-n",
+            "kube-system",
+            "--audience",
+            "capstan-engine",
+        ]),
+        "may not request tokens for ServiceAccounts of kube-system",
+    );
+    refused(
+        "a tenant token for the API",
+        kubectl(&["create", "token", "app", "-n", n]),
+        "only for the engine's audience",
+    );
+    refused(
+        "a day-long token",
+        kubectl(&[
+            "create",
+            "token",
+            "app",
+            "-n",
+            n,
+            "--audience",
+            "capstan-engine",
+            "--duration",
+            "24h",
+        ]),
+        "at most an hour",
+    );
+    let (ok, out) = kubectl(&[
+        "create",
+        "token",
+        "app",
+        "-n",
+        n,
+        "--audience",
+        "capstan-engine",
+        "--duration",
+        "10m",
+    ]);
+    assert!(ok, "SecretSync's own token request: {out}");
+
+    // Deployments: an image change, a scale to zero, a new label; the restart passes.
+    run(
+        "kubectl",
+        &[
+            "create",
+            "deployment",
+            "web",
+            "-n",
+            n,
+            "--image",
+            "registry.example/web:1",
+        ],
+    )?;
+    refused(
+        "an image patch",
+        kubectl(&[
+            "patch",
+            "deployment",
+            "web",
+            "-n",
+            n,
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"registry.example/evil:1"}]"#,
+        ]),
+        "only the pod template annotation capstan.dev/restartedAt",
+    );
+    refused(
+        "a scale to zero",
+        kubectl(&[
+            "patch",
+            "deployment",
+            "web",
+            "-n",
+            n,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"replicas":0}}"#,
+        ]),
+        "may not change a Deployment's replicas",
+    );
+    refused(
+        "another template annotation",
+        kubectl(&[
+            "patch",
+            "deployment",
+            "web",
+            "-n",
+            n,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"template":{"metadata":{"annotations":{"capstan.dev/restartedAt":"x","sidecar.istio.io/inject":"false"}}}}}"#,
+        ]),
+        "only the pod template annotation",
+    );
+    let (ok, out) = kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "-n",
+        n,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"metadata":{"annotations":{"capstan.dev/restartedAt":"2026-12-05T00:00:00Z"}}}}}"#,
+    ]);
+    assert!(ok, "SecretSync's rollout restart: {out}");
+
+    // Secrets: one it does not own, replaced or deleted; a ServiceAccount token Secret;
+    // a Secret a SecretSync owns passes.
+    run(
+        "kubectl",
+        &[
+            "create",
+            "secret",
+            "generic",
+            "victim",
+            "-n",
+            n,
+            "--from-literal=k=v",
+        ],
+    )?;
+    let victim = run("kubectl", &["get", "secret", "victim", "-n", n, "-o", "json"])?;
+    let mut replaced: Value = serde_json::from_str(&victim)?;
+    replaced["data"]["k"] = Value::from("ZXZpbA==");
+    let mut replace = vec!["replace", "-f", "-"];
+    replace.push(&as_controller);
+    refused(
+        "replacing a Secret it does not own",
+        kubectl_stdin(&replace, &replaced.to_string()),
+        "may write only Secrets a SecretSync owns",
+    );
+    refused(
+        "deleting a Secret it does not own",
+        kubectl(&["delete", "secret", "victim", "-n", n]),
+        "may write only Secrets a SecretSync owns",
+    );
+    let mut create = vec!["create", "-f", "-"];
+    create.push(&as_controller);
+    let token_secret = format!(
+        r#"{{"apiVersion":"v1","kind":"Secret","type":"kubernetes.io/service-account-token",
+            "metadata":{{"name":"stolen","namespace":"{n}","labels":{{"capstan.dev/secretsync-uid":"x"}},
+            "annotations":{{"kubernetes.io/service-account.name":"app"}}}}}}"#
+    );
+    refused(
+        "a ServiceAccount token Secret",
+        kubectl_stdin(&create, &token_secret),
+        "kubernetes.io/service-account-token",
+    );
+    let owned = format!(
+        r#"{{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"synced","namespace":"{n}",
+            "labels":{{"capstan.dev/secretsync-uid":"x"}}}},"data":{{"k":"dg=="}}}}"#
+    );
+    let (ok, out) = kubectl_stdin(&create, &owned);
+    assert!(ok, "a SecretSync's target: {out}");
+    let (ok, out) = kubectl(&["delete", "secret", "synced", "-n", n]);
+    assert!(ok, "a SecretSync's target: {out}");
+    Ok(())
+}
