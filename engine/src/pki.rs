@@ -32,6 +32,10 @@ pub struct Role {
     pub allowed_domains: Vec<String>,
     pub allow_subdomains: bool,
     pub allow_bare_domains: bool,
+    /// `allowed_domains` entries with `*` match as globs (`*` spans any characters,
+    /// dots included, as Vault's `glob.Glob` does).
+    #[serde(default)]
+    pub allow_glob_domains: bool,
     pub allow_localhost: bool,
     pub allow_ip_sans: bool,
     pub allow_any_name: bool,
@@ -67,13 +71,38 @@ impl Role {
         if !is_dns_name(name) {
             return false;
         }
+        // Vault's semantics (builtin/logical/pki/cert_util.go validateNames): a name is
+        // allowed by an entry when it is the entry itself (allow_bare_domains), ends in
+        // `.<entry>` (allow_subdomains, any depth), or matches the entry as a glob
+        // (allow_glob_domains, entries holding `*`).
         let name = name.to_ascii_lowercase();
         self.allowed_domains.iter().any(|domain| {
             let domain = domain.to_ascii_lowercase();
             (self.allow_bare_domains && name == domain)
                 || (self.allow_subdomains && name.ends_with(&format!(".{domain}")))
+                || (self.allow_glob_domains && domain.contains('*') && glob(&domain, &name))
         })
     }
+}
+
+/// `pattern` (with `*` matching any run of characters) against all of `name`.
+fn glob(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +388,43 @@ mod tests {
         assert!(!role.allows_name("localhost"));
         assert!(!role.allows_name("*.example.com"));
         assert!(!role.allows_name("spiffe://cluster.local/ns/a/sa/b"));
+    }
+
+    /// Vault's semantics for `allowed_domains=example.internal allow_subdomains=true`
+    /// (issue 15, item 10d), bare domains and globs.
+    #[test]
+    fn domains_as_vault_reads_them() {
+        let sub = Role {
+            allowed_domains: vec!["example.internal".into()],
+            allow_subdomains: true,
+            ..Role::default()
+        };
+        assert!(sub.allows_name("a.example.internal"));
+        assert!(sub.allows_name("a.b.example.internal"));
+        assert!(!sub.allows_name("example.internal"));
+        assert!(!sub.allows_name("aexample.internal"));
+        let bare = Role {
+            allow_bare_domains: true,
+            ..sub.clone()
+        };
+        assert!(bare.allows_name("example.internal"));
+        let glob = Role {
+            allowed_domains: vec!["web-*.example.internal".into()],
+            allow_glob_domains: true,
+            ..Role::default()
+        };
+        assert!(glob.allows_name("web-1.example.internal"));
+        assert!(
+            glob.allows_name("web-a.b.example.internal"),
+            "* spans dots, as in Vault"
+        );
+        assert!(!glob.allows_name("db-1.example.internal"));
+        assert!(!glob.allows_name("web-1.example.internal.evil.org"));
+        let no_glob = Role {
+            allow_glob_domains: false,
+            ..glob.clone()
+        };
+        assert!(!no_glob.allows_name("web-1.example.internal"));
     }
 
     #[tokio::test]

@@ -162,6 +162,29 @@ impl Acl {
         cap != Capability::Deny && self.perms(path, cap == Capability::List).has(cap)
     }
 
+    /// Whether any rule grants something at or under `mount` (`secret/`): Vault's
+    /// hasMountAccess, which decides whether `sys/internal/ui/mounts/<path>` shows a
+    /// mount. A rule that denies grants nothing.
+    pub fn has_mount_access(&self, mount: &str) -> bool {
+        if self.root || !self.capabilities(mount).is_empty() {
+            return true;
+        }
+        let grants = |p: &Perms| p.0 != 0 && p.0 & Capability::Deny.bit() == 0;
+        if self.exact.iter().any(|(k, p)| k.starts_with(mount) && grants(p))
+            || self.prefix.iter().any(|(k, p)| k.starts_with(mount) && grants(p))
+        {
+            return true;
+        }
+        let parts: Vec<&str> = mount.trim_end_matches('/').split('/').collect();
+        self.wildcard.iter().any(|w| {
+            grants(&w.perms)
+                && w.segments.len() >= parts.len()
+                && parts.iter().zip(&w.segments).all(|(part, seg)| {
+                    seg == "+" || seg == part || (w.is_prefix && part.starts_with(seg.as_str()))
+                })
+        })
+    }
+
     fn perms(&self, path: &str, list: bool) -> Perms {
         if !is_normalized(path) {
             return Perms::default();

@@ -622,3 +622,20 @@ fn describe(rules: &[RefRule]) -> String {
         .map(|r| format!("{} {:?}; ", r.pattern, r.caps))
         .collect()
 }
+
+/// Vault's hasMountAccess (sys/internal/ui/mounts): any granting rule at or under the
+/// mount, never a deny, never a neighbouring mount sharing a prefix.
+#[test]
+fn mount_access_is_any_grant_under_the_mount() {
+    let a = acl(&[r#"path "secret/data/app/*" { capabilities = ["read"] }
+        path "database/creds/+/x" { capabilities = ["read"] }
+        path "pki/*" { capabilities = ["deny"] }
+        path "secretive/*" { capabilities = ["read"] }"#]);
+    assert!(a.has_mount_access("secret/"));
+    assert!(a.has_mount_access("database/"));
+    assert!(!a.has_mount_access("pki/"), "a deny grants nothing");
+    assert!(!a.has_mount_access("sys/"));
+    assert!(!acl(&[r#"path "secretive/*" { capabilities = ["read"] }"#]).has_mount_access("secret/"));
+    assert!(acl(&[r#"path "*" { capabilities = ["list"] }"#]).has_mount_access("secret/"));
+    assert!(Acl::root().has_mount_access("anything/"));
+}

@@ -162,7 +162,7 @@ async fn create(
             return Err(ApiError::denied());
         }
     }
-    let no_default = request.body.get("no_default_policy").and_then(Value::as_bool) == Some(true);
+    let no_default = request.flag("no_default_policy", false)?;
     let mut policies = policies;
     if !no_default && !policies.iter().any(|p| p == "default" || p == "root") {
         policies.push("default".into());
@@ -174,7 +174,7 @@ async fn create(
             .collect(),
         _ => BTreeMap::new(),
     };
-    let no_parent = orphan || request.body.get("no_parent").and_then(Value::as_bool) == Some(true);
+    let no_parent = orphan || request.flag("no_parent", false)?;
     if no_parent && !root {
         return Err(ApiError::denied());
     }
@@ -193,11 +193,7 @@ async fn create(
                 meta,
                 ttl: requested_ttl,
                 max_ttl: request.seconds(&["explicit_max_ttl"])?,
-                renewable: request
-                    .body
-                    .get("renewable")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true),
+                renewable: request.flag("renewable", true)?,
                 no_expiry: wants_root && root && request.seconds(&["ttl"])? == 0,
             },
             (!no_parent).then_some(parent),

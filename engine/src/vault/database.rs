@@ -67,11 +67,7 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                     current.root_rotation_statements
                 },
             };
-            let verify = request
-                .body
-                .get("verify_connection")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
+            let verify = request.flag("verify_connection", true)?;
             db.write_connection(name, connection, verify).await?;
             Ok(Reply::no_content())
         }

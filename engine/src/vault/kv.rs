@@ -68,8 +68,8 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                 if let Some(m) = request.body.get("max_versions").and_then(Value::as_u64) {
                     config.max_versions = m;
                 }
-                if let Some(c) = request.body.get("cas_required").and_then(Value::as_bool) {
-                    config.cas_required = c;
+                if request.body.contains_key("cas_required") {
+                    config.cas_required = request.flag("cas_required", config.cas_required)?;
                 }
                 if let Some(d) = request.str("delete_version_after") {
                     config.delete_version_after = d.to_owned();
@@ -161,7 +161,11 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
             kv.write_metadata(
                 key,
                 request.body.get("max_versions").and_then(Value::as_u64),
-                request.body.get("cas_required").and_then(Value::as_bool),
+                request
+                    .body
+                    .contains_key("cas_required")
+                    .then(|| request.flag("cas_required", false))
+                    .transpose()?,
                 request.str("delete_version_after").map(str::to_owned),
                 custom,
             )

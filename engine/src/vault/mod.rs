@@ -209,8 +209,23 @@ impl Request {
         Ok(0)
     }
 
-    fn flag(&self, key: &str, default: bool) -> bool {
-        self.body.get(key).and_then(Value::as_bool).unwrap_or(default)
+    /// A boolean as Vault's framework takes one: JSON `true`/`false`, a number (0 is
+    /// false), or a string as Go's `strconv.ParseBool` reads it (`vault write` sends every
+    /// `key=value` as a string: `allow_subdomains=true` is `"true"`). Anything else is
+    /// refused rather than read as the default.
+    fn flag(&self, key: &str, default: bool) -> Result<bool, ApiError> {
+        let invalid = || ApiError::bad_request(format!("invalid {key}: expected a boolean"));
+        match self.body.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(Value::Number(n)) => n.as_f64().map(|n| n != 0.0).ok_or_else(invalid),
+            Some(Value::String(s)) => match s.as_str() {
+                "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+                "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+                _ => Err(invalid()),
+            },
+            Some(_) => Err(invalid()),
+        }
     }
 
     /// Who is asking, as the audit records show it.
@@ -417,7 +432,10 @@ fn respond(status: StatusCode, body: Option<Value>) -> Response {
 
 /// Paths answered without a token, sealed or not.
 fn is_unauthenticated_sys(path: &str) -> bool {
-    matches!(path, "sys/init" | "sys/seal-status" | "sys/unseal" | "sys/health")
+    matches!(
+        path,
+        "sys/init" | "sys/seal-status" | "sys/unseal" | "sys/health" | "sys/leader"
+    )
 }
 
 /// Paths that need a token but also `sudo` on the path, as in Vault.
@@ -578,8 +596,12 @@ async fn serve(
             .acl(&entry.policies)
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let allowed = acl.allows(path, operation.capability())
-            && (!needs_sudo(path) || acl.allows(path, Capability::Sudo));
+        // `sys/internal/ui/mounts/<path>` is Vault's unauthenticated-then-checked path:
+        // it needs a valid token, and its handler checks the token's access to the mount.
+        let ui_mount = operation == Operation::read && path.starts_with("sys/internal/ui/mounts/");
+        let allowed = ui_mount
+            || acl.allows(path, operation.capability())
+                && (!needs_sudo(path) || acl.allows(path, Capability::Sudo));
         request.token = Some(token);
         request.entry = Some(entry);
         if !allowed {

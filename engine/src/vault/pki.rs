@@ -38,13 +38,14 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
         ("roles", _, _) if write => {
             let role = Role {
                 allowed_domains: request.list("allowed_domains")?.unwrap_or_default(),
-                allow_subdomains: request.flag("allow_subdomains", false),
-                allow_bare_domains: request.flag("allow_bare_domains", false),
-                allow_localhost: request.flag("allow_localhost", false),
-                allow_ip_sans: request.flag("allow_ip_sans", false),
-                allow_any_name: request.flag("allow_any_name", false),
-                server_flag: request.flag("server_flag", true),
-                client_flag: request.flag("client_flag", false),
+                allow_subdomains: request.flag("allow_subdomains", false)?,
+                allow_bare_domains: request.flag("allow_bare_domains", false)?,
+                allow_glob_domains: request.flag("allow_glob_domains", false)?,
+                allow_localhost: request.flag("allow_localhost", false)?,
+                allow_ip_sans: request.flag("allow_ip_sans", false)?,
+                allow_any_name: request.flag("allow_any_name", false)?,
+                server_flag: request.flag("server_flag", true)?,
+                client_flag: request.flag("client_flag", false)?,
                 ttl: request.seconds(&["ttl"])?,
                 max_ttl: request.seconds(&["max_ttl"])?,
             };

@@ -20,6 +20,9 @@ enum Tail {
     Name { lower: bool },
     /// One or more segments the handler uses whole (KV keys, lease ids and prefixes).
     Path,
+    /// A path a read-only route looks up (`sys/internal/ui/mounts/secret/app/`), where a
+    /// trailing slash means nothing.
+    Lookup,
 }
 
 /// The routes with a name or a path after a fixed prefix, by mount; the prefix is
@@ -29,6 +32,7 @@ const SYS: &[(&str, Tail)] = &[
     ("policy/", Tail::Name { lower: true }),
     ("audit-hash/", Tail::Name { lower: false }),
     ("leases/", Tail::Path),
+    ("internal/ui/mounts/", Tail::Lookup),
 ];
 const AUTH_TOKEN: &[(&str, Tail)] = &[];
 const AUTH_KUBERNETES: &[(&str, Tail)] = &[("role/", Tail::Name { lower: false })];
@@ -120,7 +124,7 @@ pub fn resolve<'a>(
         };
         // Only a LIST names a folder (a trailing slash); nothing else ends in one.
         let bare = match after.strip_suffix('/') {
-            Some(bare) if list => bare,
+            Some(bare) if list || *tail == Tail::Lookup => bare,
             Some(_) => return refuse("a trailing slash names a folder, which only LIST takes"),
             None => after,
         };
@@ -150,7 +154,7 @@ pub fn resolve<'a>(
                 }
             }
             // check_path has refused empty, `.` and `..` segments.
-            Tail::Path => {}
+            Tail::Path | Tail::Lookup => {}
         }
         return Ok(Resolved {
             rest,
@@ -218,6 +222,7 @@ mod tests {
             name("sys/leases/revoke/database/creds/ro/abc", update),
             Ok(Some("revoke/database/creds/ro/abc"))
         );
+        assert_eq!(name("sys/internal/ui/mounts/secret/", read), Ok(Some("secret/")));
         assert_eq!(name("sys/seal", update), Ok(None));
         assert_eq!(name("elsewhere/x/y", update), Ok(None));
     }

@@ -99,22 +99,49 @@ pub async fn unauthenticated(engine: &Engine, request: &Request) -> Result<Reply
                 }),
             ))
         }
+        // Vault's answer without HA (sys/leader checks HA before the seal): every
+        // replica serves reads and writes over the shared storage, none leads.
+        ("sys/leader", Operation::read) => Ok(Reply::raw(
+            StatusCode::OK,
+            json!({
+                "ha_enabled": false,
+                "is_self": false,
+                "active_time": "0001-01-01T00:00:00Z",
+                "leader_address": "",
+                "leader_cluster_address": "",
+                "performance_standby": false,
+                "performance_standby_last_remote_wal": 0,
+            }),
+        )),
         (path, operation) => Err(ApiError::unsupported(path, operation)),
     }
 }
 
+/// Whether a JSON value says "none": what Vault's Go client sends for every field of
+/// `InitRequest` the user did not set (`"root_token_pgp_key": ""`, `"pgp_keys": null`,
+/// `"stored_shares": 0`).
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(items) => items.iter().all(is_empty),
+        Value::Object(map) => map.is_empty(),
+    }
+}
+
 async fn init(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
+    // Empty means none; only a value that asks for the feature is refused.
     for unsupported in [
         "pgp_keys",
         "root_token_pgp_key",
         "recovery_shares",
+        "recovery_threshold",
+        "recovery_pgp_keys",
         "stored_shares",
     ] {
-        if request
-            .body
-            .get(unsupported)
-            .is_some_and(|v| !v.is_null() && v != &json!(0) && v != &json!([]))
-        {
+        if request.body.get(unsupported).is_some_and(|v| !is_empty(v)) {
             return Err(ApiError::bad_request(format!("{unsupported} is not supported")));
         }
     }
@@ -255,6 +282,7 @@ pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                 .ok_or_else(|| ApiError::bad_request("no audit device is enabled"))?;
             Ok(Reply::data(json!({ "hash": hash })))
         }
+        (rest, Operation::read) if rest.starts_with("internal/ui/mounts/") => ui_mount(engine, request).await,
         (rest, _) if rest.starts_with("leases/") => leases(engine, request, request.name()).await,
         (path, op) => Err(ApiError::unsupported(&format!("sys/{path}"), op)),
     }
@@ -377,4 +405,98 @@ async fn policy(engine: &Engine, request: &Request, name: &str, legacy: bool) ->
         }
         op => Err(ApiError::unsupported(&request.path, op)),
     }
+}
+
+/// `GET sys/internal/ui/mounts/<path>`: the mount `path` is under, as Vault's
+/// pathInternalUIMountRead answers it (the vault CLI's `kv` commands ask it first, to
+/// learn the mount and its KV version). Like Vault, a mount the token has no capability
+/// anywhere under, and a path under no mount, get the same 403 (no probing for mounts).
+/// The path's own ACL is not checked (Vault serves it unauthenticated, then checks the
+/// token's access to the mount).
+async fn ui_mount(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
+    let path = request.name();
+    let asked = if path.ends_with('/') {
+        path.to_owned()
+    } else {
+        format!("{path}/")
+    };
+    let denied = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "preflight capability check returned 403, please ensure client's policies grant access to path {asked:?}"
+            ),
+        )
+    };
+    let mut segments = asked.split('/');
+    let first = segments.next().unwrap_or_default();
+    let second = segments.next().unwrap_or_default();
+    // The router's mount, the path as Vault shows it (auth mounts without `auth/`), the
+    // type, the description and the options.
+    let (mount, shown, kind, description, options) = match (first, second) {
+        ("sys", _) => (
+            "sys/".to_owned(),
+            "sys/".to_owned(),
+            "system",
+            "system endpoints used for control, policy and debugging",
+            Value::Null,
+        ),
+        ("auth", "token") => (
+            "auth/token/".to_owned(),
+            "token/".to_owned(),
+            "token",
+            "token based credentials",
+            Value::Null,
+        ),
+        ("auth", "kubernetes") => (
+            "auth/kubernetes/".to_owned(),
+            "kubernetes/".to_owned(),
+            "kubernetes",
+            "",
+            Value::Null,
+        ),
+        (m, _) if m == engine.kv.mount() => (
+            format!("{m}/"),
+            format!("{m}/"),
+            "kv",
+            "key/value secret storage",
+            json!({ "version": "2" }),
+        ),
+        (m, _) if m == engine.database.mount() => {
+            (format!("{m}/"), format!("{m}/"), "database", "", Value::Null)
+        }
+        (m, _) if m == engine.pki.mount() => (format!("{m}/"), format!("{m}/"), "pki", "", Value::Null),
+        _ => return Err(denied()),
+    };
+    let entry = request.caller()?;
+    let acl = engine.policies.acl(&entry.policies).await?;
+    if !acl.has_mount_access(&mount) {
+        return Err(denied());
+    }
+    // Vault makes these when mounting; here mounts are fixed, so they are derived from
+    // the mount's path (the same on every replica and across restarts).
+    let id = crate::token::hash(&format!("mount:{mount}"));
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &id[0..8],
+        &id[8..12],
+        &id[12..16],
+        &id[16..20],
+        &id[20..32]
+    );
+    Ok(Reply::data(json!({
+        "type": kind,
+        "description": description,
+        "accessor": format!("{kind}_{}", &id[32..40]),
+        "local": false,
+        "seal_wrap": false,
+        "external_entropy_access": false,
+        "options": options,
+        "uuid": uuid,
+        "plugin_version": "",
+        "running_plugin_version": "",
+        "running_sha256": "",
+        "config": { "default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": false },
+        "path": shown,
+    })))
 }
