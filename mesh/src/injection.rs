@@ -372,31 +372,30 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
     let spec = pod.spec.as_ref().expect("refusals() checked the spec");
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let upstreams = annotations.get(ANNOTATION_UPSTREAMS).cloned();
-    // Explicit upstreams mean the app dials the proxy itself: no iptables redirect.
-    let redirect = upstreams.is_none();
+    // Explicit upstreams mean the app dials the proxy itself: no outbound redirect. The
+    // inbound redirect is in every meshed pod, or its ports would answer plain text.
+    let redirect_outbound = upstreams.is_none();
 
     let mut ops = Vec::new();
     let mut app_probes = serde_json::Map::new();
-    if redirect {
-        // With the redirect on, a kubelet probe to an app port would land on the mTLS
-        // listener; the proxy answers it on the app's behalf instead.
-        for (i, container) in spec.containers.iter().enumerate() {
-            for (field, kind, probe) in [
-                ("livenessProbe", "livez", &container.liveness_probe),
-                ("readinessProbe", "readyz", &container.readiness_probe),
-                ("startupProbe", "startupz", &container.startup_probe),
-            ] {
-                let Some(probe) = probe else { continue };
-                let Some((path, original, rewritten)) = rewrite_probe(container, kind, probe) else {
-                    continue;
-                };
-                app_probes.insert(path, original);
-                ops.push(json!({
-                    "op": "replace",
-                    "path": format!("/spec/containers/{i}/{field}"),
-                    "value": rewritten,
-                }));
-            }
+    // The inbound redirect is always on: a kubelet probe to an app port would land on
+    // the mTLS listener; the proxy answers it on the app's behalf instead.
+    for (i, container) in spec.containers.iter().enumerate() {
+        for (field, kind, probe) in [
+            ("livenessProbe", "livez", &container.liveness_probe),
+            ("readinessProbe", "readyz", &container.readiness_probe),
+            ("startupProbe", "startupz", &container.startup_probe),
+        ] {
+            let Some(probe) = probe else { continue };
+            let Some((path, original, rewritten)) = rewrite_probe(container, kind, probe) else {
+                continue;
+            };
+            app_probes.insert(path, original);
+            ops.push(json!({
+                "op": "replace",
+                "path": format!("/spec/containers/{i}/{field}"),
+                "value": rewritten,
+            }));
         }
     }
 
@@ -416,10 +415,10 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         ca_bundle,
         app_port,
         upstreams.as_deref(),
-        redirect,
+        redirect_outbound,
         &app_probes,
     );
-    let mut init = init_container(config);
+    let mut init = init_container(config, redirect_outbound);
     // The API server's ServiceAccount plugin, which ran before webhooks, mounts the
     // pod's API token into every container, and runs again after a webhook changes the
     // pod: it would add the mount to our containers, and that change would make the API
@@ -441,10 +440,7 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
 
     // Init containers run in order: the redirect first, then the proxy (a native sidecar
     // the kubelet waits for, through its startup probe, before anything else starts).
-    let mut ours = vec![to_value(&proxy)];
-    if redirect {
-        ours.insert(0, to_value(&init));
-    }
+    let ours = vec![to_value(&init), to_value(&proxy)];
     if spec.init_containers.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": ours}));
     } else {
@@ -560,7 +556,7 @@ fn proxy_container(
     ca_bundle: &str,
     app_port: Option<i32>,
     upstreams: Option<&str>,
-    redirect: bool,
+    redirect_outbound: bool,
     app_probes: &serde_json::Map<String, Value>,
 ) -> Container {
     let mut env = vec![
@@ -585,7 +581,7 @@ fn proxy_container(
     if let Some(upstreams) = upstreams {
         env.push(self::env("CAPSTAN_UPSTREAMS", upstreams.trim()));
     }
-    if redirect {
+    if redirect_outbound {
         env.push(self::env("CAPSTAN_OUTBOUND_PORT", OUTBOUND_PORT.to_string()));
     }
     if !app_probes.is_empty() {
@@ -666,7 +662,8 @@ pub fn restricted_security_context(uid: i64) -> SecurityContext {
     }
 }
 
-fn init_container(config: &Config) -> Container {
+/// The redirect step: inbound always; outbound unless the pod declares its upstreams.
+fn init_container(config: &Config, redirect_outbound: bool) -> Container {
     let mut args = vec![
         "init".to_owned(),
         format!("--proxy-uid={PROXY_UID}"),
@@ -674,6 +671,9 @@ fn init_container(config: &Config) -> Container {
         format!("--outbound-port={OUTBOUND_PORT}"),
         format!("--exclude-inbound-ports={ADMIN_PORT}"),
     ];
+    if !redirect_outbound {
+        args.push("--inbound-only".to_owned());
+    }
     if !config.exclude_outbound_cidrs.is_empty() {
         args.push(format!(
             "--exclude-outbound-cidrs={}",
@@ -977,22 +977,41 @@ mod tests {
         );
     }
 
+    /// Explicit upstreams (issue 15, item 11): the app dials the proxy itself, so its
+    /// outbound traffic is not redirected, but its ports are: without the inbound
+    /// redirect they would answer plain text from anyone.
     #[test]
-    fn explicit_upstreams_mean_no_redirect_and_no_probe_rewrite() {
+    fn explicit_upstreams_skip_the_outbound_redirect_but_never_the_inbound() {
         let mut pod = app_pod();
         pod.metadata.annotations = Some(labels(&[(ANNOTATION_UPSTREAMS, "api:8080, db.data:5432")]));
         let out = injected(&pod);
         let init = out["spec"]["initContainers"].as_array().unwrap();
-        assert_eq!(init.len(), 1);
-        assert_eq!(init[0]["name"], PROXY_CONTAINER);
+        let names: Vec<_> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER]);
+        let args: Vec<_> = init[0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(args[0], "init");
+        assert!(args.contains(&"--inbound-only"), "{args:?}");
+        assert!(args.contains(&"--inbound-port=20000"), "{args:?}");
         assert_eq!(
-            env_of(&init[0], "CAPSTAN_UPSTREAMS").as_deref(),
+            init[0]["securityContext"]["capabilities"]["add"],
+            json!(["NET_ADMIN", "NET_RAW"])
+        );
+        let proxy = &init[1];
+        assert_eq!(
+            env_of(proxy, "CAPSTAN_UPSTREAMS").as_deref(),
             Some("api:8080, db.data:5432")
         );
-        assert_eq!(env_of(&init[0], "CAPSTAN_OUTBOUND_PORT"), None);
+        assert_eq!(env_of(proxy, "CAPSTAN_OUTBOUND_PORT"), None);
+        assert_eq!(env_of(proxy, "CAPSTAN_APP_PORT").as_deref(), Some("8080"));
+        // Probes to app ports would meet the mTLS listener: the proxy answers them.
         assert_eq!(
             out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"],
-            "http"
+            ADMIN_PORT
         );
         // The existing annotations are kept, the marker added beside them.
         assert_eq!(

@@ -39,6 +39,11 @@ pub struct InitArgs {
     /// The ip6tables binary.
     #[arg(long, env = "CAPSTAN_IP6TABLES", default_value = "ip6tables")]
     pub ip6tables: String,
+    /// Redirect inbound traffic only: a pod with explicit upstreams dials the proxy
+    /// itself, so its outbound traffic is left alone, but its ports are still reachable
+    /// only through the mTLS listener.
+    #[arg(long, env = "CAPSTAN_INBOUND_ONLY")]
+    pub inbound_only: bool,
 }
 
 const INBOUND_CHAIN: &str = "CAPSTAN_INBOUND";
@@ -129,6 +134,9 @@ pub fn rules(args: &InitArgs, family: Family) -> anyhow::Result<Vec<Vec<String>>
         "--to-ports",
         &args.inbound_port.to_string(),
     ]));
+    if args.inbound_only {
+        return Ok(out);
+    }
     out.push(s(&[
         "-A",
         OUTBOUND_CHAIN,
@@ -164,29 +172,39 @@ pub fn rules(args: &InitArgs, family: Family) -> anyhow::Result<Vec<Vec<String>>
     Ok(out)
 }
 
-/// The IPv6 fallback (filter table): TCP in and out of the pod dropped, loopback kept.
-fn drop_rules() -> Vec<Vec<String>> {
+/// The IPv6 fallback (filter table): TCP into the pod dropped (and out of it, unless
+/// only inbound is redirected), loopback kept.
+fn drop_rules(args: &InitArgs) -> Vec<Vec<String>> {
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    vec![
+    let mut out = vec![
         s(&["-A", INBOUND_CHAIN, "-i", "lo", "-j", "RETURN"]),
         s(&["-A", INBOUND_CHAIN, "-p", "tcp", "-j", "DROP"]),
-        s(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]),
-        s(&["-A", OUTBOUND_CHAIN, "-p", "tcp", "-j", "DROP"]),
-    ]
+    ];
+    if !args.inbound_only {
+        out.push(s(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]));
+        out.push(s(&["-A", OUTBOUND_CHAIN, "-p", "tcp", "-j", "DROP"]));
+    }
+    out
 }
 
 /// Runs one iptables command: whether it succeeded (Err: the binary could not run).
 type Exec<'a> = dyn FnMut(&str, &[&str]) -> anyhow::Result<bool> + 'a;
 
-/// Puts `rules` into `table`: the two chains created (or flushed), filled, and jumped
-/// to from `hooks` (inbound's, outbound's).
+/// Puts `rules` into `table`: the chains created (or flushed), filled, and jumped to
+/// from `hooks` (inbound's, then outbound's; outbound's not with `inbound_only`).
 fn program(
     exec: &mut Exec<'_>,
     tool: &str,
     table: &str,
     hooks: [&str; 2],
     rules: &[Vec<String>],
+    inbound_only: bool,
 ) -> anyhow::Result<()> {
+    let chains: &[&str] = if inbound_only {
+        &[INBOUND_CHAIN]
+    } else {
+        &[INBOUND_CHAIN, OUTBOUND_CHAIN]
+    };
     let mut run = |a: &[&str]| -> anyhow::Result<bool> {
         let full: Vec<&str> = ["-w", "-t", table]
             .iter()
@@ -195,7 +213,7 @@ fn program(
             .collect();
         exec(tool, &full)
     };
-    for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+    for &chain in chains {
         // Exists already on a re-run: then it is flushed and rebuilt.
         let _ = run(&["-N", chain])?;
         if !run(&["-F", chain])? {
@@ -208,7 +226,7 @@ fn program(
             bail!("{tool} -t {table} refused: {}", rule.join(" "));
         }
     }
-    for (hook, chain) in hooks.into_iter().zip([INBOUND_CHAIN, OUTBOUND_CHAIN]) {
+    for (hook, &chain) in hooks.into_iter().zip(chains) {
         let jump = ["-p", "tcp", "-j", chain];
         let check: Vec<&str> = ["-C", hook].iter().chain(jump.iter()).copied().collect();
         if !run(&check)? {
@@ -235,8 +253,9 @@ pub enum Ipv6Outcome {
 pub fn apply(args: &InitArgs, exec: &mut Exec<'_>, ipv6_on: bool) -> anyhow::Result<Ipv6Outcome> {
     let v4 = rules(args, Family::V4)?;
     let v6 = rules(args, Family::V6)?;
-    program(exec, &args.iptables, "nat", ["PREROUTING", "OUTPUT"], &v4)?;
-    let redirect = match program(exec, &args.ip6tables, "nat", ["PREROUTING", "OUTPUT"], &v6) {
+    let only = args.inbound_only;
+    program(exec, &args.iptables, "nat", ["PREROUTING", "OUTPUT"], &v4, only)?;
+    let redirect = match program(exec, &args.ip6tables, "nat", ["PREROUTING", "OUTPUT"], &v6, only) {
         Ok(()) => return Ok(Ipv6Outcome::Redirected),
         Err(error) => format!("{error:#}"),
     };
@@ -245,7 +264,8 @@ pub fn apply(args: &InitArgs, exec: &mut Exec<'_>, ipv6_on: bool) -> anyhow::Res
         &args.ip6tables,
         "filter",
         ["INPUT", "OUTPUT"],
-        &drop_rules(),
+        &drop_rules(args),
+        only,
     );
     match dropped {
         Ok(()) => Ok(Ipv6Outcome::Dropped(redirect)),
@@ -285,6 +305,7 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
         inbound = args.inbound_port,
         outbound = args.outbound_port,
         proxy_uid = args.proxy_uid,
+        inbound_only = args.inbound_only,
         ipv6 = ?ipv6,
         "Transparent redirect in place"
     );
@@ -374,6 +395,35 @@ mod tests {
         ] {
             assert!(v6.contains(&redirect.to_owned()), "{v6:#?}");
         }
+    }
+
+    /// With explicit upstreams, inbound is redirected as always and outbound left alone:
+    /// no outbound chain, no jump from OUTPUT, in either family.
+    #[test]
+    fn inbound_only_redirects_inbound_and_leaves_outbound_alone() {
+        let args = parse(&["--inbound-only"]);
+        for family in [Family::V4, Family::V6] {
+            let text: Vec<String> = rules(&args, family)
+                .unwrap()
+                .iter()
+                .map(|r| r.join(" "))
+                .collect();
+            assert!(text.contains(&"-A CAPSTAN_INBOUND -p tcp -j REDIRECT --to-ports 20000".to_owned()));
+            assert!(!text.iter().any(|r| r.contains(OUTBOUND_CHAIN)), "{text:#?}");
+        }
+        let mut ran = Vec::new();
+        let mut exec = |tool: &str, a: &[&str]| -> anyhow::Result<bool> {
+            ran.push(format!("{tool} {}", a.join(" ")));
+            Ok(!a.contains(&"-C"))
+        };
+        apply(&args, &mut exec, true).unwrap();
+        assert!(ran.contains(&"iptables -w -t nat -A PREROUTING -p tcp -j CAPSTAN_INBOUND".to_owned()));
+        assert!(ran.contains(&"ip6tables -w -t nat -A PREROUTING -p tcp -j CAPSTAN_INBOUND".to_owned()));
+        assert!(
+            !ran.iter()
+                .any(|r| r.contains("OUTPUT") || r.contains(OUTBOUND_CHAIN)),
+            "{ran:#?}"
+        );
     }
 
     /// A fake iptables: which (tool, table) pairs work; records what ran.

@@ -35,6 +35,17 @@ pub struct Mesh {
     files: Vec<PathBuf>,
 }
 
+/// Which traffic `capstan-sidecar init` redirects in a test pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// Inbound and outbound (`init`, a pod without explicit upstreams).
+    Both,
+    /// Inbound only (`init --inbound-only`, a pod with explicit upstreams).
+    InboundOnly,
+    /// No redirect step.
+    None,
+}
+
 pub enum App {
     Http,
     /// The HTTP application listening on every address without a redirect: only the
@@ -187,12 +198,38 @@ impl Mesh {
         upstreams: &str,
         transparent: bool,
     ) -> Result<Pod> {
+        let redirect = if transparent {
+            Redirect::Both
+        } else {
+            Redirect::None
+        };
+        self.workload_redirected(sa, app, upstreams, redirect).await
+    }
+
+    /// A pod with the redirect the injector gives it: both ways, or inbound only (a
+    /// pod with explicit upstreams), or none (the sidecar alone).
+    pub async fn workload_redirected(
+        &mut self,
+        sa: &str,
+        app: App,
+        upstreams: &str,
+        redirect: Redirect,
+    ) -> Result<Pod> {
         self.service_account(sa).await?;
         let mut pod = self.network.pod(sa)?;
         let app_bin = bin("capstan-e2e-app");
-        if transparent {
-            pod.exec(&bin("capstan-sidecar"), &["init"]).await?;
+        match redirect {
+            Redirect::Both => {
+                pod.exec(&bin("capstan-sidecar"), &["init"]).await?;
+            }
+            Redirect::InboundOnly => {
+                pod.exec(&bin("capstan-sidecar"), &["init", "--inbound-only"])
+                    .await?;
+            }
+            Redirect::None => {}
         }
+        // With a redirect the application listens on every address, as a pod's would.
+        let transparent = redirect != Redirect::None;
         let listen = if transparent && pod.address6.is_some() {
             // Every address of both families, as a dual-stack application would.
             format!("[::]:{APP_PORT}")
@@ -237,7 +274,7 @@ impl Mesh {
         if !matches!(app, App::None) {
             env.push(("CAPSTAN_APP_PORT", APP_PORT.to_string()));
         }
-        if transparent {
+        if redirect == Redirect::Both {
             env.push(("CAPSTAN_OUTBOUND_PORT", "15001".to_owned()));
         }
         // CAPSTAN_SIDECAR_BIN: a sidecar built another way (another profile, say), for

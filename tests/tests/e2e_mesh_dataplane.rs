@@ -1281,3 +1281,34 @@ async fn ipv6_is_redirected_like_ipv4() -> Result<()> {
     );
     Ok(())
 }
+
+/// A pod with explicit upstreams gets the inbound redirect as every meshed pod does
+/// (issue 15, item 11; the injector runs `init --inbound-only` for it): its
+/// application, listening on every address, refuses plain text from outside the mesh,
+/// while its declared upstream still carries its own requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_explicit_upstreams_still_redirects_inbound() -> Result<()> {
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let _api = mesh.http_service("api").await?;
+    let web = mesh
+        .workload_redirected("web", App::Http, "api:9090", Redirect::InboundOnly)
+        .await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
+    )
+    .await?;
+    until_ok(&web, "GET", "/", "web's upstream to api").await?;
+
+    let plain = mesh.network.pod("plain")?;
+    let url = format!("http://{}:{APP_PORT}/plain", web.address);
+    let out = plain
+        .exec(&bin("capstan-e2e-app"), &["request", "GET", &url])
+        .await?;
+    let v: Value = serde_json::from_str(out.lines().next().context("no output")?)?;
+    ensure!(
+        status_of(&v).is_none(),
+        "plain text reached the application of a pod with upstreams: {v}"
+    );
+    Ok(())
+}

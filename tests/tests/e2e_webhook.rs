@@ -164,14 +164,22 @@ async fn pods_of_a_labelled_namespace_come_back_injected_once() -> Result<()> {
     .await?;
     assert!(init_names(&out).is_empty());
 
-    // Explicit upstreams: the proxy, but no redirect container.
+    // Explicit upstreams (issue 15, item 11): no outbound redirect, since the app dials
+    // the proxy itself, but the inbound one as in every meshed pod, or the app's ports
+    // would answer plain text.
     let upstreams = create_pod(
         &client,
         &ns.name,
         &app_pod("upstreams", json!({"capstan.dev/upstreams": "api:8080"})),
     )
     .await?;
-    assert_eq!(init_names(&upstreams), ["capstan-proxy"]);
+    assert_eq!(init_names(&upstreams), ["capstan-init", "capstan-proxy"]);
+    let init = &upstreams.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    let args = init.args.clone().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--inbound-only"),
+        "the redirect of a pod with upstreams: {args:?}"
+    );
 
     // An unlabelled namespace: only annotated pods are meshed.
     let plain = TestNamespace::new(&client, "e2e-plain").await;
