@@ -285,6 +285,7 @@ fn ipv6_on() -> bool {
 
 pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     let mut exec = |tool: &str, a: &[&str]| -> anyhow::Result<bool> {
+        // image-programs: iptables ip6tables (the defaults of --iptables, --ip6tables)
         let out = Command::new(tool)
             .args(a)
             .output()
