@@ -810,6 +810,7 @@ impl WebhookProcess {
         let configs = Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
             client.clone(),
         );
+        // Every pod webhook: /mutate-pods, and /mutate-pods/enforced for labelled namespaces.
         let expected = format!("{url}/mutate-pods");
         eventually(
             Duration::from_secs(30),
@@ -823,7 +824,10 @@ impl WebhookProcess {
                         .webhooks?
                         .iter()
                         .all(|w| {
-                            w.client_config.url.as_deref() == Some(expected.as_str())
+                            w.client_config
+                                .url
+                                .as_deref()
+                                .is_some_and(|u| u.starts_with(expected.as_str()))
                                 && w.client_config.ca_bundle.is_some()
                         })
                         .then_some(())
@@ -898,7 +902,7 @@ pub fn restore_webhook_service_refs() {
         }})
     };
     let mutating = serde_json::json!({"webhooks": [
-        {"name": "namespaces.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
+        {"name": "namespaces.inject.capstan.dev", "clientConfig": service("/mutate-pods/enforced")},
         {"name": "pods.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
         {"name": "agents.inject.capstan.dev", "clientConfig": service("/mutate-pods")},
     ]});

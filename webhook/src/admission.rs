@@ -43,6 +43,9 @@ use std::{
 
 pub const MUTATE_PODS: &str = "mutate-pods";
 pub const VALIDATE_INTENTIONS: &str = "validate-serviceintentions";
+/// The path of the webhook whose namespaceSelector matches labelled namespaces only: a
+/// call on it means the API server found the namespace labelled at admission time.
+pub const MUTATE_PODS_ENFORCED: &str = "mutate-pods/enforced";
 
 /// How long the mesh roots read from the ConfigMap are reused: the bundle only seeds a
 /// new proxy's trust, which then follows the CA's own answers.
@@ -67,6 +70,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(&format!("/{MUTATE_PODS}"), post(mutate_pods))
+        .route(&format!("/{MUTATE_PODS_ENFORCED}"), post(mutate_pods_enforced))
         .route(&format!("/{VALIDATE_INTENTIONS}"), post(validate_intentions))
         .with_state(state)
 }
@@ -108,8 +112,20 @@ fn deny(request_response: AdmissionResponse, message: String) -> AdmissionRespon
 }
 
 async fn mutate_pods(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    mutate_pods_as(&state, &body, false).await
+}
+
+async fn mutate_pods_enforced(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    mutate_pods_as(&state, &body, true).await
+}
+
+/// `enforced`: the API server's own namespaceSelector found the namespace labelled
+/// capstan.dev/mesh=enabled for this very request. That is trusted over the webhook's
+/// watch cache, which can lag behind a namespace labelled a moment ago, and a pod of an
+/// enforced namespace must never start unmeshed because of it.
+async fn mutate_pods_as(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Response {
     let started = Instant::now();
-    let response = match mutate(&state, &body).await {
+    let response = match mutate(state, body, enforced).await {
         Ok(json) => json.into_response(),
         Err((code, message)) => {
             state.metrics.request(MUTATE_PODS, "error");
@@ -124,7 +140,7 @@ async fn mutate_pods(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     response
 }
 
-async fn mutate(state: &Arc<AppState>, body: &[u8]) -> Reply {
+async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
     let request = match parse::<Pod>(body) {
         Ok(request) => request,
         Err(invalid) => {
@@ -144,7 +160,13 @@ async fn mutate(state: &Arc<AppState>, body: &[u8]) -> Reply {
         .clone()
         .or_else(|| pod.metadata.generate_name.clone())
         .unwrap_or_default();
-    let namespace_labels = state.namespace_labels(&namespace).await?;
+    let mut namespace_labels = state.namespace_labels(&namespace).await?;
+    if enforced {
+        namespace_labels.insert(
+            injection::LABEL_MESH.to_owned(),
+            injection::LABEL_MESH_ENABLED.to_owned(),
+        );
+    }
 
     // The mutation's own time (decision + patch) is measured without the reads around it.
     let started = Instant::now();
@@ -453,6 +475,88 @@ impl AppState {
 mod tests {
     use capstan_mesh::injection::{self, Injection};
     use k8s_openapi::api::core::v1::Pod;
+
+    /// The webhook as main builds it, with a watch cache of namespaces that holds `shop`
+    /// without its mesh label (a label added a moment ago, not seen yet), and no API
+    /// server behind its client: nothing may be read live.
+    fn state_with_a_lagging_cache() -> std::sync::Arc<super::AppState> {
+        use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+        use kube::{core::PartialObjectMeta, runtime::watcher};
+        let (namespaces, mut writer) = kube::runtime::reflector::store::<PartialObjectMeta<Namespace>>();
+        let shop = PartialObjectMeta::<Namespace> {
+            metadata: ObjectMeta {
+                name: Some("shop".into()),
+                labels: Some([(injection::LABEL_NAMESPACE_NAME.to_owned(), "shop".to_owned())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        writer.apply_watcher_event(&watcher::Event::Apply(shop));
+        let offline = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no API server in this test"))
+        });
+        let mut registry = prometheus_client::registry::Registry::default();
+        std::sync::Arc::new(super::AppState {
+            client: kube::Client::new(offline, "default"),
+            config: injection::Config::default(),
+            namespaces,
+            roots_namespace: "capstan-system".into(),
+            roots_configmap: "capstan-mesh-roots".into(),
+            roots: parking_lot::Mutex::new(Some((std::time::Instant::now(), "PEM".into()))),
+            refreshing_roots: Default::default(),
+            metrics: crate::metrics::Metrics::register(&mut registry),
+            engine: crate::engine_address::EngineAddress::new(
+                "https://capstan-engine.capstan-system.svc:8200",
+            ),
+        })
+    }
+
+    async fn admit(state: std::sync::Arc<super::AppState>, path: &str) -> serde_json::Value {
+        use tower::ServiceExt as _;
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1", "operation": "CREATE", "namespace": "shop",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "userInfo": {"username": "alice"},
+                "object": {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "web-1", "namespace": "shop"},
+                    "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "app:1"}]},
+                },
+            },
+        });
+        let request = http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(review.to_string()))
+            .unwrap();
+        let response = super::router(state).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Issue 15.8: a call through the webhook whose namespaceSelector matched (the API
+    /// server saw the label) meshes the pod even though the webhook's own watch of
+    /// namespaces has not seen the label yet; without that, the pod of an enforced
+    /// namespace would start unmeshed. The opt-in webhook's path still reads the cache.
+    #[tokio::test]
+    async fn the_api_servers_namespace_selector_is_trusted_over_a_lagging_cache() {
+        let enforced = admit(
+            state_with_a_lagging_cache(),
+            &format!("/{}", super::MUTATE_PODS_ENFORCED),
+        )
+        .await;
+        assert_eq!(enforced["response"]["allowed"], true, "{enforced}");
+        assert!(
+            !enforced["response"]["patch"].is_null(),
+            "not injected: {enforced}"
+        );
+        let opt_in = admit(state_with_a_lagging_cache(), &format!("/{}", super::MUTATE_PODS)).await;
+        assert_eq!(opt_in["response"]["allowed"], true, "{opt_in}");
+        assert!(opt_in["response"].get("patch").is_none(), "{opt_in}");
+    }
 
     /// The operations the webhook sends are valid RFC 6902 for the API server: they parse
     /// as json_patch operations and apply to the pod as it arrives.
