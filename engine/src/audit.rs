@@ -649,6 +649,7 @@ mod tests {
             expire_time: Some(60),
             max_expire_time: Some(60),
             renewable: true,
+            num_uses: 0,
         };
         let auth = AuthInfo {
             token: Some("hvs.secret-token"),

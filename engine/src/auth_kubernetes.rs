@@ -335,6 +335,7 @@ impl KubernetesAuth {
                     max_ttl: role.token_max_ttl,
                     renewable: true,
                     no_expiry: false,
+                    num_uses: 0,
                 },
                 None,
             )

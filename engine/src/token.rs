@@ -42,6 +42,14 @@ pub struct TokenEntry {
     /// The latest it may ever be renewed to, unix seconds (None: no bound).
     pub max_expire_time: Option<i64>,
     pub renewable: bool,
+    /// Uses left (Vault's `num_uses`); 0: unlimited. Each authenticated request spends
+    /// one; the request that spends the last is served and revokes the token.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_uses: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl TokenEntry {
@@ -84,6 +92,8 @@ pub struct NewToken {
     pub renewable: bool,
     /// Root tokens only: no expiry.
     pub no_expiry: bool,
+    /// How many requests it may make (0: unlimited).
+    pub num_uses: u64,
 }
 
 pub fn hash(token: &str) -> String {
@@ -159,6 +169,7 @@ impl Tokens {
             expire_time,
             max_expire_time,
             renewable: request.renewable && !request.no_expiry,
+            num_uses: request.num_uses,
         };
         // The parent index first: a crash after it leaves an index pointing at nothing
         // (harmless), never a child its parent's revocation cannot find.
@@ -221,6 +232,49 @@ impl Tokens {
             return Err(TokenError::Invalid);
         }
         Ok(entry)
+    }
+
+    /// Spends one use of a limited-use token (Vault's `num_uses`; unlimited tokens are
+    /// returned as they are, with no write). The count goes down under a conditional
+    /// write, so two requests (on one replica or two) never spend the same use. The last
+    /// use is claimed the same way, by writing the entry back expired (a conditional
+    /// delete would not do: storage answers a delete of an entry already gone as done, so
+    /// every request that saw the last use would think it had spent it); then the token
+    /// is revoked with its children, accessor and parent index. The request that spent
+    /// it is still served, as in Vault; the next one is refused.
+    pub async fn spend_use(
+        &self,
+        token: &str,
+        entry: Arc<TokenEntry>,
+    ) -> Result<Arc<TokenEntry>, TokenError> {
+        if entry.num_uses == 0 {
+            return Ok(entry);
+        }
+        let id_hash = hash(token);
+        let now = now();
+        let mut served: Option<TokenEntry> = None;
+        self.logical
+            .update::<TokenEntry, TokenError, _>(&format!("{ID_PREFIX}{id_hash}"), |current| {
+                let mut entry = current.ok_or(TokenError::Invalid)?;
+                // A stored count of 0 would mean unlimited: a limited token never gets
+                // there unexpired, so it is refused rather than trusted.
+                if entry.expired(now) || entry.num_uses == 0 {
+                    return Err(TokenError::Invalid);
+                }
+                entry.num_uses -= 1;
+                served = Some(entry.clone());
+                if entry.num_uses == 0 {
+                    entry.expire_time = Some(now);
+                    entry.ttl = 0;
+                }
+                Ok(Some(entry))
+            })
+            .await??;
+        let served = served.ok_or(TokenError::Invalid)?;
+        if served.num_uses == 0 {
+            self.revoke_hash(&id_hash).await?;
+        }
+        Ok(Arc::new(served))
     }
 
     pub async fn lookup_accessor(&self, accessor: &str) -> Result<Arc<TokenEntry>, TokenError> {
@@ -365,6 +419,71 @@ pub(crate) mod tests {
             ttl,
             renewable: true,
             ..Default::default()
+        }
+    }
+
+    /// Vault's num_uses (issue 15 item 11): each use spends one, the last is served and
+    /// revokes the token (accessor too); two replicas racing for the last use cannot
+    /// both have it.
+    #[tokio::test]
+    async fn a_limited_token_is_spent_once_per_use_across_replicas() {
+        let (a, b) = crate::logical::tests::two_replicas().await;
+        let (on_a, on_b) = (Tokens::new(a), Tokens::new(b));
+        let (token, entry) = on_a
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    ttl: 600,
+                    num_uses: 3,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let first = on_a
+            .spend_use(&token, on_a.lookup(&token).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(first.num_uses, 2);
+        let second = on_b
+            .spend_use(&token, on_b.lookup(&token).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(second.num_uses, 1);
+        // Both replicas saw one use left; only one may spend it.
+        let (seen_a, seen_b) = (
+            on_a.lookup(&token).await.unwrap(),
+            on_b.lookup(&token).await.unwrap(),
+        );
+        let (x, y) = tokio::join!(on_a.spend_use(&token, seen_a), on_b.spend_use(&token, seen_b));
+        assert_eq!(
+            [x.is_ok(), y.is_ok()].iter().filter(|ok| **ok).count(),
+            1,
+            "{x:?} {y:?}"
+        );
+        for tokens in [&on_a, &on_b] {
+            assert!(matches!(tokens.lookup(&token).await, Err(TokenError::Invalid)));
+            assert!(matches!(
+                tokens.lookup_accessor(&entry.accessor).await,
+                Err(TokenError::Invalid)
+            ));
+        }
+        // Unlimited tokens are not written per use.
+        let (free, _) = on_a
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    ttl: 600,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let entry = on_a.lookup(&free).await.unwrap();
+            assert_eq!(on_a.spend_use(&free, entry).await.unwrap().num_uses, 0);
         }
     }
 

@@ -1137,3 +1137,144 @@ async fn every_named_route_touches_exactly_what_the_acl_judged() -> Result<()> {
     );
     Ok(())
 }
+
+/// Fail-open by omission (issue 15 item 11), through the HTTPS API: a client asking for
+/// response wrapping (`X-Vault-Wrap-TTL`) is refused instead of handed the plaintext, and
+/// a token's `num_uses` is enforced: each request spends one (denied ones too, as in
+/// Vault), the last is served and revokes the token, parallel requests never spend the
+/// same use, and a use-limited token cannot mint an unlimited one.
+#[tokio::test]
+async fn wrapping_is_refused_and_num_uses_is_enforced() -> Result<()> {
+    use capstan_tests::secrets::{call, roots, send, token_with};
+    let client = client().await;
+    fresh_storage();
+    let engine = EngineProcess::start(&client, "fail-closed", &[]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let canary = format!("wrapcanary-{:08x}", rand::random::<u32>());
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "PUT",
+        "secret/data/app",
+        Some(&root),
+        Some(json!({ "data": { "password": canary } })),
+    )
+    .await?;
+    ensure!(code == 200, "{code} {body}\n{}", engine.logs());
+    let auth = format!("Bearer {root}");
+    for (method, target, body) in [
+        ("GET", "/v1/secret/data/app", None),
+        (
+            "POST",
+            "/v1/auth/token/create",
+            Some(json!({ "policies": ["default"] })),
+        ),
+        ("GET", "/v1/sys/seal-status", None),
+    ] {
+        let (code, answer) = send(
+            &engine,
+            &roots,
+            method,
+            target,
+            &[("Authorization", &auth), ("X-Vault-Wrap-TTL", "60s")],
+            body.as_ref(),
+        )
+        .await?;
+        ensure!(
+            code == 400 && answer.to_string().contains("wrapping") && !answer.to_string().contains(&canary),
+            "{method} {target} with X-Vault-Wrap-TTL: {code} {answer}"
+        );
+        ensure!(answer["auth"].is_null(), "no token handed out: {answer}");
+    }
+
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "PUT",
+        "sys/policies/acl/app",
+        Some(&root),
+        Some(
+            json!({ "policy": "path \"secret/data/app\" { capabilities = [\"read\"] }\n\
+                                path \"auth/token/create\" { capabilities = [\"update\"] }" }),
+        ),
+    )
+    .await?;
+    ensure!(code == 204, "{code} {body}");
+    let read = |token: String| {
+        let (engine, roots) = (&engine, &roots);
+        async move { call(engine, roots, "GET", "secret/data/app", Some(&token), None).await }
+    };
+    // Three uses: lookup-self shows two left, a denied request spends one, the third
+    // use is served, the fourth refused.
+    let three = token_with(&engine, &roots, &root, &["app"], json!({ "num_uses": 3 })).await?;
+    let (code, me) = call(
+        &engine,
+        &roots,
+        "GET",
+        "auth/token/lookup-self",
+        Some(&three),
+        None,
+    )
+    .await?;
+    ensure!(code == 200 && me["data"]["num_uses"] == 2, "{code} {me}");
+    let (code, _) = call(&engine, &roots, "GET", "secret/data/other", Some(&three), None).await?;
+    ensure!(code == 403, "denied: {code}");
+    let (code, body) = read(three.clone()).await?;
+    ensure!(
+        code == 200 && body["data"]["data"]["password"] == canary.as_str(),
+        "last use: {code} {body}"
+    );
+    let (code, _) = read(three.clone()).await?;
+    ensure!(code == 403, "spent: {code}");
+    // A use-limited token cannot create tokens (it would outlive its limit).
+    let two = token_with(
+        &engine,
+        &roots,
+        &root,
+        &["app", "default"],
+        json!({ "num_uses": "2" }),
+    )
+    .await?;
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "POST",
+        "auth/token/create",
+        Some(&two),
+        Some(json!({ "policies": ["app"] })),
+    )
+    .await?;
+    ensure!(
+        code == 400 && body["auth"].is_null(),
+        "child of a limited token: {code} {body}"
+    );
+    for bad in [json!(-1), json!("many"), json!(1.5)] {
+        let (code, body) = call(
+            &engine,
+            &roots,
+            "POST",
+            "auth/token/create",
+            Some(&root),
+            Some(json!({ "policies": ["app"], "num_uses": bad })),
+        )
+        .await?;
+        ensure!(code == 400, "num_uses {bad}: {code} {body}");
+    }
+    // Twenty requests at once with five uses: exactly five are served.
+    let five = token_with(&engine, &roots, &root, &["app"], json!({ "num_uses": 5 })).await?;
+    let answers = futures::future::join_all((0..20).map(|_| read(five.clone()))).await;
+    let served = answers
+        .iter()
+        .filter(|a| a.as_ref().is_ok_and(|(code, _)| *code == 200))
+        .count();
+    ensure!(
+        served == 5,
+        "{served} of 20 parallel requests served with num_uses 5: {:?}",
+        answers
+            .iter()
+            .map(|a| a.as_ref().map(|(c, _)| *c).ok())
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}

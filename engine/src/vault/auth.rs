@@ -36,6 +36,7 @@ fn auth_block(token: &str, entry: &TokenEntry) -> Value {
         "entity_id": "",
         "token_type": "service",
         "orphan": entry.parent.is_none(),
+        "num_uses": entry.num_uses,
     })
 }
 
@@ -59,7 +60,7 @@ fn lookup_data(entry: &TokenEntry, own: Option<&str>) -> Value {
         "explicit_max_ttl": 0,
         "renewable": entry.renewable,
         "orphan": entry.parent.is_none(),
-        "num_uses": 0,
+        "num_uses": entry.num_uses,
         "type": "service",
         "entity_id": "",
     })
@@ -142,6 +143,23 @@ async fn create(
     orphan: bool,
 ) -> Result<Reply, ApiError> {
     let root = parent.is_root();
+    // A use-limited token cannot mint an unlimited one (Vault refuses it too).
+    if parent.num_uses > 0 {
+        return Err(ApiError::bad_request(
+            "a token with a use limit (num_uses) cannot create tokens",
+        ));
+    }
+    let num_uses = match request.body.get("num_uses") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| ApiError::bad_request("num_uses must be 0 or more"))?,
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request("num_uses must be 0 or more"))?,
+        Some(_) => return Err(ApiError::bad_request("num_uses must be 0 or more")),
+    };
     let policies: Vec<String> = request
         .list("policies")?
         .unwrap_or_else(|| parent.policies.clone())
@@ -195,6 +213,7 @@ async fn create(
                 max_ttl: request.seconds(&["explicit_max_ttl"])?,
                 renewable: request.flag("renewable", true)?,
                 no_expiry: wants_root && root && request.seconds(&["ttl"])? == 0,
+                num_uses,
             },
             (!no_parent).then_some(parent),
         )

@@ -553,6 +553,16 @@ async fn serve(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     check_path(path)?;
+    // Response wrapping does not exist yet: a client asking for it must not get the
+    // plaintext it meant to keep out of its own hands (fail closed, not ignored).
+    if headers
+        .get("x-vault-wrap-ttl")
+        .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+    {
+        return Err(ApiError::bad_request(
+            "response wrapping (X-Vault-Wrap-TTL) is not supported; the request was not served",
+        ));
+    }
     let name = route::resolve(&route::Mounts::of(engine), path, operation)?
         .name
         .map(str::to_owned);
@@ -586,6 +596,9 @@ async fn serve(
     if !login {
         let token = token_of(headers).ok_or_else(ApiError::denied)?;
         let entry = engine.tokens.lookup(&token).await?;
+        // Every authenticated request spends a use of a limited-use token, allowed or
+        // denied, as in Vault.
+        let entry = engine.tokens.spend_use(&token, entry).await?;
         // Create or update: Vault decides by whether the target exists.
         if operation == Operation::update && kv::exists(engine, path).await? == Some(false) {
             operation = Operation::create;
