@@ -1278,3 +1278,82 @@ async fn wrapping_is_refused_and_num_uses_is_enforced() -> Result<()> {
     );
     Ok(())
 }
+
+/// Token guessing leaves a trail (issue 15 item 8): a request with an unknown, an expired
+/// or no token is audited before it is refused, its token HMAC'd as every other token
+/// is (the hash sys/audit-hash gives), and the raw token appears nowhere in the log.
+#[tokio::test]
+async fn requests_with_bad_tokens_are_audited_hashed() -> Result<()> {
+    use capstan_tests::secrets::{call, roots, send, token_with};
+    let client = client().await;
+    fresh_storage();
+    let audit = tempfile_path::Path::new("audit-bad-tokens", ".log");
+    let engine = EngineProcess::start(
+        &client,
+        "audit-bad-tokens",
+        &["--audit", &audit.0.display().to_string()],
+    )
+    .await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let guessed = format!("hvs.guessed{:016x}", rand::random::<u64>());
+    let expired = token_with(&engine, &roots, &root, &["default"], json!({ "ttl": "1s" })).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let mut hashes = Vec::new();
+    for (token, path) in [
+        (&guessed, "secret/data/guess-a"),
+        (&expired, "secret/data/guess-b"),
+    ] {
+        let (code, body) = send(
+            &engine,
+            &roots,
+            "GET",
+            &format!("/v1/{path}"),
+            &[("X-Vault-Token", token)],
+            None,
+        )
+        .await?;
+        ensure!(code == 403, "{code} {body}");
+        let (code, hashed) = call(
+            &engine,
+            &roots,
+            "POST",
+            "sys/audit-hash/file",
+            Some(&root),
+            Some(json!({ "input": token })),
+        )
+        .await?;
+        ensure!(code == 200, "{code} {hashed}");
+        hashes.push((path, hashed["data"]["hash"].as_str().context("hash")?.to_owned()));
+    }
+    let (code, _) = send(&engine, &roots, "GET", "/v1/secret/data/guess-c", &[], None).await?;
+    ensure!(code == 403);
+    let log = std::fs::read_to_string(&audit.0)?;
+    for raw in [&guessed, &expired] {
+        ensure!(!log.contains(raw.as_str()), "a raw token in the audit log");
+    }
+    let records: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let of = |path: &str, kind: &str| {
+        records
+            .iter()
+            .filter(|r| r["type"] == kind && r["request"]["path"] == path)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    for (path, hash) in &hashes {
+        for kind in ["request", "response"] {
+            let found = of(path, kind);
+            ensure!(
+                found.len() == 1 && found[0]["auth"]["client_token"] == hash.as_str(),
+                "{kind} record of {path} with the token's HMAC {hash}: {found:?}"
+            );
+        }
+        ensure!(of(path, "response")[0]["response"]["status"] == 403);
+    }
+    let tokenless = of("secret/data/guess-c", "request");
+    ensure!(
+        tokenless.len() == 1 && tokenless[0]["auth"]["client_token"].is_null(),
+        "{tokenless:?}"
+    );
+    Ok(())
+}

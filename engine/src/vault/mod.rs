@@ -594,11 +594,31 @@ async fn serve(
             .strip_prefix(engine.pki.mount())
             .is_some_and(|rest| rest == "/cert/ca");
     if !login {
-        let token = token_of(headers).ok_or_else(ApiError::denied)?;
-        let entry = engine.tokens.lookup(&token).await?;
-        // Every authenticated request spends a use of a limited-use token, allowed or
-        // denied, as in Vault.
-        let entry = engine.tokens.spend_use(&token, entry).await?;
+        // A request without a usable token (none, unknown, expired, revoked, its uses
+        // spent) is audited before it is refused, its token HMAC'd like any other:
+        // guessing tokens leaves a trail.
+        request.token = token_of(headers);
+        let looked_up = match &request.token {
+            None => Err(TokenError::Invalid),
+            Some(token) => match engine.tokens.lookup(token).await {
+                // Every authenticated request spends a use of a limited-use token,
+                // allowed or denied, as in Vault.
+                Ok(entry) => engine.tokens.spend_use(token, entry).await,
+                Err(e) => Err(e),
+            },
+        };
+        let entry = match looked_up {
+            Ok(entry) => entry,
+            Err(TokenError::Invalid) => {
+                let auth = request.auth_info();
+                audit_request(engine, &request, &auth).await?;
+                let denied = ApiError::denied();
+                audit_response(engine, &request, &auth, denied.status, Some(&denied.body())).await?;
+                return Err(denied);
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let token = request.token.clone().unwrap_or_default();
         // Create or update: Vault decides by whether the target exists.
         if operation == Operation::update && kv::exists(engine, path).await? == Some(false) {
             operation = Operation::create;
