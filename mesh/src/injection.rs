@@ -13,7 +13,8 @@
 //!   (reinvocation, a re-submitted pod). The marker is the proxy container, not the
 //!   `capstan.dev/injected` annotation, which a tenant could set by hand to escape.
 //! - A pod that would defeat the redirect is refused rather than meshed (M16): an app
-//!   container running as the proxy UID (its traffic is never redirected), one with
+//!   container running as the proxy's UID or its dedicated GID (the redirect exempts
+//!   the proxy by GID, so an image whose USER is the proxy's UID is still redirected), one with
 //!   NET_ADMIN/NET_RAW or privileged (it could undo the iptables rules), and
 //!   hostNetwork (the redirect would rewrite the node's own rules).
 
@@ -48,6 +49,12 @@ pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 pub const PROXY_UID: i64 = 1337;
+/// The proxy's group, dedicated to it: the redirect exempts traffic by this GID (iptables
+/// `--gid-owner`), not by the UID, so an application container whose image's USER is
+/// the proxy's UID is still redirected. It differs from the UID so that an image built
+/// to run as `1337:1337` (Istio's proxy user) is not exempted either; a container or pod
+/// that asks for it (runAsGroup) is refused.
+pub const PROXY_GID: i64 = 1338;
 pub const INBOUND_PORT: i32 = 20000;
 pub const OUTBOUND_PORT: i32 = 15001;
 pub const ADMIN_PORT: i32 = 15020;
@@ -208,6 +215,7 @@ pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
         ));
     }
     let pod_uid = spec.security_context.as_ref().and_then(|sc| sc.run_as_user);
+    let pod_gid = spec.security_context.as_ref().and_then(|sc| sc.run_as_group);
     let lists = [
         (
             "spec.initContainers",
@@ -233,14 +241,31 @@ pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
                 (Some(PROXY_UID), _) => refusals.push(Refusal::new(
                     format!("{at}.securityContext.runAsUser"),
                     format!(
-                        "container {:?} runs as UID {PROXY_UID}, the mesh proxy's UID, whose traffic is never redirected through the proxy; use another UID",
+                        "container {:?} runs as UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID",
                         container.name
                     ),
                 )),
                 (None, Some(PROXY_UID)) => refusals.push(Refusal::new(
                     "spec.securityContext.runAsUser",
                     format!(
-                        "container {:?} inherits UID {PROXY_UID}, the mesh proxy's UID, whose traffic is never redirected through the proxy; use another UID",
+                        "container {:?} inherits UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID",
+                        container.name
+                    ),
+                )),
+                _ => {}
+            }
+            match (sc.and_then(|sc| sc.run_as_group), pod_gid) {
+                (Some(PROXY_GID), _) => refusals.push(Refusal::new(
+                    format!("{at}.securityContext.runAsGroup"),
+                    format!(
+                        "container {:?} runs as GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID",
+                        container.name
+                    ),
+                )),
+                (None, Some(PROXY_GID)) => refusals.push(Refusal::new(
+                    "spec.securityContext.runAsGroup",
+                    format!(
+                        "container {:?} inherits GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID",
                         container.name
                     ),
                 )),
@@ -628,7 +653,7 @@ fn proxy_container(
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
-            run_as_group: Some(PROXY_UID),
+            run_as_group: Some(PROXY_GID),
             ..restricted_security_context(PROXY_UID)
         }),
         volume_mounts: Some(vec![VolumeMount {
@@ -666,7 +691,7 @@ pub fn restricted_security_context(uid: i64) -> SecurityContext {
 fn init_container(config: &Config, redirect_outbound: bool) -> Container {
     let mut args = vec![
         "init".to_owned(),
-        format!("--proxy-uid={PROXY_UID}"),
+        format!("--proxy-gid={PROXY_GID}"),
         format!("--inbound-port={INBOUND_PORT}"),
         format!("--outbound-port={OUTBOUND_PORT}"),
         format!("--exclude-inbound-ports={ADMIN_PORT}"),
@@ -1153,6 +1178,47 @@ mod tests {
             ..Default::default()
         });
         assert!(inject(&pod, &Config::default(), "ROOTS").is_ok());
+    }
+
+    /// The redirect exempts the proxy by its dedicated GID (issue 15, item 8): the proxy
+    /// runs with it, init matches it, and an app container asking for it, itself or
+    /// through the pod, is refused.
+    #[test]
+    fn m16_the_proxy_is_exempted_by_its_dedicated_gid_which_apps_cannot_take() {
+        let out = injected(&app_pod());
+        let init = &out["spec"]["initContainers"][0];
+        let args: Vec<_> = init["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(args.contains(&"--proxy-gid=1338"), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--proxy-uid")), "{args:?}");
+        let proxy = &out["spec"]["initContainers"][1]["securityContext"];
+        assert_eq!(
+            (proxy["runAsUser"].as_i64(), proxy["runAsGroup"].as_i64()),
+            (Some(PROXY_UID), Some(PROXY_GID))
+        );
+        assert_ne!(
+            PROXY_GID, PROXY_UID,
+            "an image running as 1337:1337 must not be exempted"
+        );
+
+        let mut pod = app_pod();
+        pod.spec.as_mut().unwrap().containers[0].security_context = Some(SecurityContext {
+            run_as_group: Some(PROXY_GID),
+            ..Default::default()
+        });
+        let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
+        assert_eq!(refused[0].field, "spec.containers[0].securityContext.runAsGroup");
+        let mut pod = app_pod();
+        pod.spec.as_mut().unwrap().security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            run_as_group: Some(PROXY_GID),
+            ..Default::default()
+        });
+        let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
+        assert_eq!(refused[0].field, "spec.securityContext.runAsGroup");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! namespace before any other container starts (so nothing the application sends can
 //! leave unproxied). Inbound TCP to any port but the proxy's own goes to the mTLS
 //! listener (plain text meets a TLS handshake and is refused); outbound TCP from
-//! anything but the proxy's UID goes to the transparent listener. Re-running it (an init
+//! anything but the proxy's dedicated GID goes to the transparent listener. Re-running it (an init
 //! container restart) rebuilds the same rules.
 //!
 //! Both address families: iptables for IPv4, ip6tables for IPv6, the same rules. Where
@@ -15,9 +15,12 @@ use std::process::Command;
 
 #[derive(clap::Args, Debug)]
 pub struct InitArgs {
-    /// The UID the proxy runs as; its own traffic is not redirected (no loop).
-    #[arg(long, env = "CAPSTAN_PROXY_UID", default_value_t = 1337)]
-    pub proxy_uid: u32,
+    /// The GID the proxy runs as, dedicated to it: traffic of processes with this GID
+    /// is not redirected (the proxy's own, no loop). A GID, not the proxy's UID: an
+    /// application whose image's USER happens to be the proxy's UID (and whose group
+    /// the pod does not set) would otherwise leave the pod unproxied.
+    #[arg(long, env = "CAPSTAN_PROXY_GID", default_value_t = 1338)]
+    pub proxy_gid: u32,
     #[arg(long, env = "CAPSTAN_INBOUND_PORT", default_value_t = 20000)]
     pub inbound_port: u16,
     #[arg(long, env = "CAPSTAN_OUTBOUND_PORT", default_value_t = 15001)]
@@ -142,8 +145,8 @@ pub fn rules(args: &InitArgs, family: Family) -> anyhow::Result<Vec<Vec<String>>
         OUTBOUND_CHAIN,
         "-m",
         "owner",
-        "--uid-owner",
-        &args.proxy_uid.to_string(),
+        "--gid-owner",
+        &args.proxy_gid.to_string(),
         "-j",
         "RETURN",
     ]));
@@ -305,7 +308,7 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     tracing::info!(
         inbound = args.inbound_port,
         outbound = args.outbound_port,
-        proxy_uid = args.proxy_uid,
+        proxy_gid = args.proxy_gid,
         inbound_only = args.inbound_only,
         ipv6 = ?ipv6,
         "Transparent redirect in place"
@@ -347,8 +350,11 @@ mod tests {
         assert!(returns_before_redirect("15020"));
         let owner = text
             .iter()
-            .position(|t| t.contains("--uid-owner 1337 -j RETURN"))
+            .position(|t| t.contains("-m owner --gid-owner 1338 -j RETURN"))
             .unwrap();
+        // The proxy is told apart by its dedicated GID only: a UID match would exempt an
+        // application whose image runs it as the proxy's UID.
+        assert!(!text.iter().any(|t| t.contains("--uid-owner")), "{text:#?}");
         let out = text
             .iter()
             .position(|t| t.contains("CAPSTAN_OUTBOUND -p tcp -j REDIRECT --to-ports 15001"))

@@ -23,6 +23,8 @@ pub const APP_PORT: u16 = 8080;
 pub const INBOUND_PORT: u16 = 20000;
 pub const ADMIN_PORT: u16 = 15020;
 pub const PROXY_UID: u32 = 1337;
+/// The proxy's dedicated group, which the redirect exempts (the injector's PROXY_GID).
+pub const PROXY_GID: u32 = 1338;
 
 /// One test's mesh: a namespace, a bridge, the mesh CA, and the pods started on it.
 pub struct Mesh {
@@ -282,7 +284,7 @@ impl Mesh {
         let sidecar = std::env::var_os("CAPSTAN_SIDECAR_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| bin("capstan-sidecar"));
-        pod.spawn("proxy", &sidecar, &["proxy"], &env, Some(PROXY_UID))?;
+        pod.spawn_as("proxy", &sidecar, &["proxy"], &env, Some((PROXY_UID, PROXY_GID)))?;
         let admin = SocketAddr::new(pod.address.into(), ADMIN_PORT);
         eventually(
             Duration::from_secs(30),

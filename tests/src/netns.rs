@@ -178,8 +178,8 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Starts `program` in the pod, as `uid` when given (the proxy runs as its own UID,
-    /// as in a real pod), with output to `log`.
+    /// Starts `program` in the pod, as `uid` when given (and the group of the same
+    /// number), with output to `log`.
     pub fn spawn(
         &mut self,
         name: &str,
@@ -188,14 +188,27 @@ impl Pod {
         env: &[(&str, String)],
         uid: Option<u32>,
     ) -> Result<PathBuf> {
+        self.spawn_as(name, program, args, env, uid.map(|uid| (uid, uid)))
+    }
+
+    /// [`Pod::spawn`] as `(uid, gid)` when given (the proxy runs as its own UID and
+    /// dedicated GID, as in a real pod).
+    pub fn spawn_as(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+        ids: Option<(u32, u32)>,
+    ) -> Result<PathBuf> {
         let log = std::env::temp_dir().join(format!("{}-{name}.log", self.netns));
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns]);
-        if let Some(uid) = uid {
+        if let Some((uid, gid)) = ids {
             command.args([
                 "setpriv",
                 &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
+                &format!("--regid={gid}"),
                 "--clear-groups",
             ]);
         }
@@ -241,6 +254,18 @@ impl Pod {
     pub fn command(&self, program: &Path) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("ip");
         command.args(["netns", "exec", &self.netns]).arg(program);
+        command
+    }
+
+    /// `program` as a command run in the pod as `uid` and `gid` (an application
+    /// container whose image sets USER).
+    pub fn command_as(&self, program: &Path, uid: u32, gid: u32) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("ip");
+        command
+            .args(["netns", "exec", &self.netns, "setpriv"])
+            .args([format!("--reuid={uid}"), format!("--regid={gid}")])
+            .arg("--clear-groups")
+            .arg(program);
         command
     }
 

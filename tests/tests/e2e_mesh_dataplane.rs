@@ -1312,3 +1312,47 @@ async fn a_pod_with_explicit_upstreams_still_redirects_inbound() -> Result<()> {
     );
     Ok(())
 }
+
+/// M16 (issue 15, item 8): an application whose image runs it as the proxy's UID (USER
+/// 1337, its group not set: GID 0) is redirected like any other, because the redirect
+/// exempts the proxy by its dedicated GID. Its request to another pod's address goes
+/// through its sidecar (and arrives with its verified identity); exempted, it would go
+/// out in plain text and be refused at the destination's mTLS listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_running_as_the_proxy_uid_is_still_redirected() -> Result<()> {
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.workload_with("api", App::Http, "", true).await?;
+    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let web = mesh.workload_with("web", App::None, "", true).await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
+    )
+    .await?;
+    let url = format!("http://{}:{APP_PORT}/as-proxy-uid", api.address);
+    let app = bin("capstan-e2e-app");
+    let (web, app) = (&web, &app);
+    let ask = |uid: u32, gid: u32| {
+        let url = url.clone();
+        async move {
+            let out = web
+                .command_as(app, uid, gid)
+                .args(["request", "GET", &url])
+                .output()
+                .await
+                .ok()?;
+            serde_json::from_str::<Value>(String::from_utf8_lossy(&out.stdout).lines().next()?).ok()
+        }
+    };
+    // An ordinary user first, so the intention is known to be in force.
+    eventually(Duration::from_secs(10), "web's request as UID 1000", || async {
+        ask(1000, 1000).await.filter(|v| status_of(v) == Some(200))
+    })
+    .await?;
+    let v = ask(PROXY_UID, 0).await.context("no answer as the proxy's UID")?;
+    ensure!(
+        status_of(&v) == Some(200) && v["body"].as_str().unwrap_or_default().ends_with("/sa/web\n"),
+        "a process running as the proxy's UID was not carried by the proxy: {v}"
+    );
+    Ok(())
+}
