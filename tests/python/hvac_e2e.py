@@ -57,6 +57,9 @@ assert status["sealed"] and status["progress"] == 2
 status = client.sys.submit_unseal_key(keys[4])
 assert status["sealed"] is False, status
 assert client.sys.is_sealed() is False
+# sys/leader as the vault CLI's `status` reads it (issue 15 item 10): no HA, no leader.
+leader = client.sys.read_leader_status()
+assert leader["ha_enabled"] is False and leader["is_self"] is False, leader
 
 # KV v2: versions, check-and-set, soft delete, undelete, destroy, metadata, list.
 kv = client.secrets.kv.v2
