@@ -256,9 +256,21 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
         let v = request(web, "GET", 9090, variant, &[]).await?;
         ensure!(status_of(&v) == Some(403), "{variant}: {v}");
     }
-    for refused in ["/%2Fadmin", "/%5Cadmin"] {
+    // Paths refused before any rule are the request's fault: 400, still naming why. The
+    // `;` spellings are what Tomcat, Jetty and Spring route to /admin under the
+    // /public allow (issue 15 item 3).
+    for refused in [
+        "/%2Fadmin",
+        "/%5Cadmin",
+        "/public/..;/admin",
+        "/public/..%3b/admin",
+    ] {
         let v = request(web, "GET", 9090, refused, &[]).await?;
-        ensure!(status_of(&v) == Some(403), "{refused}: {v}");
+        ensure!(status_of(&v) == Some(400), "{refused}: {v}");
+        ensure!(
+            v["body"].as_str().unwrap_or_default().starts_with("capstan:"),
+            "{refused} was answered by the sidecar, not the application: {v}"
+        );
         ensure!(
             v["decided_by"]
                 .as_str()
@@ -327,6 +339,12 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
             && l.contains("result=\"denied\"")
             && l.contains("permissions[1]")),
         "request denials are counted with their rule:\n{m}"
+    );
+    ensure!(
+        m.lines().any(|l| l.starts_with("capstan_sidecar_requests_total{")
+            && l.contains("result=\"denied\"")
+            && l.contains("invalid request path")),
+        "refused paths are counted too:\n{m}"
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The inbound side: other sidecars connect here with mTLS. The peer's SVID names the
 //! source service; the intentions for this workload decide. Plain TCP destinations are
-//! decided once per connection; HTTP destinations per request (403 naming the rule).
+//! decided once per connection; HTTP destinations per request (403 naming the rule; 400
+//! for a path refused before any rule).
 //! A connection whose source an intention change no longer allows is closed (DESIGN.md,
 //! decision 2), within the time the change takes to arrive. A connection carrying
 //! streams (`mux.rs`) is decided, and closed, as one: its streams share its source; each
@@ -13,7 +14,7 @@ use super::{
     metrics::{DecisionLabels, DirectionLabels, HandshakeLabels},
 };
 use bytes::Bytes;
-use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy, Request, svid};
+use capstan_mesh::{ConnectionDecision, DecidedBy, Decision, Identity, Policy, Request, svid};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{Response, StatusCode, body::Incoming, header, http::uri::PathAndQuery};
 use hyper_util::rt::TokioIo;
@@ -477,7 +478,11 @@ async fn handle_request(connection: &Connection, request: hyper::Request<Incomin
             let by = decision.by.to_string();
             let body = format!("capstan: {} {} denied by {by}\n", parts.method, path_only(target));
             let mut response = Response::new(full(body));
-            *response.status_mut() = StatusCode::FORBIDDEN;
+            // A path refused before any rule (M3) is the request's fault, not a policy's.
+            *response.status_mut() = match decision.by {
+                DecidedBy::InvalidPath(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::FORBIDDEN,
+            };
             if let Ok(value) = header::HeaderValue::from_str(&by) {
                 response.headers_mut().insert(DECIDED_BY_HEADER, value);
             }
