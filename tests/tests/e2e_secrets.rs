@@ -958,7 +958,8 @@ async fn objects(
 /// KV), a narrowly scoped token sends path variants: extra segments, case, `//`,
 /// `.`/`..`, percent-encoding (%2F, %2e), trailing slashes. Whatever the engine answers,
 /// the object it touched must be exactly the one the ACL judged: a refused request
-/// changes nothing, an accepted one changes only the object its path names, and
+/// changes nothing, an accepted one changes only the object its path names, a read shows
+/// no other object, and
 /// `admin`, `root`, `default` and the explicitly denied `team-admin` are never touched.
 /// Before the shared resolver (vault/route.rs), `PUT sys/policies/acl/team-x/admin`
 /// passed the `team-*` ACL and overwrote `admin`, and `team-ADMIN` passed the ACL and
@@ -1068,7 +1069,7 @@ async fn every_named_route_touches_exactly_what_the_acl_judged() -> Result<()> {
     for route in &routes {
         let initial = objects(&engine, &roots, &root, route).await?;
         for tail in tails {
-            for method in ["PUT", "DELETE"] {
+            for method in ["GET", "PUT", "DELETE"] {
                 marker += 1;
                 let mark = format!("mark{marker}end");
                 let before = objects(&engine, &roots, &root, route).await?;
@@ -1093,10 +1094,14 @@ async fn every_named_route_touches_exactly_what_the_acl_judged() -> Result<()> {
                     .collect();
                 // The one object the ACL judged is the one the path names, as written.
                 let judged = tail.to_owned();
-                let ok = if code < 300 {
-                    touched.iter().all(|t| **t == judged) && (method == "DELETE" || touched.len() == 1)
-                } else {
-                    touched.is_empty()
+                let ok = match (method, code < 300) {
+                    // A read changes nothing and shows no other object (every victim's
+                    // content carries "victim-"; no variant names a victim as written).
+                    ("GET", true) => touched.is_empty() && !answer.to_string().contains("victim-"),
+                    (_, true) => {
+                        touched.iter().all(|t| **t == judged) && (method == "DELETE" || touched.len() == 1)
+                    }
+                    (_, false) => touched.is_empty(),
                 };
                 if !ok || touched.iter().any(|t| victims.contains(&t.as_str())) {
                     failures.push(format!(
