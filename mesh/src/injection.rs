@@ -236,67 +236,13 @@ pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
                 // Ours, from an earlier pass: it needs root and NET_ADMIN by design.
                 continue;
             }
-            let sc = container.security_context.as_ref();
-            match (sc.and_then(|sc| sc.run_as_user), pod_uid) {
-                (Some(PROXY_UID), _) => refusals.push(Refusal::new(
-                    format!("{at}.securityContext.runAsUser"),
-                    format!(
-                        "container {:?} runs as UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID",
-                        container.name
-                    ),
-                )),
-                (None, Some(PROXY_UID)) => refusals.push(Refusal::new(
-                    "spec.securityContext.runAsUser",
-                    format!(
-                        "container {:?} inherits UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID",
-                        container.name
-                    ),
-                )),
-                _ => {}
-            }
-            match (sc.and_then(|sc| sc.run_as_group), pod_gid) {
-                (Some(PROXY_GID), _) => refusals.push(Refusal::new(
-                    format!("{at}.securityContext.runAsGroup"),
-                    format!(
-                        "container {:?} runs as GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID",
-                        container.name
-                    ),
-                )),
-                (None, Some(PROXY_GID)) => refusals.push(Refusal::new(
-                    "spec.securityContext.runAsGroup",
-                    format!(
-                        "container {:?} inherits GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID",
-                        container.name
-                    ),
-                )),
-                _ => {}
-            }
-            if sc.and_then(|sc| sc.privileged) == Some(true) {
-                refusals.push(Refusal::new(
-                    format!("{at}.securityContext.privileged"),
-                    format!(
-                        "container {:?} is privileged and could undo the mesh's traffic redirect",
-                        container.name
-                    ),
-                ));
-            }
-            let added = sc
-                .and_then(|sc| sc.capabilities.as_ref())
-                .and_then(|c| c.add.as_ref())
-                .into_iter()
-                .flatten();
-            for capability in added {
-                let bare = capability.trim_start_matches("CAP_");
-                if ["NET_ADMIN", "NET_RAW", "ALL"].contains(&bare) {
-                    refusals.push(Refusal::new(
-                        format!("{at}.securityContext.capabilities.add"),
-                        format!(
-                            "container {:?} adds {capability}, with which it could undo the mesh's traffic redirect",
-                            container.name
-                        ),
-                    ));
-                }
-            }
+            container_refusals(
+                &at,
+                &container.name,
+                container.security_context.as_ref(),
+                (pod_uid, pod_gid),
+                &mut refusals,
+            );
         }
     }
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
@@ -317,6 +263,95 @@ pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
         ));
     }
     refusals
+}
+
+/// Every reason an ephemeral container (added by `kubectl debug` through the
+/// pods/ephemeralcontainers subresource) would defeat the redirect of a meshed pod (M16):
+/// the same per-container checks as [`refusals`], each naming its field under
+/// `spec.ephemeralContainers[i]`. Empty when none would.
+pub fn ephemeral_refusals(pod: &Pod) -> Vec<Refusal> {
+    let mut refusals = Vec::new();
+    let Some(spec) = &pod.spec else {
+        return refusals;
+    };
+    let pod_ids = spec
+        .security_context
+        .as_ref()
+        .map_or((None, None), |sc| (sc.run_as_user, sc.run_as_group));
+    for (i, container) in spec.ephemeral_containers.iter().flatten().enumerate() {
+        container_refusals(
+            &format!("spec.ephemeralContainers[{i}]"),
+            &container.name,
+            container.security_context.as_ref(),
+            pod_ids,
+            &mut refusals,
+        );
+    }
+    refusals
+}
+
+/// The checks of one container of a meshed pod (at `at`), with the pod's own runAsUser
+/// and runAsGroup, which a container without its own inherits: the proxy's UID or GID,
+/// privileged, or a capability that can rewrite the pod's netfilter rules.
+fn container_refusals(
+    at: &str,
+    name: &str,
+    sc: Option<&SecurityContext>,
+    (pod_uid, pod_gid): (Option<i64>, Option<i64>),
+    refusals: &mut Vec<Refusal>,
+) {
+    match (sc.and_then(|sc| sc.run_as_user), pod_uid) {
+        (Some(PROXY_UID), _) => refusals.push(Refusal::new(
+            format!("{at}.securityContext.runAsUser"),
+            format!(
+                "container {name:?} runs as UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID"
+            ),
+        )),
+        (None, Some(PROXY_UID)) => refusals.push(Refusal::new(
+            "spec.securityContext.runAsUser",
+            format!(
+                "container {name:?} inherits UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID"
+            ),
+        )),
+        _ => {}
+    }
+    match (sc.and_then(|sc| sc.run_as_group), pod_gid) {
+        (Some(PROXY_GID), _) => refusals.push(Refusal::new(
+            format!("{at}.securityContext.runAsGroup"),
+            format!(
+                "container {name:?} runs as GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID"
+            ),
+        )),
+        (None, Some(PROXY_GID)) => refusals.push(Refusal::new(
+            "spec.securityContext.runAsGroup",
+            format!(
+                "container {name:?} inherits GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID"
+            ),
+        )),
+        _ => {}
+    }
+    if sc.and_then(|sc| sc.privileged) == Some(true) {
+        refusals.push(Refusal::new(
+            format!("{at}.securityContext.privileged"),
+            format!("container {name:?} is privileged and could undo the mesh's traffic redirect"),
+        ));
+    }
+    let added = sc
+        .and_then(|sc| sc.capabilities.as_ref())
+        .and_then(|c| c.add.as_ref())
+        .into_iter()
+        .flatten();
+    for capability in added {
+        let bare = capability.trim_start_matches("CAP_");
+        if ["NET_ADMIN", "NET_RAW", "ALL"].contains(&bare) {
+            refusals.push(Refusal::new(
+                format!("{at}.securityContext.capabilities.add"),
+                format!(
+                    "container {name:?} adds {capability}, with which it could undo the mesh's traffic redirect"
+                ),
+            ));
+        }
+    }
 }
 
 /// A `capstan-proxy` init container the injector did not make: a tenant's stand-in that
@@ -1219,6 +1254,66 @@ mod tests {
         });
         let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
         assert_eq!(refused[0].field, "spec.securityContext.runAsGroup");
+    }
+
+    /// Issue 15 item 8: `kubectl debug` adds ephemeral containers to a running pod; one
+    /// that could undo the redirect is refused by the same checks as the pod's own
+    /// containers, naming its field, and a plain one passes.
+    #[test]
+    fn m16_ephemeral_containers_get_the_same_checks_naming_their_field() {
+        let mut pod = app_pod();
+        let spec = pod.spec.as_mut().unwrap();
+        spec.ephemeral_containers = Some(vec![
+            k8s_openapi::api::core::v1::EphemeralContainer {
+                name: "debugger".into(),
+                ..Default::default()
+            },
+            k8s_openapi::api::core::v1::EphemeralContainer {
+                name: "netadmin".into(),
+                security_context: Some(SecurityContext {
+                    capabilities: Some(Capabilities {
+                        add: Some(vec!["NET_ADMIN".into()]),
+                        drop: None,
+                    }),
+                    run_as_group: Some(PROXY_GID),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            k8s_openapi::api::core::v1::EphemeralContainer {
+                name: "root".into(),
+                security_context: Some(SecurityContext {
+                    privileged: Some(true),
+                    run_as_user: Some(PROXY_UID),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]);
+        let fields: Vec<_> = ephemeral_refusals(&pod).into_iter().map(|r| r.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ephemeralContainers[1].securityContext.runAsGroup",
+                "spec.ephemeralContainers[1].securityContext.capabilities.add",
+                "spec.ephemeralContainers[2].securityContext.runAsUser",
+                "spec.ephemeralContainers[2].securityContext.privileged",
+            ]
+        );
+        pod.spec
+            .as_mut()
+            .unwrap()
+            .ephemeral_containers
+            .as_mut()
+            .unwrap()
+            .truncate(1);
+        assert_eq!(ephemeral_refusals(&pod), []);
+        // The pod's own containers are not judged again (they were at creation).
+        pod.spec.as_mut().unwrap().containers[0].security_context = Some(SecurityContext {
+            privileged: Some(true),
+            ..Default::default()
+        });
+        assert_eq!(ephemeral_refusals(&pod), []);
     }
 
     #[test]

@@ -908,6 +908,7 @@ pub fn restore_webhook_service_refs() {
     ]});
     let validating = serde_json::json!({"webhooks": [
         {"name": "serviceintentions.validate.capstan.dev", "clientConfig": service("/validate-serviceintentions")},
+        {"name": "ephemeralcontainers.validate.capstan.dev", "clientConfig": service("/validate-ephemeralcontainers")},
     ]});
     for (kind, patch) in [
         ("mutatingwebhookconfiguration", mutating),

@@ -273,6 +273,138 @@ async fn m16_pods_that_would_defeat_the_mesh_are_refused_naming_the_field() -> R
     Ok(())
 }
 
+/// Issue 15 item 8 (M16): `kubectl debug` adds ephemeral containers to a running pod
+/// through the pods/ephemeralcontainers subresource, an UPDATE that injection at creation
+/// never sees. In a meshed pod one with NET_ADMIN (or privileged, or the proxy's UID)
+/// could flush the redirect; it is refused naming its field, through the real API
+/// server, while a plain debugging container is allowed, and so is anything in a pod
+/// that is not meshed.
+#[tokio::test]
+async fn m16_kubectl_debug_cannot_add_a_net_admin_container_to_a_meshed_pod() -> Result<()> {
+    let client = client().await;
+    let webhook = WebhookProcess::start(&client, &[]).await?;
+    let ns = TestNamespace::new(&client, "e2e-debug").await;
+    label_meshed(&client, &ns.name).await?;
+    let meshed = create_pod(&client, &ns.name, &app_pod("meshed", json!({}))).await?;
+    assert_eq!(init_names(&meshed), ["capstan-init", "capstan-proxy"]);
+    let unmeshed = create_pod(
+        &client,
+        &ns.name,
+        &app_pod("unmeshed", json!({"capstan.dev/inject": "false"})),
+    )
+    .await?;
+    assert!(init_names(&unmeshed).is_empty());
+
+    // A PATCH of the subresource, dry run, until the API server calls this webhook
+    // (its configuration follows the process's URL through a watch).
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let add = |name: &str, security_context: Value| {
+        json!({"spec": {"ephemeralContainers": [
+            {"name": name, "image": "busybox", "securityContext": security_context},
+        ]}})
+    };
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let field = "spec.ephemeralContainers[0].securityContext.runAsUser";
+    let last = parking_lot::Mutex::new(String::new());
+    eventually(
+        Duration::from_secs(30),
+        "the ephemeral-container webhook to refuse the proxy's UID",
+        || async {
+            let attempt = pods
+                .patch_subresource(
+                    "ephemeralcontainers",
+                    "meshed",
+                    &dry_run,
+                    &Patch::Strategic(add("as-proxy", json!({"runAsUser": 1337}))),
+                )
+                .await;
+            match attempt {
+                Err(error) if message(&error).contains(field) => Some(()),
+                other => {
+                    *last.lock() = format!("{:?}", other.map(|_| "admitted"));
+                    None
+                }
+            }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; last: {}\n{}", last.lock(), webhook.logs()))?;
+
+    // kubectl debug, as an operator would run it: the netadmin profile adds NET_ADMIN
+    // and NET_RAW. Refused, naming the field; nothing is added.
+    let debug = |pod: &str, name: &str, profile: &str| {
+        std::process::Command::new("kubectl")
+            .args([
+                "debug",
+                "-n",
+                &ns.name,
+                pod,
+                "--image=busybox",
+                &format!("--profile={profile}"),
+                &format!("--container={name}"),
+                "--",
+                "sleep",
+                "1",
+            ])
+            .output()
+    };
+    let out = debug("meshed", "sniff", "netadmin")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "kubectl debug --profile=netadmin was allowed: {stderr}"
+    );
+    ensure!(
+        stderr.contains("spec.ephemeralContainers[0].securityContext.capabilities.add")
+            && stderr.contains("NET_ADMIN"),
+        "{stderr}"
+    );
+    let ephemeral = |pod: Pod| -> Vec<String> {
+        pod.spec
+            .and_then(|s| s.ephemeral_containers)
+            .into_iter()
+            .flatten()
+            .map(|c| c.name)
+            .collect()
+    };
+    ensure!(ephemeral(pods.get("meshed").await?).is_empty());
+    // So is a privileged one (the sysadmin profile).
+    let out = debug("meshed", "root", "sysadmin")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("securityContext.privileged"),
+        "kubectl debug --profile=sysadmin: {stderr}"
+    );
+
+    // A plain debugging container is allowed, and so is a NET_ADMIN one in a pod that
+    // is not meshed (there is no redirect to undo).
+    let out = debug("meshed", "look", "general")?;
+    ensure!(
+        out.status.success(),
+        "kubectl debug --profile=general: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(ephemeral(pods.get("meshed").await?) == ["look"]);
+    let out = debug("unmeshed", "sniff", "netadmin")?;
+    ensure!(
+        out.status.success(),
+        "kubectl debug of an unmeshed pod: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(ephemeral(pods.get("unmeshed").await?) == ["sniff"]);
+    // With a container already there, a new bad one is still refused at its own index.
+    let out = debug("meshed", "sniff", "netadmin")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("spec.ephemeralContainers[1].securityContext"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn m21_webhook_down_fails_labelled_namespaces_only_and_the_exemption_cannot_be_forged() -> Result<()> {
     let client = client().await;

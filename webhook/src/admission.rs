@@ -1,5 +1,6 @@
 //! The admission handlers: `/mutate-pods` (mesh sidecar and secrets agent injection) and
-//! `/validate-serviceintentions` (the checks the CRD schema cannot express).
+//! `/validate-serviceintentions` (the checks the CRD schema cannot express), and
+//! `/validate-ephemeralcontainers` (`kubectl debug` in a meshed pod, M16).
 //!
 //! A decision (inject, skip, refuse) is an AdmissionResponse. A failure to decide (the
 //! API unreachable while reading the namespace) is an HTTP 500, so that the API server
@@ -43,6 +44,8 @@ use std::{
 
 pub const MUTATE_PODS: &str = "mutate-pods";
 pub const VALIDATE_INTENTIONS: &str = "validate-serviceintentions";
+/// Updates of the pods/ephemeralcontainers subresource (`kubectl debug`) of meshed pods.
+pub const VALIDATE_EPHEMERAL: &str = "validate-ephemeralcontainers";
 /// The path of the webhook whose namespaceSelector matches labelled namespaces only: a
 /// call on it means the API server found the namespace labelled at admission time.
 pub const MUTATE_PODS_ENFORCED: &str = "mutate-pods/enforced";
@@ -72,6 +75,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(&format!("/{MUTATE_PODS}"), post(mutate_pods))
         .route(&format!("/{MUTATE_PODS_ENFORCED}"), post(mutate_pods_enforced))
         .route(&format!("/{VALIDATE_INTENTIONS}"), post(validate_intentions))
+        .route(&format!("/{VALIDATE_EPHEMERAL}"), post(validate_ephemeral))
         .with_state(state)
 }
 
@@ -406,6 +410,45 @@ async fn validate_intentions(State(state): State<Arc<AppState>>, body: Bytes) ->
     Json(response.into_review()).into_response()
 }
 
+/// An ephemeral container added to a meshed pod (`kubectl debug`, through the
+/// pods/ephemeralcontainers subresource, which pod creation's injection never sees) is
+/// refused when it could undo the pod's redirect: the same per-container checks as at
+/// injection (M16), each naming its `spec.ephemeralContainers[i]` field. Ephemeral
+/// containers can be neither changed nor removed, so the pod's whole list is judged.
+/// A pod without the proxy has no redirect to defend and is allowed.
+async fn validate_ephemeral(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let request = match parse::<Pod>(&body) {
+        Ok(request) => request,
+        Err(invalid) => {
+            state.metrics.request(VALIDATE_EPHEMERAL, "invalid");
+            return Json(invalid.into_review()).into_response();
+        }
+    };
+    let response = AdmissionResponse::from(&request);
+    let Some(pod) = request.object.as_ref().filter(|pod| injection::is_injected(pod)) else {
+        state.metrics.request(VALIDATE_EPHEMERAL, "skipped");
+        return Json(response.into_review()).into_response();
+    };
+    let refusals = injection::ephemeral_refusals(pod);
+    if refusals.is_empty() {
+        state.metrics.request(VALIDATE_EPHEMERAL, "allowed");
+        return Json(response.into_review()).into_response();
+    }
+    state.metrics.request(VALIDATE_EPHEMERAL, "denied");
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let name = pod.name_any();
+    let reasons = join(&refusals);
+    tracing::info!(%namespace, pod = %name, user = %request.user_info.username.as_deref().unwrap_or_default(), %reasons, "Refused an ephemeral container in a meshed pod");
+    Json(
+        deny(
+            response,
+            format!("capstan-webhook: pod {namespace}/{name} is meshed, and its ephemeral containers cannot be added: {reasons}"),
+        )
+        .into_review(),
+    )
+    .into_response()
+}
+
 impl AppState {
     /// The namespace's labels: from the watch cache, or read when the cache does not
     /// have it yet (a namespace created a moment ago, or the cache still syncing).
@@ -556,6 +599,66 @@ mod tests {
         let opt_in = admit(state_with_a_lagging_cache(), &format!("/{}", super::MUTATE_PODS)).await;
         assert_eq!(opt_in["response"]["allowed"], true, "{opt_in}");
         assert!(opt_in["response"].get("patch").is_none(), "{opt_in}");
+    }
+
+    /// `kubectl debug` of a meshed pod: an ephemeral container with NET_ADMIN is refused
+    /// naming its field; a plain one, or any in a pod without the proxy, is allowed.
+    #[tokio::test]
+    async fn ephemeral_containers_that_could_undo_the_redirect_are_refused_in_meshed_pods() {
+        use tower::ServiceExt as _;
+        let admit = |pod: serde_json::Value| async move {
+            let review = serde_json::json!({
+                "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {
+                    "uid": "u2", "operation": "UPDATE", "namespace": "shop",
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "subResource": "ephemeralcontainers",
+                    "userInfo": {"username": "alice"},
+                    "object": pod.clone(), "oldObject": pod,
+                },
+            });
+            let request = http::Request::post(format!("/{}", super::VALIDATE_EPHEMERAL))
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(review.to_string()))
+                .unwrap();
+            let response = super::router(state_with_a_lagging_cache())
+                .oneshot(request)
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["response"].clone()
+        };
+        let pod = |init: serde_json::Value, ephemeral: serde_json::Value| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "shop"},
+                "spec": {
+                    "initContainers": init,
+                    "containers": [{"name": "app", "image": "app:1"}],
+                    "ephemeralContainers": ephemeral,
+                },
+            })
+        };
+        let proxy = serde_json::json!([{"name": injection::PROXY_CONTAINER, "image": "capstan:1", "restartPolicy": "Always"}]);
+        let net_admin = serde_json::json!([
+            {"name": "plain", "image": "busybox"},
+            {"name": "sniff", "image": "busybox", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
+        ]);
+        let refused = admit(pod(proxy.clone(), net_admin.clone())).await;
+        assert_eq!(refused["allowed"], false, "{refused}");
+        let message = refused["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("spec.ephemeralContainers[1].securityContext.capabilities.add"),
+            "{message}"
+        );
+        let plain = serde_json::json!([{"name": "plain", "image": "busybox"}]);
+        assert_eq!(admit(pod(proxy, plain)).await["allowed"], true);
+        assert_eq!(
+            admit(pod(serde_json::json!([]), net_admin)).await["allowed"],
+            true
+        );
     }
 
     /// The operations the webhook sends are valid RFC 6902 for the API server: they parse

@@ -4,7 +4,9 @@
 //!   into pods of labelled namespaces and annotated pods, and refuses pods that would
 //!   defeat the mesh (M16);
 //! - `/validate-serviceintentions` refuses the ServiceIntentions the CRD schema cannot
-//!   (capstan-mesh's `validate`, shared with the reconciler).
+//!   (capstan-mesh's `validate`, shared with the reconciler);
+//! - `/validate-ephemeralcontainers` refuses ephemeral containers (`kubectl debug`) that
+//!   could undo a meshed pod's redirect (M16).
 //!
 //! It serves HTTPS with a certificate it mints and rotates itself (see `certs`), kept in a
 //! Secret its replicas share, and keeps the `caBundle` of its webhook configurations
