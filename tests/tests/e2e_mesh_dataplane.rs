@@ -1374,3 +1374,121 @@ async fn an_application_running_as_the_proxy_uid_is_still_redirected() -> Result
     );
     Ok(())
 }
+
+/// M16 (issue 15 item 9): in an enforced namespace (labelled capstan.dev/mesh=enabled) a
+/// pod opts out (`capstan.dev/inject: "false"`) and runs as the proxy's UID and GID.
+/// Admission honours the opt-out (the documented decision), so nothing is injected; what
+/// keeps it away from a protected service (meshed, default deny, one source allowed) is
+/// the data path: its plain-text requests to the service's application port meet the
+/// redirect and the mTLS listener, its requests to the mTLS port carry no certificate,
+/// and the mesh CA will not give it one for its own ServiceAccount token. Nothing it
+/// sends reaches the application, while the allowed source does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opted_out_pod_running_as_the_proxy_uid_never_reaches_a_protected_service() -> Result<()> {
+    if which("iptables").is_none() {
+        bail!("iptables is missing: hack/test.sh installs it (apt-get install iptables)");
+    }
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let ns = mesh.namespace().to_owned();
+
+    // Admission, through the real API server and webhook: enforced namespace, opted out.
+    mesh.service_account("optout").await?;
+    {
+        let _webhook = WebhookProcess::start(&mesh.client, &[]).await?;
+        label_meshed(&mesh.client, &ns).await?;
+        let mut pod = app_pod("optout", json!({"capstan.dev/inject": "false"}));
+        let spec = pod.spec.as_mut().context("a spec")?;
+        spec.service_account_name = Some("optout".into());
+        spec.security_context = Some(serde_json::from_value(json!({
+            "runAsUser": PROXY_UID, "runAsGroup": PROXY_GID,
+        }))?);
+        let admitted = dry_run_pod(&mesh.client, &ns, &pod).await?;
+        let init: Vec<_> = admitted
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .map(|c| c.name.clone())
+            .collect();
+        ensure!(init.is_empty(), "the opted-out pod was injected: {init:?}");
+    }
+
+    // The protected service: meshed both ways, only web allowed.
+    let api = mesh.workload_with("api", App::Http, "", true).await?;
+    mesh.publish_service("api", true, &[api.address.into()]).await?;
+    let web = mesh.workload_with("web", App::None, "", true).await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
+    )
+    .await?;
+    let app = bin("capstan-e2e-app");
+    let (web, app) = (&web, &app);
+    let control = format!("http://{}:{APP_PORT}/from-web", api.address);
+    eventually(Duration::from_secs(10), "web's allowed request", || {
+        let url = control.clone();
+        async move {
+            let out = web.exec(app, &["request", "GET", &url]).await.ok()?;
+            let v: Value = serde_json::from_str(out.lines().next()?).ok()?;
+            (status_of(&v) == Some(200)).then_some(())
+        }
+    })
+    .await?;
+
+    // The opted-out pod: no sidecar, no redirect, every process as 1337:1338.
+    let optout = mesh.network.pod("optout")?;
+    for port in [APP_PORT, INBOUND_PORT] {
+        for path in ["/", "/admin"] {
+            let url = format!("http://{}:{port}{path}", api.address);
+            let out = optout
+                .command_as(app, PROXY_UID, PROXY_GID)
+                .args(["request", "GET", &url])
+                .output()
+                .await?;
+            let line = String::from_utf8_lossy(&out.stdout);
+            let v: Value = serde_json::from_str(line.lines().next().context("no output")?)?;
+            ensure!(
+                status_of(&v).is_none(),
+                "the opted-out pod as {PROXY_UID}:{PROXY_GID} reached {url}: {v}"
+            );
+        }
+    }
+    // Nor can it become a mesh client: its own ServiceAccount token (the API's audience,
+    // what a pod mounts by default) gets no certificate from the CA.
+    let token = serviceaccount_token(&mesh.client, &ns, "optout", "https://kubernetes.default.svc").await?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let id = format!("spiffe://cluster.local/ns/{ns}/sa/optout");
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into()?)];
+    let body = json!({"csr": params.serialize_request(&key)?.pem()?}).to_string();
+    let (code, answer) = https_json(
+        mesh.engine.https,
+        &mesh.roots,
+        "POST",
+        "/v1/mesh/sign",
+        Some(&token),
+        Some(&body),
+    )
+    .await?;
+    ensure!(
+        code == 401 || code == 403,
+        "the CA answered {code} to the opted-out pod's API token: {answer}"
+    );
+    // The application saw web and nobody else: every request the sidecar passed on
+    // came from web, and the handshakes without a certificate were counted.
+    let m = sidecar_metrics(&api).await?;
+    let passed: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("capstan_sidecar_requests_total{") && l.contains("result=\"allowed\""))
+        .collect();
+    ensure!(
+        !passed.is_empty() && passed.iter().all(|l| l.contains(&format!("{ns}/web"))),
+        "{m}"
+    );
+    ensure!(
+        m.lines()
+            .any(|l| l.starts_with("capstan_sidecar_tls_handshake_failures_total{")
+                && l.contains("direction=\"inbound\"")),
+        "the plain-text attempts were not refused at the mTLS listener:\n{m}"
+    );
+    Ok(())
+}
