@@ -596,63 +596,37 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
     // Tokens: a kube-system ServiceAccount's with the API server's audience, a long one,
     // and one for another audience; the engine's audience in a tenant namespace passes.
     run("kubectl", &["create", "serviceaccount", "app", "-n", n])?;
+    let token = |namespace: &str, sa: &str, flags: &[&str]| {
+        let mut args = vec!["create", "token", sa, "-n", namespace];
+        args.extend_from_slice(flags);
+        kubectl(&args)
+    };
+    let engine = ["--audience", "capstan-engine"];
     refused(
         "a kube-system token for the API",
-        kubectl(&[
-            "create",
-            "token",
-            "default",
-            "-n",
+        token(
             "kube-system",
-            "--audience",
-            "https://kubernetes.default.svc",
-        ]),
+            "default",
+            &["--audience", "https://kubernetes.default.svc"],
+        ),
         "only for the engine's audience",
     );
     refused(
         "a kube-system token for the engine",
-        kubectl(&[
-            "create",
-            "token",
-            "default",
-            "-n",
-            "kube-system",
-            "--audience",
-            "capstan-engine",
-        ]),
+        token("kube-system", "default", &engine),
         "may not request tokens for ServiceAccounts of kube-system",
     );
     refused(
         "a tenant token for the API",
-        kubectl(&["create", "token", "app", "-n", n]),
+        token(n, "app", &[]),
         "only for the engine's audience",
     );
     refused(
         "a day-long token",
-        kubectl(&[
-            "create",
-            "token",
-            "app",
-            "-n",
-            n,
-            "--audience",
-            "capstan-engine",
-            "--duration",
-            "24h",
-        ]),
+        token(n, "app", &[&engine[..], &["--duration", "24h"]].concat()),
         "at most an hour",
     );
-    let (ok, out) = kubectl(&[
-        "create",
-        "token",
-        "app",
-        "-n",
-        n,
-        "--audience",
-        "capstan-engine",
-        "--duration",
-        "10m",
-    ]);
+    let (ok, out) = token(n, "app", &[&engine[..], &["--duration", "10m"]].concat());
     assert!(ok, "SecretSync's own token request: {out}");
 
     // Deployments: an image change, a scale to zero, a new label; the restart passes.

@@ -370,19 +370,13 @@ async fn intentions_check_decides_from_the_cluster() -> anyhow::Result<()> {
         ),
     ];
     for (args, code, expected) in cases {
-        let mut all = vec!["intentions", "check", "-n", n];
+        let mut all = vec!["-n", n];
         all.extend_from_slice(args);
-        let out = std::process::Command::new(bin("capstan")).args(&all).output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(
-            out.status.code(),
-            Some(*code),
-            "{args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (got, out) = check(&all)?;
+        assert_eq!(got, Some(*code), "{args:?}: {out}");
         assert!(
-            stdout.starts_with(expected.as_str()),
-            "{args:?}: expected {expected:?}, got {stdout:?}"
+            out.starts_with(expected.as_str()),
+            "{args:?}: expected {expected:?}, got {out:?}"
         );
     }
     Ok(())
