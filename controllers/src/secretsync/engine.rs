@@ -216,6 +216,26 @@ impl Engine {
         })
     }
 
+    /// Revokes the token itself (`auth/token/revoke-self`, in every token's default
+    /// policy), and with it every lease it issued. Ok also when the engine no longer
+    /// knows the token (revoked or expired already: its leases are ending with it), so
+    /// that doing it again changes nothing.
+    pub async fn revoke_self(&self, token: &str) -> Result<(), Error> {
+        match self
+            .call(
+                Method::POST,
+                "auth/token/revoke-self",
+                Some(token),
+                None,
+                &[token],
+            )
+            .await
+        {
+            Ok(_) | Err(Error::Denied { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     pub async fn kv_read(
         &self,
         token: &str,

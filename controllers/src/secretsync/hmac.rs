@@ -13,7 +13,7 @@ use kube::{
     Api,
     api::{ObjectMeta, PostParams},
 };
-use ring::{hmac, rand::SecureRandom};
+use ring::{aead, hmac, rand::SecureRandom};
 use std::collections::BTreeMap;
 
 pub const KEY_SECRET: &str = "capstan-controller-secretsync-hmac";
@@ -50,6 +50,64 @@ impl Key {
     pub fn digest_secret(&self, secret: &Secret) -> String {
         self.digest(&secret_data(secret))
     }
+
+    /// `plain` encrypted (ChaCha20-Poly1305, random nonce) under a key derived from this
+    /// one, bound to `context` (a SecretSync UID: a sealed value copied into another
+    /// SecretSync's record does not open). Hex, nonce first. For the login token a lease
+    /// record holds while a credential is being issued: only the controller can use it.
+    pub fn seal(&self, context: &str, plain: &[u8]) -> String {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        ring::rand::SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("the system RNG works");
+        let mut sealed = plain.to_vec();
+        self.aead()
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(context.as_bytes()),
+                &mut sealed,
+            )
+            .expect("sealing a short value cannot fail");
+        hex(&[&nonce[..], &sealed].concat())
+    }
+
+    /// What `seal` sealed under this key and `context`; None if it was not.
+    pub fn open(&self, context: &str, sealed: &str) -> Option<Vec<u8>> {
+        let bytes = unhex(sealed)?;
+        if bytes.len() < aead::NONCE_LEN + aead::CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let (nonce, rest) = bytes.split_at(aead::NONCE_LEN);
+        let mut rest = rest.to_vec();
+        let plain = self
+            .aead()
+            .open_in_place(
+                aead::Nonce::try_assume_unique_for_key(nonce).ok()?,
+                aead::Aad::from(context.as_bytes()),
+                &mut rest,
+            )
+            .ok()?;
+        Some(plain.to_vec())
+    }
+
+    /// The sealing key: HMAC of a fixed label under the HMAC key, so the two uses never
+    /// share a key.
+    fn aead(&self) -> aead::LessSafeKey {
+        let derived = hmac::sign(&self.0, b"capstan secretsync seal v1");
+        aead::LessSafeKey::new(
+            aead::UnboundKey::new(&aead::CHACHA20_POLY1305, derived.as_ref()).expect("a 32-byte key"),
+        )
+    }
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 pub fn secret_data(secret: &Secret) -> Data {
@@ -156,6 +214,23 @@ mod tests {
         );
         // The digest is not a plain SHA-256 of anything it covers.
         assert!(!base.contains("hunter2"));
+    }
+
+    #[test]
+    fn sealed_values_open_only_under_the_same_key_and_context() {
+        let key = Key::new(&[3; 32]);
+        let sealed = key.seal("uid-1", b"hvs.token");
+        assert!(!sealed.contains("hvs"));
+        assert_ne!(sealed, key.seal("uid-1", b"hvs.token"), "a fresh nonce each time");
+        assert_eq!(key.open("uid-1", &sealed).as_deref(), Some(&b"hvs.token"[..]));
+        assert_eq!(key.open("uid-2", &sealed), None);
+        assert_eq!(Key::new(&[4; 32]).open("uid-1", &sealed), None);
+        let mut tampered = sealed.clone().into_bytes();
+        let last = tampered.len() - 1;
+        tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(key.open("uid-1", std::str::from_utf8(&tampered).unwrap()), None);
+        assert_eq!(key.open("uid-1", "zz"), None);
+        assert_eq!(key.open("uid-1", ""), None);
     }
 
     #[test]

@@ -37,6 +37,27 @@ pub struct Record {
     /// Replaced leases, revoked once the workloads rolled onto the new credential.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retiring: Vec<Retiring>,
+    /// A credential being issued (a write-ahead intent): saved before the engine is
+    /// asked, cleared in the same write that records the lease id. A controller that
+    /// stops in between (killed, or paused past its leader Lease) leaves it behind, and
+    /// whoever reconciles next revokes its token before anything else (K1, K4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuing: Option<Issuing>,
+}
+
+/// The intent to issue one credential. The engine names a lease only in its answer, so
+/// an answer lost to a crash leaves a lease nobody knows the id of; what is known is
+/// the token that asked for it. Each issue uses a login of its own, which asks for
+/// nothing else, and the engine revokes a token's leases with the token (Vault's rule):
+/// revoking that token (`auth/token/revoke-self`, which every token may do) ends
+/// exactly the unrecorded lease, and nothing else. The token is kept sealed under the
+/// controller's key (`hmac::Key::seal`), bound to the SecretSync's UID, so a reader of
+/// this Secret cannot use it, and only for as long as the issue takes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Issuing {
+    pub sealed_token: String,
+    pub since: Timestamp,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -178,5 +199,25 @@ mod tests {
         record.current.as_mut().unwrap().id = None;
         record.replace(Current::new(None, &lease, "h3".into()));
         assert_eq!(record.retiring.len(), 1);
+    }
+
+    #[test]
+    fn an_intent_round_trips_and_older_records_read_without_one() {
+        let secret = |text: &str| Secret {
+            data: Some(BTreeMap::from([(FIELD.to_owned(), ByteString(text.into()))])),
+            ..Default::default()
+        };
+        let old = Record::from_secret(&secret(r#"{"fingerprint":"f"}"#)).unwrap();
+        assert_eq!(old.issuing, None);
+        let record = Record {
+            issuing: Some(Issuing {
+                sealed_token: "00ff".into(),
+                since: Timestamp::from_second(1_800_000_000).unwrap(),
+            }),
+            ..old
+        };
+        let text = String::from_utf8(record.data()[FIELD].0.clone()).unwrap();
+        assert!(text.contains("\"issuing\":{\"sealedToken\":\"00ff\""), "{text}");
+        assert_eq!(Record::from_secret(&secret(&text)).unwrap(), record);
     }
 }

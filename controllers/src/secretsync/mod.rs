@@ -9,6 +9,12 @@
 //! A finalizer revokes the leases and deletes (or releases) the target when the
 //! SecretSync is deleted, also when that happened while the controller was down (K3).
 //!
+//! Issuing is write-ahead (K1, K4): the intent, with the sealed token of a login made for
+//! this one issue, is recorded before the engine is asked, and replaced by the lease id
+//! in one conditional write. A controller that stops in between leaves the intent; the
+//! next reconcile (this replica's or its successor's) revokes that token, and with it
+//! the credential nobody recorded, before it issues anything (`leases::Issuing`).
+//!
 //! Secret values live in memory only as long as a reconcile needs them, plus (dynamic
 //! sources) the last rendered data per SecretSync, so a hand-edited target can be
 //! restored without issuing a new credential. They never reach logs, Events, status,
@@ -52,7 +58,7 @@ use kube::{
         watcher,
     },
 };
-use leases::{Current, Record, RolloutMark};
+use leases::{Current, Issuing, Record, RolloutMark};
 use parking_lot::Mutex;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -77,6 +83,26 @@ const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "capstan-contr
 pub const AUDIENCE: &str = "capstan-engine";
 const TOKEN_SECONDS: i64 = 600;
 const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
+/// Test-only fault injection, for the end-to-end tests of RELIABILITY K1 and K4 (never
+/// set by the chart): with `CAPSTAN_CONTROLLER_TEST_PAUSE_AT=<point>` in its environment
+/// the controller, the first time a reconcile reaches `<point>`, logs
+/// `Test fault: pausing at <point>` and sleeps `TEST_PAUSE`, so that a test can SIGKILL
+/// or SIGSTOP it at exactly that point. Points: `intent` (the intent to issue is saved,
+/// nothing is issued yet) and `issued` (the engine issued a credential whose lease id is
+/// not recorded yet). Unset, it costs one lookup of a cached value.
+pub const TEST_PAUSE_AT_ENV: &str = "CAPSTAN_CONTROLLER_TEST_PAUSE_AT";
+const TEST_PAUSE: Duration = Duration::from_secs(5);
+
+/// See `TEST_PAUSE_AT_ENV`.
+async fn test_fault(point: &str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let at = AT.get_or_init(|| std::env::var(TEST_PAUSE_AT_ENV).ok());
+    if at.as_deref() == Some(point) && !TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!(point, "Test fault: pausing at {point}");
+        tokio::time::sleep(TEST_PAUSE).await;
+    }
+}
 
 /// Condition reasons this reconciler sets on Ready.
 pub mod reasons {
@@ -1047,37 +1073,65 @@ async fn save_record(
     result.map_err(|e| Failure::kube("writing the lease record", e))
 }
 
-/// A new credential, and the token that issued it (the lease ends with that token).
+/// A new credential, issued with `token` (a login of its own, see `leases::Issuing`).
+/// No second attempt with another token: a refusal means the policy refuses, or that a
+/// successor revoked this token (it found the intent), and then nothing may be issued.
 async fn issue(
     obj: &SecretSync,
     ctx: &SyncContext,
     kind: SourceKind,
-) -> Result<(engine::Issued, TokenInfo), Failure> {
-    for attempt in 0..2 {
-        let info = ctx.token_info(obj).await?;
-        let token = info.token.clone();
-        let result = match kind {
-            SourceKind::Database => {
-                let db = obj
-                    .spec
-                    .source
-                    .database
-                    .as_ref()
-                    .expect("validated: a database source");
-                ctx.engine.database_creds(&token, &db.mount, &db.role).await
-            }
-            _ => {
-                let pki = obj.spec.source.pki.as_ref().expect("validated: a pki source");
-                ctx.engine.pki_issue(&token, pki).await
-            }
-        };
-        match result {
-            Ok(issued) => return Ok((issued, info)),
-            Err(engine::Error::Denied { .. }) if attempt == 0 => ctx.drop_token(obj),
-            Err(error) => return Err(Failure::engine(error)),
+    token: &str,
+) -> Result<engine::Issued, Failure> {
+    let result = match kind {
+        SourceKind::Database => {
+            let db = obj
+                .spec
+                .source
+                .database
+                .as_ref()
+                .expect("validated: a database source");
+            ctx.engine.database_creds(token, &db.mount, &db.role).await
         }
+        _ => {
+            let pki = obj.spec.source.pki.as_ref().expect("validated: a pki source");
+            ctx.engine.pki_issue(token, pki).await
+        }
+    };
+    result.map_err(Failure::engine)
+}
+
+/// Finishes what a stopped issue left (an intent without a recorded lease): revokes its
+/// token, and so the lease it may have issued, then clears the intent. Doing it again
+/// changes nothing (the engine answers a revoked token as unknown): K4.
+async fn revoke_orphan(obj: &SecretSync, ctx: &SyncContext, issuing: &Issuing) -> Result<(), engine::Error> {
+    let uid = obj.uid().unwrap_or_default();
+    let Some(token) = ctx
+        .hmac
+        .open(&uid, &issuing.sealed_token)
+        .and_then(|t| String::from_utf8(t).ok())
+    else {
+        // Not sealed under this key (the key Secret was replaced): nothing can be done
+        // but let the engine end the lease with its token.
+        count(&sync_metrics().revocations, "abandoned");
+        tracing::warn!("The intent of an unrecorded issue cannot be opened; its lease ends with its token");
+        return Ok(());
+    };
+    ctx.engine.revoke_self(&token).await?;
+    let cached = ctx.tokens.lock().get(&uid).map(|c| c.token == token);
+    if cached == Some(true) {
+        ctx.drop_token(obj);
     }
-    unreachable!("the second attempt returns")
+    count(&sync_metrics().revocations, "revoked");
+    tracing::info!(since = %issuing.since, "Revoked the token of an issue that was never recorded");
+    ctx.publish(
+        obj,
+        EventType::Normal,
+        "LeaseRevoked",
+        "Revoke",
+        "Revoked whatever an interrupted issue obtained (its lease was never recorded)".to_owned(),
+    )
+    .await;
+    Ok(())
 }
 
 async fn sync_leased(
@@ -1089,6 +1143,14 @@ async fn sync_leased(
 ) -> Result<Synced, Failure> {
     let uid = obj.uid().unwrap_or_default();
     let (mut record, mut stored) = read_record(secrets, obj).await?;
+    // An issue that stopped before its lease was recorded (the controller was killed,
+    // or paused past its leader Lease, in between): its credential is revoked before
+    // anything else, so it never lives on beside the one issued next (K1).
+    if let Some(issuing) = record.issuing.clone() {
+        revoke_orphan(obj, ctx, &issuing).await.map_err(Failure::engine)?;
+        record.issuing = None;
+        stored = Some(save_record(secrets, obj, &record, stored).await?);
+    }
     let fingerprint = fingerprint(&obj.spec);
     let now = Timestamp::now();
     let in_place = target.as_ref().map(|t| ctx.hmac.digest_secret(t));
@@ -1201,7 +1263,28 @@ async fn sync_leased(
     }
 
     if let Some(why) = replace_reason {
-        let (issued, token) = issue(obj, ctx, v.kind).await?;
+        // A login of its own for this issue, put on record (sealed) before the engine is
+        // asked: if this process stops before the lease id is recorded, whoever comes
+        // next revokes that token and with it the lease (leases::Issuing).
+        ctx.drop_token(obj);
+        let token = ctx.token_info(obj).await?;
+        record.issuing = Some(Issuing {
+            sealed_token: ctx.hmac.seal(&uid, token.token.as_bytes()),
+            since: Timestamp::now(),
+        });
+        stored = Some(save_record(secrets, obj, &record, stored).await?);
+        test_fault("intent").await;
+        // A leader paused past its term must not issue when it thaws; the successor has
+        // the intent (and revokes the token) if this check passes just too early.
+        if ctx.base.leadership.ensure().is_err() {
+            return Err(Failure::transient(
+                reasons::KUBERNETES_ERROR,
+                "no longer the leader: not issuing",
+            ));
+        }
+        let issued = issue(obj, ctx, v.kind, &token.token).await?;
+        tracing::info!(kind = ?v.kind, leased = issued.lease_id.is_some(), "Issued a credential");
+        test_fault("issued").await;
         let issued_at = Timestamp::now();
         let data = match template::render(v.templates.as_ref(), &issued.fields) {
             Ok(data) => data,
@@ -1224,6 +1307,9 @@ async fn sync_leased(
         // workloads still roll onto the new one.
         let restart_now = record.current.as_ref().is_some_and(|c| c.id.is_none());
         record.replace(next);
+        // The lease id replaces the intent in one conditional write: a successor that
+        // wrote the record meanwhile (and revoked this token) makes it fail.
+        record.issuing = None;
         // The lease id is on record before the credential is used anywhere.
         match save_record(secrets, obj, &record, stored).await {
             Ok(s) => stored = Some(s),
@@ -1372,6 +1458,19 @@ async fn cleanup(obj: &SecretSync, ctx: &SyncContext) -> Result<(), Error> {
     let (mut record, mut stored) = read_record(&secrets, obj)
         .await
         .map_err(|f| Error::Cleanup(f.message))?;
+    if let Some(issuing) = record.issuing.clone() {
+        match revoke_orphan(obj, ctx, &issuing).await {
+            Ok(()) => {
+                record.issuing = None;
+                stored = Some(
+                    save_record(&secrets, obj, &record, stored)
+                        .await
+                        .map_err(|f| Error::Cleanup(f.message))?,
+                );
+            }
+            Err(error) => return Err(Error::Cleanup(error.to_string())),
+        }
+    }
     let ids = record.lease_ids();
     if !ids.is_empty() {
         match ctx.token(obj).await {
