@@ -1,0 +1,582 @@
+//! K1 for SecretSync: two capstan-controllers (leader and standby, short Lease timings)
+//! against a real engine and a real PostgreSQL, with a leased database credential and a
+//! KV entry synced. The leader is stopped in the one window where a credential exists
+//! that no record names, between the engine's answer to `database/creds/<role>` and the
+//! write of its lease id (held there by the controller's test-only fault point,
+//! `CAPSTAN_CONTROLLER_TEST_PAUSE_AT=issued`): once killed (SIGKILL), once frozen past
+//! its Lease (SIGSTOP) and thawed (SIGCONT). After the standby takes over:
+//!
+//! - no duplicate lease: the database holds exactly one role of the engine's for that
+//!   role, the one the target Secret and the lease record name; the engine holds exactly
+//!   one lease; the thawed leader issues nothing;
+//! - no lost update: a KV change written while the leader is dead or frozen reaches its
+//!   target Secret through the new leader.
+
+use anyhow::{Context as _, Result, ensure};
+use capstan_tests::{
+    postgres::{ADMIN_USER, Postgres},
+    *,
+};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use serde_json::{Value, json};
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const TIMINGS: LeaseTimings = LeaseTimings {
+    duration: 6,
+    renew_deadline: 4,
+    retry_period: 1,
+};
+const PAUSE_AT_ENV: &str = "CAPSTAN_CONTROLLER_TEST_PAUSE_AT";
+/// The prefix of the PostgreSQL roles the engine creates for database role `app`.
+const ROLE_PREFIX: &str = "v-app-";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    Kill,
+    Pause,
+}
+
+#[tokio::test]
+async fn secretsync_leader_killed_between_issue_and_record_leaves_one_lease_and_no_lost_update() -> Result<()>
+{
+    failover(Stop::Kill).await
+}
+
+#[tokio::test]
+async fn secretsync_leader_paused_between_issue_and_record_issues_nothing_when_it_thaws() -> Result<()> {
+    failover(Stop::Pause).await
+}
+
+async fn failover(stop: Stop) -> Result<()> {
+    let name = match stop {
+        Stop::Kill => "k1ss-kill",
+        Stop::Pause => "k1ss-pause",
+    };
+    let world = World::new(name).await?;
+    let pg = Postgres::start().await?;
+    world.configure_database(&pg).await?;
+    world.kv_put("app/config", json!({"color": "blue"})).await?;
+
+    clear_lease(&world.client).await;
+    let mut leader = Controller::start(
+        &world.client,
+        &format!("{name}-a"),
+        &world.engine_url(),
+        Some("issued"),
+    )
+    .await?;
+    wait_for_holder(&world.client, &format!("{name}-a")).await?;
+    let standby = Controller::start(&world.client, &format!("{name}-b"), &world.engine_url(), None).await?;
+
+    // The leader syncs the KV entry...
+    world.apply(
+        "apiVersion: secrets.capstan.dev/v1alpha1\nkind: SecretSync\nmetadata: {name: kv}\nspec:\n  \
+         source: {kv: {path: app/config}}\n  auth: {role: app, serviceAccountName: app}\n  \
+         refreshInterval: 500ms\n  target: {name: kv-creds}\n",
+    )?;
+    world
+        .wait_value("kv-creds", "color", "blue", Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", leader.logs()))?;
+    // ...and is held between the issue of the database credential and its record.
+    world.apply(
+        "apiVersion: secrets.capstan.dev/v1alpha1\nkind: SecretSync\nmetadata: {name: db}\nspec:\n  \
+         source: {database: {role: app}}\n  auth: {role: app, serviceAccountName: app}\n  \
+         target: {name: db-creds, type: kubernetes.io/basic-auth}\n",
+    )?;
+    eventually(
+        Duration::from_secs(30),
+        "the leader to pause after issuing",
+        || {
+            let logs = leader.logs();
+            async move { logs.contains("Test fault: pausing at issued").then_some(()) }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", leader.logs()))?;
+    let stopped_at = Instant::now();
+    leader.signal(match stop {
+        Stop::Kill => "KILL",
+        Stop::Pause => "STOP",
+    });
+    // The credential the leader was handed exists, and nothing records it.
+    let orphans = world.live_roles(&pg).await?;
+    ensure!(
+        orphans.len() == 1,
+        "the leader issued one credential: {orphans:?}"
+    );
+    ensure!(
+        world.secrets().get_opt("db-creds").await?.is_none(),
+        "nothing was delivered before the stop"
+    );
+
+    // A KV change written while the leader is dead or frozen.
+    world.kv_put("app/config", json!({"color": "green"})).await?;
+    let changed_at = Instant::now();
+
+    wait_for_holder(&world.client, &format!("{name}-b")).await?;
+    let takeover = stopped_at.elapsed();
+    ensure!(
+        takeover <= Duration::from_secs(TIMINGS.duration + 4),
+        "takeover took {takeover:?}"
+    );
+    world
+        .wait_value("kv-creds", "color", "green", Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", standby.logs()))?;
+    let kv_converged = changed_at.elapsed();
+
+    // The new leader delivers a credential of its own, having revoked the orphan.
+    let secrets = world.secrets();
+    let (user, password) = eventually(
+        Duration::from_secs(30),
+        "a credential from the new leader",
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let data = secrets.get_opt("db-creds").await.ok()??.data?;
+                let s = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+                Some((s("username")?, s("password")?))
+            }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", standby.logs()))?;
+    let db_converged = stopped_at.elapsed();
+    ensure!(
+        pg.login(&user, &password).await? == user,
+        "the delivered credential logs in"
+    );
+    ensure!(
+        !orphans.contains(&user),
+        "the new leader delivered a credential of its own"
+    );
+
+    if stop == Stop::Pause {
+        // The old leader thaws in the middle of its reconcile, with a credential in hand
+        // whose token its successor revoked: it must neither record it nor issue again.
+        leader.signal("CONT");
+        eventually(Duration::from_secs(15), "the thawed leader to step down", || {
+            let logs = leader.logs();
+            async move { logs.contains("Lost leadership").then_some(()) }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", leader.logs()))?;
+        // Time for anything it might still do.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(leader.is_running(), "the thawed leader stands by");
+        let issued = leader.logs().matches("Issued a credential").count();
+        ensure!(
+            issued == 1,
+            "the thawed leader issued again ({issued} issues in all):\n{}",
+            leader.logs()
+        );
+        ensure!(
+            lease_holder(&world.client).await.as_deref() == Some(&format!("{name}-b")[..]),
+            "the new leader keeps the Lease"
+        );
+    }
+
+    // After convergence: exactly the recorded lease is live, in the database and in the
+    // engine, and the record holds no unfinished intent.
+    let last = parking_lot::Mutex::new(String::new());
+    let record_text = eventually(
+        Duration::from_secs(15),
+        "exactly the recorded lease to be live",
+        || {
+            let (world, pg, user, last) = (&world, &pg, user.clone(), &last);
+            async move {
+                let roles = world.live_roles(pg).await.ok()?;
+                let record = world.record_text().await.ok()?;
+                let leases = metric(&world.engine.metrics().await.ok()?, "capstan_engine_leases")?;
+                *last.lock() = format!("live roles {roles:?}, engine leases {leases}, record {record}");
+                (roles == vec![user] && leases == 1.0 && !record.contains("issuing")).then_some(record)
+            }
+        },
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: {}\nstandby:\n{}\nold leader:\n{}",
+            last.lock(),
+            standby.logs(),
+            leader.logs()
+        )
+    })?;
+    let record: Value = serde_json::from_str(&record_text)?;
+    let id = record["current"]["id"]
+        .as_str()
+        .context("a current lease id on record")?;
+    ensure!(id.starts_with("database/creds/app/"), "{record_text}");
+    ensure!(
+        record["retiring"].as_array().is_none_or(Vec::is_empty),
+        "{record_text}"
+    );
+    let (code, lease) = world
+        .call(
+            "PUT",
+            "sys/leases/lookup",
+            Some(&world.root),
+            Some(json!({ "lease_id": id })),
+        )
+        .await?;
+    ensure!(code == 200, "the recorded lease is the engine's: {code} {lease}");
+    ensure!(pg.login(&user, &password).await? == user);
+    ensure!(
+        standby
+            .logs()
+            .contains("Revoked the token of an issue that was never recorded"),
+        "{}",
+        standby.logs()
+    );
+    eprintln!(
+        "K1 SecretSync ({stop:?}): takeover {takeover:?}, KV change delivered {kv_converged:?} after \
+         its write, database credential delivered {db_converged:?} after the stop"
+    );
+    Ok(())
+}
+
+/// One engine (fresh storage, initialized, unsealed) and a namespace with ServiceAccount
+/// `app`, allowed by the engine to read `secret/data/app/*` and `database/creds/app`.
+struct World {
+    client: Client,
+    engine: EngineProcess,
+    roots: String,
+    root: String,
+    ns: TestNamespace,
+}
+
+impl World {
+    async fn new(name: &str) -> Result<Self> {
+        let client = client().await;
+        install_chart();
+        run(
+            "kubectl",
+            &[
+                "-n",
+                SYSTEM_NAMESPACE,
+                "delete",
+                "storageentries.secrets.capstan.dev",
+                "--all",
+                "--wait=true",
+            ],
+        )?;
+        ensure_hmac_key(&client).await?;
+        let engine = EngineProcess::start(&client, name, &[]).await?;
+        let roots = eventually(Duration::from_secs(20), "the published mesh roots", || async {
+            published_roots(&client).await
+        })
+        .await?;
+        let ns = TestNamespace::new(&client, name).await;
+        let mut world = Self {
+            client,
+            engine,
+            roots,
+            root: String::new(),
+            ns,
+        };
+        let (code, init) = world
+            .call(
+                "PUT",
+                "sys/init",
+                None,
+                Some(json!({"secret_shares": 1, "secret_threshold": 1})),
+            )
+            .await?;
+        ensure!(code == 200, "init: {code} {init}");
+        world.root = init["root_token"].as_str().context("a root token")?.to_owned();
+        let key = init["keys"][0].as_str().context("an unseal key")?.to_owned();
+        let (code, status) = world
+            .call("PUT", "sys/unseal", None, Some(json!({ "key": key })))
+            .await?;
+        ensure!(code == 200, "unseal: {code} {status}");
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some("app".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(world.client.clone(), &world.ns.name)
+            .create(&PostParams::default(), &sa)
+            .await?;
+        world
+            .root_call(
+                "PUT",
+                "sys/policies/acl/app-read",
+                json!({"policy": "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n\
+                                  path \"database/creds/app\" { capabilities = [\"read\"] }\n\
+                                  path \"sys/leases/renew\" { capabilities = [\"update\"] }\n\
+                                  path \"sys/leases/revoke\" { capabilities = [\"update\"] }"}),
+            )
+            .await?;
+        let ns = world.ns.name.clone();
+        world
+            .root_call(
+                "POST",
+                "auth/kubernetes/role/app",
+                json!({"bound_service_account_names": ["app"], "bound_service_account_namespaces": [ns],
+                       "policies": ["app-read"], "ttl": "1h"}),
+            )
+            .await?;
+        Ok(world)
+    }
+
+    /// Database role `app` on `pg`: a 5-minute lease, so nothing renews or rotates
+    /// during the test and every live role is accounted for by the current lease alone.
+    async fn configure_database(&self, pg: &Postgres) -> Result<()> {
+        const CREATE: &str =
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
+        self.root_call(
+            "POST",
+            "database/config/pg",
+            json!({
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": pg.connection_url(),
+                "username": ADMIN_USER,
+                "password": pg.admin_password,
+                "allowed_roles": ["app"],
+            }),
+        )
+        .await?;
+        self.root_call(
+            "POST",
+            "database/roles/app",
+            json!({"db_name": "pg", "creation_statements": [CREATE], "default_ttl": 300, "max_ttl": 600}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn engine_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.engine.https.port())
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let body = body.map(|b| b.to_string());
+        https_json(
+            self.engine.https,
+            &self.roots,
+            method,
+            &format!("/v1/{path}"),
+            token,
+            body.as_deref(),
+        )
+        .await
+    }
+
+    async fn root_call(&self, method: &str, path: &str, body: Value) -> Result<Value> {
+        let (code, reply) = self.call(method, path, Some(&self.root), Some(body)).await?;
+        ensure!((200..300).contains(&code), "{method} {path}: {code} {reply}");
+        Ok(reply)
+    }
+
+    async fn kv_put(&self, path: &str, data: Value) -> Result<()> {
+        self.root_call("POST", &format!("secret/data/{path}"), json!({ "data": data }))
+            .await
+            .map(drop)
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        let (ok, out) = kubectl_stdin(&["apply", "-n", &self.ns.name, "-f", "-"], yaml);
+        ensure!(ok, "{out}");
+        Ok(())
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    async fn wait_value(&self, name: &str, key: &str, value: &str, within: Duration) -> Result<()> {
+        let secrets = self.secrets();
+        eventually(within, &format!("Secret {name} to hold {key}={value}"), || {
+            let secrets = secrets.clone();
+            async move {
+                let secret = secrets.get_opt(name).await.ok()??;
+                (secret.data.as_ref()?.get(key)?.0 == value.as_bytes()).then_some(())
+            }
+        })
+        .await
+    }
+
+    /// The lease record of SecretSync `db` (JSON).
+    async fn record_text(&self) -> Result<String> {
+        let record = self.secrets().get("db-capstan-lease").await?;
+        let data = record.data.context("the record has data")?;
+        Ok(String::from_utf8(
+            data.get("leases.json").context("leases.json")?.0.clone(),
+        )?)
+    }
+
+    /// The PostgreSQL roles the engine created for database role `app` and that still
+    /// exist, sorted.
+    async fn live_roles(&self, pg: &Postgres) -> Result<Vec<String>> {
+        let ca = std::fs::read(pg.ca_file())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(cert?)?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(pg.port)
+            .user(ADMIN_USER)
+            .password(&pg.admin_password)
+            .dbname("postgres")
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config
+            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+            .await?;
+        tokio::spawn(connection);
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+                &[&ROLE_PREFIX],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+use rustls::pki_types::pem::PemObject as _;
+
+/// A capstan-controller process as the chart's ServiceAccount, as `ControllerProcess`
+/// starts it, plus the test-only fault point in its environment.
+struct Controller {
+    log: PathBuf,
+    child: Child,
+}
+
+impl Controller {
+    async fn start(
+        client: &Client,
+        identity: &str,
+        engine_url: &str,
+        pause_at: Option<&str>,
+    ) -> Result<Self> {
+        install_chart();
+        let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
+        let admin = free_port();
+        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}.log"));
+        let mut command = Command::new(bin("capstan-controller"));
+        command
+            .env("KUBECONFIG", &kubeconfig)
+            .env("CAPSTAN_LOG", "info,capstan_controller=debug")
+            .env_remove(PAUSE_AT_ENV)
+            .args([
+                "--log-format",
+                "json",
+                "--identity",
+                identity,
+                "--namespace",
+                SYSTEM_NAMESPACE,
+                "--lease-name",
+                LEASE_NAME,
+                "--admin-addr",
+                &admin.to_string(),
+                "--lease-duration-seconds",
+                &TIMINGS.duration.to_string(),
+                "--renew-deadline-seconds",
+                &TIMINGS.renew_deadline.to_string(),
+                "--retry-period-seconds",
+                &TIMINGS.retry_period.to_string(),
+                "--engine-url",
+                engine_url,
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(point) = pause_at {
+            command.env(PAUSE_AT_ENV, point);
+        }
+        let child = command.spawn().context("starting capstan-controller")?;
+        let process = Self { log, child };
+        eventually(Duration::from_secs(20), "the controller's /healthz", || async {
+            (http_get(admin, "/healthz").await.ok()?.0 == 200).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
+        Ok(process)
+    }
+
+    fn signal(&self, signal: &str) {
+        run("kill", &[&format!("-{signal}"), &self.child.id().to_string()]).expect("signalling a process");
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        // A frozen process would not die of SIGTERM; SIGKILL ends it either way.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The controller's HMAC key Secret, created here as the cluster admin when missing:
+/// the chart's admission policy for the controller's Secret writes (K7) refuses the
+/// controller creating it itself on a fresh cluster.
+async fn ensure_hmac_key(client: &Client) -> Result<()> {
+    const NAME: &str = "capstan-controller-secretsync-hmac";
+    let api = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    if api.get_opt(NAME).await?.is_some() {
+        return Ok(());
+    }
+    let key: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(NAME.into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "capstan-controller".to_owned(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        data: Some([("key".to_owned(), k8s_openapi::ByteString(key))].into()),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn wait_for_holder(client: &Client, identity: &str) -> Result<()> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{identity} to hold the lease"),
+        || async { (lease_holder(client).await.as_deref() == Some(identity)).then_some(()) },
+    )
+    .await
+}
