@@ -241,11 +241,12 @@ impl Logical {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-        if keyring.needs_rotation() {
-            // V5: rotate before the active key reaches its bound; one writer wins.
+        if keyring.claim_rotation() {
+            // V5: rotate before the active key reaches its bound; one writer starts it.
             let seal = self.seal.clone();
             tokio::spawn(async move {
                 if let Err(error) = seal.rotate().await {
+                    keyring.release_rotation();
                     tracing::error!(%error, "Rotating the keyring at its operation bound");
                 }
             });

@@ -6,15 +6,20 @@ use aes_gcm::Aes256Gcm;
 use std::{
     collections::BTreeMap,
     fmt,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 use zeroize::Zeroizing;
 
-/// The default bound of encryptions under one term by one process. NIST SP 800-38D
-/// allows 2^32 encryptions with random 96-bit nonces under one key; half of that per
-/// process leaves room for a second replica writing under the same term before either
-/// rotates (V5).
+/// The default bound of encryptions under one term. NIST SP 800-38D allows 2^32
+/// encryptions with random 96-bit nonces under one key. The count is kept in memory
+/// only, so it is the bound for the whole term only because no term is ever written by
+/// more than one process: each process rotates to a term of its own when it unseals
+/// (`crate::seal`), and never adopts another replica's term for writing. Half of 2^32
+/// is a margin, not a share for another writer (V5).
 pub const DEFAULT_MAX_OPERATIONS: u64 = 1 << 31;
 const _: () = assert!(
     DEFAULT_MAX_OPERATIONS < 1 << 32,
@@ -42,11 +47,21 @@ impl Term {
     }
 }
 
+/// What is counted for the active term: shared by every copy of the keyring that
+/// writes under that term in this process (`with_terms_of`), so a copy swapped in by
+/// `Seal::refresh` goes on from the same count while requests holding the old one finish.
+#[derive(Default)]
+struct Counter {
+    encryptions: AtomicU64,
+    /// Set once a rotation away from the active term was started (`claim_rotation`).
+    rotation_claimed: AtomicBool,
+}
+
 pub struct Keyring {
     terms: BTreeMap<u32, Term>,
     active: u32,
-    /// Encryptions under the active term by this process; reset by `rotate`.
-    encryptions: AtomicU64,
+    /// Encryptions under the active term by this process; a new one with each rotation.
+    counter: Arc<Counter>,
     max_operations: u64,
 }
 
@@ -70,7 +85,7 @@ impl Keyring {
         Ok(Self {
             terms,
             active: 1,
-            encryptions: AtomicU64::new(0),
+            counter: Arc::default(),
             max_operations: DEFAULT_MAX_OPERATIONS,
         })
     }
@@ -113,20 +128,57 @@ impl Keyring {
         self.terms
             .insert(next, Term::new(KeyBytes::generate()?, now_secs()));
         self.active = next;
-        *self.encryptions.get_mut() = 0;
+        self.counter = Arc::default();
         Ok(next)
+    }
+
+    /// This keyring's active term and count, with every term `stored` holds added for
+    /// reading (keys of terms both hold are taken from `stored`, which they equal). For a
+    /// replica that meets a term another replica added: it reads that term and goes on
+    /// writing under its own, so no term is ever written by two processes (V5).
+    pub fn with_terms_of(&self, stored: Keyring) -> Result<Keyring, BarrierError> {
+        let mut terms = stored.terms;
+        for (number, term) in &self.terms {
+            if !terms.contains_key(number) {
+                terms.insert(
+                    *number,
+                    Term::new(KeyBytes::from_slice(term.key.as_bytes())?, term.created),
+                );
+            }
+        }
+        Ok(Keyring {
+            terms,
+            active: self.active,
+            counter: self.counter.clone(),
+            max_operations: self.max_operations,
+        })
     }
 
     /// Encryptions under the active term by this process (V5).
     pub fn encryptions(&self) -> u64 {
-        self.encryptions.load(Ordering::Relaxed).min(self.max_operations)
+        self.counter
+            .encryptions
+            .load(Ordering::Relaxed)
+            .min(self.max_operations)
     }
 
     /// True once the active term has done seven eighths of its bound of encryptions:
     /// rotate then, and the last eighth covers the writes that go on while the new
     /// keyring is persisted and swapped in.
     pub fn needs_rotation(&self) -> bool {
-        self.encryptions.load(Ordering::Relaxed) >= self.rotation_threshold()
+        self.counter.encryptions.load(Ordering::Relaxed) >= self.rotation_threshold()
+    }
+
+    /// True for exactly one caller once `needs_rotation` holds (until
+    /// `release_rotation`): the writers past the threshold start one rotation, not one
+    /// each (every rotation adds a term for good).
+    pub fn claim_rotation(&self) -> bool {
+        self.needs_rotation() && !self.counter.rotation_claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Gives the claim back after a rotation that failed, so a later write tries again.
+    pub fn release_rotation(&self) {
+        self.counter.rotation_claimed.store(false, Ordering::Release);
     }
 
     fn rotation_threshold(&self) -> u64 {
@@ -136,7 +188,7 @@ impl Keyring {
     /// Seals `plaintext` for storage at `path` under the active term.
     pub fn seal(&self, path: &str, plaintext: &[u8]) -> Result<Vec<u8>, BarrierError> {
         // Count first: two tasks racing at the bound cannot both pass it.
-        let done = self.encryptions.fetch_add(1, Ordering::Relaxed);
+        let done = self.counter.encryptions.fetch_add(1, Ordering::Relaxed);
         if done >= self.max_operations {
             return Err(BarrierError::TermExhausted {
                 term: self.active,
@@ -220,7 +272,7 @@ impl Keyring {
         Ok(Keyring {
             terms,
             active,
-            encryptions: AtomicU64::new(0),
+            counter: Arc::default(),
             max_operations: DEFAULT_MAX_OPERATIONS,
         })
     }
@@ -239,7 +291,10 @@ impl Keyring {
         Ok(Keyring {
             terms,
             active: self.active,
-            encryptions: AtomicU64::new(self.encryptions.load(Ordering::Relaxed)),
+            counter: Arc::new(Counter {
+                encryptions: AtomicU64::new(self.counter.encryptions.load(Ordering::Relaxed)),
+                rotation_claimed: AtomicBool::new(false),
+            }),
             max_operations: self.max_operations,
         })
     }

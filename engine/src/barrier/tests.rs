@@ -437,3 +437,30 @@ fn g1_randomized_mutations_never_decrypt() {
     );
     assert_eq!(decrypted, 0);
 }
+
+#[test]
+fn v5_with_terms_of_reads_new_terms_and_keeps_its_own_term_and_count() {
+    let mine = Keyring::generate().with_max_operations(4);
+    let mut stored = mine.try_clone().unwrap();
+    stored.rotate();
+    let theirs = stored.seal(PATH, b"theirs").unwrap();
+    mine.seal(PATH, b"x").unwrap();
+    let merged = mine.with_terms_of(stored).unwrap();
+    assert_eq!(merged.terms(), vec![1, 2]);
+    assert_eq!(merged.active_term(), 1, "never adopts another's term");
+    assert_eq!(merged.open(PATH, &theirs).unwrap(), b"theirs");
+    // The count is shared: the old copy and the merged one together reach the bound once.
+    merged.seal(PATH, b"x").unwrap();
+    mine.seal(PATH, b"x").unwrap();
+    merged.seal(PATH, b"x").unwrap();
+    assert_eq!(
+        mine.seal(PATH, b"x"),
+        Err(BarrierError::TermExhausted { term: 1, max: 4 })
+    );
+    assert!(merged.seal(PATH, b"x").is_err());
+    // One claim of the rotation, however many writers see the threshold.
+    assert!(merged.claim_rotation());
+    assert!(!mine.claim_rotation());
+    merged.release_rotation();
+    assert!(mine.claim_rotation());
+}
