@@ -45,21 +45,30 @@ enum Stop {
 }
 
 #[tokio::test]
-async fn secretsync_leader_killed_between_issue_and_record_leaves_one_lease_and_no_lost_update() -> Result<()>
-{
-    failover(Stop::Kill).await
+async fn secretsync_leader_killed_between_issue_and_record_leaves_one_lease_no_lost_update() -> Result<()> {
+    failover(Stop::Kill, "issued").await
 }
 
 #[tokio::test]
 async fn secretsync_leader_paused_between_issue_and_record_issues_nothing_when_it_thaws() -> Result<()> {
-    failover(Stop::Pause).await
+    failover(Stop::Pause, "issued").await
 }
 
-async fn failover(stop: Stop) -> Result<()> {
-    let name = match stop {
-        Stop::Kill => "k1ss-kill",
-        Stop::Pause => "k1ss-pause",
+/// Frozen after recording its intent and before asking the engine: when it thaws, it
+/// would issue next; it must not.
+#[tokio::test]
+async fn secretsync_leader_paused_before_issuing_issues_nothing_when_it_thaws() -> Result<()> {
+    failover(Stop::Pause, "intent").await
+}
+
+/// `point`: where the leader is held (the controller's test-only fault point).
+async fn failover(stop: Stop, point: &str) -> Result<()> {
+    let name = match (stop, point) {
+        (Stop::Kill, _) => "k1ss-kill",
+        (Stop::Pause, "issued") => "k1ss-pause",
+        (Stop::Pause, _) => "k1ss-pause-intent",
     };
+    let issued_before_stop = usize::from(point == "issued");
     let world = World::new(name).await?;
     let pg = Postgres::start().await?;
     world.configure_database(&pg).await?;
@@ -70,7 +79,7 @@ async fn failover(stop: Stop) -> Result<()> {
         &world.client,
         &format!("{name}-a"),
         &world.engine_url(),
-        Some("issued"),
+        Some(point),
     )
     .await?;
     wait_for_holder(&world.client, &format!("{name}-a")).await?;
@@ -92,14 +101,11 @@ async fn failover(stop: Stop) -> Result<()> {
          source: {database: {role: app}}\n  auth: {role: app, serviceAccountName: app}\n  \
          target: {name: db-creds, type: kubernetes.io/basic-auth}\n",
     )?;
-    eventually(
-        Duration::from_secs(30),
-        "the leader to pause after issuing",
-        || {
-            let logs = leader.logs();
-            async move { logs.contains("Test fault: pausing at issued").then_some(()) }
-        },
-    )
+    let paused = format!("Test fault: pausing at {point}");
+    eventually(Duration::from_secs(30), &paused, || {
+        let (logs, paused) = (leader.logs(), &paused);
+        async move { logs.contains(paused.as_str()).then_some(()) }
+    })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", leader.logs()))?;
     let stopped_at = Instant::now();
@@ -110,8 +116,8 @@ async fn failover(stop: Stop) -> Result<()> {
     // The credential the leader was handed exists, and nothing records it.
     let orphans = world.live_roles(&pg).await?;
     ensure!(
-        orphans.len() == 1,
-        "the leader issued one credential: {orphans:?}"
+        orphans.len() == issued_before_stop,
+        "the leader issued {issued_before_stop} credential(s) before the stop: {orphans:?}"
     );
     ensure!(
         world.secrets().get_opt("db-creds").await?.is_none(),
@@ -175,7 +181,7 @@ async fn failover(stop: Stop) -> Result<()> {
         ensure!(leader.is_running(), "the thawed leader stands by");
         let issued = leader.logs().matches("Issued a credential").count();
         ensure!(
-            issued == 1,
+            issued == issued_before_stop,
             "the thawed leader issued again ({issued} issues in all):\n{}",
             leader.logs()
         );
@@ -238,7 +244,7 @@ async fn failover(stop: Stop) -> Result<()> {
         standby.logs()
     );
     eprintln!(
-        "K1 SecretSync ({stop:?}): takeover {takeover:?}, KV change delivered {kv_converged:?} after \
+        "K1 SecretSync ({stop:?} at {point}): takeover {takeover:?}, KV change delivered {kv_converged:?} after \
          its write, database credential delivered {db_converged:?} after the stop"
     );
     Ok(())
