@@ -1492,3 +1492,317 @@ async fn an_opted_out_pod_running_as_the_proxy_uid_never_reaches_a_protected_ser
     );
     Ok(())
 }
+
+/// An HTTP/2 HEADERS frame (END_STREAM, END_HEADERS) for stream `id` with `:path` as
+/// given, unchecked: `:method` and `:scheme http` from the static table, `:path` and
+/// `:authority api` as literals (no Huffman), so any bytes can be sent.
+fn h2_headers(id: u32, method: &[u8], path: &[u8]) -> Vec<u8> {
+    let mut block = Vec::new();
+    match method {
+        b"GET" => block.push(0x82),
+        other => {
+            block.extend_from_slice(&[0x02, other.len() as u8]);
+            block.extend_from_slice(other);
+        }
+    }
+    block.push(0x86);
+    block.extend_from_slice(&[0x04, path.len() as u8]);
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 3]);
+    block.extend_from_slice(b"api");
+    let len = (block.len() as u32).to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], 1, 0x05];
+    frame.extend_from_slice(&(id & 0x7fff_ffff).to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}
+
+/// What the server sent on stream 1 of an HTTP/2 exchange: the first byte of its
+/// response header block (0x88 is `:status 200`, 0x8c `:status 400` from the static
+/// table), "reset" or "goaway", or "nothing".
+fn h2_outcome(answer: &[u8]) -> String {
+    let mut rest = answer;
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        let (kind, stream) = (
+            rest[3],
+            u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff,
+        );
+        let payload = &rest[9..(9 + len).min(rest.len())];
+        match (kind, stream) {
+            (1, 1) => return format!("headers {:#04x}", payload.first().copied().unwrap_or(0)),
+            (3, 1) => return "reset".into(),
+            (7, _) => return "goaway".into(),
+            _ => {}
+        }
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    "nothing".into()
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// M20 (issue 15 item 9), through the real sidecar's inbound path from an authenticated
+/// peer: request smuggling over HTTP/1.1 (Content-Length with Transfer-Encoding,
+/// duplicate differing Content-Lengths) and HTTP/2 requests with a bad `:path` (not
+/// starting with '/', `*` for GET, empty, a `;` parameter) are refused, with 400 or a
+/// connection or stream error, and never reach the application or pass authorization;
+/// a slow-loris (many connections sending their headers a byte at a time) leaves the
+/// sidecar's memory bounded and its other clients served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m20_smuggling_bad_h2_paths_and_slow_loris_are_contained() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.http_service("api").await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [{"name": "tester", "permissions": [
+            {"action": "allow", "http": {"pathPrefix": "/public"}}]}]}),
+    )
+    .await?;
+    let identity = mesh.issue_identity("tester").await?;
+    let target = SocketAddr::new(api.address.into(), INBOUND_PORT);
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer))
+        .with_client_auth_cert(identity.0.clone(), identity.1.clone_key())?,
+    );
+    let connect = || {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(target).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(rustls::pki_types::ServerName::try_from("capstan.mesh")?, tcp)
+                .await?;
+            anyhow::Ok(tls)
+        }
+    };
+    let exchange = |bytes: Vec<u8>| async move {
+        let mut tls = connect().await?;
+        let _ = tls.write_all(&bytes).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tls.read_to_end(&mut answer)).await;
+        anyhow::Ok(answer)
+    };
+    let status = |answer: &[u8]| {
+        String::from_utf8_lossy(answer)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+    };
+    let app_log = std::env::temp_dir().join(format!("{}-app.log", api.netns));
+    let received = || -> Vec<String> {
+        std::fs::read_to_string(&app_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                serde_json::from_str::<Value>(l).ok()?["received"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    eventually(Duration::from_secs(5), "the tester's allow", || async {
+        let a = exchange(b"GET /public/ready HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n".to_vec())
+            .await
+            .ok()?;
+        (status(&a) == Some(200)).then_some(())
+    })
+    .await?;
+    ensure!(
+        received().iter().any(|l| l.starts_with("GET /public/ready")),
+        "the application's log does not show what reached it: {:?}",
+        received()
+    );
+
+    // HTTP/1.1 smuggling: each carries a second request, for /admin, in what one parser
+    // takes as the body and another as the next request on the connection.
+    let smuggled = "GET /admin HTTP/1.1\r\nhost: api\r\n\r\n";
+    // Sends the bytes; returns what came back and whether the sidecar closed the
+    // connection (within a second).
+    let exchange_closing = |bytes: Vec<u8>| async move {
+        let mut tls = connect().await?;
+        let _ = tls.write_all(&bytes).await;
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(1), tls.read_to_end(&mut answer))
+            .await
+            .is_ok();
+        anyhow::Ok((String::from_utf8_lossy(&answer).into_owned(), closed))
+    };
+    // Content-Length with Transfer-Encoding, in both orders. The sidecar's HTTP/1 parser
+    // (hyper) takes the path RFC 9112 (6.1, 6.3) offers besides a 400: it frames the body
+    // by Transfer-Encoding, drops the Content-Length, and closes the connection after
+    // answering, so the bytes after the chunked body are never read as a request. The
+    // application gets the request re-framed (chunked, no Content-Length), never the
+    // smuggled one; neither passes authorization it would not have had.
+    for (what, request) in [
+        (
+            "CL.TE",
+            format!(
+                "POST /public/clte HTTP/1.1\r\nhost: api\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+                5 + smuggled.len()
+            ),
+        ),
+        (
+            "TE.CL",
+            format!(
+                "POST /public/tecl HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "CL.TE to a denied path",
+            format!(
+                "POST /admin HTTP/1.1\r\nhost: api\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+                5 + smuggled.len()
+            ),
+        ),
+    ] {
+        let (answer, closed) = exchange_closing(request.into_bytes()).await?;
+        ensure!(
+            closed && answer.matches("HTTP/1.1 ").count() <= 1,
+            "{what}: the connection went on after the first request (closed: {closed}): {answer}"
+        );
+        ensure!(
+            !answer.contains(" 200 ") || !what.contains("denied"),
+            "{what}: authorization bypassed: {answer}"
+        );
+    }
+    // Duplicate differing Content-Lengths, and a Transfer-Encoding that is not chunked:
+    // 400, and nothing reaches the application.
+    for (what, request) in [
+        (
+            "duplicate differing Content-Length",
+            format!(
+                "POST /public/dupcl HTTP/1.1\r\nhost: api\r\ncontent-length: 0\r\ncontent-length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+        ),
+        (
+            "an obfuscated Transfer-Encoding",
+            format!(
+                "POST /public/obfte HTTP/1.1\r\nhost: api\r\ncontent-length: {}\r\ntransfer-encoding: xchunked\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+        ),
+    ] {
+        let answer = exchange(request.into_bytes()).await?;
+        let code = status(&answer);
+        ensure!(
+            code.is_none() || code == Some(400),
+            "{what}: answered {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let seen = received();
+    ensure!(
+        !seen
+            .iter()
+            .any(|l| l.contains("/admin") || l.contains("/public/dupcl") || l.contains("/public/obfte")),
+        "a smuggling attempt reached the application: {seen:?}"
+    );
+
+    // HTTP/2: bad :path values, each on a connection of its own.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let h2 = |method: &'static [u8], path: &'static [u8]| async move {
+        let mut bytes = preface.to_vec();
+        bytes.extend_from_slice(&settings);
+        bytes.extend_from_slice(&h2_headers(1, method, path));
+        anyhow::Ok(h2_outcome(&exchange(bytes).await?))
+    };
+    // The framing itself is sound: a good :path is served.
+    let good = h2(b"GET", b"/public/h2-good").await?;
+    ensure!(good == "headers 0x88", "a valid HTTP/2 request got {good}");
+    for (method, path) in [
+        (&b"GET"[..], &b"public/h2-relative"[..]),
+        (b"GET", b"admin"),
+        (b"GET", b"*"),
+        (b"GET", b""),
+        (b"GET", b"http://api/admin"),
+        (b"GET", b"/public/..;/admin"),
+        (b"GET", b"/public/%2e%2e/admin"),
+    ] {
+        let outcome = h2(method, path).await?;
+        println!("HTTP/2 :path {:?}: {outcome}", String::from_utf8_lossy(path));
+        ensure!(
+            outcome != "headers 0x88" && outcome != "nothing",
+            "HTTP/2 :path {:?}: {outcome}",
+            String::from_utf8_lossy(path)
+        );
+    }
+    let seen = received();
+    ensure!(
+        !seen
+            .iter()
+            .any(|l| l.contains("admin") || l.contains("h2-relative")),
+        "a bad HTTP/2 :path reached the application: {seen:?}"
+    );
+    ensure!(seen.iter().any(|l| l.contains("/public/h2-good")), "{seen:?}");
+
+    // Slow-loris: 200 connections, each sending a request's headers one byte at a time.
+    let pid = api.pid("proxy").context("the sidecar's pid")?;
+    let before = rss_kib(pid)?;
+    const LORIS: usize = 200;
+    let mut lorises = Vec::with_capacity(LORIS);
+    for _ in 0..LORIS {
+        lorises.push(connect().await?);
+    }
+    let opened = rss_kib(pid)?;
+    let header = b"GET /public/loris HTTP/1.1\r\nhost: api\r\nx-slow: ";
+    let started = Instant::now();
+    let mut served = Vec::new();
+    let mut peak = opened;
+    for round in 0..header.len() + 20 {
+        let byte = header.get(round).copied().unwrap_or(b'a');
+        for loris in &mut lorises {
+            let _ = loris.write_all(&[byte]).await;
+        }
+        if round % 10 == 0 {
+            // Another client is served meanwhile, promptly.
+            let asked = Instant::now();
+            let answer =
+                exchange(b"GET /public/other HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n".to_vec())
+                    .await?;
+            ensure!(
+                status(&answer) == Some(200),
+                "{}",
+                String::from_utf8_lossy(&answer)
+            );
+            served.push(asked.elapsed());
+            peak = peak.max(rss_kib(pid)?);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let slowest = served.iter().max().copied().unwrap_or_default();
+    println!(
+        "slow-loris: {LORIS} connections for {:?}; sidecar RSS {before} KiB before, {opened} KiB open, peak {peak} KiB; slowest other request {slowest:?}",
+        started.elapsed()
+    );
+    // Bounded: what a connection holds is its TLS state and a header buffer capped at
+    // 64 KiB (max_buf_size); 200 of them stay under 32 MiB (measured: about 6 MiB).
+    ensure!(
+        peak.saturating_sub(before) < 32 * 1024,
+        "{LORIS} slow connections grew the sidecar from {before} KiB to {peak} KiB"
+    );
+    ensure!(
+        slowest < Duration::from_secs(2),
+        "other clients waited {slowest:?}"
+    );
+    ensure!(
+        !received().iter().any(|l| l.contains("/public/loris")),
+        "an incomplete request reached the application"
+    );
+    drop(lorises);
+    Ok(())
+}

@@ -38,7 +38,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Answers every request with 200 and what it saw, so tests can check the path the
-/// application received and the identity the sidecar vouched for.
+/// application received and the identity the sidecar vouched for, and prints it as a
+/// JSON line (the benchmark's /kib and /bulk excepted).
 async fn serve_http(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     println!("{{\"listening\":\"{listen}\"}}");
@@ -66,6 +67,9 @@ async fn serve_http(listen: SocketAddr) -> anyhow::Result<()> {
                     .unwrap_or("-")
                     .to_owned();
                 let line = format!("{} {} from {}\n", request.method(), request.uri(), source);
+                // Logged too (the pod's app log), so a test can tell what reached the
+                // application at all, answered or not (M20).
+                println!("{{\"received\":{:?}}}", line.trim_end());
                 // Drain the body so keep-alive works.
                 let _ = request.into_body().collect().await;
                 Ok(Response::new(load::Body::Kib(Some(Bytes::from(line)))))
