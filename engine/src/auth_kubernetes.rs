@@ -307,6 +307,16 @@ impl KubernetesAuth {
             tracing::info!(role = %role_name, namespace = %ns, service_account = %sa, "Login refused: the role does not bind this ServiceAccount");
             return Err(LoginError::Denied);
         }
+        // V22: roles are refused with root when written or declared; a role stored by an
+        // older version (or edited in storage) must not mint root either.
+        if role
+            .token_policies
+            .iter()
+            .any(|p| crate::policies::canonical(p) == "root")
+        {
+            tracing::warn!(role = %role_name, "Login refused: the role grants the root policy");
+            return Err(LoginError::Denied);
+        }
         let mut policies = role.token_policies.clone();
         if !policies.iter().any(|p| p == "default") {
             policies.push("default".into());

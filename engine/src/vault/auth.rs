@@ -166,7 +166,13 @@ async fn create(
         .iter()
         .map(|p| canonical(p))
         .collect();
-    // A token never grants more than its creator holds (root can grant anything).
+    // V22: root only from root (and `sys/init`), whatever the spelling (names are
+    // canonical here). A token never grants more than its creator holds either.
+    if !root && policies.iter().any(|p| p == "root") {
+        return Err(ApiError::bad_request(
+            "only a root token can create a token with the root policy",
+        ));
+    }
     if !root {
         if let Some(extra) = policies
             .iter()
