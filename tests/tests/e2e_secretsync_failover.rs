@@ -275,7 +275,6 @@ impl World {
                 "--wait=true",
             ],
         )?;
-        ensure_hmac_key(&client).await?;
         let engine = EngineProcess::start(&client, name, &[]).await?;
         let roots = eventually(Duration::from_secs(20), "the published mesh roots", || async {
             published_roots(&client).await
@@ -542,39 +541,6 @@ impl Drop for Controller {
         // A frozen process would not die of SIGTERM; SIGKILL ends it either way.
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// The controller's HMAC key Secret, created here as the cluster admin when missing:
-/// the chart's admission policy for the controller's Secret writes (K7) refuses the
-/// controller creating it itself on a fresh cluster.
-async fn ensure_hmac_key(client: &Client) -> Result<()> {
-    const NAME: &str = "capstan-controller-secretsync-hmac";
-    let api = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    if api.get_opt(NAME).await?.is_some() {
-        return Ok(());
-    }
-    let key: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(NAME.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "capstan-controller".to_owned(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        data: Some([("key".to_owned(), k8s_openapi::ByteString(key))].into()),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }
 
