@@ -561,6 +561,166 @@ async fn sidecars_keep_serving_while_the_api_server_is_down() -> Result<()> {
     Ok(())
 }
 
+/// M11 (issue 15 item 9): the API server and the engine (the mesh CA) both down for
+/// longer than a leaf's life (12 s here). The sidecars keep enforcing the intentions they
+/// cached (the allowed source passes, the denied one never does) while their leaves are
+/// valid; once a leaf has expired, traffic stops (fail closed: the documented behaviour
+/// past the certificate's TTL). After both return, the sidecars renew within a bound
+/// (new notAfter, a successful renewal counted) and allowed traffic passes again, while
+/// the denied source stays denied. Without CAPSTAN_CLUSTER_CONTROL (a cluster the suite
+/// did not start) the sidecars' path to the API server is cut instead of stopping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m11_api_server_and_ca_down_past_the_leaf_ttl_then_renewal_after_return() -> Result<()> {
+    const TTL: &str = "12s";
+    let mut mesh = Mesh::start(TTL, &[]).await?;
+    let api = mesh.http_service("api").await?;
+    let web = mesh.workload("web", App::None, "api:9090").await?;
+    let other = mesh.workload("other", App::None, "api:9090").await?;
+    mesh.apply_intention(
+        "api",
+        json!({"destination": {"name": "api"}, "sources": [allow("web")]}),
+    )
+    .await?;
+    until_ok(&web, "GET", "/", "web allowed").await?;
+    let expiry = |m: &str| metric(m, "capstan_sidecar_certificate_expiry_timestamp_seconds");
+    let renewed_ok =
+        |m: &str| metric(m, "capstan_sidecar_certificate_renewals_total{result=\"ok\"}").unwrap_or(0.0);
+
+    // The outage: the CA killed, and the API server stopped (or cut off).
+    mesh.engine.kill();
+    let control = std::env::var_os("CAPSTAN_CLUSTER_CONTROL");
+    let outage = match &control {
+        Some(script) => {
+            let script = script.clone();
+            Some(tokio::spawn(async move {
+                tokio::process::Command::new(script)
+                    .arg("restart-apiserver")
+                    .env("CAPSTAN_APISERVER_DOWNTIME", "13")
+                    .output()
+                    .await
+            }))
+        }
+        None => {
+            mesh.api.cut();
+            None
+        }
+    };
+    let down = Instant::now();
+    // The leaves held now are the last ones until the CA returns.
+    let (web_m, api_m) = (sidecar_metrics(&web).await?, sidecar_metrics(&api).await?);
+    let web_expiry = expiry(&web_m).context("web's certificate expiry")?;
+    let api_expiry = expiry(&api_m).context("api's certificate expiry")?;
+    let (web_renewed, api_renewed) = (renewed_ok(&web_m), renewed_ok(&api_m));
+    let expired_at = web_expiry.min(api_expiry);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    ensure!(
+        expired_at - now() < 12.5,
+        "a leaf outlives the TTL: {}",
+        expired_at - now()
+    );
+    let (web, other) = (&web, &other);
+    // While the leaves are valid: what was allowed passes, what was denied never does.
+    let mut allowed_during = 0;
+    while now() < expired_at - 1.5 {
+        let v = request(web, "GET", 9090, "/", &[]).await?;
+        if status_of(&v) == Some(200) {
+            allowed_during += 1;
+        }
+        let v = request(other, "GET", 9090, "/", &[]).await?;
+        ensure!(
+            status_of(&v).is_none(),
+            "a denied source passed during the outage: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    ensure!(
+        allowed_during > 0 || expired_at - now() < 3.0,
+        "allowed traffic stopped while the leaves were still valid"
+    );
+    // Past a leaf's notAfter, with the CA still down (it returns only after the API
+    // server): fail closed.
+    tokio::time::sleep(Duration::from_secs_f64((expired_at - now() + 1.0).max(0.0))).await;
+    let v = request(web, "GET", 9090, "/", &[]).await?;
+    ensure!(
+        status_of(&v).is_none(),
+        "traffic passed on an expired certificate: {v}"
+    );
+    let v = request(other, "GET", 9090, "/", &[]).await?;
+    ensure!(status_of(&v).is_none(), "{v}");
+
+    // Both return: the API server first, then the CA (it needs the API server to start).
+    match outage {
+        Some(task) => {
+            let out = task.await??;
+            ensure!(
+                out.status.success(),
+                "restart-apiserver: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => {
+            tokio::time::sleep(Duration::from_secs(13).saturating_sub(down.elapsed())).await;
+            mesh.api.restore();
+        }
+    }
+    println!("down for {:?} (leaf TTL {TTL})", down.elapsed());
+    let client = client().await;
+    let gateway = mesh.network.gateway().to_string();
+    let https = mesh.engine.https;
+    mesh.engine = EngineProcess::start_at(
+        &client,
+        &mesh.ns.name,
+        https,
+        &[
+            "--serving-san",
+            &gateway,
+            "--serving-san",
+            "127.0.0.1",
+            "--leaf-ttl",
+            TTL,
+        ],
+    )
+    .await?;
+    let back = Instant::now();
+    // The bound: the sidecars retry the CA with a backoff of at most 15 s.
+    until_ok_within(
+        web,
+        "GET",
+        "/",
+        "web's traffic after the CA's return",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let passed_after = back.elapsed();
+    let (web_m, api_m) = (sidecar_metrics(web).await?, sidecar_metrics(&api).await?);
+    for (who, m, old_expiry, old_renewed) in [
+        ("web", &web_m, web_expiry, web_renewed),
+        ("api", &api_m, api_expiry, api_renewed),
+    ] {
+        let new_expiry = expiry(m).context("the certificate expiry")?;
+        ensure!(
+            new_expiry > old_expiry && new_expiry > now(),
+            "{who}'s certificate was not renewed: notAfter {old_expiry} then {new_expiry}"
+        );
+        ensure!(
+            renewed_ok(m) > old_renewed,
+            "{who}: no successful renewal counted"
+        );
+    }
+    let v = request(other, "GET", 9090, "/", &[]).await?;
+    ensure!(
+        status_of(&v).is_none(),
+        "a denied source passed after the outage: {v}"
+    );
+    println!("renewed and passing {passed_after:?} after the CA returned");
+    Ok(())
+}
+
 /// M12: leaf renewals and a root rotation while a client sends a steady stream of new
 /// connections: not one fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
