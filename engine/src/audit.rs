@@ -44,7 +44,19 @@ pub enum AuditError {
 
 /// Where records go.
 pub enum Sink {
-    File { path: PathBuf, file: Mutex<File> },
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+    },
+    /// A named pipe (a log shipper's FIFO): opened by the sink's writer thread at its
+    /// first record, since opening a FIFO for writing waits for a reader; reopened after
+    /// the reader went away. A FIFO nobody reads, or a reader that stops reading, holds
+    /// only that thread: the requests fail after `WRITE_TIMEOUT` (V16), and the engine
+    /// starts, answers `sys/health` and recovers once a reader drains it.
+    Fifo {
+        path: PathBuf,
+        file: Mutex<Option<File>>,
+    },
     Stdout,
 }
 
@@ -65,6 +77,13 @@ impl Sink {
             // Devices and pipes (a log shipper's FIFO) keep their own modes; an
             // executable bit is refused on anything.
             if !kind.is_file() && mode & 0o111 == 0 {
+                use std::os::unix::fs::FileTypeExt as _;
+                if kind.is_fifo() {
+                    return Ok(Self::Fifo {
+                        path: path.to_owned(),
+                        file: Mutex::new(None),
+                    });
+                }
                 return Self::open(path).map_err(config);
             }
             if mode & 0o177 != 0 {
@@ -91,14 +110,27 @@ impl Sink {
 
     fn name(&self) -> String {
         match self {
-            Self::File { path, .. } => path.display().to_string(),
+            Self::File { path, .. } | Self::Fifo { path, .. } => path.display().to_string(),
             Self::Stdout => "stdout".into(),
         }
     }
 
+    /// Called on the sink's own thread only: may block (a hanging sink).
     fn write(&self, line: &[u8]) -> std::io::Result<()> {
         match self {
             Self::File { file, .. } => file.lock().write_all(line),
+            Self::Fifo { path, file } => {
+                let mut file = file.lock();
+                if file.is_none() {
+                    // Blocks until a reader opens the FIFO.
+                    *file = Some(OpenOptions::new().append(true).open(path)?);
+                }
+                let result = file.as_mut().map_or(Ok(()), |f| f.write_all(line));
+                if result.is_err() {
+                    *file = None; // the reader went away (EPIPE): reopen for the next one
+                }
+                result
+            }
             Self::Stdout => std::io::stdout().lock().write_all(line),
         }
     }
@@ -482,6 +514,7 @@ impl Audit {
                         false
                     }
                     Ok(Err(())) | Err(_) => {
+                        // Vault's `audit.log_request_failure`: alert on the counter.
                         tracing::error!(sink = %name, "An audit sink did not accept a record in time");
                         self.failures
                             .get_or_create(&vec![("sink".into(), name), ("reason".into(), "timeout".into())])

@@ -413,6 +413,181 @@ async fn a_request_no_audit_sink_records_fails() -> Result<()> {
     Ok(())
 }
 
+/// V16: the only audit sink hangs, a FIFO (first nobody reads it, later its reader stops
+/// reading): a request that would return a secret blocks for at most the audit write
+/// timeout (2 s, `audit::WRITE_TIMEOUT`; asserted under 6 s) and then fails with 500 "no
+/// audit sink succeeded" without the secret; writes and token lookups are not served
+/// either; the failures are counted (`capstan_engine_audit_failures_total{reason=
+/// "timeout"}`, Vault's `audit.log_request_failure`) and logged; once the reader drains
+/// the FIFO, requests are served (and audited) again.
+#[tokio::test]
+async fn a_hanging_audit_sink_fails_requests_and_the_engine_recovers() -> Result<()> {
+    use capstan_tests::secrets::{call, roots};
+    use std::{
+        io::Read as _,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::Instant,
+    };
+    const CANARY: &str = "v16-canary-7f3a9c";
+    let client = client().await;
+    fresh_storage();
+    let fifo = std::env::temp_dir().join(format!("capstan-v16-{:08x}.fifo", rand::random::<u32>()));
+    run("mkfifo", &["-m", "0600", &fifo.display().to_string()])?;
+    let engine =
+        EngineProcess::start(&client, "audit-hang", &["--audit", &fifo.display().to_string()]).await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+
+    // Fails the way a hanging sink must: after blocking, within the bound, 500, no secret.
+    let refused = |method: &'static str, path: &'static str, body: Option<Value>| {
+        let (engine, roots, root) = (&engine, roots.clone(), root.clone());
+        async move {
+            let started = Instant::now();
+            let (code, reply) = call(engine, &roots, method, path, Some(&root), body).await?;
+            let took = started.elapsed();
+            ensure!(
+                code == 500 && reply.to_string().contains("no audit sink succeeded"),
+                "{method} {path} with a hanging sink: {code} {reply}"
+            );
+            ensure!(
+                !reply.to_string().contains(CANARY),
+                "{method} {path}: the secret came back: {reply}"
+            );
+            ensure!(
+                took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+                "{method} {path}: failed after {took:?}, not after the 2 s audit timeout"
+            );
+            anyhow::Ok(())
+        }
+    };
+
+    // 1. A FIFO nobody reads: the engine started and answers unaudited health checks,
+    //    and audited requests fail.
+    let (code, _) = call(&engine, &roots, "GET", "sys/health", None, None).await?;
+    ensure!(code == 200, "sys/health: {code}");
+    refused("GET", "auth/token/lookup-self", None).await?;
+
+    // A reader arrives (and can be paused): requests are served and audited.
+    let paused = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(parking_lot::Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        let (fifo, paused, log) = (fifo.clone(), paused.clone(), log.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut file = std::fs::File::open(&fifo)?;
+            let mut buf = [0u8; 4096];
+            loop {
+                if paused.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                match file.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => log.lock().extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+    };
+    let write = json!({"data": {"v": CANARY}});
+    eventually(
+        Duration::from_secs(10),
+        "requests to be served once the FIFO has a reader",
+        || {
+            let (engine, roots, root, write) = (&engine, roots.clone(), root.clone(), write.clone());
+            async move {
+                let (code, _) = call(
+                    engine,
+                    &roots,
+                    "POST",
+                    "secret/data/v16",
+                    Some(&root),
+                    Some(write),
+                )
+                .await
+                .ok()?;
+                (code == 200).then_some(())
+            }
+        },
+    )
+    .await?;
+    let (code, body) = call(&engine, &roots, "GET", "secret/data/v16", Some(&root), None).await?;
+    ensure!(
+        code == 200 && body["data"]["data"]["v"] == CANARY,
+        "{code} {body}"
+    );
+
+    // 2. The reader stops reading: a record larger than the pipe's buffer (field names
+    //    are kept in the log, values HMAC'd) fills it, and the sink hangs mid-write.
+    paused.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let filler: serde_json::Map<String, Value> = (0..3000)
+        .map(|i| (format!("filler-field-{i:05}-{}", "x".repeat(40)), json!("v")))
+        .collect();
+    let _ = call(
+        &engine,
+        &roots,
+        "POST",
+        "secret/data/filler",
+        Some(&root),
+        Some(json!({"data": filler})),
+    )
+    .await?;
+    refused("GET", "secret/data/v16", None).await?;
+    refused(
+        "POST",
+        "secret/data/v16",
+        Some(json!({"data": {"v": "overwritten"}})),
+    )
+    .await?;
+    refused("GET", "auth/token/lookup-self", None).await?;
+    refused("GET", "sys/policies/acl", None).await?;
+    let metrics = engine.metrics().await?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("capstan_engine_audit_failures_total") && l.contains("reason=\"timeout\"")),
+        "no timeout counted: {metrics}"
+    );
+    ensure!(
+        engine
+            .logs()
+            .contains("An audit sink did not accept a record in time"),
+        "no log line for the hanging sink"
+    );
+
+    // 3. The reader drains the FIFO: served again, and nothing unaudited happened.
+    paused.store(false, Ordering::Relaxed);
+    let (body, took) = {
+        let started = Instant::now();
+        let body = eventually(Duration::from_secs(15), "the engine to recover", || {
+            let (engine, roots, root) = (&engine, roots.clone(), root.clone());
+            async move {
+                let (code, body) = call(engine, &roots, "GET", "secret/data/v16", Some(&root), None)
+                    .await
+                    .ok()?;
+                (code == 200).then_some(body)
+            }
+        })
+        .await?;
+        (body, started.elapsed())
+    };
+    ensure!(body["data"]["data"]["v"] == CANARY, "{body}");
+    ensure!(
+        body["data"]["metadata"]["version"] == 1,
+        "the write refused while the sink hung must not have happened: {body}"
+    );
+    let log = String::from_utf8_lossy(&log.lock()).into_owned();
+    ensure!(!log.contains(CANARY), "the secret in plaintext in the audit log");
+    ensure!(log.contains("secret/data/v16"), "the audit log has the requests");
+    println!("V16: refused within the 2 s bound while the FIFO hung; recovered {took:?} after it drained");
+    drop(engine);
+    let _ = reader.join();
+    let _ = std::fs::remove_file(&fifo);
+    Ok(())
+}
+
 #[tokio::test]
 async fn pki_issues_p256_certificates_within_its_roles() -> Result<()> {
     use capstan_tests::secrets::{call, roots};
