@@ -1056,3 +1056,41 @@ mod free_port_tests {
         }
     }
 }
+
+/// Creates ServiceIntentions (YAML manifests) that the chart's tenancy policy refuses, as
+/// on a cluster where they were stored before the policy existed: its binding is switched
+/// to audit-only for the writes and back to Deny after, whatever happens.
+pub async fn store_despite_tenancy_policy(manifests: &[String]) -> Result<()> {
+    const BINDING: &str = "capstan-intentions-tenancy";
+    let actions = |action: &str| {
+        run(
+            "kubectl",
+            &[
+                "patch",
+                "validatingadmissionpolicybinding",
+                BINDING,
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"spec":{{"validationActions":["{action}"]}}}}"#),
+            ],
+        )
+    };
+    struct Restore<F: Fn(&str) -> Result<String>>(F);
+    impl<F: Fn(&str) -> Result<String>> Drop for Restore<F> {
+        fn drop(&mut self) {
+            (self.0)("Deny").expect("restoring the tenancy policy");
+        }
+    }
+    actions("Audit")?;
+    let _restore = Restore(actions);
+    for manifest in manifests {
+        // The API server picks the binding's change up from its informer.
+        eventually(
+            Duration::from_secs(20),
+            "the tenancy policy in audit mode",
+            || async { kubectl_stdin(&["create", "-f", "-"], manifest).0.then_some(()) },
+        )
+        .await?;
+    }
+    Ok(())
+}

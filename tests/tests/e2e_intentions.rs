@@ -397,46 +397,6 @@ fn check(args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
     ))
 }
 
-/// Switches the chart's tenancy ValidatingAdmissionPolicy to audit-only while alive, as
-/// on a cluster where an object was stored before the policy existed; back to Deny on drop.
-struct TenancyPolicyOff;
-
-const TENANCY_BINDING: &str = "capstan-intentions-tenancy";
-
-impl TenancyPolicyOff {
-    fn new() -> anyhow::Result<Self> {
-        run(
-            "kubectl",
-            &[
-                "patch",
-                "validatingadmissionpolicybinding",
-                TENANCY_BINDING,
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"validationActions":["Audit"]}}"#,
-            ],
-        )?;
-        Ok(Self)
-    }
-}
-
-impl Drop for TenancyPolicyOff {
-    fn drop(&mut self) {
-        run(
-            "kubectl",
-            &[
-                "patch",
-                "validatingadmissionpolicybinding",
-                TENANCY_BINDING,
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"validationActions":["Deny"]}}"#,
-            ],
-        )
-        .expect("restoring the tenancy policy");
-    }
-}
-
 /// Issue 15.1, tenancy (RELIABILITY S1 for intentions): a ServiceIntentions in a tenant's
 /// namespace that names every namespace, or another one, is refused at the door by the
 /// API server itself (the chart's ValidatingAdmissionPolicy; no webhook runs here), and
@@ -479,18 +439,8 @@ async fn a_tenant_cannot_govern_another_namespace() -> anyhow::Result<()> {
     assert!(ok, "Capstan's namespace may name every namespace: {output}");
 
     // Stored anyway, before the owner's object (were it counted, it would shadow it).
-    {
-        let _off = TenancyPolicyOff::new()?;
-        for (name, destination) in &attacks {
-            // The API server picks the binding's change up from its informer.
-            let manifest = grab(name, destination);
-            eventually(Duration::from_secs(20), "the policy in audit mode", || {
-                let manifest = manifest.clone();
-                async move { kubectl_stdin(&["create", "-f", "-"], &manifest).0.then_some(()) }
-            })
-            .await?;
-        }
-    }
+    let manifests: Vec<String> = attacks.iter().map(|(n, d)| grab(n, d)).collect();
+    store_despite_tenancy_policy(&manifests).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ok, output) = kubectl_stdin(
         &["create", "-f", "-"],

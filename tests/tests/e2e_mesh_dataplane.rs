@@ -174,6 +174,67 @@ async fn allowed_traffic_is_mtls_on_the_wire_and_default_is_deny() -> Result<()>
     Ok(())
 }
 
+/// Issue 15.1 in the sidecars: a tenant's ServiceIntentions that names every namespace
+/// (stored before the chart's tenancy policy existed) allows nothing anywhere, and one
+/// naming this namespace's service does not shadow it; the same object in Capstan's own
+/// namespace is a cluster-wide rule and does apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_intentions_for_other_namespaces_allow_nothing() -> Result<()> {
+    let mut mesh = Mesh::start("1h", &[]).await?;
+    let api = mesh.http_service("api").await?;
+    let web = mesh.workload("web", App::None, "api:9090").await?;
+    let evil = TestNamespace::new(&mesh.client, "e2e-evil").await;
+    let ns = mesh.namespace().to_owned();
+    let everything = |name: &str, namespace: &str| {
+        format!(
+            "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec:\n  destination: {{name: '*', namespace: '*'}}\n  sources: [{{name: '*', namespace: '*', action: allow}}]\n"
+        )
+    };
+    let shadow = format!(
+        "apiVersion: mesh.capstan.dev/v1alpha1\nkind: ServiceIntentions\nmetadata: {{name: shadow, namespace: {}}}\n\
+         spec:\n  destination: {{name: api, namespace: {ns}}}\n  sources: [{{name: web, namespace: {ns}, action: allow}}]\n",
+        evil.name
+    );
+    store_despite_tenancy_policy(&[everything("grab", &evil.name), shadow]).await?;
+    // Well past the propagation bound: the sidecars have seen both objects.
+    tokio::time::sleep(PROPAGATION * 2).await;
+    let denied = request(&web, "GET", 9090, "/", &[]).await?;
+    ensure!(
+        status_of(&denied) != Some(200),
+        "a tenant's object allowed: {denied}"
+    );
+    let m = sidecar_metrics(&api).await?;
+    ensure!(
+        m.lines()
+            .any(|l| l.starts_with("capstan_sidecar_inbound_connections_total{")
+                && l.contains("result=\"denied\"")
+                && l.contains("decided_by=\"cluster default\"")),
+        "denied by the cluster default, not by a tenant's object:\n{m}"
+    );
+
+    // The same rule from Capstan's namespace is cluster-wide (and the positive control
+    // that the sidecars did read the objects above).
+    let (ok, out) = kubectl_stdin(
+        &["create", "-f", "-"],
+        &everything(&format!("{ns}-all"), SYSTEM_NAMESPACE),
+    );
+    ensure!(ok, "{out}");
+    let allowed = until_ok(&web, "GET", "/", "the cluster-wide rule to apply").await;
+    run(
+        "kubectl",
+        &[
+            "delete",
+            "serviceintentions",
+            &format!("{ns}-all"),
+            "-n",
+            SYSTEM_NAMESPACE,
+        ],
+    )?;
+    allowed?;
+    Ok(())
+}
+
 /// The L7 rules of one intention decide each request (403 naming the rule), and changing
 /// or deleting the intention applies to the next request without restarting anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
