@@ -684,16 +684,32 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
         ]),
         "only the pod template annotation",
     );
-    let (ok, out) = kubectl(&[
-        "patch",
-        "deployment",
-        "web",
-        "-n",
-        n,
-        "--type=merge",
-        "-p",
+    // The Deployment's own metadata: an owner reference to a missing owner (the garbage
+    // collector would delete it), a finalizer, an annotation; a template finalizer.
+    let merge = |patch: &str| kubectl(&["patch", "deployment", "web", "-n", n, "--type=merge", "-p", patch]);
+    for (what, patch) in [
+        (
+            "an owner reference",
+            r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"ConfigMap","name":"gone","uid":"00000000-0000-0000-0000-000000000000"}]}}"#,
+        ),
+        (
+            "a finalizer",
+            r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+        ),
+        (
+            "an annotation",
+            r#"{"metadata":{"annotations":{"example.com/x":"y"}}}"#,
+        ),
+        (
+            "a template finalizer",
+            r#"{"spec":{"template":{"metadata":{"finalizers":["example.com/hold"]}}}}"#,
+        ),
+    ] {
+        refused(what, merge(patch), "may not change a Deployment's own");
+    }
+    let (ok, out) = merge(
         r#"{"spec":{"template":{"metadata":{"annotations":{"capstan.dev/restartedAt":"2026-12-05T00:00:00Z"}}}}}"#,
-    ]);
+    );
     assert!(ok, "SecretSync's rollout restart: {out}");
 
     // Secrets: one it does not own, replaced or deleted; a ServiceAccount token Secret;
@@ -735,7 +751,33 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
     refused(
         "a ServiceAccount token Secret",
         kubectl_stdin(&create, &token_secret),
-        "kubernetes.io/service-account-token",
+        "only the Secret types a SecretSync writes",
+    );
+    // A create carries its own label, so where it is made and its type are what count.
+    let labelled = |namespace: &str, type_: &str, name: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Secret","type":"{type_}","metadata":{{"name":"{name}",
+                "namespace":"{namespace}","labels":{{"capstan.dev/secretsync-uid":"x"}}}},
+                "data":{{"token-id":"YWJjZGVm","token-secret":"MDEyMzQ1Njc4OWFiY2RlZg=="}}}}"#
+        )
+    };
+    refused(
+        "a labelled Secret in kube-system",
+        kubectl_stdin(&create, &labelled("kube-system", "Opaque", "planted")),
+        "may not create Secrets in kube-system",
+    );
+    refused(
+        "a labelled Secret in Capstan's namespace",
+        kubectl_stdin(&create, &labelled(SYSTEM_NAMESPACE, "Opaque", "planted")),
+        "may not create Secrets in capstan-system",
+    );
+    refused(
+        "a bootstrap token",
+        kubectl_stdin(
+            &create,
+            &labelled(n, "bootstrap.kubernetes.io/token", "bootstrap-token-abcdef"),
+        ),
+        "only the Secret types a SecretSync writes",
     );
     let owned = format!(
         r#"{{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"synced","namespace":"{n}",
