@@ -88,17 +88,35 @@ const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 /// the controller, the first time a reconcile reaches `<point>`, logs
 /// `Test fault: pausing at <point>` and sleeps `TEST_PAUSE`, so that a test can SIGKILL
 /// or SIGSTOP it at exactly that point. Points: `intent` (the intent to issue is saved,
-/// nothing is issued yet) and `issued` (the engine issued a credential whose lease id is
-/// not recorded yet). Unset, it costs one lookup of a cached value.
+/// nothing is issued yet) and `issued` (the engine issued a credential whose lease id
+/// is not recorded yet). It ships in every binary, so a set variable is announced with a Warning in the log
+/// at startup (`register_metrics`, the module's first call). Unset, it costs one lookup
+/// of a cached value.
 pub const TEST_PAUSE_AT_ENV: &str = "CAPSTAN_CONTROLLER_TEST_PAUSE_AT";
 const TEST_PAUSE: Duration = Duration::from_secs(5);
 
+/// The fault point `TEST_PAUSE_AT_ENV` names, read once; the first read warns that it
+/// is set (a production controller must never run with it).
+fn test_pause_at() -> Option<&'static str> {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    AT.get_or_init(|| {
+        let at = std::env::var(TEST_PAUSE_AT_ENV).ok();
+        if let Some(point) = &at {
+            tracing::warn!(
+                point = %point,
+                "{TEST_PAUSE_AT_ENV} is set: this controller runs with a TEST-ONLY fault point and pauses \
+                 {TEST_PAUSE:?} the first time it reaches {point:?}. Never set it outside Capstan's tests."
+            );
+        }
+        at
+    })
+    .as_deref()
+}
+
 /// See `TEST_PAUSE_AT_ENV`.
 async fn test_fault(point: &str) {
-    static AT: OnceLock<Option<String>> = OnceLock::new();
     static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let at = AT.get_or_init(|| std::env::var(TEST_PAUSE_AT_ENV).ok());
-    if at.as_deref() == Some(point) && !TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+    if test_pause_at() == Some(point) && !TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
         tracing::warn!(point, "Test fault: pausing at {point}");
         tokio::time::sleep(TEST_PAUSE).await;
     }
@@ -171,6 +189,8 @@ fn sync_metrics() -> &'static SyncMetrics {
 }
 
 pub fn register_metrics(registry: &mut Registry) {
+    // Called once at startup: the place to warn of a test-only fault point.
+    test_pause_at();
     let m = sync_metrics();
     registry.register(
         "secretsync_syncs",
