@@ -493,18 +493,39 @@ impl HeaderMatch {
             .map(|(_, value)| *value)
             .collect();
         let host = self.name == "host" || self.name == ":authority";
+        // Rule values compare as written (host names lower-cased, M4).
         let fold = |s: &str| {
-            if host { canonical_host(s) } else { s.to_owned() }
+            if host {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_owned()
+            }
         };
-        let matches = |value: &str| -> bool {
-            let value = fold(value);
+        let matches_one = |value: &str| -> bool {
             match &self.value {
                 ValueMatch::Present => true,
                 ValueMatch::Exact(e) => value == fold(e),
                 ValueMatch::Prefix(p) => value.starts_with(&fold(p)),
                 ValueMatch::Suffix(s) => value.ends_with(&fold(s)),
-                ValueMatch::Regex(re) => re.is_match(&value),
+                ValueMatch::Regex(re) => re.is_match(value),
                 ValueMatch::Broken => !allow_rule,
+            }
+        };
+        // A host is judged in the spelling it came in and in the one servers route on
+        // (no port, no trailing dot), pessimistically as repeated headers are: where the
+        // condition holding would widen access it must hold for both spellings, where it
+        // would narrow access either suffices. So `admin.example.:80` cannot slip past a
+        // deny on `admin.example`, and folding never widens an allow.
+        let strict = allow_rule != self.invert;
+        let matches = |value: &str| -> bool {
+            if !host {
+                return matches_one(value);
+            }
+            let spellings = [value.trim().to_ascii_lowercase(), canonical_host(value)];
+            if strict {
+                spellings.iter().all(|s| matches_one(s))
+            } else {
+                spellings.iter().any(|s| matches_one(s))
             }
         };
         match (allow_rule, self.invert) {
@@ -518,8 +539,8 @@ impl HeaderMatch {
 
 /// A host as every server routes it (M4): lower-cased, without a port and without the
 /// trailing dot of a fully qualified name, so `Admin.Example.:80` is `admin.example`
-/// and cannot slip past a rule written for `admin.example`. Rule values are folded the
-/// same way. An IPv6 literal keeps its brackets.
+/// and cannot slip past a rule written for `admin.example` (see `HeaderMatch::holds` for
+/// how both spellings are judged). An IPv6 literal keeps its brackets.
 pub fn canonical_host(value: &str) -> String {
     let value = value.trim().to_ascii_lowercase();
     let host = match value.strip_prefix('[') {
@@ -1006,6 +1027,39 @@ mod tests {
                 )
                 .allow
         );
+
+        // Folding never widens an allow, nor silences a deny that names a port.
+        let rules = |rules: serde_json::Value| {
+            Policy::compile(
+                &[intention(
+                    "shop",
+                    "api",
+                    serde_json::json!({"destination": {"name": "api"}, "sources": [{"name": "web", "permissions": rules}]}),
+                )],
+                false,
+                CONTROL,
+            )
+        };
+        let allowed = |policy: &Policy, host: &str| {
+            policy
+                .request(&id("shop/web"), &id("shop/api"), &get("/", &[("Host", host)]))
+                .allow
+        };
+        let prefix = rules(serde_json::json!([
+            {"action": "allow", "http": {"header": [{"name": "Host", "prefix": "admin."}]}},
+        ]));
+        assert!(!allowed(&prefix, "administrator.evil"));
+        assert!(allowed(&prefix, "admin.example"));
+        let suffix = rules(serde_json::json!([
+            {"action": "allow", "http": {"header": [{"name": "Host", "suffix": ":8443"}]}},
+        ]));
+        assert!(!allowed(&suffix, "evil.example"));
+        let with_port = rules(serde_json::json!([
+            {"action": "deny", "http": {"header": [{"name": "Host", "regex": "admin\\.example:9000"}]}},
+            {"action": "allow", "http": {}},
+        ]));
+        assert!(!allowed(&with_port, "admin.example:9000"));
+        assert!(allowed(&with_port, "admin.example:9001"));
         assert_eq!(canonical_host("[::1]:8080"), "[::1]");
         assert_eq!(canonical_host("[::1]"), "[::1]");
         assert_eq!(canonical_host("a.b:x"), "a.b:x");
