@@ -342,7 +342,10 @@ fn container_refusals(
         .into_iter()
         .flatten();
     for capability in added {
-        let bare = capability.trim_start_matches("CAP_");
+        // Container runtimes upper-case what they are given (containerd: "CAP_" +
+        // ToUpper), so `net_admin` grants NET_ADMIN: compare the way they do.
+        let upper = capability.trim().to_ascii_uppercase();
+        let bare = upper.trim_start_matches("CAP_");
         if ["NET_ADMIN", "NET_RAW", "ALL"].contains(&bare) {
             refusals.push(Refusal::new(
                 format!("{at}.securityContext.capabilities.add"),
@@ -1167,7 +1170,8 @@ mod tests {
         spec.containers[0].security_context = Some(SecurityContext {
             run_as_user: Some(PROXY_UID),
             capabilities: Some(Capabilities {
-                add: Some(vec!["NET_ADMIN".into(), "CAP_NET_RAW".into(), "SYS_TIME".into()]),
+                // Any case: runtimes upper-case what they are given.
+                add: Some(vec!["net_admin".into(), "Cap_Net_Raw".into(), "SYS_TIME".into()]),
                 drop: None,
             }),
             ..Default::default()

@@ -430,6 +430,17 @@ async fn a_tenant_cannot_govern_another_namespace() -> anyhow::Result<()> {
             "{name}: the refusal must name the field: {output}"
         );
     }
+    // Nor by an update: a valid object of the tenant's turned to another namespace.
+    let (ok, output) = kubectl_stdin(&["create", "-f", "-"], &grab("turned", "{name: web}"));
+    assert!(ok, "{output}");
+    let (ok, output) = kubectl_stdin(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        &grab("turned", &format!("{{name: db, namespace: {s}}}")),
+    );
+    assert!(
+        !ok && output.contains("spec.destination.namespace"),
+        "an update into another namespace: {output}"
+    );
     // Objects in Capstan's own namespace may set cluster-wide rules.
     let (ok, output) = kubectl_stdin(
         &["create", "--dry-run=server", "-f", "-"],

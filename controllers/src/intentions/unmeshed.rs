@@ -180,10 +180,13 @@ pub async fn run(
     let mut changes = futures::stream::select(pod_events.boxed(), ns_events.boxed());
 
     let config = injection::Config {
-        excluded_namespaces: vec!["kube-system".into(), own_namespace],
+        excluded_namespaces: vec!["kube-system".into(), own_namespace.clone()],
         ..Default::default()
     };
-    let mut reporter = Reporter::default();
+    let mut reporter = Reporter {
+        control_namespace: own_namespace,
+        ..Default::default()
+    };
     let shutdown = futures::FutureExt::fuse(shutdown);
     tokio::pin!(shutdown);
     let mut ready = false;
@@ -227,6 +230,8 @@ struct Reporter {
     announced: HashSet<String>,
     /// Namespaces the gauge counts in.
     counted: BTreeSet<String>,
+    /// Capstan's namespace: only its objects may name other namespaces (tenancy).
+    control_namespace: String,
 }
 
 impl Reporter {
@@ -294,7 +299,11 @@ impl Reporter {
         }
 
         for obj in intentions.state() {
-            if obj.meta().deletion_timestamp.is_some() {
+            // An object naming another namespace governs nothing there, and its status
+            // must not list that namespace's pods to its author.
+            if obj.meta().deletion_timestamp.is_some()
+                || conflicts::out_of_bounds(&obj, &self.control_namespace).is_some()
+            {
                 continue;
             }
             let destination = conflicts::destination(&obj);
