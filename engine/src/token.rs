@@ -110,6 +110,16 @@ fn random(len: usize) -> String {
     B64URL.encode(bytes)
 }
 
+/// A token after `Tokens::spend_use`: its entry as the request sees it (the uses left
+/// after this one) and whether it had a use limit at all.
+#[derive(Debug)]
+pub struct Spent {
+    pub entry: Arc<TokenEntry>,
+    /// The token has (had) a use limit, this request possibly its last use: a limited
+    /// token whose last use this is shows `num_uses` 0, as an unlimited one does.
+    pub limited: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct AccessorEntry {
     id_hash: String,
@@ -198,6 +208,23 @@ impl Tokens {
                 Precondition::Absent,
             )
             .await?;
+        // The parent must still be live and unlimited now that the child is stored. Its
+        // revocation (or its last use, which writes it expired before revoking it) may
+        // have listed its children before this one's index existed, and a child found by
+        // nobody would live on until its own expiry. Read from storage, not the cache: a
+        // parent written expired before this read is seen here, and one written expired
+        // after it is revoked with this child, whose index came first.
+        if let Some(parent) = &entry.parent {
+            let live = self
+                .logical
+                .get_fresh::<TokenEntry>(&format!("{ID_PREFIX}{parent}"))
+                .await?
+                .is_some_and(|p| !p.value.expired(crate::clock::now()) && p.value.num_uses == 0);
+            if !live {
+                self.revoke_hash(&entry.id_hash).await?;
+                return Err(TokenError::Invalid);
+            }
+        }
         Ok((token, entry))
     }
 
@@ -242,13 +269,16 @@ impl Tokens {
     /// every request that saw the last use would think it had spent it); then the token
     /// is revoked with its children, accessor and parent index. The request that spent
     /// it is still served, as in Vault; the next one is refused.
-    pub async fn spend_use(
-        &self,
-        token: &str,
-        entry: Arc<TokenEntry>,
-    ) -> Result<Arc<TokenEntry>, TokenError> {
+    ///
+    /// The entry returned shows the uses left, so after the last one its `num_uses` is 0,
+    /// which on a stored entry means unlimited: whether the token was limited is
+    /// `Spent::limited`, never the returned count.
+    pub async fn spend_use(&self, token: &str, entry: Arc<TokenEntry>) -> Result<Spent, TokenError> {
         if entry.num_uses == 0 {
-            return Ok(entry);
+            return Ok(Spent {
+                entry,
+                limited: false,
+            });
         }
         let id_hash = hash(token);
         let now = now();
@@ -274,7 +304,10 @@ impl Tokens {
         if served.num_uses == 0 {
             self.revoke_hash(&id_hash).await?;
         }
-        Ok(Arc::new(served))
+        Ok(Spent {
+            entry: Arc::new(served),
+            limited: true,
+        })
     }
 
     pub async fn lookup_accessor(&self, accessor: &str) -> Result<Arc<TokenEntry>, TokenError> {
@@ -445,12 +478,12 @@ pub(crate) mod tests {
             .spend_use(&token, on_a.lookup(&token).await.unwrap())
             .await
             .unwrap();
-        assert_eq!(first.num_uses, 2);
+        assert_eq!((first.entry.num_uses, first.limited), (2, true));
         let second = on_b
             .spend_use(&token, on_b.lookup(&token).await.unwrap())
             .await
             .unwrap();
-        assert_eq!(second.num_uses, 1);
+        assert_eq!((second.entry.num_uses, second.limited), (1, true));
         // Both replicas saw one use left; only one may spend it.
         let (seen_a, seen_b) = (
             on_a.lookup(&token).await.unwrap(),
@@ -462,6 +495,9 @@ pub(crate) mod tests {
             1,
             "{x:?} {y:?}"
         );
+        // The last use shows 0 uses left, which alone would read as unlimited.
+        let last = x.or(y).unwrap();
+        assert_eq!((last.entry.num_uses, last.limited), (0, true));
         for tokens in [&on_a, &on_b] {
             assert!(matches!(tokens.lookup(&token).await, Err(TokenError::Invalid)));
             assert!(matches!(
@@ -483,8 +519,81 @@ pub(crate) mod tests {
             .unwrap();
         for _ in 0..3 {
             let entry = on_a.lookup(&free).await.unwrap();
-            assert_eq!(on_a.spend_use(&free, entry).await.unwrap().num_uses, 0);
+            let spent = on_a.spend_use(&free, entry).await.unwrap();
+            assert_eq!((spent.entry.num_uses, spent.limited), (0, false));
         }
+    }
+
+    /// A child is stored only under a parent that is still live and unlimited when the
+    /// child is: the entry the request holds (spent, revoked, limited) is not trusted.
+    #[tokio::test]
+    async fn no_child_is_left_under_a_spent_revoked_or_limited_parent() {
+        let tokens = Tokens::new(unsealed().await);
+        let ids = |tokens: &Tokens| {
+            let tokens = tokens.clone();
+            async move {
+                let mut ids: Vec<String> = tokens
+                    .entries()
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e.id_hash)
+                    .collect();
+                ids.sort();
+                ids
+            }
+        };
+        let limited = |uses| NewToken {
+            policies: vec!["app".into()],
+            ttl: 600,
+            num_uses: uses,
+            ..Default::default()
+        };
+        // Spent by its last use: the request that spent it holds an entry showing 0 uses.
+        let (one, _) = tokens.create(limited(1), None).await.unwrap();
+        let spent = tokens
+            .spend_use(&one, tokens.lookup(&one).await.unwrap())
+            .await
+            .unwrap();
+        assert!(spent.limited);
+        let before = ids(&tokens).await;
+        let refused = tokens
+            .create(child(&["app"], &spent.entry, 600), Some(&spent.entry))
+            .await;
+        assert!(matches!(refused, Err(TokenError::Invalid)), "{refused:?}");
+        assert_eq!(ids(&tokens).await, before, "no child stored");
+        // Still limited (two uses, one spent).
+        let (two, _) = tokens.create(limited(2), None).await.unwrap();
+        let entry = tokens
+            .spend_use(&two, tokens.lookup(&two).await.unwrap())
+            .await
+            .unwrap()
+            .entry;
+        let before = ids(&tokens).await;
+        assert!(
+            tokens
+                .create(child(&["app"], &entry, 600), Some(&entry))
+                .await
+                .is_err()
+        );
+        assert_eq!(ids(&tokens).await, before, "no child stored");
+        // Revoked after its entry was read.
+        let (parent, parent_entry) = tokens.create(limited(0), None).await.unwrap();
+        tokens.revoke(&parent).await.unwrap();
+        let before = ids(&tokens).await;
+        assert!(
+            tokens
+                .create(child(&["app"], &parent_entry, 600), Some(&parent_entry))
+                .await
+                .is_err()
+        );
+        assert_eq!(ids(&tokens).await, before, "no child stored");
+        // A live unlimited parent still has children.
+        let (_, live) = tokens.create(limited(0), None).await.unwrap();
+        tokens
+            .create(child(&["app"], &live, 600), Some(&live))
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -88,6 +88,16 @@ async fn raw_storage(client: &Client) -> Result<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
+/// The storage paths of every token entry, accessor and parent index.
+async fn token_paths(client: &Client) -> Result<std::collections::BTreeSet<String>> {
+    Ok(raw_storage(client)
+        .await?
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|path| path.contains("sys/token/"))
+        .collect())
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
@@ -1432,6 +1442,64 @@ async fn wrapping_is_refused_and_num_uses_is_enforced() -> Result<()> {
         code == 400 && body["auth"].is_null(),
         "child of a limited token: {code} {body}"
     );
+    // Nor on its last use, when it has no use left, which looks like no limit (0). The
+    // token is revoked by that use, and no child is stored under it: before the fix the
+    // child was created after its parent's revocation, so nothing revoked it with its
+    // parent and it lived until the parent's original expiry.
+    let one = token_with(&engine, &roots, &root, &["app"], json!({ "num_uses": 1 })).await?;
+    let pair = token_with(&engine, &roots, &root, &["app"], json!({ "num_uses": 2 })).await?;
+    let (code, body) = call(
+        &engine,
+        &roots,
+        "GET",
+        "auth/token/lookup-self",
+        Some(&pair),
+        None,
+    )
+    .await?;
+    ensure!(
+        code == 200 && body["data"]["num_uses"] == 1,
+        "first of two uses: {code} {body}"
+    );
+    for (uses, limited) in [(1, &one), (2, &pair)] {
+        let before = token_paths(&client).await?;
+        let (code, body) = call(
+            &engine,
+            &roots,
+            "POST",
+            "auth/token/create",
+            Some(limited),
+            Some(json!({ "policies": ["app"] })),
+        )
+        .await?;
+        let child = match body["auth"]["client_token"].as_str() {
+            Some(child) => format!(
+                "; the child answers lookup-self with {}",
+                lookup_self(&engine, &roots, child).await?
+            ),
+            None => String::new(),
+        };
+        ensure!(
+            code == 400 && body["auth"].is_null(),
+            "last use of a token with num_uses {uses} creating a token: {code} {body}{child}"
+        );
+        let after = token_paths(&client).await?;
+        let new: Vec<_> = after.difference(&before).collect();
+        ensure!(
+            new.is_empty(),
+            "num_uses {uses}: token entries stored by the refused create: {new:?}"
+        );
+        ensure!(
+            after.len() < before.len(),
+            "num_uses {uses}: the spent token is revoked: {} entries before, {} after",
+            before.len(),
+            after.len()
+        );
+        ensure!(
+            lookup_self(&engine, &roots, limited).await? == 403,
+            "num_uses {uses}: spent"
+        );
+    }
     for bad in [json!(-1), json!("many"), json!(1.5)] {
         let (code, body) = call(
             &engine,

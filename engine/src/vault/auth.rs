@@ -143,8 +143,9 @@ async fn create(
     orphan: bool,
 ) -> Result<Reply, ApiError> {
     let root = parent.is_root();
-    // A use-limited token cannot mint an unlimited one (Vault refuses it too).
-    if parent.num_uses > 0 {
+    // A use-limited token cannot mint an unlimited one (Vault refuses it too); on its
+    // last use it shows 0 uses left, as an unlimited one does, so the request says.
+    if request.use_limited || parent.num_uses > 0 {
         return Err(ApiError::bad_request(
             "a token with a use limit (num_uses) cannot create tokens",
         ));

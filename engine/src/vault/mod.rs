@@ -146,6 +146,9 @@ pub struct Request {
     /// The caller's token (absent on unauthenticated paths).
     pub token: Option<String>,
     pub entry: Option<Arc<TokenEntry>>,
+    /// The caller's token has a use limit (`num_uses`). Not `entry.num_uses > 0`: the
+    /// request spending the last use sees 0 uses left, which also means unlimited.
+    pub use_limited: bool,
 }
 
 impl Request {
@@ -581,6 +584,7 @@ async fn serve(
         body,
         token: None,
         entry: None,
+        use_limited: false,
     };
     if is_unauthenticated_sys(path) {
         return sys::unauthenticated(engine, &request).await;
@@ -608,7 +612,10 @@ async fn serve(
             },
         };
         let entry = match looked_up {
-            Ok(entry) => entry,
+            Ok(spent) => {
+                request.use_limited = spent.limited;
+                spent.entry
+            }
             Err(TokenError::Invalid) => {
                 let auth = request.auth_info();
                 audit_request(engine, &request, &auth).await?;
