@@ -1608,3 +1608,93 @@ async fn requests_with_bad_tokens_are_audited_hashed() -> Result<()> {
     );
     Ok(())
 }
+
+/// No probing for mounts (the promise of sys/internal/ui/mounts): a client without a
+/// usable token (none, or a guessed one), or with a token that may not touch the path,
+/// gets for a path that does not resolve under an existing mount (`database/roles/a/b`,
+/// a trailing slash on a KV write) the same 403 and body as for a path under no mount,
+/// and the request is audited like every refused one. Before, route resolution ran
+/// before authentication and answered 400 for existing mounts only. A caller the ACL
+/// allows still gets the 400 (V20: no handler runs on an unresolved name).
+#[tokio::test]
+async fn unauthenticated_clients_cannot_probe_for_mounts() -> Result<()> {
+    use capstan_tests::secrets::{call, roots, send, token_with};
+    let client = client().await;
+    fresh_storage();
+    let audit = tempfile_path::Path::new("audit-probe", ".log");
+    let engine = EngineProcess::start(
+        &client,
+        "mount-probe",
+        &["--audit", &audit.0.display().to_string()],
+    )
+    .await?;
+    let roots = roots(&client).await?;
+    let (root, _) = init_and_unseal(&engine, &roots).await?;
+    let guessed = format!("hvs.guessed{:016x}", rand::random::<u64>());
+    let stranger = token_with(&engine, &roots, &root, &["default"], json!({})).await?;
+    let probes = [
+        ("GET", "database/roles/a/b"),
+        ("GET", "nosuchmount/roles/a/b"),
+        ("GET", "pki/issue/a/b"),
+        ("PUT", "secret/data/app/"),
+        ("PUT", "nosuchmount/data/app/"),
+        ("GET", "nosuchmount"),
+    ];
+    for (who, token) in [
+        ("no token", None),
+        ("a guessed token", Some(&guessed)),
+        ("a token without access", Some(&stranger)),
+    ] {
+        let mut answers = Vec::new();
+        for (method, path) in probes {
+            let headers: Vec<(&str, &str)> =
+                token.map(|t| ("X-Vault-Token", t.as_str())).into_iter().collect();
+            let body = (method == "PUT").then(|| json!({ "data": { "a": "b" } }));
+            let (code, answer) = send(
+                &engine,
+                &roots,
+                method,
+                &format!("/v1/{path}"),
+                &headers,
+                body.as_ref(),
+            )
+            .await?;
+            answers.push(format!("{method} {path}: {code} {answer}"));
+        }
+        let shown: Vec<&str> = answers
+            .iter()
+            .map(|a| a.split_once(": ").map_or("", |(_, r)| r))
+            .collect();
+        ensure!(
+            shown.iter().all(|r| *r == shown[0]) && shown[0].starts_with("403 "),
+            "with {who}, a path under an existing mount is told from one under no mount:\n{}",
+            answers.join("\n")
+        );
+    }
+    // Those requests are in the audit log, refused.
+    let log = std::fs::read_to_string(&audit.0)?;
+    ensure!(!log.contains(&guessed), "a raw token in the audit log");
+    let records: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let refused = records
+        .iter()
+        .filter(|r| r["type"] == "response" && r["request"]["path"] == "database/roles/a/b")
+        .map(|r| r["response"]["status"].clone())
+        .collect::<Vec<_>>();
+    ensure!(
+        refused == vec![json!(403); 3],
+        "audited refusals of database/roles/a/b: {refused:?}"
+    );
+    // Root (whom the ACL allows everything) learns why the path is refused, and nothing
+    // under the name was touched.
+    for (method, path) in [("GET", "database/roles/a/b"), ("PUT", "secret/data/app/")] {
+        let body = (method == "PUT").then(|| json!({ "data": { "a": "b" } }));
+        let (code, answer) = call(&engine, &roots, method, path, Some(&root), body).await?;
+        ensure!(
+            code == 400 && answer.to_string().contains("invalid request path"),
+            "root: {method} {path}: {code} {answer}"
+        );
+    }
+    let (code, answer) = call(&engine, &roots, "GET", "secret/data/app", Some(&root), None).await?;
+    ensure!(code == 404, "nothing written at secret/data/app: {code} {answer}");
+    Ok(())
+}

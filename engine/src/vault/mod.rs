@@ -566,9 +566,12 @@ async fn serve(
             "response wrapping (X-Vault-Wrap-TTL) is not supported; the request was not served",
         ));
     }
-    let name = route::resolve(&route::Mounts::of(engine), path, operation)?
-        .name
-        .map(str::to_owned);
+    // Resolved here, refused only once the caller may learn why: a refusal describes a
+    // mount's routes, and a client without a usable token (or without access to the
+    // path) gets the 403 a path under no mount gets, so it cannot probe for mounts. The
+    // handler runs only on a resolved name, the one resolved before the ACL (V20).
+    let resolved = route::resolve(&route::Mounts::of(engine), path, operation)
+        .map(|resolved| resolved.name.map(str::to_owned));
     let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {
@@ -579,7 +582,7 @@ async fn serve(
         id: uuid(),
         operation,
         path: path.to_owned(),
-        name,
+        name: resolved.as_ref().ok().cloned().flatten(),
         query,
         body,
         token: None,
@@ -587,6 +590,7 @@ async fn serve(
         use_limited: false,
     };
     if is_unauthenticated_sys(path) {
+        resolved?;
         return sys::unauthenticated(engine, &request).await;
     }
     if engine.seal.is_sealed() {
@@ -655,7 +659,11 @@ async fn serve(
     }
     let auth = request.auth_info();
     audit_request(engine, &request, &auth).await?;
-    let result = route(engine, &request).await;
+    // A path that does not resolve is answered (and audited) as its handler's refusal.
+    let result = match resolved {
+        Ok(_) => route(engine, &request).await,
+        Err(refused) => Err(refused),
+    };
     let error_body;
     let (status, body) = match &result {
         Ok(reply) => (reply.status, reply.body.as_ref()),
