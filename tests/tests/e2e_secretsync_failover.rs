@@ -11,6 +11,13 @@
 //!   one lease; the thawed leader issues nothing;
 //! - no lost update: a KV change written while the leader is dead or frozen reaches its
 //!   target Secret through the new leader.
+//!
+//! And the race between the two (K4): the frozen leader thaws, credential in hand, while
+//! its successor has revoked that credential's token and not yet cleared the intent
+//! (the successor held at `revoked`). The successor claimed the intent (a conditional
+//! write) before revoking, so the thawed leader's conditional write of its lease id
+//! fails: no record ever names the revoked lease and no target ever holds its
+//! credential (both watched throughout).
 
 use anyhow::{Context as _, Result, ensure};
 use capstan_tests::{
@@ -46,33 +53,155 @@ enum Stop {
 
 #[tokio::test]
 async fn secretsync_leader_killed_between_issue_and_record_leaves_one_lease_no_lost_update() -> Result<()> {
-    failover(Stop::Kill, "issued").await
+    failover(Stop::Kill, "issued", None).await
 }
 
 #[tokio::test]
 async fn secretsync_leader_paused_between_issue_and_record_issues_nothing_when_it_thaws() -> Result<()> {
-    failover(Stop::Pause, "issued").await
+    failover(Stop::Pause, "issued", None).await
+}
+
+/// Frozen with a credential in hand; it thaws after its successor revoked that
+/// credential's token and before the successor wrote the record again.
+#[tokio::test]
+async fn secretsync_leader_thawing_while_its_successor_revokes_records_and_delivers_nothing() -> Result<()> {
+    failover(Stop::Pause, "issued", Some("revoked")).await
 }
 
 /// Frozen after recording its intent and before asking the engine: when it thaws, it
 /// would issue next; it must not.
 #[tokio::test]
 async fn secretsync_leader_paused_before_issuing_issues_nothing_when_it_thaws() -> Result<()> {
-    failover(Stop::Pause, "intent").await
+    failover(Stop::Pause, "intent", None).await
 }
 
-/// `point`: where the leader is held (the controller's test-only fault point).
-async fn failover(stop: Stop, point: &str) -> Result<()> {
-    let name = match (stop, point) {
-        (Stop::Kill, _) => "k1ss-kill",
-        (Stop::Pause, "issued") => "k1ss-pause",
-        (Stop::Pause, _) => "k1ss-pause-intent",
+/// The successor stops too, after claiming the orphan's intent and before revoking its
+/// token: a third controller finds the intent claimed and revokes the token itself.
+#[tokio::test]
+async fn secretsync_successor_killed_after_claiming_the_intent_the_next_one_revokes() -> Result<()> {
+    successor_killed("claimed").await
+}
+
+/// The successor stops after revoking the orphan's token and before clearing the
+/// intent: a third controller revokes again (the token is gone: nothing changes).
+#[tokio::test]
+async fn secretsync_successor_killed_after_revoking_the_next_one_finishes() -> Result<()> {
+    successor_killed("revoked").await
+}
+
+/// The leader killed at `issued`, its successor killed at `at` while it finishes the
+/// orphan; a third controller must finish it and deliver exactly one live credential.
+async fn successor_killed(at: &'static str) -> Result<()> {
+    let name = format!("k4ss-{at}");
+    let world = World::new(&name).await?;
+    let pg = Postgres::start().await?;
+    world.configure_database(&pg).await?;
+    let history = History::follow(&world);
+    clear_lease(&world.client).await;
+    let start = |id: &str, pause: Option<&'static str>| {
+        let (client, url, id) = (&world.client, world.engine_url(), format!("{name}-{id}"));
+        async move { Controller::start(client, &id, &url, pause).await }
+    };
+    let paused = |controller: &Controller, point: &str| {
+        let (log, wanted) = (controller.log.clone(), format!("Test fault: pausing at {point}"));
+        async move {
+            eventually(Duration::from_secs(30), &wanted, || {
+                let logs = std::fs::read_to_string(&log).unwrap_or_default();
+                let wanted = &wanted;
+                async move { logs.contains(wanted.as_str()).then_some(()) }
+            })
+            .await
+        }
+    };
+    let first = start("a", Some("issued")).await?;
+    wait_for_holder(&world.client, &format!("{name}-a")).await?;
+    let second = start("b", Some(at)).await?;
+    world.apply(
+        "apiVersion: secrets.capstan.dev/v1alpha1\nkind: SecretSync\nmetadata: {name: db}\nspec:\n  \
+         source: {database: {role: app}}\n  auth: {role: app, serviceAccountName: app}\n  \
+         target: {name: db-creds, type: kubernetes.io/basic-auth}\n",
+    )?;
+    paused(&first, "issued")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", first.logs()))?;
+    first.signal("KILL");
+    let orphans = world.live_roles(&pg).await?;
+    ensure!(orphans.len() == 1, "one unrecorded credential: {orphans:?}");
+    wait_for_holder(&world.client, &format!("{name}-b")).await?;
+    paused(&second, at)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", second.logs()))?;
+    second.signal("KILL");
+    let record = world.record_text().await?;
+    ensure!(
+        record.contains("\"revoking\":true"),
+        "the intent is claimed: {record}"
+    );
+    let revoked_before = world.live_roles(&pg).await?.is_empty();
+    ensure!(
+        revoked_before == (at == "revoked"),
+        "the orphan is revoked by the successor exactly when it got that far"
+    );
+
+    let third = start("c", None).await?;
+    wait_for_holder(&world.client, &format!("{name}-c")).await?;
+    let last = parking_lot::Mutex::new(String::new());
+    let (user, password) = eventually(
+        Duration::from_secs(40),
+        "exactly one live credential, in the target and on record",
+        || {
+            let (world, pg, last) = (&world, &pg, &last);
+            async move {
+                let data = world.secrets().get_opt("db-creds").await.ok()??.data?;
+                let s = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+                let (user, password) = (s("username")?, s("password")?);
+                let roles = world.live_roles(pg).await.ok()?;
+                let record = world.record_text().await.ok()?;
+                let leases = metric(&world.engine.metrics().await.ok()?, "capstan_engine_leases")?;
+                *last.lock() =
+                    format!("target {user}, live roles {roles:?}, engine leases {leases}, record {record}");
+                (roles == [user.clone()] && leases == 1.0 && !record.contains("issuing"))
+                    .then_some((user, password))
+            }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {}\nthird:\n{}", last.lock(), third.logs()))?;
+    ensure!(pg.login(&user, &password).await? == user);
+    ensure!(!orphans.contains(&user), "a new credential");
+    let expected = if at == "revoked" {
+        "is already gone (revoked or expired): nothing to revoke"
+    } else {
+        "Revoked the token of an issue that was never recorded"
+    };
+    ensure!(third.logs().contains(expected), "{}", third.logs());
+    ensure!(
+        !third.logs().contains("OrphanNotRevoked") && !third.logs().contains("refused to revoke"),
+        "{}",
+        third.logs()
+    );
+    let (ids, users) = history.seen();
+    ensure!(ids.len() == 1 && users == [user.clone()], "{ids:?} {users:?}");
+    eprintln!("K4 SecretSync (successor killed at {at}): finished by the third controller");
+    Ok(())
+}
+
+/// `point`: where the leader is held (the controller's test-only fault point);
+/// `successor_at`: where the successor is held while the frozen leader thaws.
+async fn failover(stop: Stop, point: &str, successor_at: Option<&str>) -> Result<()> {
+    let name = match (stop, point, successor_at) {
+        (_, _, Some(_)) => "k1ss-race",
+        (Stop::Kill, _, _) => "k1ss-kill",
+        (Stop::Pause, "issued", _) => "k1ss-pause",
+        (Stop::Pause, _, _) => "k1ss-pause-intent",
     };
     let issued_before_stop = usize::from(point == "issued");
     let world = World::new(name).await?;
     let pg = Postgres::start().await?;
     world.configure_database(&pg).await?;
     world.kv_put("app/config", json!({"color": "blue"})).await?;
+    // Every version of the lease record and of the target, from the start.
+    let history = History::follow(&world);
 
     clear_lease(&world.client).await;
     let mut leader = Controller::start(
@@ -83,7 +212,13 @@ async fn failover(stop: Stop, point: &str) -> Result<()> {
     )
     .await?;
     wait_for_holder(&world.client, &format!("{name}-a")).await?;
-    let standby = Controller::start(&world.client, &format!("{name}-b"), &world.engine_url(), None).await?;
+    let standby = Controller::start(
+        &world.client,
+        &format!("{name}-b"),
+        &world.engine_url(),
+        successor_at,
+    )
+    .await?;
 
     // The leader syncs the KV entry...
     world.apply(
@@ -140,6 +275,19 @@ async fn failover(stop: Stop, point: &str) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}\n{}", standby.logs()))?;
     let kv_converged = changed_at.elapsed();
 
+    if let Some(at) = successor_at {
+        // The successor has revoked the orphan's token and holds there; the old leader
+        // thaws now, with the credential of that token in hand.
+        let paused = format!("Test fault: pausing at {at}");
+        eventually(Duration::from_secs(30), &paused, || {
+            let (logs, paused) = (standby.logs(), &paused);
+            async move { logs.contains(paused.as_str()).then_some(()) }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", standby.logs()))?;
+        leader.signal("CONT");
+    }
+
     // The new leader delivers a credential of its own, having revoked the orphan.
     let secrets = world.secrets();
     let (user, password) = eventually(
@@ -157,10 +305,15 @@ async fn failover(stop: Stop, point: &str) -> Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", standby.logs()))?;
     let db_converged = stopped_at.elapsed();
-    ensure!(
-        pg.login(&user, &password).await? == user,
-        "the delivered credential logs in"
-    );
+    // The first credential the target holds logs in: not one revoked before delivery
+    // (the thawed leader's, had its write of the lease id succeeded).
+    let login = pg.login(&user, &password).await.with_context(|| {
+        format!(
+            "the first credential delivered ({user}) does not log in\nold leader:\n{}",
+            leader.logs()
+        )
+    })?;
+    ensure!(login == user, "the delivered credential logs in");
     ensure!(
         !orphans.contains(&user),
         "the new leader delivered a credential of its own"
@@ -243,11 +396,86 @@ async fn failover(stop: Stop, point: &str) -> Result<()> {
         "{}",
         standby.logs()
     );
+    // Throughout: no record named another lease as current, no target held another
+    // credential (a revoked one delivered by the thawed leader, say).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ids, users) = history.seen();
+    ensure!(
+        ids == [id.to_owned()],
+        "the record named other leases as current: {ids:?} (kept {id})\nold leader:\n{}",
+        leader.logs()
+    );
+    ensure!(
+        users == [user.clone()],
+        "the target held other credentials: {users:?} (kept {user})\nold leader:\n{}",
+        leader.logs()
+    );
     eprintln!(
         "K1 SecretSync ({stop:?} at {point}): takeover {takeover:?}, KV change delivered {kv_converged:?} after \
          its write, database credential delivered {db_converged:?} after the stop"
     );
     Ok(())
+}
+
+/// Every lease id the record of SecretSync `db` named as current, and every username its
+/// target held, in order, without repeats: followed by watches from the start.
+struct History {
+    seen: std::sync::Arc<parking_lot::Mutex<(Vec<String>, Vec<String>)>>,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl History {
+    fn follow(world: &World) -> Self {
+        use futures::StreamExt as _;
+        use kube::runtime::watcher;
+        let seen = std::sync::Arc::<parking_lot::Mutex<(Vec<String>, Vec<String>)>>::default();
+        let follow = |name: &'static str, pick: fn(&Secret) -> Option<String>, ids: bool| {
+            let (api, seen) = (world.secrets(), seen.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+                let mut events = std::pin::pin!(watcher::watcher(api, config));
+                while let Some(event) = events.next().await {
+                    let Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) = event else {
+                        continue;
+                    };
+                    if let Some(value) = pick(&secret) {
+                        let mut seen = seen.lock();
+                        let list = if ids { &mut seen.0 } else { &mut seen.1 };
+                        if !list.contains(&value) {
+                            list.push(value);
+                        }
+                    }
+                }
+            }))
+        };
+        fn current_id(secret: &Secret) -> Option<String> {
+            let text = secret.data.as_ref()?.get("leases.json")?.0.clone();
+            let record: Value = serde_json::from_slice(&text).ok()?;
+            record["current"]["id"].as_str().map(str::to_owned)
+        }
+        fn username(secret: &Secret) -> Option<String> {
+            String::from_utf8(secret.data.as_ref()?.get("username")?.0.clone()).ok()
+        }
+        Self {
+            _tasks: vec![
+                follow("db-capstan-lease", current_id, true),
+                follow("db-creds", username, false),
+            ],
+            seen,
+        }
+    }
+
+    fn seen(&self) -> (Vec<String>, Vec<String>) {
+        self.seen.lock().clone()
+    }
 }
 
 /// One engine (fresh storage, initialized, unsealed) and a namespace with ServiceAccount
@@ -482,7 +710,7 @@ impl Controller {
         install_chart();
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
         let admin = free_port();
-        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}.log"));
+        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}-{}.log", std::process::id()));
         let mut command = Command::new(bin("capstan-controller"));
         command
             .env("KUBECONFIG", &kubeconfig)

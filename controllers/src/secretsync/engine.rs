@@ -28,6 +28,7 @@ use tokio_rustls::TlsConnector;
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE: usize = 1024 * 1024;
 pub const ROOTS_KEY: &str = "roots.pem";
+const REVOKE_SELF: &str = "auth/token/revoke-self";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -217,22 +218,33 @@ impl Engine {
     }
 
     /// Revokes the token itself (`auth/token/revoke-self`, in every token's default
-    /// policy), and with it every lease it issued. Ok also when the engine no longer
-    /// knows the token (revoked or expired already: its leases are ending with it), so
-    /// that doing it again changes nothing.
+    /// policy), and with it every lease it issued. The engine refuses (`Denied`) a token
+    /// it no longer knows (revoked or expired already: its leases ended with it) and a
+    /// token whose policy lacks revoke-self with the same answer, as Vault does; only
+    /// `can_revoke_self`, asked while the token was known to be valid, tells them apart.
     pub async fn revoke_self(&self, token: &str) -> Result<(), Error> {
+        self.call(Method::POST, REVOKE_SELF, Some(token), None, &[token])
+            .await
+            .map(drop)
+    }
+
+    /// Whether the token's policy grants `update` on `auth/token/revoke-self`, as
+    /// `sys/capabilities-self` (also in the default policy) says. A refusal is an
+    /// answer (no); only an engine that could not answer is an error.
+    pub async fn can_revoke_self(&self, token: &str) -> Result<bool, Error> {
         match self
             .call(
                 Method::POST,
-                "auth/token/revoke-self",
+                "sys/capabilities-self",
                 Some(token),
-                None,
+                Some(json!({ "paths": [REVOKE_SELF] })),
                 &[token],
             )
             .await
         {
-            Ok(_) | Err(Error::Denied { .. }) => Ok(()),
-            Err(error) => Err(error),
+            Ok(body) => Ok(grants_update(&body, REVOKE_SELF)),
+            Err(error) if error.transient() => Err(error),
+            Err(_) => Ok(false),
         }
     }
 
@@ -431,6 +443,16 @@ fn redact(text: &str, sensitive: &[&str]) -> String {
     out
 }
 
+/// Whether a `sys/capabilities-self` answer grants `update` (or `root`) on `path`
+/// (Vault puts the list under `data.<path>` and at the top level too).
+fn grants_update(body: &Value, path: &str) -> bool {
+    [&body["data"][path], &body[path]]
+        .into_iter()
+        .filter_map(Value::as_array)
+        .flatten()
+        .any(|c| matches!(c.as_str(), Some("update" | "root")))
+}
+
 /// A leased response (`lease_id`, `lease_duration`, `renewable`, `data`) as fields.
 fn issued(path: &str, body: &Value) -> Result<Issued, Error> {
     let data = body["data"]
@@ -498,6 +520,21 @@ mod tests {
         assert_eq!(creds.fields["expiration"], "17");
         let no_lease = issued("pki/issue/r", &json!({"lease_id": "", "data": {}})).unwrap();
         assert_eq!(no_lease.lease_id, None);
+    }
+
+    #[test]
+    fn capabilities_self_answers_are_read_as_the_engine_writes_them() {
+        let answer = |caps: Value| json!({"data": {REVOKE_SELF: caps.clone(), "capabilities": caps}});
+        assert!(grants_update(&answer(json!(["read", "update"])), REVOKE_SELF));
+        assert!(grants_update(&answer(json!(["root"])), REVOKE_SELF));
+        assert!(grants_update(&json!({REVOKE_SELF: ["update"]}), REVOKE_SELF));
+        assert!(!grants_update(&answer(json!(["deny"])), REVOKE_SELF));
+        assert!(!grants_update(&answer(json!(["read"])), REVOKE_SELF));
+        assert!(!grants_update(
+            &json!({"data": {"other/path": ["update"]}}),
+            REVOKE_SELF
+        ));
+        assert!(!grants_update(&Value::Null, REVOKE_SELF));
     }
 
     #[test]

@@ -58,6 +58,21 @@ pub struct Record {
 pub struct Issuing {
     pub sealed_token: String,
     pub since: Timestamp,
+    /// Whether the token's policy let it revoke itself when it was made
+    /// (`sys/capabilities-self`): only then does the engine's refusal of revoke-self
+    /// mean that the token is gone (the engine refuses an unknown token and a token
+    /// without the grant alike). Absent in older records: not known, so false.
+    #[serde(default)]
+    pub revocable: bool,
+    /// When the token ends, and with it whatever it obtained, as its login said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Timestamp>,
+    /// Claimed by whoever found the intent (a conditional write, before it revokes the
+    /// token): the issuer's own conditional write of the lease id then fails, so it can
+    /// never record or deliver the credential being revoked. A reconcile that finds it
+    /// claimed (the claimant stopped) revokes again, which changes nothing if done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoking: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -209,15 +224,32 @@ mod tests {
         };
         let old = Record::from_secret(&secret(r#"{"fingerprint":"f"}"#)).unwrap();
         assert_eq!(old.issuing, None);
-        let record = Record {
+        let mut record = Record {
             issuing: Some(Issuing {
                 sealed_token: "00ff".into(),
                 since: Timestamp::from_second(1_800_000_000).unwrap(),
+                revocable: true,
+                token_expires_at: Some(Timestamp::from_second(1_800_003_600).unwrap()),
+                revoking: false,
             }),
             ..old
         };
         let text = String::from_utf8(record.data()[FIELD].0.clone()).unwrap();
         assert!(text.contains("\"issuing\":{\"sealedToken\":\"00ff\""), "{text}");
+        assert!(!text.contains("revoking"), "{text}");
         assert_eq!(Record::from_secret(&secret(&text)).unwrap(), record);
+        // Claimed: the mark is written and read back.
+        record.issuing.as_mut().unwrap().revoking = true;
+        let text = String::from_utf8(record.data()[FIELD].0.clone()).unwrap();
+        assert!(text.contains("\"revoking\":true"), "{text}");
+        assert_eq!(Record::from_secret(&secret(&text)).unwrap(), record);
+        // An intent of an older controller: revocability not known.
+        let older = Record::from_secret(&secret(
+            r#"{"issuing":{"sealedToken":"00ff","since":"2027-01-15T08:00:00Z"}}"#,
+        ))
+        .unwrap();
+        let issuing = older.issuing.unwrap();
+        assert!(!issuing.revocable && !issuing.revoking);
+        assert_eq!(issuing.token_expires_at, None);
     }
 }

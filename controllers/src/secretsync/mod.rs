@@ -12,8 +12,10 @@
 //! Issuing is write-ahead (K1, K4): the intent, with the sealed token of a login made for
 //! this one issue, is recorded before the engine is asked, and replaced by the lease id
 //! in one conditional write. A controller that stops in between leaves the intent; the
-//! next reconcile (this replica's or its successor's) revokes that token, and with it
-//! the credential nobody recorded, before it issues anything (`leases::Issuing`).
+//! next reconcile (this replica's or its successor's) claims it (a conditional write, so
+//! the stopped issuer can no longer record what it obtained), revokes that token, and
+//! with it the credential nobody recorded, and clears it, before it issues anything
+//! (`finish_orphan`, `leases::Issuing`).
 //!
 //! Secret values live in memory only as long as a reconcile needs them, plus (dynamic
 //! sources) the last rendered data per SecretSync, so a hand-edited target can be
@@ -88,8 +90,10 @@ const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 /// the controller, the first time a reconcile reaches `<point>`, logs
 /// `Test fault: pausing at <point>` and sleeps `TEST_PAUSE`, so that a test can SIGKILL
 /// or SIGSTOP it at exactly that point. Points: `intent` (the intent to issue is saved,
-/// nothing is issued yet) and `issued` (the engine issued a credential whose lease id
-/// is not recorded yet). It ships in every binary, so a set variable is announced with a Warning in the log
+/// nothing is issued yet), `issued` (the engine issued a credential whose lease id is
+/// not recorded yet), `claimed` (a reconcile claimed the intent a stopped issue left,
+/// and has not revoked its token yet) and `revoked` (it revoked that token, and has not
+/// cleared the intent yet). It ships in every binary, so a set variable is announced with a Warning in the log
 /// at startup (`register_metrics`, the module's first call). Unset, it costs one lookup
 /// of a cached value.
 pub const TEST_PAUSE_AT_ENV: &str = "CAPSTAN_CONTROLLER_TEST_PAUSE_AT";
@@ -1120,9 +1124,61 @@ async fn issue(
     result.map_err(Failure::engine)
 }
 
-/// Finishes what a stopped issue left (an intent without a recorded lease): revokes its
-/// token, and so the lease it may have issued, then clears the intent. Doing it again
-/// changes nothing (the engine answers a revoked token as unknown): K4.
+/// Finishes what a stopped issue left (an intent without a recorded lease), in three
+/// steps, each safe to repeat (K1, K4): claim the intent (a conditional write marking it
+/// `revoking`: from then on the issuer's own conditional write of its lease id fails,
+/// so a thawed issuer cannot record or deliver the credential about to be revoked),
+/// revoke its token (and with it the lease it may have obtained), clear the intent. A
+/// reconcile that finds the intent claimed (its claimant stopped) revokes again, which
+/// changes nothing if it was done. Returns the record's Secret as stored.
+async fn finish_orphan(
+    secrets: &Api<Secret>,
+    obj: &SecretSync,
+    ctx: &SyncContext,
+    record: &mut Record,
+    mut stored: Option<Secret>,
+) -> Result<Option<Secret>, Failure> {
+    let Some(mut issuing) = record.issuing.clone() else {
+        return Ok(stored);
+    };
+    if !issuing.revoking {
+        issuing.revoking = true;
+        record.issuing = Some(issuing.clone());
+        stored = Some(save_record(secrets, obj, record, stored).await?);
+        test_fault("claimed").await;
+    }
+    revoke_orphan(obj, ctx, &issuing).await.map_err(Failure::engine)?;
+    test_fault("revoked").await;
+    record.issuing = None;
+    Ok(Some(save_record(secrets, obj, record, stored).await?))
+}
+
+/// What revoking an orphan's token achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Orphan {
+    /// Revoked now, with whatever it obtained.
+    Revoked,
+    /// The engine no longer knows it (revoked or expired already): nothing is left.
+    Gone,
+    /// Refused, and nothing shows that the token is gone: whatever it obtained may stay
+    /// valid until the token ends.
+    NotRevoked,
+}
+
+/// Reads the engine's answer to revoke-self (pure). The engine refuses an unknown token
+/// and a token without the grant alike; a token that had the grant when it was made
+/// (`revocable`) is refused only because it is gone.
+fn orphan_outcome(revoked: Result<(), engine::Error>, revocable: bool) -> Result<Orphan, engine::Error> {
+    match revoked {
+        Ok(()) => Ok(Orphan::Revoked),
+        Err(engine::Error::Denied { .. }) if revocable => Ok(Orphan::Gone),
+        Err(engine::Error::Denied { .. }) => Ok(Orphan::NotRevoked),
+        Err(error) => Err(error),
+    }
+}
+
+/// Revokes the token of an intent, and so the lease it may have issued; Ok once nothing
+/// more can be done (revoked, gone, or refused: reported, never claimed as revoked).
 async fn revoke_orphan(obj: &SecretSync, ctx: &SyncContext, issuing: &Issuing) -> Result<(), engine::Error> {
     let uid = obj.uid().unwrap_or_default();
     let Some(token) = ctx
@@ -1134,24 +1190,101 @@ async fn revoke_orphan(obj: &SecretSync, ctx: &SyncContext, issuing: &Issuing) -
         // but let the engine end the lease with its token.
         count(&sync_metrics().revocations, "abandoned");
         tracing::warn!("The intent of an unrecorded issue cannot be opened; its lease ends with its token");
+        ctx.publish(
+            obj,
+            EventType::Warning,
+            "OrphanNotRevoked",
+            "Revoke",
+            format!(
+                "An interrupted issue left a token that cannot be opened (the controller's key changed): \
+                 a credential it may have obtained stays valid until that token ends{}",
+                until(issuing)
+            ),
+        )
+        .await;
         return Ok(());
     };
-    ctx.engine.revoke_self(&token).await?;
+    let outcome = orphan_outcome(ctx.engine.revoke_self(&token).await, issuing.revocable)?;
     let cached = ctx.tokens.lock().get(&uid).map(|c| c.token == token);
     if cached == Some(true) {
         ctx.drop_token(obj);
     }
-    count(&sync_metrics().revocations, "revoked");
-    tracing::info!(since = %issuing.since, "Revoked the token of an issue that was never recorded");
-    ctx.publish(
-        obj,
-        EventType::Normal,
-        "LeaseRevoked",
-        "Revoke",
-        "Revoked whatever an interrupted issue obtained (its lease was never recorded)".to_owned(),
-    )
-    .await;
+    match outcome {
+        Orphan::Revoked => {
+            count(&sync_metrics().revocations, "revoked");
+            tracing::info!(since = %issuing.since, "Revoked the token of an issue that was never recorded");
+            ctx.publish(
+                obj,
+                EventType::Normal,
+                "LeaseRevoked",
+                "Revoke",
+                "Revoked whatever an interrupted issue obtained (its lease was never recorded)".to_owned(),
+            )
+            .await;
+        }
+        Orphan::Gone => {
+            tracing::info!(
+                since = %issuing.since,
+                "The token of an issue that was never recorded is already gone (revoked or expired): nothing to revoke"
+            );
+        }
+        Orphan::NotRevoked => {
+            count(&sync_metrics().revocations, "abandoned");
+            tracing::warn!(
+                since = %issuing.since,
+                "The engine refused to revoke the token of an issue that was never recorded; what it obtained ends with it"
+            );
+            ctx.publish(
+                obj,
+                EventType::Warning,
+                "OrphanNotRevoked",
+                "Revoke",
+                format!(
+                    "An interrupted issue's token could not be revoked (the engine refused auth/token/revoke-self, \
+                     which the role's policy did not grant): a credential it may have obtained stays valid until \
+                     that token ends{}",
+                    until(issuing)
+                ),
+            )
+            .await;
+        }
+    }
     Ok(())
+}
+
+/// " at <time>" when an intent's token expiry is known.
+fn until(issuing: &Issuing) -> String {
+    issuing
+        .token_expires_at
+        .map(|t| format!(" at {t}"))
+        .unwrap_or_default()
+}
+
+/// Ends a credential this reconcile obtained but could not record (its record changed
+/// since the intent: a successor claimed it, or the write failed): revoking the issue's
+/// own token ends exactly that credential, also when the successor got there first (the
+/// token is then gone). Without the grant, the lease id is revoked instead.
+async fn abandon_issue(
+    obj: &SecretSync,
+    ctx: &SyncContext,
+    token: &str,
+    revocable: bool,
+    lease_id: Option<&str>,
+) {
+    match orphan_outcome(ctx.engine.revoke_self(token).await, revocable) {
+        Ok(outcome @ (Orphan::Revoked | Orphan::Gone)) => {
+            ctx.drop_token(obj);
+            tracing::info!(
+                already = outcome == Orphan::Gone,
+                "Revoked the token (and credential) of an issue whose lease id could not be recorded"
+            );
+        }
+        Ok(Orphan::NotRevoked) | Err(_) => {
+            if let Some(id) = lease_id {
+                revoke(obj, ctx, id).await;
+            }
+        }
+    }
 }
 
 async fn sync_leased(
@@ -1166,11 +1299,7 @@ async fn sync_leased(
     // An issue that stopped before its lease was recorded (the controller was killed,
     // or paused past its leader Lease, in between): its credential is revoked before
     // anything else, so it never lives on beside the one issued next (K1).
-    if let Some(issuing) = record.issuing.clone() {
-        revoke_orphan(obj, ctx, &issuing).await.map_err(Failure::engine)?;
-        record.issuing = None;
-        stored = Some(save_record(secrets, obj, &record, stored).await?);
-    }
+    stored = finish_orphan(secrets, obj, ctx, &mut record, stored).await?;
     let fingerprint = fingerprint(&obj.spec);
     let now = Timestamp::now();
     let in_place = target.as_ref().map(|t| ctx.hmac.digest_secret(t));
@@ -1288,9 +1417,26 @@ async fn sync_leased(
         // next revokes that token and with it the lease (leases::Issuing).
         ctx.drop_token(obj);
         let token = ctx.token_info(obj).await?;
+        // Whether that token may revoke itself: only then does a later refusal of
+        // revoke-self mean that it is gone (leases::Issuing::revocable).
+        let revocable = ctx
+            .engine
+            .can_revoke_self(&token.token)
+            .await
+            .map_err(Failure::engine)?;
+        if !revocable {
+            tracing::warn!(
+                "The role's tokens cannot revoke themselves (auth/token/revoke-self, which the engine's \
+                 default policy grants): should this issue be interrupted, its credential lives until \
+                 its token ends"
+            );
+        }
         record.issuing = Some(Issuing {
             sealed_token: ctx.hmac.seal(&uid, token.token.as_bytes()),
             since: Timestamp::now(),
+            revocable,
+            token_expires_at: Some(token.expires_at),
+            revoking: false,
         });
         stored = Some(save_record(secrets, obj, &record, stored).await?);
         test_fault("intent").await;
@@ -1328,15 +1474,13 @@ async fn sync_leased(
         let restart_now = record.current.as_ref().is_some_and(|c| c.id.is_none());
         record.replace(next);
         // The lease id replaces the intent in one conditional write: a successor that
-        // wrote the record meanwhile (and revoked this token) makes it fail.
+        // claimed the intent meanwhile (before it revokes this token) makes it fail.
         record.issuing = None;
         // The lease id is on record before the credential is used anywhere.
         match save_record(secrets, obj, &record, stored).await {
             Ok(s) => stored = Some(s),
             Err(failure) => {
-                if let Some(id) = &issued.lease_id {
-                    revoke(obj, ctx, id).await;
-                }
+                abandon_issue(obj, ctx, &token.token, revocable, issued.lease_id.as_deref()).await;
                 return Err(failure);
             }
         }
@@ -1478,19 +1622,9 @@ async fn cleanup(obj: &SecretSync, ctx: &SyncContext) -> Result<(), Error> {
     let (mut record, mut stored) = read_record(&secrets, obj)
         .await
         .map_err(|f| Error::Cleanup(f.message))?;
-    if let Some(issuing) = record.issuing.clone() {
-        match revoke_orphan(obj, ctx, &issuing).await {
-            Ok(()) => {
-                record.issuing = None;
-                stored = Some(
-                    save_record(&secrets, obj, &record, stored)
-                        .await
-                        .map_err(|f| Error::Cleanup(f.message))?,
-                );
-            }
-            Err(error) => return Err(Error::Cleanup(error.to_string())),
-        }
-    }
+    stored = finish_orphan(&secrets, obj, ctx, &mut record, stored)
+        .await
+        .map_err(|f| Error::Cleanup(f.message))?;
     let ids = record.lease_ids();
     if !ids.is_empty() {
         match ctx.token(obj).await {
@@ -1685,6 +1819,38 @@ mod tests {
         let mut stranger = secret.clone();
         stranger.metadata.owner_references = None;
         assert!(!owned_by(&stranger, &obj));
+    }
+
+    #[test]
+    fn a_refused_revoke_self_counts_as_gone_only_for_a_token_that_had_the_grant() {
+        let denied = || {
+            Err(engine::Error::Denied {
+                path: "auth/token/revoke-self".into(),
+                message: "permission denied".into(),
+            })
+        };
+        assert_eq!(orphan_outcome(Ok(()), true).unwrap(), Orphan::Revoked);
+        assert_eq!(orphan_outcome(Ok(()), false).unwrap(), Orphan::Revoked);
+        // Had the grant: refused because the engine no longer knows it.
+        assert_eq!(orphan_outcome(denied(), true).unwrap(), Orphan::Gone);
+        // Never had it (or not known, an older record): possibly live, reported as such.
+        assert_eq!(orphan_outcome(denied(), false).unwrap(), Orphan::NotRevoked);
+        // An engine that could not answer: retried, the intent kept.
+        let down = orphan_outcome(
+            Err(engine::Error::Sealed {
+                path: "auth/token/revoke-self".into(),
+            }),
+            true,
+        );
+        assert!(matches!(down, Err(engine::Error::Sealed { .. })));
+        let issuing = Issuing {
+            sealed_token: String::new(),
+            since: Timestamp::from_second(1_800_000_000).unwrap(),
+            revocable: false,
+            token_expires_at: Some(Timestamp::from_second(1_800_003_600).unwrap()),
+            revoking: true,
+        };
+        assert_eq!(until(&issuing), " at 2027-01-15T09:00:00Z");
     }
 
     #[test]
