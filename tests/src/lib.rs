@@ -1044,19 +1044,6 @@ pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 pub mod mesh;
 
-#[cfg(test)]
-mod free_port_tests {
-    /// Without the record of handed-out ports, 500 calls on Linux repeat a port almost
-    /// surely (the kernel picks from about 14,000, and reuses ones just released).
-    #[test]
-    fn free_port_never_repeats_within_a_process() {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..500 {
-            assert!(seen.insert(super::free_port().port()));
-        }
-    }
-}
-
 /// Creates ServiceIntentions (YAML manifests) that the chart's tenancy policy refuses, as
 /// on a cluster where they were stored before the policy existed: its binding is switched
 /// to audit-only for the writes and back to Deny after, whatever happens.
@@ -1093,4 +1080,17 @@ pub async fn store_despite_tenancy_policy(manifests: &[String]) -> Result<()> {
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod free_port_tests {
+    /// Without the record of handed-out ports, 500 calls on Linux repeat a port almost
+    /// surely (the kernel picks from about 14,000, and reuses ones just released).
+    #[test]
+    fn free_port_never_repeats_within_a_process() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..500 {
+            assert!(seen.insert(super::free_port().port()));
+        }
+    }
 }
