@@ -404,11 +404,26 @@ impl ControllerProcess {
         timings: LeaseTimings,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_with_env(client, identity, timings, extra, &[]).await
+    }
+
+    /// As [`Self::start_with`], with `env` set in the process's environment (the
+    /// controller's test-only fault point, say, which is never inherited otherwise).
+    pub async fn start_with_env(
+        client: &Client,
+        identity: &str,
+        timings: LeaseTimings,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         install_chart();
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
         let admin = free_port();
-        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}.log"));
+        // Unique per test process: two suites (two clones) may run at once.
+        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}-{}.log", std::process::id()));
         let child = Command::new(bin("capstan-controller"))
+            .env_remove("CAPSTAN_CONTROLLER_TEST_PAUSE_AT")
+            .envs(env.iter().copied())
             .env("KUBECONFIG", &kubeconfig)
             .env(
                 "CAPSTAN_LOG",

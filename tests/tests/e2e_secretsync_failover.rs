@@ -30,11 +30,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use serde_json::{Value, json};
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 const TIMINGS: LeaseTimings = LeaseTimings {
     duration: 6,
@@ -100,9 +96,9 @@ async fn successor_killed(at: &'static str) -> Result<()> {
     clear_lease(&world.client).await;
     let start = |id: &str, pause: Option<&'static str>| {
         let (client, url, id) = (&world.client, world.engine_url(), format!("{name}-{id}"));
-        async move { Controller::start(client, &id, &url, pause).await }
+        async move { controller(client, &id, &url, pause).await }
     };
-    let paused = |controller: &Controller, point: &str| {
+    let paused = |controller: &ControllerProcess, point: &str| {
         let (log, wanted) = (controller.log.clone(), format!("Test fault: pausing at {point}"));
         async move {
             eventually(Duration::from_secs(30), &wanted, || {
@@ -204,7 +200,7 @@ async fn failover(stop: Stop, point: &str, successor_at: Option<&str>) -> Result
     let history = History::follow(&world);
 
     clear_lease(&world.client).await;
-    let mut leader = Controller::start(
+    let mut leader = controller(
         &world.client,
         &format!("{name}-a"),
         &world.engine_url(),
@@ -212,7 +208,7 @@ async fn failover(stop: Stop, point: &str, successor_at: Option<&str>) -> Result
     )
     .await?;
     wait_for_holder(&world.client, &format!("{name}-a")).await?;
-    let standby = Controller::start(
+    let standby = controller(
         &world.client,
         &format!("{name}-b"),
         &world.engine_url(),
@@ -693,83 +689,16 @@ impl World {
 
 use rustls::pki_types::pem::PemObject as _;
 
-/// A capstan-controller process as the chart's ServiceAccount, as `ControllerProcess`
-/// starts it, plus the test-only fault point in its environment.
-struct Controller {
-    log: PathBuf,
-    child: Child,
-}
-
-impl Controller {
-    async fn start(
-        client: &Client,
-        identity: &str,
-        engine_url: &str,
-        pause_at: Option<&str>,
-    ) -> Result<Self> {
-        install_chart();
-        let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
-        let admin = free_port();
-        let log = std::env::temp_dir().join(format!("capstan-e2e-{identity}-{}.log", std::process::id()));
-        let mut command = Command::new(bin("capstan-controller"));
-        command
-            .env("KUBECONFIG", &kubeconfig)
-            .env("CAPSTAN_LOG", "info,capstan_controller=debug")
-            .env_remove(PAUSE_AT_ENV)
-            .args([
-                "--log-format",
-                "json",
-                "--identity",
-                identity,
-                "--namespace",
-                SYSTEM_NAMESPACE,
-                "--lease-name",
-                LEASE_NAME,
-                "--admin-addr",
-                &admin.to_string(),
-                "--lease-duration-seconds",
-                &TIMINGS.duration.to_string(),
-                "--renew-deadline-seconds",
-                &TIMINGS.renew_deadline.to_string(),
-                "--retry-period-seconds",
-                &TIMINGS.retry_period.to_string(),
-                "--engine-url",
-                engine_url,
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        if let Some(point) = pause_at {
-            command.env(PAUSE_AT_ENV, point);
-        }
-        let child = command.spawn().context("starting capstan-controller")?;
-        let process = Self { log, child };
-        eventually(Duration::from_secs(20), "the controller's /healthz", || async {
-            (http_get(admin, "/healthz").await.ok()?.0 == 200).then_some(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", process.logs()))?;
-        Ok(process)
-    }
-
-    fn signal(&self, signal: &str) {
-        run("kill", &[&format!("-{signal}"), &self.child.id().to_string()]).expect("signalling a process");
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        // A frozen process would not die of SIGTERM; SIGKILL ends it either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A capstan-controller process as the chart's ServiceAccount, with the short Lease of
+/// these tests, the test's engine, and the test-only fault point when asked.
+async fn controller(
+    client: &Client,
+    identity: &str,
+    engine_url: &str,
+    pause_at: Option<&str>,
+) -> Result<ControllerProcess> {
+    let env: Vec<(&str, &str)> = pause_at.map(|point| (PAUSE_AT_ENV, point)).into_iter().collect();
+    ControllerProcess::start_with_env(client, identity, TIMINGS, &["--engine-url", engine_url], &env).await
 }
 
 async fn wait_for_holder(client: &Client, identity: &str) -> Result<()> {
