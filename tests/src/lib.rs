@@ -717,18 +717,9 @@ pub async fn https_json(
     bearer: Option<&str>,
     body: Option<&str>,
 ) -> Result<(u16, serde_json::Value)> {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        store.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(store)
-    .with_no_client_auth();
+    let config = tls13_client_config(roots_pem)?;
     let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let mut tls = tokio::time::timeout(
@@ -1058,6 +1049,21 @@ pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 pub mod mesh;
+
+/// A TLS 1.3 client that trusts exactly `roots_pem` (the engine's mesh roots).
+pub fn tls13_client_config(roots_pem: &str) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        store.add(cert?)?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(store)
+    .with_no_client_auth())
+}
 
 /// Creates ServiceIntentions (YAML manifests) that the chart's tenancy policy refuses, as
 /// on a cluster where they were stored before the policy existed: its binding is switched

@@ -185,18 +185,9 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Result<(u16, Value)> {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        store.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(store)
-    .with_no_client_auth();
+    let config = crate::tls13_client_config(roots_pem)?;
     let addr = engine.https;
     let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());

@@ -642,6 +642,7 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
             "registry.example/web:1",
         ],
     )?;
+    let merge = |patch: &str| kubectl(&["patch", "deployment", "web", "-n", n, "--type=merge", "-p", patch]);
     refused(
         "an image patch",
         kubectl(&[
@@ -658,35 +659,18 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
     );
     refused(
         "a scale to zero",
-        kubectl(&[
-            "patch",
-            "deployment",
-            "web",
-            "-n",
-            n,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"replicas":0}}"#,
-        ]),
+        merge(r#"{"spec":{"replicas":0}}"#),
         "may not change a Deployment's replicas",
     );
     refused(
         "another template annotation",
-        kubectl(&[
-            "patch",
-            "deployment",
-            "web",
-            "-n",
-            n,
-            "--type=merge",
-            "-p",
+        merge(
             r#"{"spec":{"template":{"metadata":{"annotations":{"capstan.dev/restartedAt":"x","sidecar.istio.io/inject":"false"}}}}}"#,
-        ]),
+        ),
         "only the pod template annotation",
     );
     // The Deployment's own metadata: an owner reference to a missing owner (the garbage
     // collector would delete it), a finalizer, an annotation; a template finalizer.
-    let merge = |patch: &str| kubectl(&["patch", "deployment", "web", "-n", n, "--type=merge", "-p", patch]);
     for (what, patch) in [
         (
             "an owner reference",

@@ -512,21 +512,9 @@ impl World {
             root: String::new(),
             ns,
         };
-        let (code, init) = world
-            .call(
-                "PUT",
-                "sys/init",
-                None,
-                Some(json!({"secret_shares": 1, "secret_threshold": 1})),
-            )
-            .await?;
-        ensure!(code == 200, "init: {code} {init}");
-        world.root = init["root_token"].as_str().context("a root token")?.to_owned();
-        let key = init["keys"][0].as_str().context("an unseal key")?.to_owned();
-        let (code, status) = world
-            .call("PUT", "sys/unseal", None, Some(json!({ "key": key })))
-            .await?;
-        ensure!(code == 200, "unseal: {code} {status}");
+        world.root = capstan_tests::secrets::init_and_unseal(&world.engine, &world.roots)
+            .await?
+            .0;
         let sa = ServiceAccount {
             metadata: ObjectMeta {
                 name: Some("app".into()),

@@ -1188,18 +1188,12 @@ async fn revoke_orphan(obj: &SecretSync, ctx: &SyncContext, issuing: &Issuing) -
     else {
         // Not sealed under this key (the key Secret was replaced): nothing can be done
         // but let the engine end the lease with its token.
-        count(&sync_metrics().revocations, "abandoned");
-        tracing::warn!("The intent of an unrecorded issue cannot be opened; its lease ends with its token");
-        ctx.publish(
+        abandon_orphan(
             obj,
-            EventType::Warning,
-            "OrphanNotRevoked",
-            "Revoke",
-            format!(
-                "An interrupted issue left a token that cannot be opened (the controller's key changed): \
-                 a credential it may have obtained stays valid until that token ends{}",
-                until(issuing)
-            ),
+            ctx,
+            issuing,
+            "The intent of an unrecorded issue cannot be opened; its lease ends with its token",
+            "An interrupted issue left a token that cannot be opened (the controller's key changed)",
         )
         .await;
         return Ok(());
@@ -1229,27 +1223,36 @@ async fn revoke_orphan(obj: &SecretSync, ctx: &SyncContext, issuing: &Issuing) -
             );
         }
         Orphan::NotRevoked => {
-            count(&sync_metrics().revocations, "abandoned");
-            tracing::warn!(
-                since = %issuing.since,
-                "The engine refused to revoke the token of an issue that was never recorded; what it obtained ends with it"
-            );
-            ctx.publish(
+            abandon_orphan(
                 obj,
-                EventType::Warning,
-                "OrphanNotRevoked",
-                "Revoke",
-                format!(
-                    "An interrupted issue's token could not be revoked (the engine refused auth/token/revoke-self, \
-                     which the role's policy did not grant): a credential it may have obtained stays valid until \
-                     that token ends{}",
-                    until(issuing)
-                ),
+                ctx,
+                issuing,
+                "The engine refused to revoke the token of an issue that was never recorded; what it obtained ends with it",
+                "An interrupted issue's token could not be revoked (the engine refused auth/token/revoke-self, \
+                 which the role's policy did not grant)",
             )
             .await;
         }
     }
     Ok(())
+}
+
+/// An orphan that cannot be revoked: counted, logged and told in an Event, never claimed
+/// as revoked; what it obtained stays valid until its token ends.
+async fn abandon_orphan(obj: &SecretSync, ctx: &SyncContext, issuing: &Issuing, log: &str, why: &str) {
+    count(&sync_metrics().revocations, "abandoned");
+    tracing::warn!(since = %issuing.since, "{log}");
+    ctx.publish(
+        obj,
+        EventType::Warning,
+        "OrphanNotRevoked",
+        "Revoke",
+        format!(
+            "{why}: a credential it may have obtained stays valid until that token ends{}",
+            until(issuing)
+        ),
+    )
+    .await;
 }
 
 /// " at <time>" when an intent's token expiry is known.
