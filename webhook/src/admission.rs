@@ -515,6 +515,9 @@ impl AppState {
 }
 
 #[cfg(test)]
+mod golden;
+
+#[cfg(test)]
 mod tests {
     use capstan_mesh::injection::{self, Injection};
     use k8s_openapi::api::core::v1::Pod;
