@@ -8,7 +8,7 @@ use aes_gcm::{
     Aes256Gcm,
     aead::{AeadInOut, KeyInit, array::Array},
 };
-use capstan_engine::barrier::Keyring;
+use capstan_engine::store::barrier::Keyring;
 use std::{hint::black_box, time::Instant};
 
 const PATH: &str = "secret/data/app/db";

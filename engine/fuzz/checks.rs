@@ -4,9 +4,9 @@
 //! breaks.
 #![allow(dead_code)]
 
-use capstan_engine::barrier::{self, Keyring, RootKey};
 use capstan_engine::policy::{Acl, Capability, Policy};
-use capstan_engine::shamir::{self, Progress, ShamirError, UnsealProgress};
+use capstan_engine::store::barrier::{self, Keyring, RootKey};
+use capstan_engine::store::shamir::{self, Progress, ShamirError, UnsealProgress};
 use std::sync::OnceLock;
 
 /// The policy parser and matcher. The input is `<policy text> \0 <path> \0 <path> ...`.

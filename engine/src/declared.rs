@@ -5,7 +5,7 @@
 //! the source of truth, so nothing about them needs the barrier or an unsealed engine.
 
 use crate::{
-    auth_kubernetes::{Role, parse_duration},
+    auth::kubernetes::{Role, parse_duration},
     policy::Policy,
 };
 use capstan_crds::{
@@ -152,7 +152,7 @@ impl Declared {
             let policies: Vec<String> = spec
                 .policies
                 .iter()
-                .map(|p| crate::policies::canonical(p))
+                .map(|p| crate::policy::store::canonical(p))
                 .collect();
             if policies.iter().any(|p| p == "root") {
                 return Err("a role cannot grant the root policy".to_owned());

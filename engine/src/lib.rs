@@ -1,30 +1,28 @@
-//! The Capstan secrets engine. Today: the mesh CA (`ca`, the signing core; `mesh_ca`, its
-//! endpoint, storage in a Secret and rotation), served over HTTPS (`https`) by the
-//! `capstan-engine` binary through one router of mounts (`api`). The barrier, auth
-//! methods, policies, leases and secrets engines (KV v2, PKI with the mesh CA as one
-//! mount, database) come with the secrets issue, as further mounts.
+//! The Capstan secrets engine, grouped by what each part is:
+//!
+//! - `store`: where everything is kept: physical storage in StorageEntry objects
+//!   (`storage`), the barrier that encrypts every value (`barrier`), the seal that holds
+//!   the barrier's keys (`seal`, split into shares by `shamir`), the barrier-backed view
+//!   the rest of the engine reads and writes (`logical`), and the clock.
+//! - `auth`: who is asking: tokens (`token`) and the Kubernetes auth method
+//!   (`kubernetes`, which checks ServiceAccount tokens with TokenReview).
+//! - `policy`: what a token may do: the ACL policy language and its store.
+//! - `secrets`: the secrets engines (KV v2, PKI, database) and the leases of what they
+//!   hand out.
+//! - `mesh_ca`: the mesh CA (its signing core, its endpoint under `/v1/mesh`, its key in
+//!   a Secret, rotation).
+//! - `api`: the HTTPS API: one router for the mesh CA's endpoint and the Vault-compatible
+//!   API (`vault`), its request pipeline, and the audit log.
+//! - `declared`: policies and auth roles declared as Kubernetes objects.
+//!
+//! The `capstan-engine` binary (main.rs) wires them together.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod api;
-pub mod audit;
-pub mod auth_kubernetes;
-pub mod barrier;
-pub mod ca;
-pub mod clock;
-pub mod database;
+pub mod auth;
 pub mod declared;
-pub mod dev_unseal;
-pub mod https;
-pub mod kv;
-pub mod lease;
-pub mod logical;
 pub mod mesh_ca;
-pub mod pki;
-pub mod policies;
 pub mod policy;
-pub mod seal;
-pub mod shamir;
-pub mod storage;
-pub mod token;
-pub mod vault;
+pub mod secrets;
+pub mod store;

@@ -4,21 +4,23 @@
 
 use anyhow::Context as _;
 use capstan_engine::{
-    api, audit,
-    auth_kubernetes::{KubernetesAuth, PodReaper},
-    database::Database,
+    api,
+    api::audit,
+    api::https,
+    api::vault,
+    auth::kubernetes::{KubernetesAuth, PodReaper},
+    auth::token::Tokens,
     declared::Declared,
-    dev_unseal, https,
-    kv::Kv,
-    lease::{LeaseMetrics, Leases},
-    logical::Logical,
     mesh_ca,
-    pki::Pki,
-    policies::Policies,
-    seal::Seal,
-    storage::kube::KubeStorage,
-    token::Tokens,
-    vault,
+    policy::store::Policies,
+    secrets::database::Database,
+    secrets::kv::Kv,
+    secrets::lease::{LeaseMetrics, Leases},
+    secrets::pki::Pki,
+    store::dev_unseal,
+    store::logical::Logical,
+    store::seal::Seal,
+    store::storage::kube::KubeStorage,
 };
 use capstan_telemetry::{Health, LoggingArgs, Stop, spawn_admin};
 use clap::Parser;
@@ -149,7 +151,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.root_ttl > args.leaf_ttl,
         "--root-ttl must be longer than --leaf-ttl"
     );
-    capstan_engine::ca::validate_serving_names(&args.serving_names()).context("--serving-san")?;
+    capstan_engine::mesh_ca::signing::validate_serving_names(&args.serving_names())
+        .context("--serving-san")?;
     let mounts = [&args.kv_mount, &args.database_mount, &args.pki_mount];
     for (i, mount) in mounts.iter().enumerate() {
         anyhow::ensure!(
@@ -207,7 +210,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("No audit sink: requests to the secrets API are not audited (--audit)");
     }
     let storage = KubeStorage::start(client.clone(), &args.namespace);
-    let backend: Arc<dyn capstan_engine::storage::Backend> = storage.clone();
+    let backend: Arc<dyn capstan_engine::store::storage::Backend> = storage.clone();
     let seal = Arc::new(Seal::new(backend.clone()));
     let logical = Logical::new(
         backend.clone(),
@@ -284,7 +287,7 @@ async fn run_secrets(
             .run(engine.tokens.clone(), engine.seal.clone()),
     );
     if let Some(secret) = &args.dev_auto_unseal {
-        let backend: Arc<dyn capstan_engine::storage::Backend> = storage.clone();
+        let backend: Arc<dyn capstan_engine::store::storage::Backend> = storage.clone();
         match dev_unseal::auto_unseal(client.clone(), &args.namespace, secret, &engine.seal, backend).await {
             Ok(()) => vault::after_unseal(&engine).await,
             Err(error) => {

@@ -7,9 +7,9 @@
 //! `WRITE_TIMEOUT`.
 
 use crate::{
-    logical::{Logical, LogicalError},
-    storage::Precondition,
-    token::TokenEntry,
+    auth::token::TokenEntry,
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 use parking_lot::{Mutex, RwLock};
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -390,7 +390,7 @@ impl Audit {
                 };
                 match logical.put(HMAC_KEY_PATH, &fresh, Precondition::Absent).await {
                     Ok(_) => fresh,
-                    Err(LogicalError::Storage(crate::storage::StorageError::Conflict(_))) => {
+                    Err(LogicalError::Storage(crate::store::storage::StorageError::Conflict(_))) => {
                         logical
                             .get_fresh::<HmacKey>(HMAC_KEY_PATH)
                             .await?
@@ -667,7 +667,7 @@ mod tests {
     async fn strings_are_hmacd_and_the_hash_is_reproducible() {
         let path = temp("hmac");
         let audit = audit(vec![Sink::file(&path).unwrap()]);
-        let logical = crate::token::tests::unsealed().await;
+        let logical = crate::auth::token::tests::unsealed().await;
         audit.load_key(&logical).await.unwrap();
         let entry = TokenEntry {
             id_hash: String::new(),

@@ -1,11 +1,13 @@
 //! The engine's HTTP API: the mesh CA's endpoints under `/v1/mesh`, and everything
-//! else under `/v1/` is the Vault-compatible secrets API (`crate::vault`), which routes
-//! its own mounts (sys/, auth/, the KV mount...).
+//! else under `/v1/` is the Vault-compatible secrets API (`vault`), which routes its own mounts
+//! (sys/, auth/, the KV mount...). Served over HTTPS by `https`; every request to the
+//! Vault API is recorded in the `audit` log.
 
-use crate::{
-    mesh_ca::{self, MeshCaService},
-    vault,
-};
+pub mod audit;
+pub mod https;
+pub mod vault;
+
+use crate::mesh_ca::{self, MeshCaService};
 use axum::Router;
 use std::sync::Arc;
 

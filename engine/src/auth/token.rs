@@ -4,9 +4,9 @@
 //! revokes every token created under it. An accessor names a token without being one.
 
 use crate::{
-    clock::now,
-    logical::{Logical, LogicalError},
-    storage::Precondition,
+    store::clock::now,
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use serde::{Deserialize, Serialize};
@@ -219,7 +219,7 @@ impl Tokens {
                 .logical
                 .get_fresh::<TokenEntry>(&format!("{ID_PREFIX}{parent}"))
                 .await?
-                .is_some_and(|p| !p.value.expired(crate::clock::now()) && p.value.num_uses == 0);
+                .is_some_and(|p| !p.value.expired(crate::store::clock::now()) && p.value.num_uses == 0);
             if !live {
                 self.revoke_hash(&entry.id_hash).await?;
                 return Err(TokenError::Invalid);
@@ -433,11 +433,11 @@ impl Tokens {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::{seal::Seal, storage::memory::Memory};
+    use crate::{store::seal::Seal, store::storage::memory::Memory};
     use std::sync::Arc;
 
     pub(crate) async fn unsealed() -> Logical {
-        let backend: Arc<dyn crate::storage::Backend> = Arc::new(Memory::default());
+        let backend: Arc<dyn crate::store::storage::Backend> = Arc::new(Memory::default());
         let seal = Arc::new(Seal::new(backend.clone()));
         let init = seal.init(1, 1, false).await.unwrap();
         seal.unseal(init.shares[0].clone()).await.unwrap();
@@ -460,7 +460,7 @@ pub(crate) mod tests {
     /// both have it.
     #[tokio::test]
     async fn a_limited_token_is_spent_once_per_use_across_replicas() {
-        let (a, b) = crate::logical::tests::two_replicas().await;
+        let (a, b) = crate::store::logical::tests::two_replicas().await;
         let (on_a, on_b) = (Tokens::new(a), Tokens::new(b));
         let (token, entry) = on_a
             .create(

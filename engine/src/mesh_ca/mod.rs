@@ -1,4 +1,5 @@
-//! The mesh CA mount: `POST /v1/mesh/sign` and `GET /v1/mesh/roots` (see `server`), the
+//! The mesh CA mount: `POST /v1/mesh/sign` and `GET /v1/mesh/roots` (see `server`), its
+//! signing core (`signing`), the
 //! CA kept in a Secret (`store`, `secret`), followed by every replica through a watch,
 //! and rotated in phases (`rotation`).
 
@@ -6,10 +7,11 @@ pub mod metrics;
 pub mod rotation;
 pub mod secret;
 pub mod server;
+pub mod signing;
 pub mod store;
 pub mod tokenreview;
 
-use crate::ca::MeshCa;
+use crate::mesh_ca::signing::MeshCa;
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;

@@ -20,7 +20,7 @@
 //! rotates it.
 
 use super::rotation::{Retiring, RotationState, Step};
-use crate::ca::{CaError, MeshCa, pem_of};
+use crate::mesh_ca::signing::{CaError, MeshCa, pem_of};
 use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use std::collections::BTreeMap;

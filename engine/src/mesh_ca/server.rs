@@ -6,7 +6,7 @@ use super::{
     metrics::SignResult,
     tokenreview::{AuthError, bearer},
 };
-use crate::ca::CaError;
+use crate::mesh_ca::signing::CaError;
 use axum::{
     Json, Router,
     body::Bytes,

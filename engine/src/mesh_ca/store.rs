@@ -4,7 +4,7 @@
 //! two replicas never both win.
 
 use super::secret;
-use crate::ca::MeshCa;
+use crate::mesh_ca::signing::MeshCa;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client,
@@ -27,7 +27,7 @@ pub enum StoreError {
         source: kube::Error,
     },
     #[error("generating a new root")]
-    Generate(#[source] crate::ca::CaError),
+    Generate(#[source] crate::mesh_ca::signing::CaError),
 }
 
 pub fn is_conflict(error: &kube::Error) -> bool {

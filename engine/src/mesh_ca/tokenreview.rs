@@ -1,7 +1,7 @@
 //! Who is asking: the caller's projected ServiceAccount token, checked by the API server
 //! (TokenReview) for our audience. The token itself is never logged nor echoed.
 
-use crate::ca::WorkloadIdentity;
+use crate::mesh_ca::signing::WorkloadIdentity;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::{Api, Client, api::PostParams};
 

@@ -1,4 +1,5 @@
-//! Vault ACL policies: the parser (HCL or JSON, `parse`) and the matcher (`Acl`).
+//! Vault ACL policies: the parser (HCL or JSON, `parse`), the matcher (`Acl`), and the
+//! store of named policies the API writes (`store`).
 //!
 //! A policy is a list of `path "<pattern>" { capabilities = [...] }` rules. Patterns are
 //! exact, end in `*` (prefix glob), and/or have `+` segments (one path segment each),
@@ -18,6 +19,7 @@
 
 mod acl;
 mod parse;
+pub mod store;
 
 pub use acl::Acl;
 

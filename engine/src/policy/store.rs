@@ -5,9 +5,9 @@
 
 use crate::{
     declared::Declared,
-    logical::{Logical, LogicalError},
     policy::{Acl, DEFAULT_POLICY, Policy},
-    storage::Precondition,
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};

@@ -5,8 +5,8 @@
 //! update: two writers never get the same version number and neither update is lost.
 
 use crate::{
-    logical::{Logical, LogicalError},
-    storage::Precondition,
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -411,7 +411,7 @@ mod tests {
     use serde_json::json;
 
     async fn kv() -> Kv {
-        Kv::new(crate::token::tests::unsealed().await, "secret")
+        Kv::new(crate::auth::token::tests::unsealed().await, "secret")
     }
 
     fn data(v: Value) -> Map<String, Value> {

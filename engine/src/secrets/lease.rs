@@ -10,10 +10,10 @@
 //! it (`sys/leases/revoke-force`).
 
 use crate::{
-    clock::now,
-    database::Database,
-    logical::{Logical, LogicalError},
-    storage::{Precondition, StorageError},
+    secrets::database::Database,
+    store::clock::now,
+    store::logical::{Logical, LogicalError},
+    store::storage::{Precondition, StorageError},
 };
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use serde::{Deserialize, Serialize};
@@ -335,7 +335,7 @@ impl Leases {
 
     /// One pass of the expiration loop: revokes what expired, retries what is due, and
     /// revokes leases whose token is gone.
-    pub async fn tick(&self, tokens: &crate::token::Tokens) -> Result<(), LeaseError> {
+    pub async fn tick(&self, tokens: &crate::auth::token::Tokens) -> Result<(), LeaseError> {
         let now = now();
         let (mut active, mut irrevocable) = (0, 0);
         for path in self.logical.paths(ID_PREFIX).await? {
@@ -356,7 +356,7 @@ impl Leases {
                 None => match &lease.token_hash {
                     Some(token)
                         if !tokens.exists_hash(token).await.map_err(|e| match e {
-                            crate::token::TokenError::Storage(e) => LeaseError::Storage(e),
+                            crate::auth::token::TokenError::Storage(e) => LeaseError::Storage(e),
                             _ => LeaseError::NotFound,
                         })? =>
                     {
@@ -373,7 +373,11 @@ impl Leases {
     }
 
     /// The expiration loop, every second while unsealed.
-    pub async fn run(self, tokens: crate::token::Tokens, seal: std::sync::Arc<crate::seal::Seal>) {
+    pub async fn run(
+        self,
+        tokens: crate::auth::token::Tokens,
+        seal: std::sync::Arc<crate::store::seal::Seal>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

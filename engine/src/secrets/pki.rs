@@ -6,9 +6,9 @@
 //! mesh workload.
 
 use crate::{
-    ca::{is_dns_name, pem_of, random_serial},
-    logical::{Logical, LogicalError},
-    storage::Precondition,
+    mesh_ca::signing::{is_dns_name, pem_of, random_serial},
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 use parking_lot::RwLock;
 use rcgen::{
@@ -207,7 +207,9 @@ impl Pki {
             .await
         {
             Ok(_) => Ok(stored.certificate_pem),
-            Err(LogicalError::Storage(crate::storage::StorageError::Conflict(_))) => Err(PkiError::HasCa),
+            Err(LogicalError::Storage(crate::store::storage::StorageError::Conflict(_))) => {
+                Err(PkiError::HasCa)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -253,7 +255,7 @@ impl Pki {
     }
 
     pub async fn role(&self, name: &str) -> Result<Option<Role>, PkiError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Ok(None);
         }
         Ok(self
@@ -264,7 +266,7 @@ impl Pki {
     }
 
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), PkiError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Err(PkiError::Invalid(format!("invalid role name {name:?}")));
         }
         if !role.allow_any_name && role.allowed_domains.is_empty() && !role.allow_localhost {
@@ -282,7 +284,7 @@ impl Pki {
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), PkiError> {
-        if crate::storage::valid_name(name) {
+        if crate::store::storage::valid_name(name) {
             self.logical
                 .delete(&self.role_path(name), Precondition::None)
                 .await?;
@@ -429,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn issues_within_the_role_and_refuses_outside() {
-        let pki = Pki::new(crate::token::tests::unsealed().await, "pki");
+        let pki = Pki::new(crate::auth::token::tests::unsealed().await, "pki");
         assert!(matches!(
             pki.issue("web", "a.example.com", &[], &[], 0).await,
             Err(PkiError::UnknownRole(_))

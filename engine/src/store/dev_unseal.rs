@@ -4,8 +4,8 @@
 //! the engine stores: the engine says so in its log at every start.
 
 use crate::{
-    seal::{Seal, SealError},
-    storage::Backend,
+    store::seal::{Seal, SealError},
+    store::storage::Backend,
 };
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{Api, Client, api::PostParams};
@@ -42,7 +42,7 @@ pub async fn auto_unseal(
         }
         match seal.init(1, 1, true).await {
             Ok(initialized) => {
-                let root = crate::vault::root_token(backend.clone(), initialized.keyring.clone())
+                let root = crate::api::vault::root_token(backend.clone(), initialized.keyring.clone())
                     .await
                     .map_err(|e| anyhow::anyhow!("writing the root token: {e:?}"))?;
                 let secret = Secret {

@@ -3,9 +3,9 @@
 //! Every engine (KV, tokens, policies, leases) stores through this.
 
 use crate::{
-    barrier::BarrierError,
-    seal::{Seal, SealError},
-    storage::{Backend, Precondition, StorageError, children},
+    store::barrier::BarrierError,
+    store::seal::{Seal, SealError},
+    store::storage::{Backend, Precondition, StorageError, children},
 };
 use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
@@ -314,9 +314,9 @@ impl Logical {
 pub(crate) mod tests {
     use super::*;
     use crate::{
-        policies::Policies,
-        storage::memory::Memory,
-        token::{NewToken, TokenError, Tokens},
+        auth::token::{NewToken, TokenError, Tokens},
+        policy::store::Policies,
+        store::storage::memory::Memory,
     };
     use serde::Deserialize;
 

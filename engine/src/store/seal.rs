@@ -23,10 +23,10 @@
 //! than write under a term it does not own.
 
 use crate::{
-    barrier::{self, BarrierError, Keyring, RootKey},
-    logical::Decoded,
-    shamir::{self, ShamirError, UnsealProgress},
-    storage::{Backend, Precondition, StorageError},
+    store::barrier::{self, BarrierError, Keyring, RootKey},
+    store::logical::Decoded,
+    store::shamir::{self, ShamirError, UnsealProgress},
+    store::storage::{Backend, Precondition, StorageError},
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use parking_lot::RwLock;
@@ -405,7 +405,7 @@ impl Seal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{logical::Logical, storage::memory::Memory};
+    use crate::{store::logical::Logical, store::storage::memory::Memory};
 
     fn fresh() -> (Arc<dyn Backend>, Seal) {
         let backend: Arc<dyn Backend> = Arc::new(Memory::default());
@@ -491,7 +491,7 @@ mod tests {
         seal.seal();
         assert!(matches!(
             logical.get::<String>("t/old").await,
-            Err(crate::logical::LogicalError::Sealed)
+            Err(crate::store::logical::LogicalError::Sealed)
         ));
         let restarted = Arc::new(Seal::new(backend.clone()));
         restarted.unseal(shares[0].clone()).await.unwrap();
@@ -547,13 +547,15 @@ mod tests {
         fn get<'a>(
             &'a self,
             path: &'a str,
-        ) -> futures::future::BoxFuture<'a, Result<Option<crate::storage::Stored>, StorageError>> {
+        ) -> futures::future::BoxFuture<'a, Result<Option<crate::store::storage::Stored>, StorageError>>
+        {
             self.inner.get(path)
         }
         fn get_fresh<'a>(
             &'a self,
             path: &'a str,
-        ) -> futures::future::BoxFuture<'a, Result<Option<crate::storage::Stored>, StorageError>> {
+        ) -> futures::future::BoxFuture<'a, Result<Option<crate::store::storage::Stored>, StorageError>>
+        {
             self.inner.get_fresh(path)
         }
         fn put<'a>(

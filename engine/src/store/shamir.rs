@@ -196,7 +196,7 @@ impl OsRng {
     fn fill(&mut self, dst: &mut [u8]) {
         for b in dst {
             if self.used == self.buf.len() {
-                if crate::barrier::fill_random(&mut self.buf).is_err() {
+                if crate::store::barrier::fill_random(&mut self.buf).is_err() {
                     self.failed = true;
                     self.buf.fill(0);
                 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::barrier::{RootKey, open_root, seal_root};
+use crate::store::barrier::{RootKey, open_root, seal_root};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::index::sample};
 use std::time::Instant;
 

@@ -2,10 +2,10 @@
 
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
-    auth_kubernetes::{LoginError, RoleRequest},
-    clock::now,
-    policies::canonical,
-    token::{NewToken, TokenEntry},
+    auth::kubernetes::{LoginError, RoleRequest},
+    auth::token::{NewToken, TokenEntry},
+    policy::store::canonical,
+    store::clock::now,
 };
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -119,7 +119,7 @@ pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
                 .revoke_accessor(request.required("accessor")?)
                 .await
                 .or_else(|e| match e {
-                    crate::token::TokenError::Invalid => Ok(()),
+                    crate::auth::token::TokenError::Invalid => Ok(()),
                     other => Err(other),
                 })?;
             Ok(Reply::no_content())
@@ -132,7 +132,10 @@ pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Rep
 /// descendants follow within a second (the expiration loop sees their tokens gone).
 async fn revoke(engine: &Engine, token: &str) -> Result<(), ApiError> {
     engine.tokens.revoke(token).await?;
-    engine.leases.revoke_for_token(&crate::token::hash(token)).await?;
+    engine
+        .leases
+        .revoke_for_token(&crate::auth::token::hash(token))
+        .await?;
     Ok(())
 }
 

@@ -3,9 +3,9 @@
 
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
-    clock::now,
-    database::{Connection, DatabaseError, Role},
-    lease::{Lease, LeaseSecret, new_id},
+    secrets::database::{Connection, DatabaseError, Role},
+    secrets::lease::{Lease, LeaseSecret, new_id},
+    store::clock::now,
 };
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -134,7 +134,7 @@ async fn creds(engine: &Engine, request: &Request, role: &str) -> Result<Reply, 
             .revoke(&issued.connection, role, &issued.username)
             .await;
         return Err(match error {
-            crate::lease::LeaseError::Storage(e) => e.into(),
+            crate::secrets::lease::LeaseError::Storage(e) => e.into(),
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         });
     }

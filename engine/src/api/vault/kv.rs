@@ -2,7 +2,7 @@
 //! `config`.
 
 use super::{ApiError, Engine, Operation, Reply, Request};
-use crate::kv::{KvError, MountConfig, Read, WriteOptions};
+use crate::secrets::kv::{KvError, MountConfig, Read, WriteOptions};
 use axum::http::StatusCode;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ fn versions(request: &Request) -> Result<Vec<u64>, ApiError> {
     }
 }
 
-fn metadata_reply(metadata: &crate::kv::VersionMetadata) -> Value {
+fn metadata_reply(metadata: &crate::secrets::kv::VersionMetadata) -> Value {
     serde_json::to_value(metadata).unwrap_or_default()
 }
 

@@ -15,17 +15,17 @@ mod sys;
 pub use sys::{after_unseal, root_token};
 
 use crate::{
-    audit::{Audit, AuthInfo},
-    auth_kubernetes::KubernetesAuth,
-    database::Database,
-    kv::Kv,
-    lease::Leases,
-    logical::{Logical, LogicalError},
-    pki::Pki,
-    policies::Policies,
+    api::audit::{Audit, AuthInfo},
+    auth::kubernetes::KubernetesAuth,
+    auth::token::{TokenEntry, TokenError, Tokens},
     policy::Capability,
-    seal::Seal,
-    token::{TokenEntry, TokenError, Tokens},
+    policy::store::Policies,
+    secrets::database::Database,
+    secrets::kv::Kv,
+    secrets::lease::Leases,
+    secrets::pki::Pki,
+    store::logical::{Logical, LogicalError},
+    store::seal::Seal,
 };
 use axum::{
     Router,
@@ -204,7 +204,7 @@ impl Request {
                         .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")));
                 }
                 Some(Value::String(s)) => {
-                    return crate::auth_kubernetes::parse_duration(s).map_err(ApiError::bad_request);
+                    return crate::auth::kubernetes::parse_duration(s).map_err(ApiError::bad_request);
                 }
                 Some(_) => return Err(ApiError::bad_request(format!("invalid {key}"))),
             }
@@ -377,10 +377,10 @@ impl From<LogicalError> for ApiError {
     fn from(error: LogicalError) -> Self {
         match error {
             LogicalError::Sealed => Self::sealed(),
-            LogicalError::Storage(crate::storage::StorageError::TooLarge { .. }) => {
+            LogicalError::Storage(crate::store::storage::StorageError::TooLarge { .. }) => {
                 Self::bad_request(error.to_string())
             }
-            LogicalError::Storage(crate::storage::StorageError::Conflict(_)) => Self::new(
+            LogicalError::Storage(crate::store::storage::StorageError::Conflict(_)) => Self::new(
                 StatusCode::CONFLICT,
                 "storage kept changing under this request; retry",
             ),

@@ -2,7 +2,7 @@
 //! `issue/<role>`.
 
 use super::{ApiError, Engine, Operation, Reply, Request};
-use crate::pki::{PkiError, Role};
+use crate::secrets::pki::{PkiError, Role};
 use serde_json::json;
 
 impl From<PkiError> for ApiError {

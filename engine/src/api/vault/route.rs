@@ -143,7 +143,7 @@ pub fn resolve<'a>(
                 let valid = if *lower {
                     crate::policy::check_name(bare).is_ok_and(|canonical| canonical == bare)
                 } else {
-                    crate::storage::valid_name(bare)
+                    crate::store::storage::valid_name(bare)
                 };
                 if !valid {
                     return refuse(if *lower {

@@ -3,11 +3,11 @@
 
 use super::{ApiError, Engine, Operation, Reply, Request};
 use crate::{
-    lease::LeaseError,
-    logical::Logical,
-    policies::PolicyStoreError,
-    seal::{Seal, SealError},
-    token::{NewToken, Tokens},
+    auth::token::{NewToken, Tokens},
+    policy::store::PolicyStoreError,
+    secrets::lease::LeaseError,
+    store::logical::Logical,
+    store::seal::{Seal, SealError},
 };
 use axum::http::StatusCode;
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
@@ -23,7 +23,7 @@ impl From<SealError> for ApiError {
             SealError::AlreadyUnsealed => Self::bad_request("Vault is already unsealed"),
             SealError::Share(e) => Self::bad_request(e.to_string()),
             SealError::WrongKey => Self::bad_request(error.to_string()),
-            SealError::Storage(e) => crate::logical::LogicalError::Storage(e).into(),
+            SealError::Storage(e) => crate::store::logical::LogicalError::Storage(e).into(),
             other => {
                 tracing::error!(error = %other, "Seal");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error (seal)")
@@ -41,7 +41,7 @@ impl From<PolicyStoreError> for ApiError {
     }
 }
 
-fn status_json(status: &crate::seal::SealStatus) -> Value {
+fn status_json(status: &crate::store::seal::SealStatus) -> Value {
     serde_json::to_value(status).unwrap_or_default()
 }
 
@@ -161,8 +161,8 @@ async fn init(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
 
 /// Writes the initial root token with the keyring `init` just made.
 pub async fn root_token(
-    backend: Arc<dyn crate::storage::Backend>,
-    keyring: Arc<crate::barrier::Keyring>,
+    backend: Arc<dyn crate::store::storage::Backend>,
+    keyring: Arc<crate::store::barrier::Keyring>,
 ) -> Result<String, ApiError> {
     let seal = Arc::new(Seal::for_init(backend.clone(), keyring));
     let tokens = Tokens::new(Logical::new(backend, seal, Default::default()));
@@ -328,7 +328,7 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
                 "expire_time": time(lease.expire_time),
                 "last_renewal": lease.last_renewal.map(time),
                 "renewable": lease.renewable,
-                "ttl": (lease.expire_time - crate::clock::now()).max(0),
+                "ttl": (lease.expire_time - crate::store::clock::now()).max(0),
                 "irrevocable": lease.revoke.as_ref().is_some_and(|r| r.irrevocable),
                 "revocation_attempts": lease.revoke.as_ref().map_or(0, |r| r.attempts),
             })))
@@ -339,15 +339,15 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
                 None | Some(Value::Null) => 0,
                 Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
                 Some(Value::String(s)) => {
-                    crate::auth_kubernetes::parse_duration(s).map_err(ApiError::bad_request)?
+                    crate::auth::kubernetes::parse_duration(s).map_err(ApiError::bad_request)?
                 }
                 Some(_) => return Err(ApiError::bad_request("invalid increment")),
             };
             let lease = engine.leases.lookup(&id).await?;
-            let crate::lease::LeaseSecret::Database { role, .. } = &lease.secret;
+            let crate::secrets::lease::LeaseSecret::Database { role, .. } = &lease.secret;
             let default_ttl = engine.database.role(role).await?.map_or(3600, |r| r.ttl());
             let renewed = engine.leases.renew(&id, increment, default_ttl).await?;
-            let left = renewed.expire_time - crate::clock::now();
+            let left = renewed.expire_time - crate::store::clock::now();
             let mut reply = Reply::data(Value::Null);
             if let Some(body) = reply.body.as_mut() {
                 body["lease_id"] = json!(renewed.id);
@@ -379,7 +379,7 @@ async fn policy(engine: &Engine, request: &Request, name: &str, legacy: bool) ->
                 .read(name)
                 .await?
                 .ok_or_else(ApiError::not_found)?;
-            let name = crate::policies::canonical(name);
+            let name = crate::policy::store::canonical(name);
             if legacy {
                 return Ok(Reply::raw(
                     StatusCode::OK,
@@ -475,7 +475,7 @@ async fn ui_mount(engine: &Engine, request: &Request) -> Result<Reply, ApiError>
     }
     // Vault makes these when mounting; here mounts are fixed, so they are derived from
     // the mount's path (the same on every replica and across restarts).
-    let id = crate::token::hash(&format!("mount:{mount}"));
+    let id = crate::auth::token::hash(&format!("mount:{mount}"));
     let uuid = format!(
         "{}-{}-{}-{}-{}",
         &id[0..8],

@@ -6,10 +6,10 @@
 //! tokens of the deleted one are refused by the API server.
 
 use crate::{
-    logical::{Logical, LogicalError},
+    auth::token::{NewToken, TokenEntry, TokenError, Tokens},
     mesh_ca::tokenreview::{AuthError, Caller, TokenReviewer},
-    storage::Precondition,
-    token::{NewToken, TokenEntry, TokenError, Tokens},
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -164,7 +164,7 @@ impl KubernetesAuth {
     }
 
     pub async fn write_role(&self, name: &str, request: RoleRequest) -> Result<(), LoginError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Err(LoginError::Invalid(format!("invalid role name {name:?}")));
         }
         if self.declared.role(name).is_some() {
@@ -215,7 +215,7 @@ impl KubernetesAuth {
                 .or(request.policies)
                 .unwrap_or(current.token_policies)
                 .iter()
-                .map(|p| crate::policies::canonical(p))
+                .map(|p| crate::policy::store::canonical(p))
                 .collect(),
             token_ttl: request.token_ttl.or(request.ttl).unwrap_or(current.token_ttl),
             token_max_ttl: request
@@ -243,7 +243,7 @@ impl KubernetesAuth {
     }
 
     pub async fn read_role(&self, name: &str) -> Result<Option<Role>, LoginError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Ok(None);
         }
         if let Some(role) = self.declared.role(name) {
@@ -262,7 +262,7 @@ impl KubernetesAuth {
                 "role {name:?} is declared by an AuthRole object; delete it there"
             )));
         }
-        if crate::storage::valid_name(name) {
+        if crate::store::storage::valid_name(name) {
             self.logical
                 .delete(&format!("{PREFIX}{name}"), Precondition::None)
                 .await?;
@@ -312,7 +312,7 @@ impl KubernetesAuth {
         if role
             .token_policies
             .iter()
-            .any(|p| crate::policies::canonical(p) == "root")
+            .any(|p| crate::policy::store::canonical(p) == "root")
         {
             tracing::warn!(role = %role_name, "Login refused: the role grants the root policy");
             return Err(LoginError::Denied);
@@ -384,7 +384,11 @@ impl PodReaper {
     }
 
     /// One pass over the stored tokens.
-    pub async fn sweep(&self, tokens: &Tokens, leases: &crate::lease::Leases) -> Result<usize, TokenError> {
+    pub async fn sweep(
+        &self,
+        tokens: &Tokens,
+        leases: &crate::secrets::lease::Leases,
+    ) -> Result<usize, TokenError> {
         let mut revoked = 0;
         for entry in tokens.entries().await? {
             let (Some(ns), Some(pod), Some(uid)) = (

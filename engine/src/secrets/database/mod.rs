@@ -1,12 +1,12 @@
 //! The database secrets engine, PostgreSQL: a connection (its root credentials kept in
 //! the barrier, rotatable so only the engine knows them), roles with creation,
 //! renewal and revocation SQL, and credentials made on demand, each under a lease
-//! (`crate::lease`): its own PostgreSQL role, valid until the lease's expiry, dropped at
+//! (`crate::secrets::lease`): its own PostgreSQL role, valid until the lease's expiry, dropped at
 //! revocation.
 
 use crate::{
-    logical::{Logical, LogicalError},
-    storage::Precondition,
+    store::logical::{Logical, LogicalError},
+    store::storage::Precondition,
 };
 mod tls;
 
@@ -78,9 +78,9 @@ impl Role {
 
     pub fn max(&self) -> u64 {
         if self.max_ttl == 0 {
-            crate::token::MAX_TTL
+            crate::auth::token::MAX_TTL
         } else {
-            self.max_ttl.min(crate::token::MAX_TTL)
+            self.max_ttl.min(crate::auth::token::MAX_TTL)
         }
     }
 }
@@ -166,7 +166,7 @@ impl Database {
     }
 
     pub async fn connection(&self, name: &str) -> Result<Option<(Connection, u64)>, DatabaseError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Ok(None);
         }
         Ok(self
@@ -183,7 +183,7 @@ impl Database {
         connection: Connection,
         verify: bool,
     ) -> Result<(), DatabaseError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Err(DatabaseError::Invalid(format!(
                 "invalid connection name {name:?}"
             )));
@@ -219,7 +219,7 @@ impl Database {
     }
 
     pub async fn delete_connection(&self, name: &str) -> Result<(), DatabaseError> {
-        if crate::storage::valid_name(name) {
+        if crate::store::storage::valid_name(name) {
             self.logical
                 .delete(&self.config_path(name), Precondition::None)
                 .await?;
@@ -236,7 +236,7 @@ impl Database {
     }
 
     pub async fn role(&self, name: &str) -> Result<Option<Role>, DatabaseError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Ok(None);
         }
         Ok(self
@@ -247,7 +247,7 @@ impl Database {
     }
 
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), DatabaseError> {
-        if !crate::storage::valid_name(name) {
+        if !crate::store::storage::valid_name(name) {
             return Err(DatabaseError::Invalid(format!("invalid role name {name:?}")));
         }
         if role.db_name.is_empty() {
@@ -268,7 +268,7 @@ impl Database {
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), DatabaseError> {
-        if crate::storage::valid_name(name) {
+        if crate::store::storage::valid_name(name) {
             self.logical
                 .delete(&self.role_path(name), Precondition::None)
                 .await?;
@@ -358,7 +358,7 @@ impl Database {
         let username = format!("v-{short}-{}", alnum(20).to_lowercase());
         let password = alnum(32);
         let ttl = role.ttl();
-        let expires = expiration(crate::clock::now() + ttl as i64);
+        let expires = expiration(crate::store::clock::now() + ttl as i64);
         let statements: Vec<String> = role
             .creation_statements
             .iter()
@@ -527,7 +527,7 @@ mod tests {
         };
         assert_eq!((role.ttl(), role.max()), (600, 600));
         let role = Role::default();
-        assert_eq!((role.ttl(), role.max()), (3600, crate::token::MAX_TTL));
+        assert_eq!((role.ttl(), role.max()), (3600, crate::auth::token::MAX_TTL));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 /// encryptions with random 96-bit nonces under one key. The count is kept in memory
 /// only, so it is the bound for the whole term only because no term is ever written by
 /// more than one process: each process rotates to a term of its own when it unseals
-/// (`crate::seal`), and never adopts another replica's term for writing. Half of 2^32
+/// (`crate::store::seal`), and never adopts another replica's term for writing. Half of 2^32
 /// is a margin, not a share for another writer (V5).
 pub const DEFAULT_MAX_OPERATIONS: u64 = 1 << 31;
 const _: () = assert!(

@@ -3,7 +3,7 @@
 //! ciphertext between paths are detected; rollback is out of scope, as in Vault).
 //!
 //! Three keys, as in Vault:
-//! - the **unseal key**, which Shamir splits into shares (`crate::shamir`) and which
+//! - the **unseal key**, which Shamir splits into shares (`crate::store::shamir`) and which
 //!   only ever seals the root key (`seal_root` / `open_root`);
 //! - the **root key**, which seals the keyring (`Keyring::seal_with`, stored at
 //!   [`KEYRING_PATH`]);

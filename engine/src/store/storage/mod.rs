@@ -1,5 +1,5 @@
 //! The engine's physical storage: opaque byte values at slash-separated paths, with
-//! optimistic concurrency. Above it the barrier (`crate::sealed`) encrypts every value;
+//! optimistic concurrency. Above it the barrier (`super::barrier`) encrypts every value;
 //! this layer never sees plaintext. Two backends: `kube` (StorageEntry objects through
 //! the API server: what the engine runs on) and `memory` (unit tests).
 
