@@ -235,7 +235,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         kubernetes: KubernetesAuth::new(
             logical.clone(),
             declared.clone(),
-            mesh_ca::tokenreview::TokenReviewer::new(client.clone(), args.auth_audience.clone()),
+            capstan_engine::auth::kubernetes::tokenreview::TokenReviewer::new(
+                client.clone(),
+                args.auth_audience.clone(),
+            ),
             args.auth_audience.clone(),
         ),
         audit: audit::Audit::new(sinks, secrets_metrics.audit_failures.clone()),

@@ -1,7 +1,8 @@
 //! The mesh CA mount: `POST /v1/mesh/sign` and `GET /v1/mesh/roots` (see `server`), its
-//! signing core (`signing`), the
-//! CA kept in a Secret (`store`, `secret`), followed by every replica through a watch,
-//! and rotated in phases (`rotation`).
+//! signing core (`signing`), the CA kept in a Secret (`store`, `secret`), followed by
+//! every replica through a watch, and rotated in phases (`rotation`). Callers are
+//! authenticated by the Kubernetes auth method's TokenReview
+//! (`crate::auth::kubernetes::tokenreview`).
 
 pub mod metrics;
 pub mod rotation;
@@ -9,8 +10,8 @@ pub mod secret;
 pub mod server;
 pub mod signing;
 pub mod store;
-pub mod tokenreview;
 
+use crate::auth::kubernetes::tokenreview::TokenReviewer;
 use crate::mesh_ca::signing::MeshCa;
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
@@ -24,7 +25,6 @@ use rotation::Timings;
 use secret::Material;
 use std::{sync::Arc, time::Duration};
 use store::Store;
-use tokenreview::TokenReviewer;
 use tokio::sync::watch;
 
 #[derive(Clone, Debug)]

@@ -1,12 +1,8 @@
 //! The HTTP side of the mesh CA: `POST /sign` and `GET /roots`, mounted under
 //! `/v1/mesh` by `crate::api`.
 
-use super::{
-    MeshCaService,
-    metrics::SignResult,
-    tokenreview::{AuthError, bearer},
-};
-use crate::mesh_ca::signing::CaError;
+use super::{MeshCaService, metrics::SignResult, signing::CaError};
+use crate::auth::kubernetes::tokenreview::{AuthError, bearer};
 use axum::{
     Json, Router,
     body::Bytes,

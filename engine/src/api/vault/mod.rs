@@ -480,9 +480,11 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
     if let Some(token) = headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
         return Some(token.trim().to_owned()).filter(|t| !t.is_empty());
     }
-    crate::mesh_ca::tokenreview::bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
-        .ok()
-        .map(str::to_owned)
+    crate::auth::kubernetes::tokenreview::bearer(
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+    )
+    .ok()
+    .map(str::to_owned)
 }
 
 fn parse_query(uri: &Uri) -> HashMap<String, String> {

@@ -7,13 +7,16 @@
 
 use crate::{
     auth::token::{NewToken, TokenEntry, TokenError, Tokens},
-    mesh_ca::tokenreview::{AuthError, Caller, TokenReviewer},
     store::logical::{Logical, LogicalError},
     store::storage::Precondition,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
+
+pub mod tokenreview;
+
+use tokenreview::{AuthError, Caller, TokenReviewer};
 
 const PREFIX: &str = "auth/kubernetes/role/";
 /// Token metadata naming the pod a login came from.

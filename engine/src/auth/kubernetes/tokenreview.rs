@@ -1,5 +1,7 @@
 //! Who is asking: the caller's projected ServiceAccount token, checked by the API server
-//! (TokenReview) for our audience. The token itself is never logged nor echoed.
+//! (TokenReview) for our audience. The token itself is never logged nor echoed. Both
+//! Kubernetes logins (`auth/kubernetes/login`) and the mesh CA's `sign` trust a caller
+//! only through this check.
 
 use crate::mesh_ca::signing::WorkloadIdentity;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
