@@ -1,35 +1,40 @@
 //! The proxy's configuration: flags, each with the environment variable the webhook sets.
 
 use anyhow::{Context as _, bail};
+use capstan_contract::env::proxy as env;
+// The agent's flags (sidecar/src/agent/args.rs) still import the parser from here; they
+// can take `capstan_contract::duration::parse` directly, and this goes.
+pub use capstan_contract::duration::parse as parse_duration;
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProxyArgs {
     /// The pod's namespace (downward API).
-    #[arg(long, env = "CAPSTAN_NAMESPACE")]
+    #[arg(long, env = env::NAMESPACE)]
     pub namespace: String,
     /// The pod's ServiceAccount: its identity and its mesh service name.
-    #[arg(long, env = "CAPSTAN_SERVICE_ACCOUNT")]
+    #[arg(long, env = env::SERVICE_ACCOUNT)]
     pub service_account: String,
     /// The pod's name, for log lines.
-    #[arg(long, env = "CAPSTAN_POD_NAME", default_value = "")]
+    #[arg(long, env = env::POD_NAME, default_value = "")]
     pub pod_name: String,
-    #[arg(long, env = "CAPSTAN_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = env::TRUST_DOMAIN, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// The projected ServiceAccount token (audience capstan-mesh-ca) presented to the CA;
-    /// re-read at every renewal, since the kubelet rotates it.
+    /// The projected ServiceAccount token (audience capstan-mesh-ca,
+    /// `capstan_contract::MESH_CA_AUDIENCE`) presented to the CA; re-read at every
+    /// renewal, since the kubelet rotates it.
     #[arg(
         long,
-        env = "CAPSTAN_TOKEN_FILE",
+        env = env::TOKEN_FILE,
         default_value = "/var/run/secrets/capstan.dev/mesh/token"
     )]
     pub token_file: PathBuf,
     /// The mesh CA endpoint (capstan-engine), HTTPS.
-    #[arg(long, env = "CAPSTAN_CA_URL")]
+    #[arg(long, env = env::CA_URL)]
     pub ca_url: String,
     /// The mesh's trust bundle (PEM) to trust the CA endpoint with at start; later bundles
     /// come from the CA itself.
-    #[arg(long, env = "CAPSTAN_CA_BUNDLE", hide_env_values = true)]
+    #[arg(long, env = env::CA_BUNDLE, hide_env_values = true)]
     pub ca_bundle: Option<String>,
     /// The same, from a file.
     #[arg(long, env = "CAPSTAN_CA_BUNDLE_FILE", conflicts_with = "ca_bundle")]
@@ -37,45 +42,45 @@ pub struct ProxyArgs {
     /// The address the mTLS listener binds (other sidecars connect here).
     #[arg(long, env = "CAPSTAN_INBOUND_IP", default_value = "0.0.0.0")]
     pub inbound_ip: std::net::IpAddr,
-    #[arg(long, env = "CAPSTAN_INBOUND_PORT", default_value_t = 20000)]
+    #[arg(long, env = env::INBOUND_PORT, default_value_t = 20000)]
     pub inbound_port: u16,
     /// The port peers' sidecars listen on (the mesh uses one port everywhere).
     #[arg(long, env = "CAPSTAN_PEER_INBOUND_PORT", default_value_t = 20000)]
     pub peer_inbound_port: u16,
     /// The application's port on localhost; without it the proxy accepts no inbound traffic.
-    #[arg(long, env = "CAPSTAN_APP_PORT")]
+    #[arg(long, env = env::APP_PORT)]
     pub app_port: Option<u16>,
     /// `auto` reads the appProtocol of the pod's Service (named like its ServiceAccount).
     #[arg(long, env = "CAPSTAN_PROTOCOL", value_enum, default_value = "auto")]
     pub protocol: ProtocolArg,
     /// Explicit upstreams: `service[.namespace]:local-port,...`, served on loopback.
-    #[arg(long, env = "CAPSTAN_UPSTREAMS", default_value = "")]
+    #[arg(long, env = env::UPSTREAMS, default_value = "")]
     pub upstreams: Upstreams,
     /// The transparent outbound listener (traffic redirected by `capstan-sidecar init`).
-    #[arg(long, env = "CAPSTAN_OUTBOUND_PORT")]
+    #[arg(long, env = env::OUTBOUND_PORT)]
     pub outbound_port: Option<u16>,
     /// /healthz, /ready, /metrics and the rewritten application probes.
-    #[arg(long, env = "CAPSTAN_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
+    #[arg(long, env = env::ADMIN_ADDR, default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
     /// The webhook's rewritten probes: JSON `{"/app-health/<c>/<kind>": {"port": N, "path": "/..."}}`.
-    #[arg(long, env = "CAPSTAN_APP_PROBES", default_value = "{}")]
+    #[arg(long, env = env::APP_PROBES, default_value = "{}")]
     pub app_probes: AppProbes,
     /// The cluster default when no intention matches (deny unless the chart says allow).
-    #[arg(long, env = "CAPSTAN_DEFAULT_ACTION", value_enum, default_value = "deny")]
+    #[arg(long, env = env::DEFAULT_ACTION, value_enum, default_value = "deny")]
     pub default_action: DefaultAction,
     /// Capstan's own namespace: the only one whose intentions may govern other
     /// namespaces (set by the injector; tenants' objects govern their own namespace).
-    #[arg(long, env = "CAPSTAN_CONTROL_NAMESPACE", default_value = "capstan-system")]
+    #[arg(long, env = env::CONTROL_NAMESPACE, default_value = "capstan-system")]
     pub control_namespace: String,
     /// How often to ask the CA for its trust bundle (a rotation adds a root before
     /// signing with it; this must be well under the CA's propagation delay).
-    #[arg(long, env = "CAPSTAN_ROOTS_REFRESH", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "CAPSTAN_ROOTS_REFRESH", value_parser = capstan_contract::duration::parse, default_value = "30s")]
     pub roots_refresh: Duration,
     /// Threads serving traffic (1: a single-threaded runtime).
     #[arg(long, env = "CAPSTAN_PROXY_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
     /// How long SIGTERM waits for open connections before closing them.
-    #[arg(long, env = "CAPSTAN_DRAIN", value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, env = "CAPSTAN_DRAIN", value_parser = capstan_contract::duration::parse, default_value = "5s")]
     pub drain: Duration,
 }
 
@@ -90,15 +95,6 @@ pub enum ProtocolArg {
 pub enum DefaultAction {
     Allow,
     Deny,
-}
-
-/// `30s`, `5m`, `2h`, `500ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let span: jiff::Span = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a duration like 30s or 5m: {e}"))?;
-    let duration = jiff::SignedDuration::try_from(span).map_err(|e| e.to_string())?;
-    Duration::try_from(duration).map_err(|e| e.to_string())
 }
 
 /// One declared upstream: `local_port` on loopback leads to `service` in `namespace`.
@@ -237,8 +233,25 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert!(parse_duration("soon").is_err());
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            proxy: ProxyArgs,
+        }
+        let parse = |drain: &str| {
+            Cli::try_parse_from([
+                "proxy",
+                "--namespace=n",
+                "--service-account=s",
+                "--ca-url=u",
+                "--drain",
+                drain,
+            ])
+            .map(|cli| cli.proxy.drain)
+        };
+        assert_eq!(parse("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse("soon").is_err());
     }
 }

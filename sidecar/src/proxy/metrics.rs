@@ -32,7 +32,8 @@ pub struct DirectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutboundLabels {
     pub destination: String,
-    /// `connected`, `no_endpoints`, `unreachable`, `handshake_failed`, `refused_port`.
+    /// `connected`, `no_endpoints`, `unreachable` (no endpoint connected and completed a
+    /// handshake), `refused_port`.
     pub result: &'static str,
 }
 

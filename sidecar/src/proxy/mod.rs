@@ -1,6 +1,7 @@
 //! `capstan-sidecar proxy`: the mTLS sidecar. Its parts, each in its own module:
 //! credentials (certificate from the mesh CA, renewal), intentions (watched, compiled),
-//! directory (Services and EndpointSlices), inbound (mTLS listener, authorization),
+//! directory (Services and EndpointSlices), inbound (the mTLS listener's pipeline, as
+//! tower layers: TLS, identity, L4 authorization, HTTP, L7 authorization, forward),
 //! outbound (upstream and transparent listeners), admin (/ready, app probes). The mux
 //! (application connections as streams of one connection between two sidecars) is in
 //! the crate's library (`src/mux.rs`), where its fuzz target reaches it.
@@ -204,7 +205,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
         }
         (None, None) => {
-            anyhow::bail!("the mesh trust bundle is required (CAPSTAN_CA_BUNDLE or CAPSTAN_CA_BUNDLE_FILE)")
+            anyhow::bail!(
+                "the mesh trust bundle is required ({} or CAPSTAN_CA_BUNDLE_FILE)",
+                capstan_contract::env::proxy::CA_BUNDLE
+            )
         }
     };
     let ca = ca_client::CaClient::new(&args.ca_url)?;

@@ -1,0 +1,144 @@
+//! The fourth stage, for each allowed connection or mux stream: HTTP served by hyper
+//! (HTTP/1.1 or HTTP/2), each request through the request stages made for the
+//! connection's peer; or, for a plain-TCP workload, a tunnel to the application.
+
+use super::{Body, Mode, NewService, Peer, Shared, authorize_l4::Authorized};
+use crate::proxy::{app_connections::AppConnections, tunnel};
+use futures::future::BoxFuture;
+use hyper::{Request, Response, body::Incoming};
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+use tokio::{net::TcpStream, sync::watch};
+use tower::Service;
+
+#[derive(Clone)]
+pub struct Layer {
+    shared: Arc<Shared>,
+    app: Arc<AppConnections>,
+}
+
+impl Layer {
+    pub fn new(shared: Arc<Shared>, app: Arc<AppConnections>) -> Self {
+        Self { shared, app }
+    }
+}
+
+impl<N> tower::Layer<N> for Layer {
+    type Service = Http<N>;
+
+    fn layer(&self, requests: N) -> Http<N> {
+        Http {
+            shared: self.shared.clone(),
+            app: self.app.clone(),
+            requests,
+        }
+    }
+}
+
+/// `requests` makes, for a connection's peer, the service its requests go through.
+#[derive(Clone)]
+pub struct Http<N> {
+    shared: Arc<Shared>,
+    app: Arc<AppConnections>,
+    requests: N,
+}
+
+impl<N, Io, R> Service<Authorized<Io>> for Http<N>
+where
+    Io: tunnel::Side + Send + 'static,
+    N: NewService<Arc<Peer>, Service = R>,
+    R: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    R::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<(), Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, Authorized { io, peer, mode }: Authorized<Io>) -> Self::Future {
+        let active = self.shared.metrics.application_connection("inbound");
+        let app_port = self.app.port();
+        let requests = (mode == Mode::Http).then(|| self.requests.new_service(peer));
+        Box::pin(async move {
+            let _active = active;
+            match requests {
+                None => tunnel_to_app(io, app_port).await,
+                Some(requests) => serve_http(io, requests).await,
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn tunnel_to_app<S: tunnel::Side>(mut tls: S, app_port: u16) {
+    match TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, app_port)).await {
+        Ok(mut app) => {
+            let _ = app.set_nodelay(true);
+            let _ = tunnel::tunnel(&mut tls, &mut app).await;
+        }
+        Err(error) => tracing::warn!(%error, app_port, "The application refused a connection"),
+    }
+}
+
+async fn serve_http<S, R>(io: S, requests: R)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    R: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    R::Future: Send + 'static,
+{
+    // HTTP/2 serves each stream on a task of its own: they end with the connection.
+    let (_connection_open, ended) = watch::channel(());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(StreamExecutor { ended });
+    // Bounded resources against malformed or abusive clients (M20).
+    builder
+        .http1()
+        .max_buf_size(64 * 1024)
+        .header_read_timeout(Duration::from_secs(30))
+        .timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http2()
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(32)
+        .max_local_error_reset_streams(Some(256))
+        .timer(hyper_util::rt::TokioTimer::new());
+    let service = TowerToHyperService::new(requests);
+    if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%error, "Inbound HTTP connection ended with an error");
+    }
+}
+
+/// Spawns an HTTP/2 connection's stream tasks so that they end with the connection:
+/// a request waiting on the application when its connection is closed (its peer no
+/// longer trusted, say) is dropped too, not answered later. The cost is one receiver
+/// per stream, taken when it starts.
+#[derive(Clone)]
+struct StreamExecutor {
+    /// Closed (its sender dropped) when the connection's future ends or is dropped.
+    ended: watch::Receiver<()>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let mut ended = self.ended.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stream => {}
+                _ = ended.changed() => {}
+            }
+        });
+    }
+}
