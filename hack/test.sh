@@ -14,6 +14,29 @@ started=$SECONDS
 filter=()
 if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 
+# Dependencies first (deny.toml: licenses, duplicate versions, sources, advisories), with
+# a pinned cargo-deny built once into the cache (a few minutes; later runs reuse it).
+CARGO_DENY_VERSION=0.20.2
+cargo_deny_root=$CACHE/cargo-deny-$CARGO_DENY_VERSION
+if [ ! -x "$cargo_deny_root/bin/cargo-deny" ]; then
+  say "building cargo-deny $CARGO_DENY_VERSION into ${cargo_deny_root#"$ROOT"/} (first run only)"
+  rm -rf "$cargo_deny_root.partial"
+  cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION" --root "$cargo_deny_root.partial"
+  mv "$cargo_deny_root.partial" "$cargo_deny_root"
+fi
+export PATH="$cargo_deny_root/bin:$PATH"
+# Advisories need the RustSec database, which only GitHub serves: no package registry
+# ships it. Fetch it where GitHub answers, else use a copy fetched before; with neither
+# (CI's network reaches only the registries) the other three checks run and we say so.
+advisory_dbs=${CARGO_HOME:-$HOME/.cargo}/advisory-dbs
+if timeout 60 cargo deny --locked fetch db >/dev/null 2>&1 || compgen -G "$advisory_dbs/*/.git" >/dev/null; then
+  say "cargo deny check (licenses, bans, sources, advisories)"
+  cargo deny --locked check --disable-fetch --hide-inclusion-graph
+else
+  say "cargo deny check (licenses, bans, sources); advisories NOT checked: the RustSec database is out of reach and $advisory_dbs holds no copy"
+  cargo deny --locked check --hide-inclusion-graph licenses bans sources
+fi
+
 say "building the control-plane binaries (cached after the first run)"
 "$ROOT/hack/cluster.sh" build
 
@@ -44,6 +67,8 @@ say "cargo build"
 cargo build --workspace --locked
 say "unit tests"
 cargo test --workspace --exclude capstan-tests --locked
+say "scenario list (docs/scenarios.md against the ids the code cites)"
+cargo test -p capstan-tests --locked --test scenario_list
 
 use_cluster "${CAPSTAN_TEST_CLUSTER:-capstan-test}"
 if [ -n "$CAPSTAN_STARTED_CLUSTER" ]; then

@@ -1,7 +1,13 @@
-//! Capstan's API types: one module per API group, one file per kind, and the k8s types
-//! the rest of the workspace speaks, re-exported so that every crate uses one vocabulary.
+//! Capstan's API types: one module per API group (`mesh`, `secrets`), a file per kind
+//! (SecretPolicy and AuthRole, the engine's configuration as objects, share one), the
+//! status conditions, and the agent's file-name rule that the webhook and the agent both
+//! apply. The kinds are re-exported here, so every crate names them one way.
+//! `all_crds` and `chart_templates` are what `crdgen` writes into the chart.
 //!
-//! This crate does no IO. It is the only crate every other crate may import.
+//! The library does no IO (only the `crdgen` binary writes files) and depends on no other
+//! Capstan crate, so every crate may import it. Names binaries agree on that are not API
+//! types (the roots ConfigMap, audiences, injected environment variables, durations) are
+//! in `capstan-contract`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
