@@ -30,4 +30,9 @@ pub mod agent {
     pub const SECRETS: &str = "CAPSTAN_AGENT_SECRETS";
     pub const ADMIN_ADDR: &str = "CAPSTAN_AGENT_ADMIN_ADDR";
     pub const INIT_ONLY: &str = "CAPSTAN_AGENT_INIT_ONLY";
+    // Read by the agent, not written by the injector: set by hand on a container (the
+    // agent's own pod also gets `proxy::NAMESPACE` and `proxy::POD_NAME` for its logs).
+    pub const AUTH_MOUNT: &str = "CAPSTAN_AGENT_AUTH_MOUNT";
+    pub const CA_BUNDLE_FILE: &str = "CAPSTAN_AGENT_CA_BUNDLE_FILE";
+    pub const POLL_INTERVAL: &str = "CAPSTAN_AGENT_POLL_INTERVAL";
 }

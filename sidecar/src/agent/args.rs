@@ -2,37 +2,37 @@
 //! sets, and the secrets it renders (file name, engine path, optional template), checked
 //! before anything is fetched.
 
-use crate::proxy::args::parse_duration;
 use anyhow::{Context as _, bail};
+use capstan_contract::env::{agent as vars, proxy};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
     /// The secrets engine (capstan-engine), HTTPS.
-    #[arg(long, env = "CAPSTAN_AGENT_ENGINE_URL")]
+    #[arg(long, env = vars::ENGINE_URL)]
     pub engine_url: String,
     /// The Kubernetes auth role to log in with.
-    #[arg(long, env = "CAPSTAN_AGENT_ROLE")]
+    #[arg(long, env = vars::ROLE)]
     pub role: String,
     /// The auth method's mount.
-    #[arg(long, env = "CAPSTAN_AGENT_AUTH_MOUNT", default_value = "kubernetes")]
+    #[arg(long, env = vars::AUTH_MOUNT, default_value = "kubernetes")]
     pub auth_mount: String,
     /// The projected ServiceAccount token (audience capstan-engine); re-read at every
     /// login, since the kubelet rotates it.
     #[arg(
         long,
-        env = "CAPSTAN_AGENT_TOKEN_FILE",
+        env = vars::TOKEN_FILE,
         default_value = "/var/run/secrets/capstan.dev/engine/token"
     )]
     pub token_file: PathBuf,
     /// The mesh's trust bundle (PEM) the engine's serving certificate chains to.
-    #[arg(long, env = "CAPSTAN_AGENT_CA_BUNDLE", hide_env_values = true)]
+    #[arg(long, env = vars::CA_BUNDLE, hide_env_values = true)]
     pub ca_bundle: Option<String>,
     /// The same, from a file (re-read at every new connection).
-    #[arg(long, env = "CAPSTAN_AGENT_CA_BUNDLE_FILE", conflicts_with = "ca_bundle")]
+    #[arg(long, env = vars::CA_BUNDLE_FILE, conflicts_with = "ca_bundle")]
     pub ca_bundle_file: Option<PathBuf>,
     /// The folder the files are rendered into (the pod's memory-backed shared volume).
-    #[arg(long, env = "CAPSTAN_AGENT_DIR", default_value = "/capstan/secrets")]
+    #[arg(long, env = vars::DIR, default_value = "/capstan/secrets")]
     pub dir: PathBuf,
     /// A secret to render: `FILE=PATH`, PATH being `<kv-mount>/data/<key>` or
     /// `<database-mount>/creds/<role>` (repeatable).
@@ -44,23 +44,23 @@ pub struct AgentArgs {
     pub templates: Vec<String>,
     /// The secrets as JSON, as the webhook passes them:
     /// `[{"file": "db", "path": "database/creds/app", "template": "..."}]`.
-    #[arg(long, env = "CAPSTAN_AGENT_SECRETS", hide_env_values = true)]
+    #[arg(long, env = vars::SECRETS, hide_env_values = true)]
     pub secrets_json: Option<String>,
     /// Render every file once and exit 0 (an init container); the leases then live until
     /// their token or TTL ends, or the pod is deleted.
-    #[arg(long, env = "CAPSTAN_AGENT_INIT_ONLY")]
+    #[arg(long, env = vars::INIT_ONLY)]
     pub init_only: bool,
     /// /healthz, /ready (the startup probe: every file rendered) and /metrics.
-    #[arg(long, env = "CAPSTAN_AGENT_ADMIN_ADDR", default_value = "0.0.0.0:15021")]
+    #[arg(long, env = vars::ADMIN_ADDR, default_value = "0.0.0.0:15021")]
     pub admin_addr: SocketAddr,
     /// How often a KV secret's version is read (a change reaches its file within this
     /// plus one request).
-    #[arg(long, env = "CAPSTAN_AGENT_POLL_INTERVAL", value_parser = parse_duration, default_value = "250ms")]
+    #[arg(long, env = vars::POLL_INTERVAL, value_parser = capstan_contract::duration::parse, default_value = "250ms")]
     pub poll_interval: Duration,
     /// The pod's namespace and name, for log lines (downward API).
-    #[arg(long, env = "CAPSTAN_NAMESPACE", default_value = "")]
+    #[arg(long, env = proxy::NAMESPACE, default_value = "")]
     pub namespace: String,
-    #[arg(long, env = "CAPSTAN_POD_NAME", default_value = "")]
+    #[arg(long, env = proxy::POD_NAME, default_value = "")]
     pub pod_name: String,
 }
 
@@ -106,7 +106,8 @@ impl AgentArgs {
             // secret, but keep the message to the position anyway.
             let entries: Vec<Entry> = serde_json::from_str(json).map_err(|e| {
                 anyhow::anyhow!(
-                    "CAPSTAN_AGENT_SECRETS is not a JSON list of {{file, path, template}} (line {}, column {})",
+                    "{} is not a JSON list of {{file, path, template}} (line {}, column {})",
+                    vars::SECRETS,
                     e.line(),
                     e.column()
                 )
@@ -129,7 +130,10 @@ impl AgentArgs {
             entry.2 = Some(text.to_owned());
         }
         if raw.is_empty() {
-            bail!("no secret to render: give --secret FILE=PATH or CAPSTAN_AGENT_SECRETS");
+            bail!(
+                "no secret to render: give --secret FILE=PATH or {}",
+                vars::SECRETS
+            );
         }
         let mut specs: Vec<SecretSpec> = Vec::new();
         for (file, path, template) in raw {

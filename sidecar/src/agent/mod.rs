@@ -10,23 +10,24 @@
 //! SIGTERM revokes its leases and its token before exiting 0. `--init-only` renders once
 //! and exits 0.
 //!
-//! Parts: `args` (flags, secret specs, S4 name checks), `client` (the HTTPS client),
-//! `render` (templates, atomic 0400 writes), `metrics`.
+//! Parts: `args` (flags, secret specs, S4 name checks), `render` (templates, atomic 0400
+//! writes), `metrics`. The engine's API is `capstan-engine-client`'s, with its defaults:
+//! one kept-alive connection, 10 s per request, 1 MiB answers, no retry but the
+//! pool's (a request never written on a kept connection the engine had closed goes once
+//! on a new one); the agent's own backoff repeats what failed.
 
 pub mod args;
-mod client;
 mod metrics;
 pub mod render;
 
 use anyhow::Context as _;
 use args::{AgentArgs, SecretSpec, Source};
 use axum::{Router, extract::State, http::StatusCode, routing::get};
+use capstan_engine_client::{Client as EngineClient, Method, Options, Roots};
 use capstan_telemetry::{AdminServer, Health, Stop};
-use client::{EngineClient, Roots};
-use hyper::Method;
 use metrics::{FileLabels, FileResultLabels, Metrics, ResultLabels, now_seconds};
 use parking_lot::Mutex;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -75,13 +76,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         std::fs::metadata(&args.dir).with_context(|| format!("the secrets folder {}", args.dir.display()))?;
     anyhow::ensure!(dir.is_dir(), "{} is not a folder", args.dir.display());
     let roots = match (&args.ca_bundle, &args.ca_bundle_file) {
-        (Some(pem), _) => Roots::Pem(pem.clone()),
-        (None, Some(path)) => Roots::File(path.clone()),
+        (Some(pem), _) => Roots::pem(pem)?,
+        // Re-read at every new connection: the kubelet updates the mounted bundle.
+        (None, Some(path)) => Roots::file(path)?,
         (None, None) => anyhow::bail!(
-            "the mesh trust bundle is required (CAPSTAN_AGENT_CA_BUNDLE or CAPSTAN_AGENT_CA_BUNDLE_FILE)"
+            "the mesh trust bundle is required ({} or {})",
+            capstan_contract::env::agent::CA_BUNDLE,
+            capstan_contract::env::agent::CA_BUNDLE_FILE
         ),
     };
-    let client = EngineClient::new(&args.engine_url, roots)?;
+    let client = EngineClient::new(&args.engine_url, roots, Options::default())?;
     let mut registry = capstan_telemetry::registry("capstan_sidecar_agent");
     let metrics = Metrics::register(&mut registry);
     let stop = Stop::on_signal();
@@ -236,12 +240,7 @@ impl Agent {
         })?;
         let reply = self
             .client
-            .call(
-                Method::POST,
-                &format!("auth/{}/login", self.args.auth_mount),
-                None,
-                Some(&json!({"role": self.args.role, "jwt": jwt.trim()})),
-            )
+            .login(&self.args.auth_mount, &self.args.role, jwt.trim())
             .await;
         self.metrics
             .logins
@@ -249,15 +248,11 @@ impl Agent {
                 result: Metrics::result(reply.is_ok()),
             })
             .inc();
-        let reply = reply?;
-        let auth = &reply["auth"];
-        let token = auth["client_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .context("the login answer holds no token")?
-            .to_owned();
-        let ttl = Duration::from_secs(auth["lease_duration"].as_u64().unwrap_or(0));
-        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+        let capstan_engine_client::Login {
+            token,
+            ttl,
+            renewable,
+        } = reply?;
         self.metrics
             .token_expiry
             .set(now_seconds() + ttl.as_secs() as i64);
@@ -380,15 +375,7 @@ impl Agent {
             tokio::time::sleep(wait).await;
             if !login_next {
                 let session = self.token();
-                let renewed = self
-                    .client
-                    .call(
-                        Method::PUT,
-                        "auth/token/renew-self",
-                        Some(&session.token),
-                        Some(&json!({"increment": increment.as_secs()})),
-                    )
-                    .await;
+                let renewed = self.client.renew_self(&session.token, increment).await;
                 self.metrics
                     .token_renewals
                     .get_or_create(&ResultLabels {
@@ -396,8 +383,8 @@ impl Agent {
                     })
                     .inc();
                 match renewed {
-                    Ok(reply) => {
-                        ttl = Duration::from_secs(reply["auth"]["lease_duration"].as_u64().unwrap_or(0));
+                    Ok(renewed) => {
+                        ttl = renewed.ttl;
                         self.metrics
                             .token_expiry
                             .set(now_seconds() + ttl.as_secs() as i64);
@@ -495,15 +482,7 @@ impl Agent {
             generation = session.borrow().generation;
             if !reissue {
                 let token = self.token();
-                let renewed = self
-                    .client
-                    .call(
-                        Method::PUT,
-                        "sys/leases/renew",
-                        Some(&token.token),
-                        Some(&json!({"lease_id": lease.id, "increment": increment.as_secs()})),
-                    )
-                    .await;
+                let renewed = self.client.renew_lease(&token.token, &lease.id, increment).await;
                 self.metrics
                     .lease_renewals
                     .get_or_create(&FileResultLabels {
@@ -512,8 +491,8 @@ impl Agent {
                     })
                     .inc();
                 match renewed {
-                    Ok(reply) => {
-                        lease.duration = Duration::from_secs(reply["lease_duration"].as_u64().unwrap_or(0));
+                    Ok(renewed) => {
+                        lease.duration = renewed.ttl;
                         self.track_lease(&spec.file, &lease);
                         // Clamped at the max TTL: issue a new credential at the next step,
                         // while this one still has a third of its time left.
@@ -570,15 +549,7 @@ impl Agent {
             .flat_map(|(file, held)| held.iter().map(|(id, _)| (file.clone(), id.clone())))
             .collect();
         for (file, id) in &leases {
-            let revoked = self
-                .client
-                .call(
-                    Method::PUT,
-                    "sys/leases/revoke",
-                    Some(&session.token),
-                    Some(&json!({"lease_id": id})),
-                )
-                .await;
+            let revoked = self.client.revoke_lease(&session.token, id).await;
             self.count_revocation("lease", revoked.is_ok());
             match revoked {
                 Ok(_) => tracing::info!(%file, "Revoked a lease"),
@@ -592,10 +563,7 @@ impl Agent {
         }
         let retired = std::mem::take(&mut *self.retired_tokens.lock());
         for token in retired.iter().chain(std::iter::once(&session.token)) {
-            let revoked = self
-                .client
-                .call(Method::PUT, "auth/token/revoke-self", Some(token), None)
-                .await;
+            let revoked = self.client.revoke_self(token).await;
             self.count_revocation("token", revoked.is_ok());
             match revoked {
                 Ok(_) => tracing::info!("Revoked the engine token and its leases"),
