@@ -144,13 +144,8 @@ impl Client {
         let mut body = self
             .call(Method::GET, &format!("{path}{query}"), Some(token), None)
             .await?;
-        let metadata = &body["data"]["metadata"];
-        let version = metadata["version"]
-            .as_i64()
-            .ok_or_else(|| protocol(&path, "no data.metadata.version"))?;
-        let created_time = metadata["created_time"].as_str().map(str::to_owned);
         let Value::Object(data) = body["data"]["data"].take() else {
-            // A deleted or destroyed version: metadata without data.
+            // No data: a deleted or destroyed version (metadata only), or no entry at all.
             return Err(crate::ApiError {
                 path,
                 status: http::StatusCode::NOT_FOUND,
@@ -158,6 +153,11 @@ impl Client {
             }
             .into());
         };
+        let metadata = &body["data"]["metadata"];
+        let version = metadata["version"]
+            .as_i64()
+            .ok_or_else(|| protocol(&path, "no data.metadata.version"))?;
+        let created_time = metadata["created_time"].as_str().map(str::to_owned);
         Ok(KvEntry {
             data,
             version,

@@ -1,34 +1,28 @@
 //! The secrets engine's Vault-compatible HTTPS API, as the SecretSync reconciler uses
 //! it: Kubernetes login, KV v2 read, database credentials, PKI issue, lease renew and
-//! revoke. TLS 1.3 only (rustls, ring), trusting only the mesh roots the engine
-//! publishes to ConfigMap `capstan-mesh-roots` in the controller's namespace, followed
-//! by watch so a root rotation is picked up without a restart.
+//! revoke, on the shared engine client (`capstan-engine-client`: TLS 1.3 trusting only
+//! the mesh roots, kept-alive connections, 10 s per request, 1 MiB answers, no retry: a
+//! failed call requeues the object). The roots come from the ConfigMap the engine
+//! publishes (`capstan_contract::ROOTS_CONFIGMAP`) in the controller's namespace,
+//! followed by watch so a root rotation is picked up without a restart.
 //!
-//! Nothing here logs or returns a value it read: errors carry the path, the status and
-//! the engine's error messages (which name paths and roles, never secrets), with any
-//! lease id or token that an error message might echo redacted.
+//! This module maps the client's errors to the Ready reasons and requeue classes
+//! SecretSync reports, and answers to the reconciler's types. Nothing here logs or
+//! returns a value it read: errors carry the path, the status and the engine's error
+//! messages (which name paths and roles, never secrets), with any lease id or token that
+//! an error message might echo redacted (the client redacts what each call sends).
 
-use bytes::Bytes;
+use capstan_engine_client::{self as client, Client, Options, PkiIssue, REVOKE_SELF, Roots, StatusCode};
 use futures::StreamExt;
-use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::{Method, Request, Uri, header};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api,
     runtime::{WatchStreamExt as _, watcher},
 };
-use parking_lot::RwLock;
-use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
-use std::{sync::Arc, time::Duration};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use serde_json::{Map, Value};
+use std::time::Duration;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_RESPONSE: usize = 1024 * 1024;
-pub const ROOTS_KEY: &str = "roots.pem";
-const REVOKE_SELF: &str = "auth/token/revoke-self";
+pub use capstan_contract::ROOTS_KEY;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -72,16 +66,48 @@ impl Error {
             Self::NoRoots(_) | Self::Unreachable { .. } | Self::Sealed { .. } | Self::Protocol { .. }
         ) || matches!(self, Self::Refused { status, .. } if *status >= 500)
     }
+
+    /// The client's error as SecretSync classifies it.
+    fn from_client(error: client::Error, roots_configmap: &str, url: &str) -> Self {
+        use client::Error as E;
+        match error {
+            E::NoRoots => Self::NoRoots(roots_configmap.to_owned()),
+            E::Api(api) => {
+                // The client cut each message at 200 characters; SecretSync's messages
+                // are at most 400 in all, as before.
+                let message = api.message().chars().take(400).collect();
+                match api.status {
+                    StatusCode::SERVICE_UNAVAILABLE => Self::Sealed { path: api.path },
+                    StatusCode::FORBIDDEN => Self::Denied {
+                        path: api.path,
+                        message,
+                    },
+                    StatusCode::NOT_FOUND => Self::NotFound { path: api.path },
+                    status => Self::Refused {
+                        path: api.path,
+                        status: status.as_u16(),
+                        message,
+                    },
+                }
+            }
+            E::NotJson { path } => Self::Protocol {
+                path,
+                reason: "the body is not JSON".into(),
+            },
+            E::Protocol { path, reason } => Self::Protocol { path, reason },
+            other => Self::Unreachable {
+                url: url.to_owned(),
+                reason: other.to_string(),
+            },
+        }
+    }
 }
 
 /// The engine's client. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    url: String,
-    host: String,
-    port: u16,
+    client: Client,
     roots_configmap: String,
-    tls: Arc<RwLock<Option<Arc<ClientConfig>>>>,
 }
 
 /// A login's token (never logged: no Debug).
@@ -111,33 +137,13 @@ pub struct Renewed {
     pub renewable: bool,
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    #[serde(default)]
-    errors: Vec<String>,
-}
-
 impl Engine {
     pub fn new(url: &str, roots_configmap: &str) -> anyhow::Result<Self> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("engine URL {url:?}: {e}"))?;
-        anyhow::ensure!(
-            uri.scheme_str() == Some("https"),
-            "engine URL {url:?}: the engine is only reached over https"
-        );
-        let host = uri
-            .host()
-            .ok_or_else(|| anyhow::anyhow!("engine URL {url:?} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        let client = Client::new(url, Roots::later(), Options::default())
+            .map_err(|e| anyhow::anyhow!("engine URL {url:?}: {e}; the engine is only reached over https"))?;
         Ok(Self {
-            url: url.trim_end_matches('/').to_owned(),
-            port: uri.port_u16().unwrap_or(443),
-            host,
+            client,
             roots_configmap: roots_configmap.to_owned(),
-            tls: Arc::default(),
         })
     }
 
@@ -162,58 +168,41 @@ impl Engine {
             let Some(pem) = configmap.data.as_ref().and_then(|d| d.get(ROOTS_KEY)) else {
                 continue;
             };
-            match tls_config(pem) {
-                Ok(config) => {
-                    *self.tls.write() = Some(config);
-                    tracing::info!("Loaded the engine's trust roots");
-                }
+            match self.client.roots().set_pem(pem) {
+                Ok(true) => tracing::info!("Loaded the engine's trust roots"),
+                Ok(false) => {}
                 Err(error) => tracing::warn!(%error, "The engine's roots ConfigMap holds no usable root"),
             }
         }
     }
 
+    fn error(&self, error: client::Error) -> Error {
+        Error::from_client(error, &self.roots_configmap, self.client.url())
+    }
+
     pub async fn login(&self, role: &str, jwt: &str) -> Result<Login, Error> {
-        let path = "auth/kubernetes/login";
-        let body = self
-            .call(
-                Method::POST,
-                path,
-                None,
-                Some(json!({"role": role, "jwt": jwt})),
-                &[jwt],
-            )
-            .await?;
-        let auth = &body["auth"];
-        let token = auth["client_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| protocol(path, "no auth.client_token"))?;
+        let login = self
+            .client
+            .login("kubernetes", role, jwt)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(Login {
-            token: token.to_owned(),
-            ttl: Duration::from_secs(auth["lease_duration"].as_u64().unwrap_or(0)),
-            renewable: auth["renewable"].as_bool().unwrap_or(false),
+            token: login.token,
+            ttl: login.ttl,
+            renewable: login.renewable,
         })
     }
 
     /// Extends the token itself (`auth/token/renew-self`): the leases it issued end with it.
     pub async fn renew_self(&self, token: &str, increment: Duration) -> Result<Renewed, Error> {
-        let path = "auth/token/renew-self";
-        let body = self
-            .call(
-                Method::POST,
-                path,
-                Some(token),
-                Some(json!({"increment": increment.as_secs()})),
-                &[token],
-            )
-            .await?;
+        let renewed = self
+            .client
+            .renew_self(token, increment)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(Renewed {
-            ttl: Duration::from_secs(
-                body["auth"]["lease_duration"]
-                    .as_u64()
-                    .ok_or_else(|| protocol(path, "no auth.lease_duration"))?,
-            ),
-            renewable: body["auth"]["renewable"].as_bool().unwrap_or(false),
+            ttl: renewed.ttl,
+            renewable: renewed.renewable,
         })
     }
 
@@ -223,28 +212,21 @@ impl Engine {
     /// token whose policy lacks revoke-self with the same answer, as Vault does; only
     /// `can_revoke_self`, asked while the token was known to be valid, tells them apart.
     pub async fn revoke_self(&self, token: &str) -> Result<(), Error> {
-        self.call(Method::POST, REVOKE_SELF, Some(token), None, &[token])
-            .await
-            .map(drop)
+        self.client.revoke_self(token).await.map_err(|e| self.error(e))
     }
 
     /// Whether the token's policy grants `update` on `auth/token/revoke-self`, as
     /// `sys/capabilities-self` (also in the default policy) says. A refusal is an
     /// answer (no); only an engine that could not answer is an error.
     pub async fn can_revoke_self(&self, token: &str) -> Result<bool, Error> {
-        match self
-            .call(
-                Method::POST,
-                "sys/capabilities-self",
-                Some(token),
-                Some(json!({ "paths": [REVOKE_SELF] })),
-                &[token],
-            )
-            .await
-        {
-            Ok(body) => Ok(grants_update(&body, REVOKE_SELF)),
-            Err(error) if error.transient() => Err(error),
-            Err(_) => Ok(false),
+        match self.client.capabilities_self(token, REVOKE_SELF).await {
+            Ok(capabilities) => Ok(capabilities
+                .iter()
+                .any(|c| matches!(c.as_str(), "update" | "root"))),
+            Err(error) => {
+                let error = self.error(error);
+                if error.transient() { Err(error) } else { Ok(false) }
+            }
         }
     }
 
@@ -255,218 +237,67 @@ impl Engine {
         key: &str,
         version: Option<i64>,
     ) -> Result<KvEntry, Error> {
-        let path = format!("{mount}/data/{key}");
-        let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
-        let body = self
-            .call(
-                Method::GET,
-                &format!("{path}{query}"),
-                Some(token),
-                None,
-                &[token],
-            )
-            .await?;
-        let data = body["data"]["data"]
-            .as_object()
-            .ok_or_else(|| Error::NotFound { path: path.clone() })?;
-        let metadata = &body["data"]["metadata"];
-        let version = metadata["version"]
-            .as_i64()
-            .ok_or_else(|| protocol(&path, "no data.metadata.version"))?;
-        let created = metadata["created_time"].as_str().and_then(|t| t.parse().ok());
+        let entry = self
+            .client
+            .kv_read(token, mount, key, version)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(KvEntry {
-            fields: super::template::kv_fields(data),
-            version,
-            created,
+            fields: super::template::kv_fields(&entry.data),
+            version: entry.version,
+            created: entry.created_time.and_then(|t| t.parse().ok()),
         })
     }
 
     pub async fn database_creds(&self, token: &str, mount: &str, role: &str) -> Result<Issued, Error> {
-        let path = format!("{mount}/creds/{role}");
-        let body = self.call(Method::GET, &path, Some(token), None, &[token]).await?;
-        issued(&path, &body)
+        self.client
+            .database_creds(token, mount, role)
+            .await
+            .map(issued)
+            .map_err(|e| self.error(e))
     }
 
     pub async fn pki_issue(&self, token: &str, source: &capstan_crds::PkiSource) -> Result<Issued, Error> {
-        let path = format!("{}/issue/{}", source.mount, source.role);
-        let mut request = json!({"common_name": source.common_name});
-        if !source.alt_names.is_empty() {
-            request["alt_names"] = json!(source.alt_names.join(","));
-        }
-        if let Some(ttl) = &source.ttl {
-            request["ttl"] = json!(ttl);
-        }
-        let body = self
-            .call(Method::POST, &path, Some(token), Some(request), &[token])
-            .await?;
-        let mut issued = issued(&path, &body)?;
-        // Vault issues certificates without a lease unless the role asks for one; the
-        // certificate's expiry is then the "lease".
-        if issued.lease_id.is_none() || issued.ttl.is_zero() {
-            if let Some(expiration) = body["data"]["expiration"].as_i64() {
-                let now = k8s_openapi::jiff::Timestamp::now().as_second();
-                issued.ttl = Duration::from_secs(expiration.saturating_sub(now).max(0) as u64);
-            }
-            issued.renewable = false;
-        }
-        Ok(issued)
+        let request = PkiIssue {
+            common_name: &source.common_name,
+            alt_names: &source.alt_names,
+            ttl: source.ttl.as_deref(),
+        };
+        self.client
+            .pki_issue(token, &source.mount, &source.role, &request)
+            .await
+            .map(issued)
+            .map_err(|e| self.error(e))
     }
 
     pub async fn renew(&self, token: &str, lease_id: &str, increment: Duration) -> Result<Renewed, Error> {
-        let path = "sys/leases/renew";
-        let body = self
-            .call(
-                Method::PUT,
-                path,
-                Some(token),
-                Some(json!({"lease_id": lease_id, "increment": increment.as_secs()})),
-                &[token, lease_id],
-            )
-            .await?;
+        let renewed = self
+            .client
+            .renew_lease(token, lease_id, increment)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(Renewed {
-            ttl: Duration::from_secs(
-                body["lease_duration"]
-                    .as_u64()
-                    .ok_or_else(|| protocol(path, "no lease_duration"))?,
-            ),
-            renewable: body["renewable"].as_bool().unwrap_or(false),
+            ttl: renewed.ttl,
+            renewable: renewed.renewable,
         })
     }
 
     pub async fn revoke(&self, token: &str, lease_id: &str) -> Result<(), Error> {
-        self.call(
-            Method::PUT,
-            "sys/leases/revoke",
-            Some(token),
-            Some(json!({"lease_id": lease_id})),
-            &[token, lease_id],
-        )
-        .await
-        .map(drop)
-    }
-
-    /// One request; `sensitive` are strings (tokens, lease ids) to redact from any error.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-        sensitive: &[&str],
-    ) -> Result<Value, Error> {
-        let bare = path.split('?').next().unwrap_or(path).to_owned();
-        let tls = self
-            .tls
-            .read()
-            .clone()
-            .ok_or_else(|| Error::NoRoots(self.roots_configmap.clone()))?;
-        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        let unreachable = |reason: String| Error::Unreachable {
-            url: self.url.clone(),
-            reason: redact(&reason, sensitive),
-        };
-        let (status, bytes) = tokio::time::timeout(TIMEOUT, self.exchange(tls, method, path, token, body))
+        self.client
+            .revoke_lease(token, lease_id)
             .await
-            .map_err(|_| unreachable(format!("no answer within {TIMEOUT:?}")))?
-            .map_err(|e| unreachable(format!("{e:#}")))?;
-        if status.is_success() {
-            if bytes.is_empty() {
-                return Ok(Value::Null);
-            }
-            return serde_json::from_slice(&bytes).map_err(|_| protocol(&bare, "the body is not JSON"));
-        }
-        let message = serde_json::from_slice::<ErrorBody>(&bytes)
-            .map(|b| b.errors.join("; "))
-            .unwrap_or_default();
-        let message = redact(&message.chars().take(400).collect::<String>(), sensitive);
-        Err(match status.as_u16() {
-            503 => Error::Sealed { path: bare },
-            403 => Error::Denied { path: bare, message },
-            404 => Error::NotFound { path: bare },
-            code => Error::Refused {
-                path: bare,
-                status: code,
-                message,
-            },
-        })
-    }
-
-    async fn exchange(
-        &self,
-        tls: Arc<ClientConfig>,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Vec<u8>,
-    ) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-        tcp.set_nodelay(true)?;
-        let name = ServerName::try_from(self.host.clone())?;
-        let stream = TlsConnector::from(tls).connect(name, tcp).await?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let driver = tokio::spawn(connection);
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("/v1/{path}"))
-            .header(header::HOST, self.host.as_str())
-            .header(header::CONTENT_TYPE, "application/json");
-        if let Some(token) = token {
-            request = request.header("X-Vault-Token", token);
-        }
-        let response = sender
-            .send_request(request.body(Full::new(Bytes::from(body)))?)
-            .await?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading the response: {e}"))?
-            .to_bytes();
-        driver.abort();
-        Ok((status, bytes))
+            .map_err(|e| self.error(e))
     }
 }
 
-fn protocol(path: &str, reason: &str) -> Error {
-    Error::Protocol {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
+/// A leased answer as the reconciler's fields.
+fn issued(leased: client::Leased) -> Issued {
+    Issued {
+        lease_id: leased.lease_id,
+        ttl: leased.ttl,
+        renewable: leased.renewable,
+        fields: issued_fields(&leased.data),
     }
-}
-
-fn redact(text: &str, sensitive: &[&str]) -> String {
-    let mut out = text.to_owned();
-    for s in sensitive.iter().filter(|s| s.len() >= 4) {
-        out = out.replace(s, "<redacted>");
-    }
-    out
-}
-
-/// Whether a `sys/capabilities-self` answer grants `update` (or `root`) on `path`
-/// (Vault puts the list under `data.<path>` and at the top level too).
-fn grants_update(body: &Value, path: &str) -> bool {
-    [&body["data"][path], &body[path]]
-        .into_iter()
-        .filter_map(Value::as_array)
-        .flatten()
-        .any(|c| matches!(c.as_str(), Some("update" | "root")))
-}
-
-/// A leased response (`lease_id`, `lease_duration`, `renewable`, `data`) as fields.
-fn issued(path: &str, body: &Value) -> Result<Issued, Error> {
-    let data = body["data"]
-        .as_object()
-        .ok_or_else(|| protocol(path, "no data"))?;
-    Ok(Issued {
-        lease_id: body["lease_id"]
-            .as_str()
-            .filter(|id| !id.is_empty())
-            .map(str::to_owned),
-        ttl: Duration::from_secs(body["lease_duration"].as_u64().unwrap_or(0)),
-        renewable: body["renewable"].as_bool().unwrap_or(false),
-        fields: issued_fields(data),
-    })
 }
 
 /// A credential's fields: strings as they are, lists (a PKI `ca_chain`) joined by
@@ -488,73 +319,56 @@ fn issued_fields(data: &Map<String, Value>) -> super::template::Fields {
         .collect()
 }
 
-fn tls_config(roots_pem: &str) -> anyhow::Result<Arc<ClientConfig>> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    anyhow::ensure!(!roots.is_empty(), "the trust bundle holds no certificate");
-    let config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
-    fn leased_responses_become_fields() {
-        let body = json!({
-            "lease_id": "database/creds/app/abcd", "lease_duration": 300, "renewable": true,
-            "data": {"username": "v-app", "password": "pw", "ca_chain": ["A", "B"], "expiration": 17},
-        });
-        let creds = issued("database/creds/app", &body).unwrap();
-        assert_eq!(creds.lease_id.as_deref(), Some("database/creds/app/abcd"));
-        assert_eq!(creds.ttl, Duration::from_secs(300));
-        assert!(creds.renewable);
-        assert_eq!(creds.fields["ca_chain"], "A\nB");
-        assert_eq!(creds.fields["expiration"], "17");
-        let no_lease = issued("pki/issue/r", &json!({"lease_id": "", "data": {}})).unwrap();
-        assert_eq!(no_lease.lease_id, None);
+    fn credential_fields_are_text() {
+        let data = json!({"username": "v-app", "password": "pw", "ca_chain": ["A", "B"], "expiration": 17});
+        let fields = issued_fields(data.as_object().unwrap());
+        assert_eq!(fields["username"], "v-app");
+        assert_eq!(fields["ca_chain"], "A\nB");
+        assert_eq!(fields["expiration"], "17");
     }
 
     #[test]
-    fn capabilities_self_answers_are_read_as_the_engine_writes_them() {
-        let answer = |caps: Value| json!({"data": {REVOKE_SELF: caps.clone(), "capabilities": caps}});
-        assert!(grants_update(&answer(json!(["read", "update"])), REVOKE_SELF));
-        assert!(grants_update(&answer(json!(["root"])), REVOKE_SELF));
-        assert!(grants_update(&json!({REVOKE_SELF: ["update"]}), REVOKE_SELF));
-        assert!(!grants_update(&answer(json!(["deny"])), REVOKE_SELF));
-        assert!(!grants_update(&answer(json!(["read"])), REVOKE_SELF));
-        assert!(!grants_update(
-            &json!({"data": {"other/path": ["update"]}}),
-            REVOKE_SELF
-        ));
-        assert!(!grants_update(&Value::Null, REVOKE_SELF));
-    }
-
-    #[test]
-    fn errors_redact_tokens_and_lease_ids() {
+    fn client_errors_map_to_ready_reasons() {
+        let api = |status: u16, errors: &[&str]| {
+            client::Error::Api(client::ApiError {
+                path: "secret/data/app".into(),
+                status: StatusCode::from_u16(status).unwrap(),
+                errors: errors.iter().map(|e| e.to_string()).collect(),
+            })
+        };
+        let map = |e| Error::from_client(e, "capstan-mesh-roots", "https://engine:8200");
+        let sealed = map(api(503, &["Vault is sealed"]));
+        assert_eq!((sealed.reason(), sealed.transient()), ("EngineSealed", true));
+        let denied = map(api(403, &["permission denied"]));
+        assert_eq!((denied.reason(), denied.transient()), ("PermissionDenied", false));
         assert_eq!(
-            redact(
-                "lease database/creds/app/abcd not found for hvs.TOKEN",
-                &["database/creds/app/abcd", "hvs.TOKEN"]
-            ),
-            "lease <redacted> not found for <redacted>"
+            denied.to_string(),
+            "the engine denied secret/data/app: permission denied"
         );
+        assert_eq!(map(api(404, &[])).reason(), "SourceNotFound");
+        let refused = map(api(400, &["bad"]));
+        assert_eq!((refused.reason(), refused.transient()), ("EngineRefused", false));
+        assert!(map(api(500, &["boom"])).transient());
+        let no_roots = map(client::Error::NoRoots);
+        assert_eq!(no_roots.reason(), "EngineUnavailable");
+        assert!(no_roots.to_string().contains("capstan-mesh-roots"));
+        let down = map(client::Error::Connect {
+            url: "https://engine:8200".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!((down.reason(), down.transient()), ("EngineUnavailable", true));
     }
 
     #[test]
     fn only_https_urls() {
         assert!(Engine::new("http://capstan-engine:8200", "x").is_err());
         let e = Engine::new("https://capstan-engine.capstan-system.svc:8200", "x").unwrap();
-        assert_eq!(
-            (e.host.as_str(), e.port),
-            ("capstan-engine.capstan-system.svc", 8200)
-        );
+        assert_eq!(e.client.url(), "https://capstan-engine.capstan-system.svc:8200");
     }
 }
