@@ -1,6 +1,6 @@
 //! `auth/token/*` and `auth/kubernetes/*`.
 
-use super::{ApiError, Engine, Operation, Reply, Request};
+use super::{ApiError, Engine, Operation, Reply, Request, mounts::Access, route::Tail};
 use crate::{
     auth::kubernetes::{LoginError, RoleRequest},
     auth::token::{NewToken, TokenEntry},
@@ -64,6 +64,20 @@ fn lookup_data(entry: &TokenEntry, own: Option<&str>) -> Value {
         "type": "service",
         "entity_id": "",
     })
+}
+
+/// The token mount's routes take no name after a prefix (`route::resolve`).
+pub const TOKEN_ROUTES: &[(&str, Tail)] = &[];
+/// The Kubernetes auth mount's named routes (`route::resolve`).
+pub const KUBERNETES_ROUTES: &[(&str, Tail)] = &[("role/", Tail::Name { lower: false })];
+
+/// Logging in needs no token (it is how a workload gets one).
+pub fn kubernetes_access(rest: &str) -> Access {
+    if rest == "login" {
+        Access::Unauthenticated
+    } else {
+        Access::Acl { sudo: false }
+    }
 }
 
 pub async fn token(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {

@@ -1,7 +1,7 @@
 //! The database mount's paths: `config/<name>`, `roles/<name>`, `creds/<role>`,
 //! `rotate-root/<name>`.
 
-use super::{ApiError, Engine, Operation, Reply, Request};
+use super::{ApiError, Engine, Operation, Reply, Request, route::Tail};
 use crate::{
     secrets::database::{Connection, DatabaseError, Role},
     secrets::lease::{Lease, LeaseSecret, new_id},
@@ -21,6 +21,14 @@ impl From<DatabaseError> for ApiError {
         }
     }
 }
+
+/// The routes with a name after a prefix (`route::resolve`).
+pub const ROUTES: &[(&str, Tail)] = &[
+    ("config/", Tail::Name { lower: false }),
+    ("roles/", Tail::Name { lower: false }),
+    ("creds/", Tail::Name { lower: false }),
+    ("rotate-root/", Tail::Name { lower: false }),
+];
 
 pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
     let db = &engine.database;

@@ -1,7 +1,7 @@
 //! The KV v2 mount's paths: `data/`, `metadata/`, `delete/`, `undelete/`, `destroy/`,
 //! `config`.
 
-use super::{ApiError, Engine, Operation, Reply, Request};
+use super::{ApiError, Engine, Operation, Reply, Request, route::Tail};
 use crate::secrets::kv::{KvError, MountConfig, Read, WriteOptions};
 use axum::http::StatusCode;
 use serde_json::{Map, Value, json};
@@ -16,13 +16,20 @@ impl From<KvError> for ApiError {
     }
 }
 
-/// Whether a create-or-update targets something that exists (None: not a KV data path,
-/// so a write is an update, as in Vault).
-pub async fn exists(engine: &Engine, path: &str) -> Result<Option<bool>, ApiError> {
-    let Some(key) = path
-        .strip_prefix(engine.kv.mount())
-        .and_then(|rest| rest.strip_prefix("/data/"))
-    else {
+/// The routes with a key after a prefix (`route::resolve`).
+pub const ROUTES: &[(&str, Tail)] = &[
+    ("data/", Tail::Path),
+    ("metadata/", Tail::Path),
+    ("delete/", Tail::Path),
+    ("undelete/", Tail::Path),
+    ("destroy/", Tail::Path),
+];
+
+/// Whether a create-or-update on `rest` (below the mount) targets something that exists
+/// (None: not a data path, so a write is an update, as in Vault). Vault's ACL tells
+/// `create` from `update` by this.
+pub async fn exists(engine: &Engine, rest: &str) -> Result<Option<bool>, ApiError> {
+    let Some(key) = rest.strip_prefix("data/") else {
         return Ok(None);
     };
     Ok(Some(engine.kv.exists(key).await.unwrap_or(false)))

@@ -1,13 +1,15 @@
 //! The Vault-compatible HTTP API (`/v1/...`): Vault's paths, methods and JSON, so
 //! existing Vault clients work unchanged for what the engine has. Every request goes
-//! through the same steps, in this order: path checks, the seal, authentication (a
-//! token, except for the unauthenticated sys and login paths), the ACL of the token's
-//! policies, the audit record of the request, the handler, the audit record of the
-//! response. A request or response that cannot be audited fails (DESIGN decision 4).
+//! through the same layers (`pipeline`): path check, seal, authentication, ACL, audit,
+//! and the mount's handler; each mount (`mounts`) declares its own unauthenticated paths,
+//! named routes and existence check. This module holds what the handlers share: the
+//! request, the reply and the error in Vault's shapes.
 
 mod auth;
 mod database;
 mod kv;
+mod mounts;
+mod pipeline;
 mod pki;
 mod route;
 mod sys;
@@ -34,6 +36,7 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
+use pipeline::{Pipeline, Raw};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family},
@@ -41,6 +44,7 @@ use prometheus_client::{
 };
 use serde_json::{Map, Value, json};
 use std::{collections::HashMap, sync::Arc};
+use tower::Service as _;
 
 /// The largest request body (Vault's default max_request_size is 32 MiB; our storage
 /// entries are far smaller).
@@ -322,7 +326,7 @@ impl Reply {
 }
 
 /// An error answer: `{"errors": [...]}`; messages never carry secret values.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
@@ -433,37 +437,6 @@ fn respond(status: StatusCode, body: Option<Value>) -> Response {
     }
 }
 
-/// Paths answered without a token, sealed or not.
-fn is_unauthenticated_sys(path: &str) -> bool {
-    matches!(
-        path,
-        "sys/init" | "sys/seal-status" | "sys/unseal" | "sys/health" | "sys/leader"
-    )
-}
-
-/// Paths that need a token but also `sudo` on the path, as in Vault.
-fn needs_sudo(path: &str) -> bool {
-    matches!(path, "sys/seal" | "sys/rotate")
-        || path.starts_with("sys/audit-hash/")
-        || path.starts_with("sys/leases/revoke-prefix/")
-        || path.starts_with("sys/leases/revoke-force/")
-}
-
-/// Refuses paths that could mean two things: `..` or `.` segments, empty segments,
-/// backslashes, percent-encoding, control characters (the ACL and the handler must see
-/// the same path; V20).
-fn check_path(path: &str) -> Result<(), ApiError> {
-    let trimmed = path.strip_suffix('/').unwrap_or(path);
-    let bad = trimmed.is_empty()
-        || trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..")
-        || path.contains(['\\', '%'])
-        || path.chars().any(char::is_control);
-    if bad {
-        return Err(ApiError::bad_request(format!("invalid request path {path:?}")));
-    }
-    Ok(())
-}
-
 fn operation(method: &Method, query: &HashMap<String, String>) -> Option<Operation> {
     Some(match method.as_str() {
         "GET" if query.get("list").is_some_and(|v| v == "true") => Operation::list,
@@ -474,17 +447,6 @@ fn operation(method: &Method, query: &HashMap<String, String>) -> Option<Operati
         "PATCH" => Operation::patch,
         _ => return None,
     })
-}
-
-fn token_of(headers: &HeaderMap) -> Option<String> {
-    if let Some(token) = headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
-        return Some(token.trim().to_owned()).filter(|t| !t.is_empty());
-    }
-    crate::auth::kubernetes::tokenreview::bearer(
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
-    )
-    .ok()
-    .map(str::to_owned)
 }
 
 fn parse_query(uri: &Uri) -> HashMap<String, String> {
@@ -508,15 +470,23 @@ fn mount_of(path: &str) -> String {
     }
 }
 
+/// What the HTTP handler holds: the engine (for its metrics) and the request pipeline.
+#[derive(Clone)]
+struct Api {
+    engine: Arc<Engine>,
+    pipeline: Pipeline,
+}
+
 pub fn routes(engine: Arc<Engine>) -> Router {
+    let pipeline = pipeline::pipeline(&engine);
     Router::new()
         .fallback(handle)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(engine)
+        .with_state(Api { engine, pipeline })
 }
 
 async fn handle(
-    State(engine): State<Arc<Engine>>,
+    State(Api { engine, mut pipeline }): State<Api>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -532,8 +502,15 @@ async fn handle(
             Some(json!({"errors": ["unsupported method"]})),
         );
     };
-    let path = path.to_owned();
-    let (status, body) = match serve(&engine, operation, &path, query, &headers, &body).await {
+    let mount = mount_of(path);
+    let raw = Raw {
+        operation,
+        path: path.to_owned(),
+        query,
+        headers,
+        body,
+    };
+    let (status, body) = match pipeline.call(raw).await {
         Ok(reply) => (reply.status, reply.body),
         Err(error) => (error.status, Some(error.body())),
     };
@@ -541,7 +518,7 @@ async fn handle(
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            mount: mount_of(&path),
+            mount,
             operation,
             code: status.as_u16(),
         })
@@ -549,222 +526,9 @@ async fn handle(
     respond(status, body)
 }
 
-async fn serve(
-    engine: &Engine,
-    mut operation: Operation,
-    path: &str,
-    query: HashMap<String, String>,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Reply, ApiError> {
-    check_path(path)?;
-    // Response wrapping does not exist yet: a client asking for it must not get the
-    // plaintext it meant to keep out of its own hands (fail closed, not ignored).
-    if headers
-        .get("x-vault-wrap-ttl")
-        .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
-    {
-        return Err(ApiError::bad_request(
-            "response wrapping (X-Vault-Wrap-TTL) is not supported; the request was not served",
-        ));
-    }
-    // Resolved here, refused only once the caller may learn why: a refusal describes a
-    // mount's routes, and a client without a usable token (or without access to the
-    // path) gets the 403 a path under no mount gets, so it cannot probe for mounts. The
-    // handler runs only on a resolved name, the one resolved before the ACL (V20).
-    let resolved = route::resolve(&route::Mounts::of(engine), path, operation)
-        .map(|resolved| resolved.name.map(str::to_owned));
-    let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
-        Map::new()
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("failed to parse JSON input: {e}")))?
-    };
-    let mut request = Request {
-        id: uuid(),
-        operation,
-        path: path.to_owned(),
-        name: resolved.as_ref().ok().cloned().flatten(),
-        query,
-        body,
-        token: None,
-        entry: None,
-        use_limited: false,
-    };
-    if is_unauthenticated_sys(path) {
-        resolved?;
-        return sys::unauthenticated(engine, &request).await;
-    }
-    if engine.seal.is_sealed() {
-        return Err(ApiError::sealed());
-    }
-    // Logging in needs no token; nor does reading a PKI mount's CA certificate (public).
-    let login = path == "auth/kubernetes/login"
-        || path
-            .strip_prefix(engine.pki.mount())
-            .is_some_and(|rest| rest == "/cert/ca");
-    if !login {
-        // A request without a usable token (none, unknown, expired, revoked, its uses
-        // spent) is audited before it is refused, its token HMAC'd like any other:
-        // guessing tokens leaves a trail.
-        request.token = token_of(headers);
-        let looked_up = match &request.token {
-            None => Err(TokenError::Invalid),
-            Some(token) => match engine.tokens.lookup(token).await {
-                // Every authenticated request spends a use of a limited-use token,
-                // allowed or denied, as in Vault.
-                Ok(entry) => engine.tokens.spend_use(token, entry).await,
-                Err(e) => Err(e),
-            },
-        };
-        let entry = match looked_up {
-            Ok(spent) => {
-                request.use_limited = spent.limited;
-                spent.entry
-            }
-            Err(TokenError::Invalid) => {
-                let auth = request.auth_info();
-                audit_request(engine, &request, &auth).await?;
-                let denied = ApiError::denied();
-                audit_response(engine, &request, &auth, denied.status, Some(&denied.body())).await?;
-                return Err(denied);
-            }
-            Err(other) => return Err(other.into()),
-        };
-        let token = request.token.clone().unwrap_or_default();
-        // Create or update: Vault decides by whether the target exists.
-        if operation == Operation::update && kv::exists(engine, path).await? == Some(false) {
-            operation = Operation::create;
-            request.operation = operation;
-        }
-        let acl = engine
-            .policies
-            .acl(&entry.policies)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        // `sys/internal/ui/mounts/<path>` is Vault's unauthenticated-then-checked path:
-        // it needs a valid token, and its handler checks the token's access to the mount.
-        let ui_mount = operation == Operation::read && path.starts_with("sys/internal/ui/mounts/");
-        let allowed = ui_mount
-            || acl.allows(path, operation.capability())
-                && (!needs_sudo(path) || acl.allows(path, Capability::Sudo));
-        request.token = Some(token);
-        request.entry = Some(entry);
-        if !allowed {
-            // Denials are audited too: who tried what matters most.
-            let auth = request.auth_info();
-            audit_request(engine, &request, &auth).await?;
-            let denied = ApiError::denied();
-            audit_response(engine, &request, &auth, denied.status, Some(&denied.body())).await?;
-            return Err(denied);
-        }
-    }
-    let auth = request.auth_info();
-    audit_request(engine, &request, &auth).await?;
-    // A path that does not resolve is answered (and audited) as its handler's refusal.
-    let result = match resolved {
-        Ok(_) => route(engine, &request).await,
-        Err(refused) => Err(refused),
-    };
-    let error_body;
-    let (status, body) = match &result {
-        Ok(reply) => (reply.status, reply.body.as_ref()),
-        Err(error) => {
-            error_body = error.body();
-            (error.status, Some(&error_body))
-        }
-    };
-    audit_response(engine, &request, &auth, status, body).await?;
-    result
-}
-
-async fn audit_request(engine: &Engine, request: &Request, auth: &AuthInfo<'_>) -> Result<(), ApiError> {
-    let data = (!request.body.is_empty()).then_some(&request.body);
-    engine
-        .audit
-        .request(
-            &request.id,
-            request.operation.as_str(),
-            &request.path,
-            auth,
-            data,
-            "",
-        )
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-}
-
-async fn audit_response(
-    engine: &Engine,
-    request: &Request,
-    auth: &AuthInfo<'_>,
-    status: StatusCode,
-    body: Option<&Value>,
-) -> Result<(), ApiError> {
-    engine
-        .audit
-        .response(
-            &request.id,
-            request.operation.as_str(),
-            &request.path,
-            auth,
-            status.as_u16(),
-            body,
-            "",
-        )
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-}
-
-async fn route(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
-    let path = request.path.as_str();
-    if let Some(rest) = path.strip_prefix("sys/") {
-        return sys::route(engine, request, rest).await;
-    }
-    if let Some(rest) = path.strip_prefix("auth/token/") {
-        return auth::token(engine, request, rest).await;
-    }
-    if let Some(rest) = path.strip_prefix("auth/kubernetes/") {
-        return auth::kubernetes(engine, request, rest).await;
-    }
-    let below = |mount: &str| path.strip_prefix(mount).and_then(|rest| rest.strip_prefix('/'));
-    if let Some(rest) = below(engine.database.mount()) {
-        return database::route(engine, request, rest).await;
-    }
-    if let Some(rest) = below(engine.pki.mount()) {
-        return pki::route(engine, request, rest).await;
-    }
-    if let Some(rest) = below(engine.kv.mount()) {
-        return kv::route(engine, request, rest).await;
-    }
-    Err(ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("no handler for route \"{path}\". route entry not found."),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ambiguous_paths_are_refused() {
-        for bad in [
-            "",
-            "/",
-            "secret//data",
-            "secret/../sys/seal",
-            "secret/./x",
-            "secret/%2e%2e/x",
-            "a\\b",
-            "x/\u{1}",
-        ] {
-            assert!(check_path(bad).is_err(), "{bad:?}");
-        }
-        for good in ["secret/data/app", "secret/metadata/", "sys/policies/acl/app"] {
-            check_path(good).unwrap();
-        }
-    }
 
     #[test]
     fn methods_map_to_operations() {

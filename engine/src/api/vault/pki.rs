@@ -1,7 +1,7 @@
 //! The PKI mount's paths: `root/generate/internal`, `cert/ca`, `roles/<name>`,
 //! `issue/<role>`.
 
-use super::{ApiError, Engine, Operation, Reply, Request};
+use super::{ApiError, Engine, Operation, Reply, Request, mounts::Access, route::Tail};
 use crate::secrets::pki::{PkiError, Role};
 use serde_json::json;
 
@@ -12,6 +12,21 @@ impl From<PkiError> for ApiError {
             PkiError::Sign => Self::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
             other => Self::bad_request(other.to_string()),
         }
+    }
+}
+
+/// The routes with a name after a prefix (`route::resolve`).
+pub const ROUTES: &[(&str, Tail)] = &[
+    ("roles/", Tail::Name { lower: false }),
+    ("issue/", Tail::Name { lower: false }),
+];
+
+/// The CA certificate is public: reading it needs no token.
+pub fn access(rest: &str) -> Access {
+    if rest == "cert/ca" {
+        Access::Unauthenticated
+    } else {
+        Access::Acl { sudo: false }
     }
 }
 

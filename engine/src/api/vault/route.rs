@@ -1,18 +1,22 @@
 //! The one place a request path is resolved into the object it names (V20). The ACL
-//! judges the request's path and the handler acts on the name resolved here, so the two
+//! judges the request's path and the handler acts on the name resolved here (each mount
+//! declares its named routes: `Mount::routes`), so the two
 //! can only disagree if this function does: a path is either canonical (one name segment
 //! where a route expects a name, a name spelled exactly as it is stored) or refused with
 //! 400 before any ACL check. Nothing is normalized into something else: `team-x/admin`
 //! under `sys/policies/acl/` is not the policy `admin`, and `Team-X` is not `team-x`.
 //!
-//! `check_path` (in `mod.rs`) has already refused `.`, `..`, empty segments,
+//! `check_path` (in `pipeline.rs`) has already refused `.`, `..`, empty segments,
 //! percent-encoding, backslashes and control characters everywhere.
 
-use super::{ApiError, Engine, Operation};
+use super::{
+    ApiError, Operation,
+    mounts::{Mount, Names},
+};
 
 /// What follows a route's prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tail {
+pub enum Tail {
     /// Exactly one name segment, as `storage::valid_name` allows (policies: as
     /// `policy::check_name` allows). `lower`: the store keeps names lowercased, so a name
     /// with an uppercase letter would reach another object than the one the ACL judged;
@@ -25,35 +29,6 @@ enum Tail {
     Lookup,
 }
 
-/// The routes with a name or a path after a fixed prefix, by mount; the prefix is
-/// relative to the mount (`sys`, `auth/kubernetes`, or a secrets mount).
-const SYS: &[(&str, Tail)] = &[
-    ("policies/acl/", Tail::Name { lower: true }),
-    ("policy/", Tail::Name { lower: true }),
-    ("audit-hash/", Tail::Name { lower: false }),
-    ("leases/", Tail::Path),
-    ("internal/ui/mounts/", Tail::Lookup),
-];
-const AUTH_TOKEN: &[(&str, Tail)] = &[];
-const AUTH_KUBERNETES: &[(&str, Tail)] = &[("role/", Tail::Name { lower: false })];
-const DATABASE: &[(&str, Tail)] = &[
-    ("config/", Tail::Name { lower: false }),
-    ("roles/", Tail::Name { lower: false }),
-    ("creds/", Tail::Name { lower: false }),
-    ("rotate-root/", Tail::Name { lower: false }),
-];
-const PKI: &[(&str, Tail)] = &[
-    ("roles/", Tail::Name { lower: false }),
-    ("issue/", Tail::Name { lower: false }),
-];
-const KV: &[(&str, Tail)] = &[
-    ("data/", Tail::Path),
-    ("metadata/", Tail::Path),
-    ("delete/", Tail::Path),
-    ("undelete/", Tail::Path),
-    ("destroy/", Tail::Path),
-];
-
 /// A path resolved: the part after the mount (`rest`, e.g. `policies/acl/app`), and the
 /// name or key it names, if its route takes one (`app`). A LIST keeps its trailing slash
 /// in both.
@@ -63,50 +38,9 @@ pub struct Resolved<'a> {
     pub name: Option<&'a str>,
 }
 
-/// The mount a path is under and the table of its named routes.
-fn table<'a>(mounts: &Mounts<'_>, path: &'a str) -> Option<(&'a str, &'static [(&'static str, Tail)])> {
-    let below = |mount: &str| path.strip_prefix(mount).and_then(|rest| rest.strip_prefix('/'));
-    if let Some(rest) = path.strip_prefix("sys/") {
-        return Some((rest, SYS));
-    }
-    if let Some(rest) = path.strip_prefix("auth/token/") {
-        return Some((rest, AUTH_TOKEN));
-    }
-    if let Some(rest) = path.strip_prefix("auth/kubernetes/") {
-        return Some((rest, AUTH_KUBERNETES));
-    }
-    for (mount, table) in [(mounts.database, DATABASE), (mounts.pki, PKI), (mounts.kv, KV)] {
-        if let Some(rest) = below(mount) {
-            return Some((rest, table));
-        }
-    }
-    None
-}
-
-/// The secrets mounts' paths.
-pub struct Mounts<'a> {
-    pub database: &'a str,
-    pub pki: &'a str,
-    pub kv: &'a str,
-}
-
-impl<'a> Mounts<'a> {
-    pub fn of(engine: &'a Engine) -> Self {
-        Self {
-            database: engine.database.mount(),
-            pki: engine.pki.mount(),
-            kv: engine.kv.mount(),
-        }
-    }
-}
-
 /// Resolves `path` for `operation`, or refuses it (400) when it is not canonical.
-pub fn resolve<'a>(
-    mounts: &Mounts<'_>,
-    path: &'a str,
-    operation: Operation,
-) -> Result<Resolved<'a>, ApiError> {
-    let Some((rest, table)) = table(mounts, path) else {
+pub fn resolve<'a>(names: &Names<'_>, path: &'a str, operation: Operation) -> Result<Resolved<'a>, ApiError> {
+    let Some((mount, rest)) = Mount::find(names, path) else {
         return Ok(Resolved {
             rest: path,
             name: None,
@@ -118,7 +52,7 @@ pub fn resolve<'a>(
         )))
     };
     let list = operation == Operation::list;
-    for (prefix, tail) in table {
+    for (prefix, tail) in mount.routes() {
         let Some(after) = rest.strip_prefix(prefix) else {
             continue;
         };
@@ -168,7 +102,7 @@ pub fn resolve<'a>(
 mod tests {
     use super::*;
 
-    const MOUNTS: Mounts<'static> = Mounts {
+    const MOUNTS: Names<'static> = Names {
         database: "database",
         pki: "pki",
         kv: "secret",

@@ -1,7 +1,7 @@
 //! `sys/`: init, seal and unseal (answered sealed or not), health, keyring rotation,
 //! ACL policies, capabilities and the audit hash.
 
-use super::{ApiError, Engine, Operation, Reply, Request};
+use super::{ApiError, Engine, Operation, Reply, Request, mounts::Access, route::Tail};
 use crate::{
     auth::token::{NewToken, Tokens},
     policy::store::PolicyStoreError,
@@ -66,7 +66,38 @@ fn small(request: &Request, key: &str) -> Result<Option<u8>, ApiError> {
     }
 }
 
-pub async fn unauthenticated(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
+/// The routes with a name or a path after a fixed prefix (`route::resolve`).
+pub const ROUTES: &[(&str, Tail)] = &[
+    ("policies/acl/", Tail::Name { lower: true }),
+    ("policy/", Tail::Name { lower: true }),
+    ("audit-hash/", Tail::Name { lower: false }),
+    ("leases/", Tail::Path),
+    ("internal/ui/mounts/", Tail::Lookup),
+];
+
+/// Vault's unauthenticated sys paths, answered sealed or not (and not audited); the
+/// paths that need `sudo` besides the operation's capability; and
+/// `sys/internal/ui/mounts/<path>`, Vault's unauthenticated-then-checked path: it needs a
+/// valid token, and its handler checks the token's access to the mount (`ui_mount`).
+pub fn access(rest: &str, operation: Operation) -> Access {
+    if is_open(rest) {
+        return Access::Open;
+    }
+    if operation == Operation::read && rest.starts_with("internal/ui/mounts/") {
+        return Access::Token;
+    }
+    let sudo = matches!(rest, "seal" | "rotate")
+        || rest.starts_with("audit-hash/")
+        || rest.starts_with("leases/revoke-prefix/")
+        || rest.starts_with("leases/revoke-force/");
+    Access::Acl { sudo }
+}
+
+fn is_open(rest: &str) -> bool {
+    matches!(rest, "init" | "seal-status" | "unseal" | "health" | "leader")
+}
+
+async fn unauthenticated(engine: &Engine, request: &Request) -> Result<Reply, ApiError> {
     match (request.path.as_str(), request.operation) {
         ("sys/seal-status", Operation::read) => Ok(Reply::raw(
             StatusCode::OK,
@@ -208,6 +239,9 @@ pub async fn after_unseal(engine: &Engine) {
 }
 
 pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
+    if is_open(rest) {
+        return unauthenticated(engine, request).await;
+    }
     let op = request.operation;
     match (rest, op) {
         ("seal", Operation::update | Operation::create) => {
