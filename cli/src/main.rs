@@ -53,8 +53,9 @@ struct Check {
     #[arg(long, value_parser = ["deny", "allow"], default_value = "deny")]
     default_action: String,
     /// Capstan's own namespace, the only one whose intentions may govern other
-    /// namespaces (the chart's release namespace).
-    #[arg(long, env = "CAPSTAN_CONTROL_NAMESPACE", default_value = "capstan-system")]
+    /// namespaces (the chart's release namespace). The variable is the proxy's: the
+    /// command judges a request as a proxy would.
+    #[arg(long, env = capstan_contract::env::proxy::CONTROL_NAMESPACE, default_value = "capstan-system")]
     control_namespace: String,
 }
 

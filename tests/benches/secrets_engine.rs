@@ -57,22 +57,11 @@ impl Run {
     }
 }
 
-fn tls_config(roots_pem: &str) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        store.add(cert?)?;
-    }
-    Ok(Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(store)
-            .with_no_client_auth(),
-    ))
-}
-
 /// `clients` keep-alive HTTPS connections, each sending `request(i)` back to back for
 /// `seconds`.
+/// A load generator, not a client: each connection is driven by its request loop's own
+/// task, which the engine client's pool (one task per connection, a hand-off per
+/// request) would not allow; only its TLS configuration is the client's.
 async fn load(
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
@@ -221,7 +210,7 @@ async fn bench() -> Result<()> {
         json!({"allowed_domains": ["example.com"], "allow_subdomains": true}),
     )
     .await?;
-    let tls = tls_config(&roots)?;
+    let tls = capstan_engine_client::tls_config(&roots)?;
     // CAPSTAN_BENCH_ONLY=kv_read (a comma list of the report's names) runs only those
     // operations, for profiling one of them; the others report zero.
     let only = std::env::var("CAPSTAN_BENCH_ONLY").unwrap_or_default();

@@ -562,8 +562,8 @@ pub mod secrets;
 /// The chart's engine ServiceAccount, its CA Secret and roots ConfigMap (release `capstan`).
 pub const ENGINE_SA: &str = "capstan-engine";
 pub const MESH_CA_SECRET: &str = "capstan-mesh-ca";
-pub const MESH_ROOTS_CONFIGMAP: &str = "capstan-mesh-roots";
-pub const MESH_TOKEN_AUDIENCE: &str = "capstan-mesh-ca";
+pub const MESH_ROOTS_CONFIGMAP: &str = capstan_contract::ROOTS_CONFIGMAP;
+pub const MESH_TOKEN_AUDIENCE: &str = capstan_contract::MESH_CA_AUDIENCE;
 
 /// A capstan-engine process, out of the cluster, as the chart's engine ServiceAccount
 /// (so it has exactly the chart's RBAC), serving HTTPS on a loopback port.
@@ -678,7 +678,7 @@ pub async fn published_roots(client: &Client) -> Option<String> {
         .await
         .ok()??
         .data?
-        .remove("roots.pem")
+        .remove(capstan_contract::ROOTS_KEY)
 }
 
 /// A token for `namespace/serviceaccount` from the real TokenRequest API, for `audience`.
@@ -707,8 +707,9 @@ pub async fn serviceaccount_token(
 }
 
 /// One HTTP/1.1 request over TLS 1.3 to `addr`, trusting only the PEM roots in
-/// `roots_pem` (server name 127.0.0.1); returns (status, JSON body). A server whose
-/// certificate does not chain to those roots fails the handshake.
+/// `roots_pem` (server name 127.0.0.1), on a connection of its own (verified against
+/// `roots_pem`, whatever an earlier call trusted); returns (status, JSON body, or Null).
+/// A server whose certificate does not chain to those roots fails the handshake.
 pub async fn https_json(
     addr: SocketAddr,
     roots_pem: &str,
@@ -717,44 +718,35 @@ pub async fn https_json(
     bearer: Option<&str>,
     body: Option<&str>,
 ) -> Result<(u16, serde_json::Value)> {
-    use rustls::pki_types::ServerName;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = tls13_client_config(roots_pem)?;
-    let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
-    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
-    )
-    .await??;
-    let body = body.unwrap_or("");
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    tls.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+    use capstan_engine_client::Auth;
+    let answer = engine_client(addr, roots_pem)?
+        .send(
+            method.parse()?,
+            path,
+            bearer.map_or(Auth::None, Auth::Bearer),
+            body.map(|b| bytes::Bytes::from(b.to_owned())),
+            &[],
         )
-        .as_bytes(),
-    )
-    .await?;
-    let mut response = Vec::new();
-    // rustls reports a peer that closes without close_notify as an error; the
-    // response has arrived by then.
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut response)).await?;
-    let response = String::from_utf8_lossy(&response);
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .context("no status line")?
-        .parse()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    Ok((code, json))
+        .await?;
+    Ok((answer.status.as_u16(), answer.json()))
+}
+
+/// The engine client as the tests use it: trusting exactly `roots_pem`, no retry, no
+/// body limit to speak of, and the harness's old timeouts (2 s to connect plus 5 s for
+/// TLS, 10 s for the answer).
+pub fn engine_client(addr: SocketAddr, roots_pem: &str) -> Result<capstan_engine_client::Client> {
+    use capstan_engine_client::{Client, Options, Roots};
+    let options = Options {
+        connect_timeout: Duration::from_secs(7),
+        timeout: Duration::from_secs(17),
+        body_limit: 256 * 1024 * 1024,
+        ..Options::default()
+    };
+    Ok(Client::new(
+        &format!("https://{addr}"),
+        Roots::pem(roots_pem)?,
+        options,
+    )?)
 }
 
 // === The admission webhook (capstan-webhook) ===
@@ -764,7 +756,7 @@ pub const WEBHOOK_SA: &str = "capstan-webhook";
 pub const WEBHOOK_CONFIG: &str = "capstan-webhook";
 pub const WEBHOOK_TLS_SECRET: &str = "capstan-webhook-tls";
 /// The ConfigMap the engine publishes the mesh roots in (the webhook copies them).
-pub const WEBHOOK_ROOTS_CONFIGMAP: &str = "capstan-mesh-roots";
+pub const WEBHOOK_ROOTS_CONFIGMAP: &str = capstan_contract::ROOTS_CONFIGMAP;
 
 /// A capstan-webhook process out of the cluster, as the chart's ServiceAccount, serving
 /// on 127.0.0.1 and pointing the chart's webhook configurations at itself by URL.
@@ -1049,21 +1041,6 @@ pub fn labelled_metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 pub mod mesh;
-
-/// A TLS 1.3 client that trusts exactly `roots_pem` (the engine's mesh roots).
-pub fn tls13_client_config(roots_pem: &str) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        store.add(cert?)?;
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(store)
-    .with_no_client_auth())
-}
 
 /// Creates ServiceIntentions (YAML manifests) that the chart's tenancy policy refuses, as
 /// on a cluster where they were stored before the policy existed: its binding is switched

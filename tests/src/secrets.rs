@@ -2,7 +2,7 @@
 //! calls to its Vault-compatible API.
 
 use crate::{EngineProcess, SYSTEM_NAMESPACE, eventually, https_json, install_chart, published_roots, run};
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use kube::Client;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -83,16 +83,10 @@ pub async fn lookup_self(engine: &EngineProcess, roots: &str, token: &str) -> Re
 
 /// Initializes (3 shares, threshold 2) and unseals; returns (root token, shares).
 pub async fn init_and_unseal(engine: &EngineProcess, roots: &str) -> Result<(String, Vec<String>)> {
-    let (code, init) = call(
-        engine,
-        roots,
-        "PUT",
-        "sys/init",
-        None,
-        Some(json!({"secret_shares": 3, "secret_threshold": 2})),
-    )
-    .await?;
-    ensure!(code == 200, "init: {code} {init}");
+    let init = crate::engine_client(engine.https, roots)?
+        .init(3, 2)
+        .await
+        .context("init")?;
     let keys: Vec<String> = init["keys"]
         .as_array()
         .unwrap_or(&Vec::new())
@@ -104,19 +98,11 @@ pub async fn init_and_unseal(engine: &EngineProcess, roots: &str) -> Result<(Str
 }
 
 pub async fn unseal(engine: &EngineProcess, roots: &str, keys: &[String]) -> Result<()> {
+    let client = crate::engine_client(engine.https, roots)?;
     for key in &keys[..2] {
-        let (code, status) = call(
-            engine,
-            roots,
-            "PUT",
-            "sys/unseal",
-            None,
-            Some(json!({ "key": key })),
-        )
-        .await?;
-        ensure!(code == 200, "unseal: {code} {status}");
+        client.unseal(key).await.context("unseal")?;
     }
-    let (_, status) = call(engine, roots, "GET", "sys/seal-status", None, None).await?;
+    let status = client.seal_status().await?;
     ensure!(status["sealed"] == false, "still sealed: {status}");
     Ok(())
 }
@@ -187,13 +173,13 @@ pub async fn send(
 ) -> Result<(u16, Value)> {
     use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = crate::tls13_client_config(roots_pem)?;
+    let config = capstan_engine_client::tls_config(roots_pem)?;
     let addr = engine.https;
     let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let mut tls = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
     )
     .await??;
     let body = body.map(Value::to_string).unwrap_or_default();
