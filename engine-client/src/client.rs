@@ -188,49 +188,8 @@ impl Client {
         body: Option<Bytes>,
         sensitive: &[&str],
     ) -> Result<Answer, Error> {
-        let retry = self.0.options.retry;
-        let mut backoff = retry.backoff;
-        let mut attempt = 1;
-        loop {
-            let result = self
-                .attempt(method.clone(), target, auth, body.clone(), sensitive)
-                .await;
-            let again = attempt < retry.attempts
-                && match &result {
-                    Err(Error::Connect { .. }) => true,
-                    Ok(answer) => retry.unavailable && answer.status == StatusCode::SERVICE_UNAVAILABLE,
-                    Err(_) => false,
-                };
-            if !again {
-                return result;
-            }
-            tracing::debug!(
-                path = bare(target),
-                attempt,
-                ?backoff,
-                "Retrying a request to the engine"
-            );
-            tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
-            attempt += 1;
-        }
-    }
-
-    async fn attempt(
-        &self,
-        method: Method,
-        target: &str,
-        auth: Auth<'_>,
-        body: Option<Bytes>,
-        sensitive: &[&str],
-    ) -> Result<Answer, Error> {
-        let Inner { base, options, .. } = &*self.0;
+        let base = &self.0.base;
         let path = bare(target).trim_start_matches("/v1/");
-        let http = |reason: String| Error::Http {
-            url: base.clone(),
-            path: path.to_owned(),
-            reason: redact(&reason, sensitive),
-        };
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{base}{target}"))
@@ -247,9 +206,47 @@ impl Client {
                 );
             }
         }
-        let request = request
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|_| Error::Url(format!("{base}{}", bare(target))))?;
+        // Built once, sent as copies: a request is not Clone, its parts are.
+        let (head, ()) = request
+            .body(())
+            .map_err(|_| Error::Url(format!("{base}{}", bare(target))))?
+            .into_parts();
+        let body = Full::new(body.unwrap_or_default());
+        let retry = self.0.options.retry;
+        let mut backoff = retry.backoff;
+        let mut attempt = 1;
+        loop {
+            let request = Request::from_parts(head.clone(), body.clone());
+            let result = self.attempt(request, path, sensitive).await;
+            let again = attempt < retry.attempts
+                && match &result {
+                    Err(Error::Connect { .. }) => true,
+                    Ok(answer) => retry.unavailable && answer.status == StatusCode::SERVICE_UNAVAILABLE,
+                    Err(_) => false,
+                };
+            if !again {
+                return result;
+            }
+            tracing::debug!(path, attempt, ?backoff, "Retrying a request to the engine");
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.saturating_mul(2);
+            attempt += 1;
+        }
+    }
+
+    /// One attempt at `request`, within the request timeout; `path` names it in errors.
+    async fn attempt(
+        &self,
+        request: Request<Full<Bytes>>,
+        path: &str,
+        sensitive: &[&str],
+    ) -> Result<Answer, Error> {
+        let Inner { base, options, .. } = &*self.0;
+        let http = |reason: String| Error::Http {
+            url: base.clone(),
+            path: path.to_owned(),
+            reason: redact(&reason, sensitive),
+        };
         let pool = self.pool()?;
         let exchange = async {
             let response = pool.request(request).await.map_err(|e| {
