@@ -5,7 +5,7 @@
 //! the source of truth, so nothing about them needs the barrier or an unsealed engine.
 
 use crate::{
-    auth::kubernetes::{Role, parse_duration},
+    auth::kubernetes::{Role, ttl_seconds},
     policy::Policy,
 };
 use capstan_crds::{
@@ -147,7 +147,7 @@ impl Declared {
     async fn take_role(&self, api: &Api<AuthRole>, object: AuthRole, default_audience: &str) {
         let name = object.name_any();
         let spec = &object.spec;
-        let seconds = |d: &Option<String>| d.as_deref().map_or(Ok(0), parse_duration);
+        let seconds = |d: &Option<String>| d.as_deref().map_or(Ok(0), ttl_seconds);
         let result = (|| {
             let policies: Vec<String> = spec
                 .policies

@@ -3,6 +3,7 @@
 #![deny(rust_2018_idioms)]
 
 use anyhow::Context as _;
+use capstan_contract::duration;
 use capstan_engine::{
     api,
     api::audit,
@@ -49,11 +50,11 @@ struct Args {
     /// The Secret holding the CA (tls.crt, tls.key, ca.crt; see the README).
     #[arg(long, env = "CAPSTAN_ENGINE_CA_SECRET", default_value = "capstan-mesh-ca")]
     ca_secret: String,
-    /// The ConfigMap the public trust bundle is published to (key roots.pem).
+    /// The ConfigMap the public trust bundle is published to (key `capstan_contract::ROOTS_KEY`).
     #[arg(
         long,
         env = "CAPSTAN_ENGINE_ROOTS_CONFIGMAP",
-        default_value = "capstan-mesh-roots"
+        default_value = capstan_contract::ROOTS_CONFIGMAP
     )]
     roots_configmap: String,
     /// The SPIFFE trust domain of the mesh.
@@ -63,18 +64,18 @@ struct Args {
     #[arg(
         long,
         env = "CAPSTAN_ENGINE_TOKEN_AUDIENCE",
-        default_value = "capstan-mesh-ca"
+        default_value = capstan_contract::MESH_CA_AUDIENCE
     )]
     token_audience: String,
-    /// Lifetime of a leaf certificate (e.g. `30s`, `24h`).
-    #[arg(long, env = "CAPSTAN_ENGINE_LEAF_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    /// Lifetime of a leaf certificate (e.g. `30s`, `24h`, `1.5h`; Vault's duration grammar).
+    #[arg(long, env = "CAPSTAN_ENGINE_LEAF_TTL", default_value = "24h", value_parser = duration::parse)]
     leaf_ttl: Duration,
     /// Lifetime of a root the engine generates.
-    #[arg(long, env = "CAPSTAN_ENGINE_ROOT_TTL", default_value = "3650days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CAPSTAN_ENGINE_ROOT_TTL", default_value = "3650d", value_parser = duration::parse)]
     root_ttl: Duration,
     /// How long a new root is trusted before it signs (sidecars must refresh their
     /// roots from GET /v1/mesh/roots more often than this).
-    #[arg(long, env = "CAPSTAN_ENGINE_ROTATION_PROPAGATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CAPSTAN_ENGINE_ROTATION_PROPAGATION", default_value = "5m", value_parser = duration::parse)]
     rotation_propagation: Duration,
     /// DNS names and IPs of the engine's serving certificate (repeatable, or
     /// comma-separated in the env var). Default: the Service's DNS names and 127.0.0.1.
@@ -86,7 +87,11 @@ struct Args {
     serving_sans: Vec<String>,
     /// The audience a ServiceAccount token must carry to log in (auth/kubernetes/login)
     /// when its role names none.
-    #[arg(long, env = "CAPSTAN_ENGINE_AUTH_AUDIENCE", default_value = "capstan-engine")]
+    #[arg(
+        long,
+        env = "CAPSTAN_ENGINE_AUTH_AUDIENCE",
+        default_value = capstan_contract::ENGINE_AUDIENCE
+    )]
     auth_audience: String,
     /// Audit sinks: `stdout` or file paths (repeatable, or comma-separated in the env var).
     /// With any sink, a request no sink can record fails.
@@ -99,7 +104,7 @@ struct Args {
     #[arg(long, env = "CAPSTAN_ENGINE_PKI_MOUNT", default_value = "pki")]
     pki_mount: String,
     /// The longest wait between two attempts to revoke a lease whose backend refuses.
-    #[arg(long, env = "CAPSTAN_ENGINE_REVOKE_BACKOFF_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CAPSTAN_ENGINE_REVOKE_BACKOFF_MAX", default_value = "60s", value_parser = duration::parse)]
     revoke_backoff_max: Duration,
     /// The KV version 2 mount's path.
     #[arg(long, env = "CAPSTAN_ENGINE_KV_MOUNT", default_value = "secret")]

@@ -5,15 +5,13 @@
 
 use super::secret;
 use crate::mesh_ca::signing::MeshCa;
+use capstan_contract::ROOTS_KEY;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
 use std::time::Duration;
-
-/// The ConfigMap key holding the trust bundle (read by the webhook for CAPSTAN_CA_BUNDLE).
-pub const ROOTS_KEY: &str = "roots.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -197,7 +197,7 @@ impl Request {
     }
 
     /// A duration in seconds from the first of `keys` present: a number of seconds or a
-    /// string (`"90"`, `"90s"`, `"1h"`); 0 when none is.
+    /// string in Vault's grammar (`"90"`, `"90s"`, `"1.5h"`, `"7d"`; `""` is 0); 0 when none is.
     fn seconds(&self, keys: &[&str]) -> Result<u64, ApiError> {
         for key in keys {
             match self.body.get(*key) {
@@ -208,7 +208,7 @@ impl Request {
                         .ok_or_else(|| ApiError::bad_request(format!("invalid {key}")));
                 }
                 Some(Value::String(s)) => {
-                    return crate::auth::kubernetes::parse_duration(s).map_err(ApiError::bad_request);
+                    return crate::auth::kubernetes::ttl_seconds(s).map_err(ApiError::bad_request);
                 }
                 Some(_) => return Err(ApiError::bad_request(format!("invalid {key}"))),
             }

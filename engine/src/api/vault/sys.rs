@@ -373,7 +373,7 @@ async fn leases(engine: &Engine, request: &Request, rest: &str) -> Result<Reply,
                 None | Some(Value::Null) => 0,
                 Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
                 Some(Value::String(s)) => {
-                    crate::auth::kubernetes::parse_duration(s).map_err(ApiError::bad_request)?
+                    crate::auth::kubernetes::ttl_seconds(s).map_err(ApiError::bad_request)?
                 }
                 Some(_) => return Err(ApiError::bad_request("invalid increment")),
             };

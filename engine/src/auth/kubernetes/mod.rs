@@ -95,7 +95,7 @@ fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error
     })
 }
 
-/// Seconds, or a duration string (`90`, `"90"`, `"90s"`, `"1h"`).
+/// Seconds, or a duration string (`90`, `"90"`, `"90s"`, `"1.5h"`, `"7d"`).
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     Ok(match Value::deserialize(d)? {
         Value::Null => None,
@@ -103,7 +103,7 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
             n.as_u64()
                 .ok_or_else(|| serde::de::Error::custom("a duration must be whole seconds"))?,
         ),
-        Value::String(s) => Some(parse_duration(&s).map_err(serde::de::Error::custom)?),
+        Value::String(s) => Some(ttl_seconds(&s).map_err(serde::de::Error::custom)?),
         other => {
             return Err(serde::de::Error::custom(format!(
                 "expected a duration, got {other}"
@@ -112,17 +112,13 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
     })
 }
 
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if s.is_empty() {
+/// A TTL as the API takes it, in whole seconds: Vault's duration grammar
+/// (`capstan_contract::duration`), where an empty string means 0 (unset), as in Vault.
+pub fn ttl_seconds(s: &str) -> Result<u64, String> {
+    if s.trim().is_empty() {
         return Ok(0);
     }
-    if let Ok(seconds) = s.parse::<u64>() {
-        return Ok(seconds);
-    }
-    humantime::parse_duration(s)
-        .map(|d| d.as_secs())
-        .map_err(|e| format!("invalid duration {s:?}: {e}"))
+    capstan_contract::duration::parse_seconds(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -409,5 +405,21 @@ impl PodReaper {
             }
         }
         Ok(revoked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ttl_seconds;
+
+    #[test]
+    fn ttls_read_vaults_grammar_and_empty_is_unset() {
+        assert_eq!(ttl_seconds(""), Ok(0));
+        assert_eq!(ttl_seconds(" "), Ok(0));
+        assert_eq!(ttl_seconds("90"), Ok(90));
+        assert_eq!(ttl_seconds("1.5h"), Ok(5400));
+        assert_eq!(ttl_seconds("7d"), Ok(7 * 86_400));
+        assert!(ttl_seconds("1 day").is_err());
+        assert!(ttl_seconds("-5s").is_err());
     }
 }
