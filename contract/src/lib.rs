@@ -7,6 +7,7 @@
 //! carries to every reader. Durations in flags, CRDs and API bodies share one grammar
 //! ([`duration`]).
 
+pub mod annotations;
 pub mod duration;
 pub mod env;
 

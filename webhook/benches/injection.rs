@@ -1,7 +1,8 @@
 //! Webhook benchmark (a plain binary: `cargo bench -p capstan-webhook`).
 //!
-//! 1. The mutation itself: capstan-mesh's `wanted` + `inject` + encoding the patch, over
-//!    1,000 distinct pods. Target: p99 under 100 µs.
+//! 1. The mutation itself: capstan-mesh's `selection::wanted` + the webhook's
+//!    `inject::mesh::inject` + encoding the patch, over 1,000 distinct pods. Target: p99
+//!    under 100 µs.
 //! 2. Admission latency as the API server sees it, when `CAPSTAN_BENCH_CLUSTER=1` and
 //!    KUBECONFIG names a cluster (hack/cluster.sh up; `cargo build --workspace` first):
 //!    1,000 pod creations with the webhook configuration removed, then 1,000 with the
@@ -12,7 +13,11 @@
 //!    added p99 under 5 ms. The API server's own histograms of the calls are read around
 //!    each round: the whole call, and its HTTP client's round trip to the webhook.
 
-use capstan_mesh::injection::{self, Config, Injection};
+use capstan_mesh::selection;
+use capstan_webhook::inject::{
+    Config,
+    mesh::{self as injection, Injection},
+};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 use std::{
@@ -101,8 +106,8 @@ fn mutation() {
     let pods: Vec<Pod> = (0..PODS).map(pod).collect();
     let once = |pod: &Pod| {
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-        let wanted = injection::wanted("shop", &labels, &annotations, &config);
-        assert_eq!(wanted, injection::Wanted::ByNamespace);
+        let wanted = selection::wanted("shop", &labels, &annotations, &config.selection);
+        assert_eq!(wanted, selection::Wanted::ByNamespace);
         match injection::inject(pod, &config, &roots).expect("injectable") {
             // Encoded as the webhook encodes it.
             Injection::Patch(ops) => serde_json::to_vec(&ops).unwrap().len(),

@@ -8,7 +8,7 @@
 //! Ignore elsewhere. Handlers never panic on input: a body that does not parse is
 //! answered with an invalid response.
 
-use crate::{agent, engine_address::EngineAddress, metrics::Metrics};
+use crate::{engine_address::EngineAddress, metrics::Metrics};
 use axum::{
     Json, Router,
     body::Bytes,
@@ -17,11 +17,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
+use capstan_contract::{ROOTS_KEY, annotations};
 use capstan_crds::ServiceIntentions;
 use capstan_mesh::{
     in_force,
-    injection::{self, Injection, Wanted},
+    selection::{self, Wanted},
     validate,
+};
+use capstan_webhook::inject::{
+    self, Refusal, agent,
+    mesh::{self, Injection},
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use kube::{
@@ -56,7 +61,7 @@ const ROOTS_TTL: Duration = Duration::from_secs(10);
 
 pub struct AppState {
     pub client: Client,
-    pub config: injection::Config,
+    pub config: inject::Config,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Namespace and name of the ConfigMap the engine publishes the mesh roots in.
     pub roots_namespace: String,
@@ -167,16 +172,16 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
     let mut namespace_labels = state.namespace_labels(&namespace).await?;
     if enforced {
         namespace_labels.insert(
-            injection::LABEL_MESH.to_owned(),
-            injection::LABEL_MESH_ENABLED.to_owned(),
+            annotations::mesh::LABEL.to_owned(),
+            annotations::mesh::LABEL_ENABLED.to_owned(),
         );
     }
 
     // The mutation's own time (decision + patch) is measured without the reads around it.
     let started = Instant::now();
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let wanted = injection::wanted(&namespace, &namespace_labels, &annotations, &state.config);
-    let agent_wanted = agent::wanted(&namespace, &namespace_labels, &annotations, &state.config);
+    let asked = pod.metadata.annotations.clone().unwrap_or_default();
+    let wanted = selection::wanted(&namespace, &namespace_labels, &asked, &state.config.selection);
+    let agent_wanted = agent::wanted(&namespace, &namespace_labels, &asked, &state.config);
     let deciding = started.elapsed();
     if let (Wanted::No(skip), false) = (wanted, agent_wanted) {
         state.metrics.request(MUTATE_PODS, "skipped");
@@ -187,7 +192,7 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
     // The CA bundle is only needed (and only read) for a pod that does not have the
     // proxy or the agent yet.
     let needs_roots =
-        (mesh_wanted && !injection::is_injected(pod)) || (agent_wanted && !agent::is_injected(pod));
+        (mesh_wanted && !selection::is_injected(pod)) || (agent_wanted && !agent::is_injected(pod));
     let roots = if needs_roots {
         match state.roots().await {
             Some(roots) => roots,
@@ -202,7 +207,7 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
                     response,
                     format!(
                         "capstan-webhook: pod {namespace}/{pod_name} must {what}, but the engine has not \
-                         published the mesh roots yet (ConfigMap {}/{} key roots.pem): is capstan-engine running?",
+                         published the mesh roots yet (ConfigMap {}/{} key {ROOTS_KEY}): is capstan-engine running?",
                         state.roots_namespace, state.roots_configmap
                     ),
                 ));
@@ -214,7 +219,7 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
     // A pod that gets the agent too: its redirect leaves the engine alone, so the agent's
     // later connections (renewals) reach the engine directly (see engine_address.rs).
     let mut warnings = Vec::new();
-    let with_engine_excluded = if mesh_wanted && agent_wanted && !injection::is_injected(pod) {
+    let with_engine_excluded = if mesh_wanted && agent_wanted && !selection::is_injected(pod) {
         match state.engine.cidrs().await {
             Ok(cidrs) => {
                 let mut config = state.config.clone();
@@ -235,7 +240,7 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
     };
     let started = Instant::now();
     let mesh = if mesh_wanted {
-        injection::inject(
+        mesh::inject(
             pod,
             with_engine_excluded.as_ref().unwrap_or(&state.config),
             &roots,
@@ -320,7 +325,7 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
     reply(response)
 }
 
-fn join(refusals: &[capstan_mesh::injection::Refusal]) -> String {
+fn join(refusals: &[Refusal]) -> String {
     refusals
         .iter()
         .map(ToString::to_string)
@@ -425,11 +430,11 @@ async fn validate_ephemeral(State(state): State<Arc<AppState>>, body: Bytes) -> 
         }
     };
     let response = AdmissionResponse::from(&request);
-    let Some(pod) = request.object.as_ref().filter(|pod| injection::is_injected(pod)) else {
+    let Some(pod) = request.object.as_ref().filter(|pod| selection::is_injected(pod)) else {
         state.metrics.request(VALIDATE_EPHEMERAL, "skipped");
         return Json(response.into_review()).into_response();
     };
-    let refusals = injection::ephemeral_refusals(pod);
+    let refusals = mesh::ephemeral_refusals(pod);
     if refusals.is_empty() {
         state.metrics.request(VALIDATE_EPHEMERAL, "allowed");
         return Json(response.into_review()).into_response();
@@ -498,7 +503,7 @@ impl AppState {
         let roots = match api.get_opt(&self.roots_configmap).await {
             Ok(configmap) => configmap
                 .and_then(|c| c.data)
-                .and_then(|mut d| d.remove("roots.pem"))
+                .and_then(|mut d| d.remove(ROOTS_KEY))
                 .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----")),
             Err(error) => {
                 tracing::warn!(%error, "Reading the mesh roots");
@@ -519,42 +524,53 @@ mod golden;
 
 #[cfg(test)]
 mod tests {
-    use capstan_mesh::injection::{self, Injection};
-    use k8s_openapi::api::core::v1::Pod;
+    use capstan_contract::annotations::NAMESPACE_NAME_LABEL;
+    use capstan_mesh::selection::PROXY_CONTAINER;
+    use capstan_webhook::inject;
 
-    /// The webhook as main builds it, with a watch cache of namespaces that holds `shop`
-    /// without its mesh label (a label added a moment ago, not seen yet), and no API
-    /// server behind its client: nothing may be read live.
-    fn state_with_a_lagging_cache() -> std::sync::Arc<super::AppState> {
+    /// The webhook as main builds it with `config`, a watch cache of namespaces holding
+    /// `namespaces` (name, extra labels), the roots `PEM` already read, and no API server
+    /// behind its client: nothing may be read live.
+    pub(super) fn offline_state(
+        config: inject::Config,
+        namespaces: &[(&str, &[(&str, &str)])],
+    ) -> std::sync::Arc<super::AppState> {
         use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
         use kube::{core::PartialObjectMeta, runtime::watcher};
-        let (namespaces, mut writer) = kube::runtime::reflector::store::<PartialObjectMeta<Namespace>>();
-        let shop = PartialObjectMeta::<Namespace> {
-            metadata: ObjectMeta {
-                name: Some("shop".into()),
-                labels: Some([(injection::LABEL_NAMESPACE_NAME.to_owned(), "shop".to_owned())].into()),
+        let (store, mut writer) = kube::runtime::reflector::store::<PartialObjectMeta<Namespace>>();
+        for (name, labels) in namespaces {
+            let name_label = [(NAMESPACE_NAME_LABEL, *name)];
+            let labels = name_label.iter().chain(labels.iter());
+            writer.apply_watcher_event(&watcher::Event::Apply(PartialObjectMeta::<Namespace> {
+                metadata: ObjectMeta {
+                    name: Some((*name).into()),
+                    labels: Some(labels.map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+                    ..Default::default()
+                },
                 ..Default::default()
-            },
-            ..Default::default()
-        };
-        writer.apply_watcher_event(&watcher::Event::Apply(shop));
+            }));
+        }
         let offline = tower::service_fn(|_: http::Request<kube::client::Body>| async {
             Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no API server in this test"))
         });
         let mut registry = prometheus_client::registry::Registry::default();
         std::sync::Arc::new(super::AppState {
             client: kube::Client::new(offline, "default"),
-            config: injection::Config::default(),
-            namespaces,
+            engine: crate::engine_address::EngineAddress::new(&config.ca_url),
+            config,
+            namespaces: store,
             roots_namespace: "capstan-system".into(),
-            roots_configmap: "capstan-mesh-roots".into(),
+            roots_configmap: capstan_contract::ROOTS_CONFIGMAP.into(),
             roots: parking_lot::Mutex::new(Some((std::time::Instant::now(), "PEM".into()))),
             refreshing_roots: Default::default(),
             metrics: crate::metrics::Metrics::register(&mut registry),
-            engine: crate::engine_address::EngineAddress::new(
-                "https://capstan-engine.capstan-system.svc:8200",
-            ),
         })
+    }
+
+    /// A webhook whose watch cache holds `shop` without its mesh label (a label added a
+    /// moment ago, not seen yet).
+    fn state_with_a_lagging_cache() -> std::sync::Arc<super::AppState> {
+        offline_state(inject::Config::default(), &[("shop", &[])])
     }
 
     async fn admit(state: std::sync::Arc<super::AppState>, path: &str) -> serde_json::Value {
@@ -644,7 +660,8 @@ mod tests {
                 },
             })
         };
-        let proxy = serde_json::json!([{"name": injection::PROXY_CONTAINER, "image": "capstan:1", "restartPolicy": "Always"}]);
+        let proxy =
+            serde_json::json!([{"name": PROXY_CONTAINER, "image": "capstan:1", "restartPolicy": "Always"}]);
         let net_admin = serde_json::json!([
             {"name": "plain", "image": "busybox"},
             {"name": "sniff", "image": "busybox", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
@@ -661,51 +678,6 @@ mod tests {
         assert_eq!(
             admit(pod(serde_json::json!([]), net_admin)).await["allowed"],
             true
-        );
-    }
-
-    /// The operations the webhook sends are valid RFC 6902 for the API server: they parse
-    /// as json_patch operations and apply to the pod as it arrives.
-    #[test]
-    fn the_patch_applies_to_the_pod_as_admission_sees_it() {
-        let review: serde_json::Value = serde_json::json!({
-            "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"team": "a"}},
-            "spec": {
-                "serviceAccountName": "web",
-                "initContainers": [{"name": "migrate", "image": "app:1"}],
-                "volumes": [{"name": "data", "emptyDir": {}}],
-                "containers": [{
-                    "name": "app", "image": "app:1",
-                    "ports": [{"name": "http", "containerPort": 8080}],
-                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
-                }],
-            },
-        });
-        let pod: Pod = serde_json::from_value(review.clone()).unwrap();
-        let Ok(Injection::Patch(ops)) = injection::inject(&pod, &injection::Config::default(), "PEM") else {
-            panic!("not injected");
-        };
-        let patch: json_patch::Patch = serde_json::from_slice(&serde_json::to_vec(&ops).unwrap()).unwrap();
-        let mut doc = review;
-        json_patch::patch(&mut doc, &patch).unwrap();
-        let patched: Pod = serde_json::from_value(doc).unwrap();
-        let names: Vec<_> = patched
-            .spec
-            .as_ref()
-            .unwrap()
-            .init_containers
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        assert_eq!(names, ["capstan-init", "capstan-proxy", "migrate"]);
-        assert_eq!(patched.metadata.annotations.as_ref().unwrap()["team"], "a");
-        assert!(injection::is_injected(&patched));
-        // A second pass adds nothing.
-        assert_eq!(
-            injection::inject(&patched, &injection::Config::default(), "PEM").unwrap(),
-            Injection::AlreadyInjected
         );
     }
 }

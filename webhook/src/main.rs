@@ -1,8 +1,9 @@
 //! capstan-webhook: Capstan's admission webhooks.
 //!
-//! - `/mutate-pods` injects the mesh sidecar (capstan-mesh's `injection`, a pure function)
-//!   into pods of labelled namespaces and annotated pods, and refuses pods that would
-//!   defeat the mesh (M16);
+//! - `/mutate-pods` injects the mesh sidecar into the pods capstan-mesh's `selection` picks
+//!   (labelled namespaces, annotated pods) and the secrets agent into pods that ask for it
+//!   (`inject`, pure functions of the library), and refuses pods that would defeat the
+//!   mesh (M16);
 //! - `/validate-serviceintentions` refuses the ServiceIntentions the CRD schema cannot
 //!   (capstan-mesh's `validate`, shared with the reconciler);
 //! - `/validate-ephemeralcontainers` refuses ephemeral containers (`kubectl debug`) that
@@ -16,15 +17,15 @@
 #![deny(rust_2018_idioms)]
 
 mod admission;
-mod agent;
 mod certs;
 mod engine_address;
 mod metrics;
 mod rotation;
 
 use anyhow::Context as _;
-use capstan_mesh::injection;
+use capstan_mesh::selection;
 use capstan_telemetry::{Health, LoggingArgs, Stop, spawn_admin};
+use capstan_webhook::inject;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -116,7 +117,7 @@ struct Args {
     #[arg(
         long,
         env = "CAPSTAN_WEBHOOK_ROOTS_CONFIGMAP",
-        default_value = "capstan-mesh-roots"
+        default_value = capstan_contract::ROOTS_CONFIGMAP
     )]
     roots_configmap: String,
     /// Namespaces never meshed, besides kube-system and --namespace (always excluded).
@@ -153,10 +154,10 @@ impl Args {
         sans
     }
 
-    fn injection(&self) -> injection::Config {
+    fn injection(&self) -> inject::Config {
         let mut excluded = vec!["kube-system".to_owned(), self.namespace.clone()];
         excluded.extend(self.exclude_namespaces.iter().filter(|n| !n.is_empty()).cloned());
-        injection::Config {
+        inject::Config {
             image: self.proxy_image.clone(),
             image_pull_policy: self.proxy_image_pull_policy.clone(),
             sidecar_command: self.sidecar_command.clone(),
@@ -168,7 +169,9 @@ impl Args {
             trust_domain: self.trust_domain.clone(),
             default_allow: self.default_action == "allow",
             control_namespace: self.namespace.clone(),
-            excluded_namespaces: excluded,
+            selection: selection::Config {
+                excluded_namespaces: excluded,
+            },
             proxy_cpu_request: self.proxy_cpu_request.clone(),
             proxy_memory_request: self.proxy_memory_request.clone(),
             proxy_memory_limit: self.proxy_memory_limit.clone(),

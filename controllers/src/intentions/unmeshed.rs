@@ -16,7 +16,7 @@ use capstan_crds::{
 };
 use capstan_mesh::{
     in_force as conflicts,
-    injection::{self, Wanted},
+    selection::{self as injection, Wanted},
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};

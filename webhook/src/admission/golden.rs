@@ -8,51 +8,16 @@
 //! capstan-webhook golden` and review the diff of the files.
 
 use super::AppState;
-use crate::engine_address::EngineAddress;
-use capstan_mesh::injection as inject;
-use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use kube::{core::PartialObjectMeta, runtime::watcher};
+use capstan_contract::annotations;
+use capstan_webhook::inject;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// A webhook with `config`, a namespace `meshed` (labelled) and `plain` (not) in its
 /// cache, the roots `PEM` read, and no API server behind its client.
 fn state(config: inject::Config) -> Arc<AppState> {
-    let (namespaces, mut writer) = kube::runtime::reflector::store::<PartialObjectMeta<Namespace>>();
-    for (name, meshed) in [("meshed", true), ("plain", false)] {
-        let mut labels = vec![("kubernetes.io/metadata.name", name)];
-        if meshed {
-            labels.push(("capstan.dev/mesh", "enabled"));
-        }
-        writer.apply_watcher_event(&watcher::Event::Apply(PartialObjectMeta::<Namespace> {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: Some(
-                    labels
-                        .into_iter()
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect(),
-                ),
-                ..Default::default()
-            },
-            ..Default::default()
-        }));
-    }
-    let offline = tower::service_fn(|_: http::Request<kube::client::Body>| async {
-        Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no API server in this test"))
-    });
-    let mut registry = prometheus_client::registry::Registry::default();
-    Arc::new(AppState {
-        client: kube::Client::new(offline, "default"),
-        engine: EngineAddress::new(&config.ca_url),
-        config,
-        namespaces,
-        roots_namespace: "capstan-system".into(),
-        roots_configmap: "capstan-mesh-roots".into(),
-        roots: parking_lot::Mutex::new(Some((std::time::Instant::now(), "PEM".into()))),
-        refreshing_roots: Default::default(),
-        metrics: crate::metrics::Metrics::register(&mut registry),
-    })
+    let meshed: &[(&str, &str)] = &[(annotations::mesh::LABEL, annotations::mesh::LABEL_ENABLED)];
+    super::tests::offline_state(config, &[("meshed", meshed), ("plain", &[])])
 }
 
 /// Every field of the configuration set to something other than its default; the engine

@@ -1,14 +1,8 @@
-//! Sidecar injection (pure): whether a pod is meshed, whether it already is, and the
-//! JSON patch (RFC 6902) that meshes it. The webhook is the only caller; keeping the
-//! decision here, free of IO, lets it be tested against fixtures and benchmarked alone.
+//! The mesh sidecar's injection (pure): whether a pod that should be meshed can be, and
+//! the JSON patch (RFC 6902) that meshes it. Which pods should be is capstan-mesh's
+//! `selection`, shared with the intentions reconciler.
 //!
 //! Decisions (see the mesh README):
-//! - A pod is meshed when its namespace is labelled `capstan.dev/mesh=enabled` or it is
-//!   annotated `capstan.dev/inject: "true"`; an explicit `"false"` opts it out, also in a
-//!   labelled namespace (as in Consul). The namespace label is therefore a default, not
-//!   an enforcement boundary: what keeps an opted-out pod away from protected services is
-//!   intentions' default deny (an unmeshed pod has no mesh certificate, so no server
-//!   sidecar accepts it). kube-system and Capstan's own namespace are never meshed.
 //! - Injection is idempotent: a pod that already carries the proxy is left alone
 //!   (reinvocation, a re-submitted pod). The marker is the proxy container, not the
 //!   `capstan.dev/injected` annotation, which a tenant could set by hand to escape.
@@ -18,35 +12,22 @@
 //!   NET_ADMIN/NET_RAW or privileged (it could undo the iptables rules), and
 //!   hostNetwork (the redirect would rewrite the node's own rules).
 
+use super::{
+    Config, Refusal, api_token_mount, append_volumes, env, field_env, prepend_init_containers,
+    read_only_mount, ready_probe, resources, restricted_security_context, set_annotation, sidecar, tcp_port,
+    to_value, token_file, token_volume,
+};
+use capstan_contract::{MESH_CA_AUDIENCE, annotations::mesh as annotations, env::proxy as vars};
+use capstan_mesh::selection::{PROXY_CONTAINER, is_injected};
 use k8s_openapi::{
-    api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-        Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
-    },
-    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+    api::core::v1::{Capabilities, Container, HTTPGetAction, Pod, Probe, SecurityContext},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 
-pub const LABEL_MESH: &str = "capstan.dev/mesh";
-pub const LABEL_MESH_ENABLED: &str = "enabled";
-/// Set by the API server on every namespace to its own name; tenants cannot change it.
-pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
-pub const ANNOTATION_INJECT: &str = "capstan.dev/inject";
-pub const ANNOTATION_INJECTED: &str = "capstan.dev/injected";
-pub const ANNOTATION_UPSTREAMS: &str = "capstan.dev/upstreams";
-pub const ANNOTATION_APP_PORT: &str = "capstan.dev/app-port";
-
-pub const PROXY_CONTAINER: &str = "capstan-proxy";
 pub const INIT_CONTAINER: &str = "capstan-init";
 pub const TOKEN_VOLUME: &str = "capstan-mesh-token";
-pub const TOKEN_AUDIENCE: &str = "capstan-mesh-ca";
 pub const TOKEN_DIR: &str = "/var/run/secrets/capstan.dev/mesh";
-pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
-
-/// Where the ServiceAccount admission plugin mounts the pod's API token.
-const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 pub const PROXY_UID: i64 = 1337;
 /// The proxy's group, dedicated to it: the redirect exempts traffic by this GID (iptables
@@ -59,131 +40,6 @@ pub const INBOUND_PORT: i32 = 20000;
 pub const OUTBOUND_PORT: i32 = 15001;
 pub const ADMIN_PORT: i32 = 15020;
 
-/// What the injector puts into pods; fixed for the life of the webhook process.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// The image holding `capstan-sidecar`.
-    pub image: String,
-    pub image_pull_policy: Option<String>,
-    /// The `capstan-sidecar` executable inside the image.
-    pub sidecar_command: String,
-    /// Written into `capstan.dev/injected`.
-    pub version: String,
-    /// CAPSTAN_CA_URL: the mesh CA endpoint.
-    pub ca_url: String,
-    /// CAPSTAN_TRUST_DOMAIN: the SPIFFE trust domain of workload identities.
-    pub trust_domain: String,
-    /// CAPSTAN_DEFAULT_ACTION: what applies when no intention matches (deny unless the
-    /// chart says otherwise, for migrations only).
-    pub default_allow: bool,
-    /// CAPSTAN_CONTROL_NAMESPACE: Capstan's own namespace, the only one whose
-    /// intentions may govern other namespaces.
-    pub control_namespace: String,
-    /// Namespaces never meshed (kube-system and Capstan's own).
-    pub excluded_namespaces: Vec<String>,
-    pub proxy_cpu_request: String,
-    pub proxy_memory_request: String,
-    pub proxy_memory_limit: String,
-    /// CIDRs whose outbound traffic the redirect leaves alone (e.g. the API server's).
-    pub exclude_outbound_cidrs: Vec<String>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            image: "capstan:0.1.0".into(),
-            image_pull_policy: None,
-            sidecar_command: "/usr/local/bin/capstan-sidecar".into(),
-            version: "0.1.0".into(),
-            ca_url: "https://capstan-engine.capstan-system.svc:8200".into(),
-            trust_domain: "cluster.local".into(),
-            default_allow: false,
-            control_namespace: "capstan-system".into(),
-            excluded_namespaces: vec!["kube-system".into(), "capstan-system".into()],
-            proxy_cpu_request: "10m".into(),
-            proxy_memory_request: "16Mi".into(),
-            proxy_memory_limit: "64Mi".into(),
-            exclude_outbound_cidrs: Vec::new(),
-        }
-    }
-}
-
-/// Why a pod is, or is not, meshed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wanted {
-    /// Its namespace is labelled: the namespace enforces the mesh.
-    ByNamespace,
-    /// Annotated `capstan.dev/inject: "true"` in a namespace that is not labelled.
-    ByAnnotation,
-    No(Skip),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Skip {
-    /// kube-system or Capstan's own namespace.
-    ExcludedNamespace,
-    /// Annotated `capstan.dev/inject: "false"`.
-    OptedOut,
-    /// Neither the namespace nor the pod asks for it.
-    NotSelected,
-}
-
-impl Skip {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ExcludedNamespace => "excluded_namespace",
-            Self::OptedOut => "opted_out",
-            Self::NotSelected => "not_selected",
-        }
-    }
-}
-
-/// Whether a pod in `namespace` (whose labels are `namespace_labels`) should be meshed.
-pub fn wanted(
-    namespace: &str,
-    namespace_labels: &BTreeMap<String, String>,
-    annotations: &BTreeMap<String, String>,
-    config: &Config,
-) -> Wanted {
-    // The request's namespace and the unforgeable name label must both be clear.
-    let name_label = namespace_labels.get(LABEL_NAMESPACE_NAME).map(String::as_str);
-    if config
-        .excluded_namespaces
-        .iter()
-        .any(|excluded| excluded == namespace || Some(excluded.as_str()) == name_label)
-    {
-        return Wanted::No(Skip::ExcludedNamespace);
-    }
-    match annotations.get(ANNOTATION_INJECT).map(|v| v.trim()) {
-        Some(v) if v.eq_ignore_ascii_case("false") => return Wanted::No(Skip::OptedOut),
-        _ => {}
-    }
-    if namespace_labels.get(LABEL_MESH).map(String::as_str) == Some(LABEL_MESH_ENABLED) {
-        return Wanted::ByNamespace;
-    }
-    match annotations.get(ANNOTATION_INJECT).map(|v| v.trim()) {
-        Some(v) if v.eq_ignore_ascii_case("true") => Wanted::ByAnnotation,
-        _ => Wanted::No(Skip::NotSelected),
-    }
-}
-
-/// Why a pod that should be meshed is refused; each names the field at fault.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct Refusal {
-    pub field: String,
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
 /// The outcome of `inject` for a pod that should be meshed.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Injection {
@@ -191,14 +47,6 @@ pub enum Injection {
     AlreadyInjected,
     /// RFC 6902 operations that mesh the pod.
     Patch(Vec<Value>),
-}
-
-/// Whether the pod already carries Capstan's proxy as injected (the idempotency marker).
-pub fn is_injected(pod: &Pod) -> bool {
-    pod.spec
-        .iter()
-        .flat_map(|spec| spec.init_containers.iter().flatten())
-        .any(|c| c.name == PROXY_CONTAINER)
 }
 
 /// Every reason the pod cannot be meshed safely (M16), each naming its field. Empty when
@@ -245,20 +93,17 @@ pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
             );
         }
     }
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    if let Some(upstreams) = annotations.get(ANNOTATION_UPSTREAMS)
+    let asked = pod.metadata.annotations.clone().unwrap_or_default();
+    if let Some(upstreams) = asked.get(annotations::UPSTREAMS)
         && let Err(message) = parse_upstreams(upstreams)
     {
-        refusals.push(Refusal::new(
-            format!("metadata.annotations[{ANNOTATION_UPSTREAMS}]"),
-            message,
-        ));
+        refusals.push(Refusal::annotation(annotations::UPSTREAMS, message));
     }
-    if let Some(port) = annotations.get(ANNOTATION_APP_PORT)
+    if let Some(port) = asked.get(annotations::APP_PORT)
         && parse_port(port).is_none()
     {
-        refusals.push(Refusal::new(
-            format!("metadata.annotations[{ANNOTATION_APP_PORT}]"),
+        refusals.push(Refusal::annotation(
+            annotations::APP_PORT,
             format!("{port:?} is not a port number (1-65535)"),
         ));
     }
@@ -433,8 +278,8 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         return Ok(Injection::AlreadyInjected);
     }
     let spec = pod.spec.as_ref().expect("refusals() checked the spec");
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let upstreams = annotations.get(ANNOTATION_UPSTREAMS).cloned();
+    let asked = pod.metadata.annotations.clone().unwrap_or_default();
+    let upstreams = asked.get(annotations::UPSTREAMS).cloned();
     // Explicit upstreams mean the app dials the proxy itself: no outbound redirect. The
     // inbound redirect is in every meshed pod, or its ports would answer plain text.
     let redirect_outbound = upstreams.is_none();
@@ -462,8 +307,8 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         }
     }
 
-    let app_port = annotations
-        .get(ANNOTATION_APP_PORT)
+    let app_port = asked
+        .get(annotations::APP_PORT)
         .and_then(|p| parse_port(p))
         .map(i32::from)
         .or_else(|| {
@@ -482,17 +327,7 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         &app_probes,
     );
     let mut init = init_container(config, redirect_outbound);
-    // The API server's ServiceAccount plugin, which ran before webhooks, mounts the
-    // pod's API token into every container, and runs again after a webhook changes the
-    // pod: it would add the mount to our containers, and that change would make the API
-    // server call this webhook a second time (reinvocationPolicy IfNeeded). Adding the
-    // mount it would add anyway spares that round trip.
-    if let Some(api_token) = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.volume_mounts.iter().flatten())
-        .find(|m| m.mount_path == SERVICE_ACCOUNT_MOUNT)
-    {
+    if let Some(api_token) = api_token_mount(spec) {
         for container in [&mut proxy, &mut init] {
             container
                 .volume_mounts
@@ -503,41 +338,14 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
 
     // Init containers run in order: the redirect first, then the proxy (a native sidecar
     // the kubelet waits for, through its startup probe, before anything else starts).
-    let ours = vec![to_value(&init), to_value(&proxy)];
-    if spec.init_containers.as_ref().is_none_or(Vec::is_empty) {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": ours}));
-    } else {
-        for container in ours.into_iter().rev() {
-            ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
-        }
-    }
-
-    let volume = to_value(&token_volume());
-    if spec.volumes.is_none() {
-        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
-    } else {
-        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
-    }
-
-    if pod.metadata.annotations.is_none() {
-        ops.push(json!({
-            "op": "add",
-            "path": "/metadata/annotations",
-            "value": {ANNOTATION_INJECTED: config.version},
-        }));
-    } else {
-        // add replaces an existing member: a hand-set annotation is overwritten.
-        ops.push(json!({
-            "op": "add",
-            "path": format!("/metadata/annotations/{}", ANNOTATION_INJECTED.replace('~', "~0").replace('/', "~1")),
-            "value": config.version,
-        }));
-    }
+    prepend_init_containers(spec, vec![to_value(&init), to_value(&proxy)], &mut ops);
+    append_volumes(
+        spec,
+        vec![to_value(&token_volume(TOKEN_VOLUME, MESH_CA_AUDIENCE))],
+        &mut ops,
+    );
+    set_annotation(pod, annotations::INJECTED, &config.version, &mut ops);
     Ok(Injection::Patch(ops))
-}
-
-fn to_value<T: k8s_openapi::serde::Serialize>(value: &T) -> Value {
-    serde_json::to_value(value).expect("k8s-openapi types serialize")
 }
 
 /// The httpGet probe rewritten to the proxy's admin port, as (proxy path, the original
@@ -577,43 +385,6 @@ fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> Option<(St
     Some((path, original, rewritten))
 }
 
-fn field_env(name: &str, field: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: field.into(),
-                api_version: None,
-            }),
-            ..Default::default()
-        }),
-        value: None,
-    }
-}
-
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        value_from: None,
-    }
-}
-
-fn ready_probe(period: i32, failures: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some("/ready".into()),
-            port: IntOrString::Int(ADMIN_PORT),
-            scheme: Some("HTTP".into()),
-            ..Default::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(1),
-        ..Default::default()
-    }
-}
-
 fn proxy_container(
     config: &Config,
     ca_bundle: &str,
@@ -623,105 +394,59 @@ fn proxy_container(
     app_probes: &serde_json::Map<String, Value>,
 ) -> Container {
     let mut env = vec![
-        field_env("CAPSTAN_NAMESPACE", "metadata.namespace"),
-        field_env("CAPSTAN_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        field_env("CAPSTAN_POD_NAME", "metadata.name"),
-        env("CAPSTAN_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-        env("CAPSTAN_CA_URL", config.ca_url.clone()),
-        env("CAPSTAN_TRUST_DOMAIN", config.trust_domain.clone()),
+        field_env(vars::NAMESPACE, "metadata.namespace"),
+        field_env(vars::SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        field_env(vars::POD_NAME, "metadata.name"),
+        env(vars::TOKEN_FILE, token_file(TOKEN_DIR)),
+        env(vars::CA_URL, config.ca_url.clone()),
+        env(vars::TRUST_DOMAIN, config.trust_domain.clone()),
         env(
-            "CAPSTAN_DEFAULT_ACTION",
+            vars::DEFAULT_ACTION,
             if config.default_allow { "allow" } else { "deny" },
         ),
-        env("CAPSTAN_CONTROL_NAMESPACE", config.control_namespace.clone()),
-        env("CAPSTAN_CA_BUNDLE", ca_bundle),
-        env("CAPSTAN_INBOUND_PORT", INBOUND_PORT.to_string()),
-        env("CAPSTAN_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
+        env(vars::CONTROL_NAMESPACE, config.control_namespace.clone()),
+        env(vars::CA_BUNDLE, ca_bundle),
+        env(vars::INBOUND_PORT, INBOUND_PORT.to_string()),
+        env(vars::ADMIN_ADDR, format!("0.0.0.0:{ADMIN_PORT}")),
     ];
     if let Some(port) = app_port {
-        env.push(self::env("CAPSTAN_APP_PORT", port.to_string()));
+        env.push(self::env(vars::APP_PORT, port.to_string()));
     }
     if let Some(upstreams) = upstreams {
-        env.push(self::env("CAPSTAN_UPSTREAMS", upstreams.trim()));
+        env.push(self::env(vars::UPSTREAMS, upstreams.trim()));
     }
     if redirect_outbound {
-        env.push(self::env("CAPSTAN_OUTBOUND_PORT", OUTBOUND_PORT.to_string()));
+        env.push(self::env(vars::OUTBOUND_PORT, OUTBOUND_PORT.to_string()));
     }
     if !app_probes.is_empty() {
         env.push(self::env(
-            "CAPSTAN_APP_PROBES",
+            vars::APP_PROBES,
             Value::Object(app_probes.clone()).to_string(),
         ));
     }
     Container {
-        name: PROXY_CONTAINER.into(),
-        image: Some(config.image.clone()),
-        image_pull_policy: config.image_pull_policy.clone(),
-        command: Some(vec![config.sidecar_command.clone(), "proxy".into()]),
         // A native sidecar: started before the app, kept running beside it, stopped
         // after it, and not waited for by a Job's completion.
         restart_policy: Some("Always".into()),
         env: Some(env),
         ports: Some(vec![
-            ContainerPort {
-                name: Some("capstan-mtls".into()),
-                container_port: INBOUND_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("capstan-admin".into()),
-                container_port: ADMIN_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
+            tcp_port("capstan-mtls", INBOUND_PORT),
+            tcp_port("capstan-admin", ADMIN_PORT),
         ]),
         // The app starts only once the proxy holds a certificate and intentions.
-        startup_probe: Some(ready_probe(1, 120)),
-        readiness_probe: Some(ready_probe(5, 3)),
-        resources: Some(ResourceRequirements {
-            requests: Some(
-                [
-                    ("cpu".to_owned(), Quantity(config.proxy_cpu_request.clone())),
-                    ("memory".to_owned(), Quantity(config.proxy_memory_request.clone())),
-                ]
-                .into(),
-            ),
-            limits: Some([("memory".to_owned(), Quantity(config.proxy_memory_limit.clone()))].into()),
-            ..Default::default()
-        }),
+        startup_probe: Some(ready_probe(ADMIN_PORT, 1, 120)),
+        readiness_probe: Some(ready_probe(ADMIN_PORT, 5, 3)),
+        resources: Some(resources(
+            &config.proxy_cpu_request,
+            &config.proxy_memory_request,
+            &config.proxy_memory_limit,
+        )),
         security_context: Some(SecurityContext {
             run_as_group: Some(PROXY_GID),
             ..restricted_security_context(PROXY_UID)
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: TOKEN_VOLUME.into(),
-            mount_path: TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
-        ..Default::default()
-    }
-}
-
-/// What an injected container that needs no privilege runs with (the proxy, the secrets
-/// agent): a fixed non-root UID, read-only root, no capabilities, RuntimeDefault seccomp.
-pub fn restricted_security_context(uid: i64) -> SecurityContext {
-    SecurityContext {
-        run_as_user: Some(uid),
-        run_as_non_root: Some(true),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        privileged: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            add: None,
-        }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            localhost_profile: None,
-        }),
-        ..Default::default()
+        volume_mounts: Some(vec![read_only_mount(TOKEN_VOLUME, TOKEN_DIR)]),
+        ..sidecar(config, PROXY_CONTAINER, &["proxy"])
     }
 }
 
@@ -744,60 +469,20 @@ fn init_container(config: &Config, redirect_outbound: bool) -> Container {
         ));
     }
     Container {
-        name: INIT_CONTAINER.into(),
-        image: Some(config.image.clone()),
-        image_pull_policy: config.image_pull_policy.clone(),
-        command: Some(vec![config.sidecar_command.clone()]),
         args: Some(args),
-        resources: Some(ResourceRequirements {
-            requests: Some(
-                [
-                    ("cpu".to_owned(), Quantity("10m".into())),
-                    ("memory".to_owned(), Quantity("16Mi".into())),
-                ]
-                .into(),
-            ),
-            limits: Some([("memory".to_owned(), Quantity("32Mi".into()))].into()),
-            ..Default::default()
-        }),
+        resources: Some(resources("10m", "16Mi", "32Mi")),
         // iptables in the pod's network namespace needs root with NET_ADMIN and NET_RAW,
         // and nothing else; it exits before any app container starts.
         security_context: Some(SecurityContext {
-            run_as_user: Some(0),
             run_as_group: Some(0),
             run_as_non_root: Some(false),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
             capabilities: Some(Capabilities {
                 add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
                 drop: Some(vec!["ALL".into()]),
             }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..Default::default()
+            ..restricted_security_context(0)
         }),
-        ..Default::default()
-    }
-}
-
-fn token_volume() -> Volume {
-    Volume {
-        name: TOKEN_VOLUME.into(),
-        projected: Some(ProjectedVolumeSource {
-            default_mode: Some(0o440),
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(TOKEN_AUDIENCE.into()),
-                    expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
-                    path: "token".into(),
-                }),
-                ..Default::default()
-            }]),
-        }),
-        ..Default::default()
+        ..sidecar(config, INIT_CONTAINER, &[])
     }
 }
 
@@ -805,11 +490,18 @@ fn token_volume() -> Volume {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+    use crate::inject::{SERVICE_ACCOUNT_MOUNT, init_container_names};
+    use k8s_openapi::api::core::v1::{Volume, VolumeMount};
+    use std::collections::BTreeMap;
+
+    /// A pod's annotations.
+    fn asking(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     fn pod(value: Value) -> Pod {
@@ -922,50 +614,6 @@ mod tests {
     }
 
     #[test]
-    fn the_namespace_label_or_the_annotation_selects_and_false_opts_out() {
-        let config = Config::default();
-        let enabled = labels(&[(LABEL_MESH, "enabled"), (LABEL_NAMESPACE_NAME, "shop")]);
-        let plain = labels(&[(LABEL_NAMESPACE_NAME, "shop")]);
-        let none = BTreeMap::new();
-        let opt_in = labels(&[(ANNOTATION_INJECT, "true")]);
-        let opt_out = labels(&[(ANNOTATION_INJECT, "false")]);
-        assert_eq!(wanted("shop", &enabled, &none, &config), Wanted::ByNamespace);
-        assert_eq!(wanted("shop", &enabled, &opt_in, &config), Wanted::ByNamespace);
-        assert_eq!(
-            wanted("shop", &enabled, &opt_out, &config),
-            Wanted::No(Skip::OptedOut)
-        );
-        assert_eq!(wanted("shop", &plain, &opt_in, &config), Wanted::ByAnnotation);
-        assert_eq!(
-            wanted("shop", &plain, &none, &config),
-            Wanted::No(Skip::NotSelected)
-        );
-        assert_eq!(
-            wanted("shop", &plain, &opt_out, &config),
-            Wanted::No(Skip::OptedOut)
-        );
-        // Another value than "enabled" does not select.
-        let other = labels(&[(LABEL_MESH, "disabled")]);
-        assert_eq!(
-            wanted("shop", &other, &none, &config),
-            Wanted::No(Skip::NotSelected)
-        );
-    }
-
-    #[test]
-    fn kube_system_and_capstans_namespace_are_never_meshed() {
-        let config = Config::default();
-        let opt_in = labels(&[(ANNOTATION_INJECT, "true")]);
-        for ns in ["kube-system", "capstan-system"] {
-            let ns_labels = labels(&[(LABEL_MESH, "enabled"), (LABEL_NAMESPACE_NAME, ns)]);
-            assert_eq!(
-                wanted(ns, &ns_labels, &opt_in, &config),
-                Wanted::No(Skip::ExcludedNamespace)
-            );
-        }
-    }
-
-    #[test]
     fn injection_adds_the_redirect_then_the_native_sidecar_token_and_annotation() {
         let pod = app_pod();
         let out = injected(&pod);
@@ -1011,9 +659,9 @@ mod tests {
         let volume = &out["spec"]["volumes"][0];
         assert_eq!(volume["name"], TOKEN_VOLUME);
         let token = &volume["projected"]["sources"][0]["serviceAccountToken"];
-        assert_eq!(token["audience"], TOKEN_AUDIENCE);
+        assert_eq!(token["audience"], MESH_CA_AUDIENCE);
         assert_eq!(token["expirationSeconds"], 3600);
-        assert_eq!(out["metadata"]["annotations"][ANNOTATION_INJECTED], "0.1.0");
+        assert_eq!(out["metadata"]["annotations"][annotations::INJECTED], "0.1.0");
         // The app container itself is untouched but for its probes.
         assert_eq!(out["spec"]["containers"][0]["image"], "web:1");
     }
@@ -1046,7 +694,7 @@ mod tests {
     #[test]
     fn explicit_upstreams_skip_the_outbound_redirect_but_never_the_inbound() {
         let mut pod = app_pod();
-        pod.metadata.annotations = Some(labels(&[(ANNOTATION_UPSTREAMS, "api:8080, db.data:5432")]));
+        pod.metadata.annotations = asking(&[(annotations::UPSTREAMS, "api:8080, db.data:5432")]);
         let out = injected(&pod);
         let init = out["spec"]["initContainers"].as_array().unwrap();
         let names: Vec<_> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
@@ -1078,10 +726,10 @@ mod tests {
         );
         // The existing annotations are kept, the marker added beside them.
         assert_eq!(
-            out["metadata"]["annotations"][ANNOTATION_UPSTREAMS],
+            out["metadata"]["annotations"][annotations::UPSTREAMS],
             "api:8080, db.data:5432"
         );
-        assert_eq!(out["metadata"]["annotations"][ANNOTATION_INJECTED], "0.1.0");
+        assert_eq!(out["metadata"]["annotations"][annotations::INJECTED], "0.1.0");
     }
 
     #[test]
@@ -1143,7 +791,7 @@ mod tests {
     #[test]
     fn a_hand_set_injected_annotation_does_not_escape_injection() {
         let mut pod = app_pod();
-        pod.metadata.annotations = Some(labels(&[(ANNOTATION_INJECTED, "0.1.0")]));
+        pod.metadata.annotations = asking(&[(annotations::INJECTED, "0.1.0")]);
         let out = injected(&pod);
         assert_eq!(out["spec"]["initContainers"].as_array().unwrap().len(), 2);
     }
@@ -1323,10 +971,10 @@ mod tests {
     #[test]
     fn bad_annotations_are_refused_naming_them() {
         let mut pod = app_pod();
-        pod.metadata.annotations = Some(labels(&[
-            (ANNOTATION_UPSTREAMS, "api:8080,Bad_Name:80"),
-            (ANNOTATION_APP_PORT, "http"),
-        ]));
+        pod.metadata.annotations = asking(&[
+            (annotations::UPSTREAMS, "api:8080,Bad_Name:80"),
+            (annotations::APP_PORT, "http"),
+        ]);
         let refused = inject(&pod, &Config::default(), "ROOTS").unwrap_err();
         assert_eq!(refused[0].field, "metadata.annotations[capstan.dev/upstreams]");
         assert!(refused[0].message.contains("Bad_Name"), "{refused:?}");
@@ -1346,5 +994,43 @@ mod tests {
         assert!(parse_upstreams("api:0").is_err());
         assert!(parse_upstreams("api:70000").is_err());
         assert!(parse_upstreams(" , ").is_err());
+    }
+
+    /// The operations the webhook sends are valid RFC 6902 for the API server: they parse
+    /// as json_patch operations and apply to the pod as it arrives.
+    #[test]
+    fn the_patch_applies_to_the_pod_as_admission_sees_it() {
+        let review: serde_json::Value = serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"team": "a"}},
+            "spec": {
+                "serviceAccountName": "web",
+                "initContainers": [{"name": "migrate", "image": "app:1"}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "containers": [{
+                    "name": "app", "image": "app:1",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                }],
+            },
+        });
+        let pod: Pod = serde_json::from_value(review.clone()).unwrap();
+        let Ok(Injection::Patch(ops)) = inject(&pod, &Config::default(), "PEM") else {
+            panic!("not injected");
+        };
+        let patch: json_patch::Patch = serde_json::from_slice(&serde_json::to_vec(&ops).unwrap()).unwrap();
+        let mut doc = review;
+        json_patch::patch(&mut doc, &patch).unwrap();
+        let patched: Pod = serde_json::from_value(doc).unwrap();
+        assert_eq!(
+            init_container_names(&patched),
+            ["capstan-init", "capstan-proxy", "migrate"]
+        );
+        assert_eq!(patched.metadata.annotations.as_ref().unwrap()["team"], "a");
+        assert!(is_injected(&patched));
+        // A second pass adds nothing.
+        assert_eq!(
+            inject(&patched, &Config::default(), "PEM").unwrap(),
+            Injection::AlreadyInjected
+        );
     }
 }

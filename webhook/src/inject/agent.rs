@@ -19,37 +19,34 @@
 //! The agent checks the same names and paths again before it writes anything (S4): the
 //! rules here and in `capstan-sidecar`'s `agent::args` are the same, each tested.
 
-use capstan_mesh::injection::{Config, LABEL_NAMESPACE_NAME, Refusal};
-use k8s_openapi::{
-    api::core::v1::{
-        Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-        ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
-        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+use super::{
+    Config, Refusal, api_token_mount, append_volumes, env, field_env, prepend_init_containers,
+    read_only_mount, ready_probe, resources, restricted_security_context, set_annotation, sidecar, tcp_port,
+    to_value, token_file, token_volume,
+};
+use capstan_contract::{
+    ENGINE_AUDIENCE,
+    annotations::agent::{
+        FAMILY, INIT_ONLY, INJECT, INJECTED, ROLE, RUN_AS_USER, SECRET_PREFIX, TEMPLATE_PREFIX,
     },
-    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+    env::{agent as vars, proxy},
+};
+use capstan_mesh::selection;
+use k8s_openapi::{
+    api::core::v1::{Container, EmptyDirVolumeSource, Pod, Volume, VolumeMount},
+    apimachinery::pkg::api::resource::Quantity,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-
-pub const ANNOTATION_INJECT: &str = "capstan.dev/agent-inject";
-pub const ANNOTATION_ROLE: &str = "capstan.dev/agent-role";
-pub const ANNOTATION_SECRET_PREFIX: &str = "capstan.dev/agent-inject-secret-";
-pub const ANNOTATION_TEMPLATE_PREFIX: &str = "capstan.dev/agent-inject-template-";
-pub const ANNOTATION_INIT_ONLY: &str = "capstan.dev/agent-init-only";
-pub const ANNOTATION_RUN_AS_USER: &str = "capstan.dev/agent-run-as-user";
-pub const ANNOTATION_INJECTED: &str = "capstan.dev/agent-injected";
-const ANNOTATION_FAMILY: &str = "capstan.dev/agent-";
 
 pub const AGENT_CONTAINER: &str = "capstan-agent";
 pub const SECRETS_VOLUME: &str = "capstan-secrets";
 pub const SECRETS_DIR: &str = "/capstan/secrets";
 pub const TOKEN_VOLUME: &str = "capstan-engine-token";
 pub const TOKEN_DIR: &str = "/var/run/secrets/capstan.dev/engine";
-pub const TOKEN_AUDIENCE: &str = "capstan-engine";
 pub const ADMIN_PORT: i32 = 15021;
 /// The agent's UID when neither the annotation nor the app names one.
 pub const DEFAULT_UID: i64 = 65532;
-const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// Whether a pod in `namespace` asks for the agent (never in excluded namespaces).
 pub fn wanted(
@@ -58,17 +55,10 @@ pub fn wanted(
     annotations: &BTreeMap<String, String>,
     config: &Config,
 ) -> bool {
-    let name_label = namespace_labels.get(LABEL_NAMESPACE_NAME).map(String::as_str);
-    if config
-        .excluded_namespaces
-        .iter()
-        .any(|excluded| excluded == namespace || Some(excluded.as_str()) == name_label)
-    {
-        return false;
-    }
-    annotations
-        .get(ANNOTATION_INJECT)
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    !selection::excluded(namespace, namespace_labels, &config.selection)
+        && annotations
+            .get(INJECT)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 /// One file the agent renders.
@@ -89,23 +79,16 @@ pub struct Wanted {
     pub run_as_user: Option<i64>,
 }
 
-fn refusal(annotation: &str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        field: format!("metadata.annotations[{annotation}]"),
-        message: message.into(),
-    }
-}
-
 /// Reads and validates the agent annotations; every problem names its annotation.
 pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Wanted, Vec<Refusal>> {
     let mut refusals = Vec::new();
     let role = annotations
-        .get(ANNOTATION_ROLE)
+        .get(ROLE)
         .map(|r| r.trim().to_owned())
         .unwrap_or_default();
     if role.is_empty() {
-        refusals.push(refusal(
-            ANNOTATION_ROLE,
+        refusals.push(Refusal::annotation(
+            ROLE,
             "required: the engine's Kubernetes auth role the agent logs in with",
         ));
     } else if role.len() > 128
@@ -113,8 +96,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Wanted, Vec<Refus
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
     {
-        refusals.push(refusal(
-            ANNOTATION_ROLE,
+        refusals.push(Refusal::annotation(
+            ROLE,
             format!("{role:?} is not a role name (letters, digits, '-', '_', '.', '@')"),
         ));
     }
@@ -123,48 +106,46 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Wanted, Vec<Refus
     let mut init_only = false;
     let mut run_as_user = None;
     for (key, value) in annotations {
-        if let Some(file) = key.strip_prefix(ANNOTATION_SECRET_PREFIX) {
+        if let Some(file) = key.strip_prefix(SECRET_PREFIX) {
             if let Err(message) = check_file_name(file) {
-                refusals.push(refusal(key, format!("file name {file:?}: {message}")));
+                refusals.push(Refusal::annotation(key, format!("file name {file:?}: {message}")));
             }
             if let Err(message) = check_path(value.trim()) {
-                refusals.push(refusal(key, message));
+                refusals.push(Refusal::annotation(key, message));
             }
             secrets.push(SecretFile {
                 file: file.to_owned(),
                 path: value.trim().to_owned(),
                 template: None,
             });
-        } else if let Some(file) = key.strip_prefix(ANNOTATION_TEMPLATE_PREFIX) {
+        } else if let Some(file) = key.strip_prefix(TEMPLATE_PREFIX) {
             if let Err(message) = check_template(value) {
-                refusals.push(refusal(key, format!("template: {message}")));
+                refusals.push(Refusal::annotation(key, format!("template: {message}")));
             }
             templates.insert(file.to_owned(), (key.clone(), value.clone()));
-        } else if key == ANNOTATION_INIT_ONLY {
+        } else if key == INIT_ONLY {
             match value.trim().to_ascii_lowercase().as_str() {
                 "true" => init_only = true,
                 "false" => {}
-                _ => refusals.push(refusal(
+                _ => refusals.push(Refusal::annotation(
                     key,
                     format!("{value:?} is neither \"true\" nor \"false\""),
                 )),
             }
-        } else if key == ANNOTATION_RUN_AS_USER {
+        } else if key == RUN_AS_USER {
             match value.trim().parse::<i64>() {
                 Ok(uid) if uid > 0 => run_as_user = Some(uid),
-                _ => refusals.push(refusal(
+                _ => refusals.push(Refusal::annotation(
                     key,
                     format!("{value:?} is not a UID above 0 (the agent never runs as root)"),
                 )),
             }
-        } else if key.starts_with(ANNOTATION_FAMILY)
-            && ![ANNOTATION_INJECT, ANNOTATION_ROLE, ANNOTATION_INJECTED].contains(&key.as_str())
-        {
-            refusals.push(refusal(
+        } else if key.starts_with(FAMILY) && ![INJECT, ROLE, INJECTED].contains(&key.as_str()) {
+            refusals.push(Refusal::annotation(
                 key,
                 format!(
-                    "unknown agent annotation; the agent reads {ANNOTATION_ROLE}, {ANNOTATION_SECRET_PREFIX}<file>, \
-                     {ANNOTATION_TEMPLATE_PREFIX}<file>, {ANNOTATION_INIT_ONLY} and {ANNOTATION_RUN_AS_USER}"
+                    "unknown agent annotation; the agent reads {ROLE}, {SECRET_PREFIX}<file>, \
+                     {TEMPLATE_PREFIX}<file>, {INIT_ONLY} and {RUN_AS_USER}"
                 ),
             ));
         }
@@ -172,17 +153,15 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Wanted, Vec<Refus
     for (file, (key, template)) in templates {
         match secrets.iter_mut().find(|s| s.file == file) {
             Some(secret) => secret.template = Some(template),
-            None => refusals.push(refusal(
+            None => refusals.push(Refusal::annotation(
                 &key,
-                format!(
-                    "no {ANNOTATION_SECRET_PREFIX}{file} annotation names the secret this template renders"
-                ),
+                format!("no {SECRET_PREFIX}{file} annotation names the secret this template renders"),
             )),
         }
     }
     if secrets.is_empty() {
-        refusals.push(refusal(
-            &format!("{ANNOTATION_SECRET_PREFIX}<file>"),
+        refusals.push(Refusal::annotation(
+            &format!("{SECRET_PREFIX}<file>"),
             "the pod asks for the agent but names no secret: add one annotation per file, \
              with a KV path (<mount>/data/<key>) or a database role (<mount>/creds/<role>)",
         ));
@@ -304,13 +283,7 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Option<Vec<
     let mut ops = Vec::new();
     // The files, read-only, in every container of the pod's own (init containers too:
     // they start after the agent, so a migration can use the credential).
-    let mount = serde_json::to_value(VolumeMount {
-        name: SECRETS_VOLUME.into(),
-        mount_path: SECRETS_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    })
-    .expect("a VolumeMount serializes");
+    let mount = to_value(&read_only_mount(SECRETS_VOLUME, SECRETS_DIR));
     for (list, containers) in [
         ("initContainers", init_containers),
         ("containers", spec.containers.as_slice()),
@@ -333,45 +306,23 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Option<Vec<
 
     let uid = wanted.run_as_user.or_else(|| app_uid(pod)).unwrap_or(DEFAULT_UID);
     let mut agent = agent_container(config, ca_bundle, &wanted, uid);
-    // As the mesh injection does: the mount the ServiceAccount plugin would add on its
-    // second pass, added now, so the API server does not call the webhooks again.
-    if let Some(api_token) = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.volume_mounts.iter().flatten())
-        .find(|m| m.mount_path == SERVICE_ACCOUNT_MOUNT)
-    {
+    if let Some(api_token) = api_token_mount(spec) {
         agent
             .volume_mounts
             .get_or_insert_with(Vec::new)
             .push(api_token.clone());
     }
-    let agent = serde_json::to_value(&agent).expect("a Container serializes");
     // First of the init containers: before the mesh's redirect and the pod's own.
-    if init_containers.is_empty() {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [agent]}));
-    } else {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": agent}));
-    }
-
-    let volumes =
-        [secrets_volume(), token_volume()].map(|v| serde_json::to_value(v).expect("a Volume serializes"));
-    if spec.volumes.is_none() {
-        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
-    } else {
-        for volume in volumes {
-            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
-        }
-    }
-    if pod.metadata.annotations.is_none() {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION_INJECTED: config.version}}));
-    } else {
-        ops.push(json!({
-            "op": "add",
-            "path": format!("/metadata/annotations/{}", ANNOTATION_INJECTED.replace('~', "~0").replace('/', "~1")),
-            "value": config.version,
-        }));
-    }
+    prepend_init_containers(spec, vec![to_value(&agent)], &mut ops);
+    append_volumes(
+        spec,
+        vec![
+            to_value(&secrets_volume()),
+            to_value(&token_volume(TOKEN_VOLUME, ENGINE_AUDIENCE)),
+        ],
+        &mut ops,
+    );
+    set_annotation(pod, INJECTED, &config.version, &mut ops);
     Ok(Some(ops))
 }
 
@@ -387,102 +338,44 @@ fn app_uid(pod: &Pod) -> Option<i64> {
         .filter(|uid| *uid > 0)
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        value_from: None,
-    }
-}
-
-fn field_env(name: &str, field: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: field.into(),
-                api_version: None,
-            }),
-            ..Default::default()
-        }),
-        value: None,
-    }
-}
-
 fn agent_container(config: &Config, ca_bundle: &str, wanted: &Wanted, uid: i64) -> Container {
     let mut env = vec![
-        field_env("CAPSTAN_NAMESPACE", "metadata.namespace"),
-        field_env("CAPSTAN_POD_NAME", "metadata.name"),
-        self::env("CAPSTAN_AGENT_ENGINE_URL", config.ca_url.clone()),
-        self::env("CAPSTAN_AGENT_ROLE", wanted.role.clone()),
-        self::env("CAPSTAN_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-        self::env("CAPSTAN_AGENT_CA_BUNDLE", ca_bundle),
-        self::env("CAPSTAN_AGENT_DIR", SECRETS_DIR),
+        // The agent reads the pod's namespace and name under the proxy's names.
+        field_env(proxy::NAMESPACE, "metadata.namespace"),
+        field_env(proxy::POD_NAME, "metadata.name"),
+        self::env(vars::ENGINE_URL, config.ca_url.clone()),
+        self::env(vars::ROLE, wanted.role.clone()),
+        self::env(vars::TOKEN_FILE, token_file(TOKEN_DIR)),
+        self::env(vars::CA_BUNDLE, ca_bundle),
+        self::env(vars::DIR, SECRETS_DIR),
         self::env(
-            "CAPSTAN_AGENT_SECRETS",
+            vars::SECRETS,
             serde_json::to_string(&wanted.secrets).expect("secret specs serialize"),
         ),
-        self::env("CAPSTAN_AGENT_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
+        self::env(vars::ADMIN_ADDR, format!("0.0.0.0:{ADMIN_PORT}")),
     ];
     if wanted.init_only {
-        env.push(self::env("CAPSTAN_AGENT_INIT_ONLY", "true"));
+        env.push(self::env(vars::INIT_ONLY, "true"));
     }
-    let ready = Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some("/ready".into()),
-            port: IntOrString::Int(ADMIN_PORT),
-            scheme: Some("HTTP".into()),
-            ..Default::default()
-        }),
-        period_seconds: Some(1),
-        failure_threshold: Some(300),
-        timeout_seconds: Some(1),
-        ..Default::default()
-    };
     Container {
-        name: AGENT_CONTAINER.into(),
-        image: Some(config.image.clone()),
-        image_pull_policy: config.image_pull_policy.clone(),
-        command: Some(vec![config.sidecar_command.clone(), "agent".into()]),
         env: Some(env),
         // A native sidecar: started first, kept beside the app, stopped after it (and so
         // revoking last), not waited for by a Job. Init-only: runs once, to completion.
         restart_policy: (!wanted.init_only).then(|| "Always".into()),
-        startup_probe: (!wanted.init_only).then_some(ready),
-        ports: (!wanted.init_only).then(|| {
-            vec![ContainerPort {
-                name: Some("capstan-agent".into()),
-                container_port: ADMIN_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]
-        }),
-        resources: Some(ResourceRequirements {
-            requests: Some(
-                [
-                    ("cpu".to_owned(), Quantity("5m".into())),
-                    ("memory".to_owned(), Quantity("16Mi".into())),
-                ]
-                .into(),
-            ),
-            limits: Some([("memory".to_owned(), Quantity("64Mi".into()))].into()),
-            ..Default::default()
-        }),
-        security_context: Some(capstan_mesh::injection::restricted_security_context(uid)),
+        startup_probe: (!wanted.init_only).then(|| ready_probe(ADMIN_PORT, 1, 300)),
+        ports: (!wanted.init_only).then(|| vec![tcp_port("capstan-agent", ADMIN_PORT)]),
+        resources: Some(resources("5m", "16Mi", "64Mi")),
+        security_context: Some(restricted_security_context(uid)),
         volume_mounts: Some(vec![
+            // The agent writes the files; the app's containers mount them read-only.
             VolumeMount {
                 name: SECRETS_VOLUME.into(),
                 mount_path: SECRETS_DIR.into(),
                 ..Default::default()
             },
-            VolumeMount {
-                name: TOKEN_VOLUME.into(),
-                mount_path: TOKEN_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
+            read_only_mount(TOKEN_VOLUME, TOKEN_DIR),
         ]),
-        ..Default::default()
+        ..sidecar(config, AGENT_CONTAINER, &["agent"])
     }
 }
 
@@ -498,27 +391,11 @@ fn secrets_volume() -> Volume {
     }
 }
 
-fn token_volume() -> Volume {
-    Volume {
-        name: TOKEN_VOLUME.into(),
-        projected: Some(ProjectedVolumeSource {
-            default_mode: Some(0o440),
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(TOKEN_AUDIENCE.into()),
-                    expiration_seconds: Some(3600),
-                    path: "token".into(),
-                }),
-                ..Default::default()
-            }]),
-        }),
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inject::init_container_names;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn pod(annotations: Value) -> Pod {
         serde_json::from_value(json!({
@@ -571,14 +448,17 @@ mod tests {
     fn the_annotation_selects_and_excluded_namespaces_never_get_the_agent() {
         let config = Config::default();
         let none = BTreeMap::new();
-        let yes: BTreeMap<String, String> = [(ANNOTATION_INJECT.to_owned(), "true".to_owned())].into();
-        let no: BTreeMap<String, String> = [(ANNOTATION_INJECT.to_owned(), "false".to_owned())].into();
+        let yes: BTreeMap<String, String> = [(INJECT.to_owned(), "true".to_owned())].into();
+        let no: BTreeMap<String, String> = [(INJECT.to_owned(), "false".to_owned())].into();
         assert!(wanted("shop", &none, &yes, &config));
         assert!(!wanted("shop", &none, &no, &config));
         assert!(!wanted("shop", &none, &none, &config));
         assert!(!wanted("kube-system", &none, &yes, &config));
-        let disguised: BTreeMap<String, String> =
-            [(LABEL_NAMESPACE_NAME.to_owned(), "capstan-system".to_owned())].into();
+        let disguised: BTreeMap<String, String> = [(
+            capstan_contract::annotations::NAMESPACE_NAME_LABEL.to_owned(),
+            "capstan-system".to_owned(),
+        )]
+        .into();
         assert!(!wanted("capstan-system", &disguised, &yes, &config));
     }
 
@@ -641,7 +521,7 @@ mod tests {
             assert_eq!(mount.read_only, Some(true));
         }
         assert_eq!(
-            pod.metadata.annotations.as_ref().unwrap()[ANNOTATION_INJECTED],
+            pod.metadata.annotations.as_ref().unwrap()[INJECTED],
             Config::default().version
         );
     }
@@ -651,7 +531,7 @@ mod tests {
     /// API server sent it, and a second pass adds nothing.
     #[test]
     fn with_the_mesh_both_patches_apply_in_order_and_the_agent_comes_first() {
-        use capstan_mesh::injection::{self, Injection};
+        use crate::inject::mesh::{self as injection, Injection};
         let original = pod(asking());
         let Ok(Injection::Patch(mut ops)) = injection::inject(&original, &Config::default(), "PEM") else {
             panic!("not meshed");
@@ -659,18 +539,8 @@ mod tests {
         let meshed = apply(&original, &ops);
         ops.extend(inject(&meshed, &Config::default(), "PEM").unwrap().unwrap());
         let both = apply(&original, &ops);
-        let names: Vec<_> = both
-            .spec
-            .as_ref()
-            .unwrap()
-            .init_containers
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
         assert_eq!(
-            names,
+            init_container_names(&both),
             ["capstan-agent", "capstan-init", "capstan-proxy", "migrate"]
         );
         // Our own containers do not get the files; the pod's do.
@@ -687,7 +557,7 @@ mod tests {
     #[test]
     fn init_only_is_a_plain_init_container_without_probe() {
         let mut annotations = asking();
-        annotations[ANNOTATION_INIT_ONLY] = json!("true");
+        annotations[INIT_ONLY] = json!("true");
         let pod = injected(&pod(annotations));
         let agent = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
         assert_eq!(agent.name, AGENT_CONTAINER);
@@ -713,7 +583,7 @@ mod tests {
     #[test]
     fn uid_from_the_annotation_then_the_app_never_root() {
         let mut annotations = asking();
-        annotations[ANNOTATION_RUN_AS_USER] = json!("4242");
+        annotations[RUN_AS_USER] = json!("4242");
         let pod_ = injected(&pod(annotations));
         let uid = |p: &Pod| {
             p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0]
@@ -795,9 +665,9 @@ mod tests {
             assert!(text.contains(expected), "{key}: {text}");
         }
         let mut no_role = asking();
-        no_role.as_object_mut().unwrap().remove(ANNOTATION_ROLE);
+        no_role.as_object_mut().unwrap().remove(ROLE);
         let text = inject(&pod(no_role), &Config::default(), "PEM").unwrap_err()[0].to_string();
-        assert!(text.contains(ANNOTATION_ROLE), "{text}");
+        assert!(text.contains(ROLE), "{text}");
         let only_inject = json!({"capstan.dev/agent-inject": "true", "capstan.dev/agent-role": "r"});
         let text = inject(&pod(only_inject), &Config::default(), "PEM").unwrap_err()[0].to_string();
         assert!(text.contains("names no secret"), "{text}");
