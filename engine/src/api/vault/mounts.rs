@@ -37,6 +37,18 @@ pub enum Access {
     Acl { sudo: bool },
 }
 
+impl Access {
+    /// A mount's paths are unauthenticated where it lists them (whatever the operation),
+    /// and need a token and the ACL elsewhere.
+    fn unauthenticated_in(paths: &[&str], rest: &str) -> Self {
+        if paths.contains(&rest) {
+            Self::Unauthenticated
+        } else {
+            Self::Acl { sudo: false }
+        }
+    }
+}
+
 /// The paths of the secrets mounts, which the operator chooses.
 #[derive(Clone, Copy, Debug)]
 pub struct Names<'a> {
@@ -93,8 +105,8 @@ impl Mount {
     pub fn access(self, rest: &str, operation: Operation) -> Access {
         match self {
             Self::Sys => sys::access(rest, operation),
-            Self::Kubernetes => auth::kubernetes_access(rest),
-            Self::Pki => pki::access(rest),
+            Self::Kubernetes => Access::unauthenticated_in(auth::KUBERNETES_UNAUTHENTICATED, rest),
+            Self::Pki => Access::unauthenticated_in(pki::UNAUTHENTICATED, rest),
             Self::Token | Self::Database | Self::Kv => Access::Acl { sudo: false },
         }
     }
@@ -127,4 +139,70 @@ pub fn no_handler(path: &str) -> ApiError {
         StatusCode::NOT_FOUND,
         format!("no handler for route \"{path}\". route entry not found."),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: Names<'static> = Names {
+        database: "database",
+        pki: "pki",
+        kv: "secret",
+    };
+
+    fn access(path: &str, operation: Operation) -> Option<(Mount, Access)> {
+        Mount::find(&NAMES, path).map(|(mount, rest)| (mount, mount.access(rest, operation)))
+    }
+
+    #[test]
+    fn each_mount_declares_how_its_paths_are_let_in() {
+        use Access::*;
+        use Operation::*;
+        let acl = Acl { sudo: false };
+        let sudo = Acl { sudo: true };
+        for path in [
+            "sys/init",
+            "sys/seal-status",
+            "sys/unseal",
+            "sys/health",
+            "sys/leader",
+        ] {
+            assert_eq!(access(path, update), Some((Mount::Sys, Open)), "{path}");
+        }
+        assert_eq!(
+            access("auth/kubernetes/login", update),
+            Some((Mount::Kubernetes, Unauthenticated))
+        );
+        assert_eq!(
+            access("auth/kubernetes/role/x", update),
+            Some((Mount::Kubernetes, acl))
+        );
+        assert_eq!(access("pki/cert/ca", read), Some((Mount::Pki, Unauthenticated)));
+        assert_eq!(access("pki/issue/web", update), Some((Mount::Pki, acl)));
+        assert_eq!(
+            access("sys/internal/ui/mounts/secret", read),
+            Some((Mount::Sys, Token))
+        );
+        assert_eq!(
+            access("sys/internal/ui/mounts/secret", update),
+            Some((Mount::Sys, acl))
+        );
+        for path in [
+            "sys/seal",
+            "sys/rotate",
+            "sys/audit-hash/file",
+            "sys/leases/revoke-prefix/database/creds/ro",
+            "sys/leases/revoke-force/database/creds/ro",
+        ] {
+            assert_eq!(access(path, update), Some((Mount::Sys, sudo)), "{path}");
+        }
+        assert_eq!(access("sys/leases/revoke", update), Some((Mount::Sys, acl)));
+        assert_eq!(access("auth/token/create", update), Some((Mount::Token, acl)));
+        assert_eq!(access("secret/data/app", update), Some((Mount::Kv, acl)));
+        assert_eq!(access("database/creds/ro", read), Some((Mount::Database, acl)));
+        // Under no mount: a token and the ACL, then the 404 of no handler.
+        assert_eq!(access("secret-pki/x", read), None);
+        assert_eq!(access("sys", read), None);
+    }
 }

@@ -1,7 +1,7 @@
 //! The PKI mount's paths: `root/generate/internal`, `cert/ca`, `roles/<name>`,
 //! `issue/<role>`.
 
-use super::{ApiError, Engine, Operation, Reply, Request, mounts::Access, route::Tail};
+use super::{ApiError, Engine, Operation, Reply, Request, route::Tail};
 use crate::secrets::pki::{PkiError, Role};
 use serde_json::json;
 
@@ -22,13 +22,7 @@ pub const ROUTES: &[(&str, Tail)] = &[
 ];
 
 /// The CA certificate is public: reading it needs no token.
-pub fn access(rest: &str) -> Access {
-    if rest == "cert/ca" {
-        Access::Unauthenticated
-    } else {
-        Access::Acl { sudo: false }
-    }
-}
+pub const UNAUTHENTICATED: &[&str] = &["cert/ca"];
 
 pub async fn route(engine: &Engine, request: &Request, rest: &str) -> Result<Reply, ApiError> {
     let pki = &engine.pki;
