@@ -2,9 +2,6 @@
 
 use anyhow::{Context as _, bail};
 use capstan_contract::env::proxy as env;
-// The agent's flags (sidecar/src/agent/args.rs) still import the parser from here; they
-// can take `capstan_contract::duration::parse` directly, and this goes.
-pub use capstan_contract::duration::parse as parse_duration;
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 #[derive(clap::Args, Debug, Clone)]

@@ -4,15 +4,10 @@
 //! change, still allow it, and until the drain after shutdown; a mux connection's streams
 //! are each served by the next stage as a connection of their own would be.
 
-use super::{Mode, Peer, Shared, identity::Identified, labels};
+use super::{Mode, Peer, Serve, Shared, identity::Identified, labels};
 use crate::proxy::{credentials, mux};
 use capstan_mesh::{ConnectionDecision, Decision, Identity, Policy};
-use futures::future::BoxFuture;
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{convert::Infallible, sync::Arc};
 use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::server::TlsStream;
 use tower::{Service, ServiceExt as _};
@@ -24,38 +19,16 @@ pub struct Authorized<Io> {
     pub mode: Mode,
 }
 
-#[derive(Clone)]
-pub struct Layer {
-    shared: Arc<Shared>,
-    app_port: u16,
-}
-
-impl Layer {
-    pub fn new(shared: Arc<Shared>, app_port: u16) -> Self {
-        Self { shared, app_port }
-    }
-}
-
-impl<S> tower::Layer<S> for Layer {
-    type Service = AuthorizeL4<S>;
-
-    fn layer(&self, inner: S) -> AuthorizeL4<S> {
-        AuthorizeL4 {
-            shared: self.shared.clone(),
-            app_port: self.app_port,
-            inner,
-        }
-    }
-}
-
+/// The L4 authorization stage: `inner` serves each allowed connection, or each stream of
+/// an allowed mux connection, while the intentions allow it.
 #[derive(Clone)]
 pub struct AuthorizeL4<S> {
-    shared: Arc<Shared>,
-    app_port: u16,
-    inner: S,
+    pub(super) shared: Arc<Shared>,
+    pub(super) app_port: u16,
+    pub(super) inner: S,
 }
 
-impl<S> Service<Identified> for AuthorizeL4<S>
+impl<S> Serve<Identified> for AuthorizeL4<S>
 where
     S: Service<Authorized<TlsStream<TcpStream>>, Response = (), Error = Infallible>
         + Service<Authorized<mux::Stream>, Response = (), Error = Infallible>
@@ -66,20 +39,12 @@ where
     <S as Service<Authorized<TlsStream<TcpStream>>>>::Future: Send,
     <S as Service<Authorized<mux::Stream>>>::Future: Send + 'static,
 {
-    type Response = ();
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, Identified { tls, peer }: Identified) -> Self::Future {
+    fn serve(&self, Identified { tls, peer }: Identified) -> impl Future<Output = ()> + Send + 'static {
         let (shared, inner) = (self.shared.clone(), self.inner.clone());
         // Read at each new connection, so a Service's appProtocol change applies without
         // a restart.
         let mode = shared.mode(self.app_port);
-        Box::pin(async move {
+        async move {
             let peer = Arc::new(peer);
             let (source, me) = (&peer.source, &shared.me);
             let decision = connection_decision(&shared.policy.borrow(), source, me, mode);
@@ -94,7 +59,7 @@ where
                 .inc();
             if !allowed {
                 tracing::info!(%source, destination = %me, decided_by = %by, "Connection denied");
-                return Ok(());
+                return;
             }
             tracing::debug!(%source, destination = %me, decided_by = %by, "Connection allowed");
 
@@ -139,8 +104,7 @@ where
                 }
                 () = drained => {}
             }
-            Ok(())
-        })
+        }
     }
 }
 

@@ -33,33 +33,12 @@ pub struct Allowed {
     pub path_and_query: PathAndQuery,
 }
 
-#[derive(Clone)]
-pub struct Layer {
-    shared: Arc<Shared>,
-}
-
-impl Layer {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-impl<N> tower::Layer<N> for Layer {
-    type Service = NewAuthorizeL7<N>;
-
-    fn layer(&self, inner: N) -> NewAuthorizeL7<N> {
-        NewAuthorizeL7 {
-            shared: self.shared.clone(),
-            inner,
-        }
-    }
-}
-
-/// Makes the stage for each HTTP connection (its source and metric handles).
+/// Makes the L7 authorization stage for each HTTP connection (its source, its metric
+/// handles), over what `inner` makes for it.
 #[derive(Clone)]
 pub struct NewAuthorizeL7<N> {
-    shared: Arc<Shared>,
-    inner: N,
+    pub(super) shared: Arc<Shared>,
+    pub(super) inner: N,
 }
 
 impl<N: NewService<Arc<Peer>>> NewService<Arc<Peer>> for NewAuthorizeL7<N> {
@@ -127,6 +106,7 @@ impl Connection {
     }
 }
 
+/// The L7 authorization stage of one connection: `inner` is given each allowed request.
 #[derive(Clone)]
 pub struct AuthorizeL7<S> {
     connection: Arc<Connection>,

@@ -2,79 +2,44 @@
 //! (HTTP/1.1 or HTTP/2), each request through the request stages made for the
 //! connection's peer; or, for a plain-TCP workload, a tunnel to the application.
 
-use super::{Body, Mode, NewService, Peer, Shared, authorize_l4::Authorized};
+use super::{Body, Mode, NewService, Peer, Serve, Shared, authorize_l4::Authorized};
 use crate::proxy::{app_connections::AppConnections, tunnel};
-use futures::future::BoxFuture;
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 use tokio::{net::TcpStream, sync::watch};
 use tower::Service;
 
-#[derive(Clone)]
-pub struct Layer {
-    shared: Arc<Shared>,
-    app: Arc<AppConnections>,
-}
-
-impl Layer {
-    pub fn new(shared: Arc<Shared>, app: Arc<AppConnections>) -> Self {
-        Self { shared, app }
-    }
-}
-
-impl<N> tower::Layer<N> for Layer {
-    type Service = Http<N>;
-
-    fn layer(&self, requests: N) -> Http<N> {
-        Http {
-            shared: self.shared.clone(),
-            app: self.app.clone(),
-            requests,
-        }
-    }
-}
-
-/// `requests` makes, for a connection's peer, the service its requests go through.
+/// The HTTP stage: `requests` makes, for a connection's peer, the service its requests
+/// go through.
 #[derive(Clone)]
 pub struct Http<N> {
-    shared: Arc<Shared>,
-    app: Arc<AppConnections>,
-    requests: N,
+    pub(super) shared: Arc<Shared>,
+    pub(super) app: Arc<AppConnections>,
+    pub(super) requests: N,
 }
 
-impl<N, Io, R> Service<Authorized<Io>> for Http<N>
+impl<N, Io, R> Serve<Authorized<Io>> for Http<N>
 where
     Io: tunnel::Side + Send + 'static,
     N: NewService<Arc<Peer>, Service = R>,
     R: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     R::Future: Send + 'static,
 {
-    type Response = ();
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, Authorized { io, peer, mode }: Authorized<Io>) -> Self::Future {
+    fn serve(
+        &self,
+        Authorized { io, peer, mode }: Authorized<Io>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let active = self.shared.metrics.application_connection("inbound");
         let app_port = self.app.port();
         let requests = (mode == Mode::Http).then(|| self.requests.new_service(peer));
-        Box::pin(async move {
+        async move {
             let _active = active;
             match requests {
                 None => tunnel_to_app(io, app_port).await,
                 Some(requests) => serve_http(io, requests).await,
             }
-            Ok(())
-        })
+        }
     }
 }
 

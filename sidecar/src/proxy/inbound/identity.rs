@@ -4,16 +4,14 @@
 //! so that the chain no longer verifies (checked at each bundle change, never per
 //! request).
 
-use super::{Peer, Shared, labels, tls::Handshaken};
+use super::{Peer, Serve, Shared, labels, tls::Handshaken};
 use crate::proxy::credentials::Credentials;
 use capstan_mesh::svid;
-use futures::future::BoxFuture;
 use hyper::header::HeaderValue;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use std::{
     convert::Infallible,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 use tokio::{net::TcpStream, sync::watch};
@@ -26,50 +24,22 @@ pub struct Identified {
     pub peer: Peer,
 }
 
-#[derive(Clone)]
-pub struct Layer {
-    shared: Arc<Shared>,
-}
-
-impl Layer {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-impl<S> tower::Layer<S> for Layer {
-    type Service = PeerIdentity<S>;
-
-    fn layer(&self, inner: S) -> PeerIdentity<S> {
-        PeerIdentity {
-            shared: self.shared.clone(),
-            inner,
-        }
-    }
-}
-
+/// The identity stage: `inner` serves the connection until the peer's chain stops
+/// proving its identity.
 #[derive(Clone)]
 pub struct PeerIdentity<S> {
-    shared: Arc<Shared>,
-    inner: S,
+    pub(super) shared: Arc<Shared>,
+    pub(super) inner: S,
 }
 
-impl<S> Service<Handshaken> for PeerIdentity<S>
+impl<S> Serve<Handshaken> for PeerIdentity<S>
 where
     S: Service<Identified, Response = (), Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
-    type Response = ();
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, connection: Handshaken) -> Self::Future {
+    fn serve(&self, connection: Handshaken) -> impl Future<Output = ()> + Send + 'static {
         let (shared, inner) = (self.shared.clone(), self.inner.clone());
-        Box::pin(async move {
+        async move {
             let Handshaken {
                 tls,
                 addr,
@@ -80,7 +50,7 @@ where
             // proved.
             let Some(id) = chain.first().and_then(|leaf| svid::peer_spiffe_id(leaf).ok()) else {
                 tracing::warn!(peer = %addr, "Refusing a connection whose verified certificate names no workload");
-                return Ok(());
+                return;
             };
             let peer = Peer {
                 source_header: HeaderValue::from_str(&id.to_string()).ok(),
@@ -100,8 +70,7 @@ where
                     tracing::info!(%source, destination = %shared.me, %reason, "Closing an established connection: its peer's certificate no longer proves its identity");
                 }
             }
-            Ok(())
-        })
+        }
     }
 }
 

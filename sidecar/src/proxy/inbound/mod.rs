@@ -34,9 +34,15 @@ mod tls;
 use super::{Mode, Shared, app_connections::AppConnections, metrics::DecisionLabels};
 use bytes::Bytes;
 use capstan_mesh::Identity;
+use futures::future::BoxFuture;
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{Response, StatusCode, header::HeaderValue};
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Service, ServiceBuilder, ServiceExt as _};
 
@@ -68,11 +74,36 @@ fn stack(
     app: &Arc<AppConnections>,
 ) -> impl Service<Accepted, Response = (), Error = Infallible, Future: Send> + Clone + Send + 'static {
     ServiceBuilder::new()
-        .layer(tls::Layer::new(shared.clone()))
-        .layer(identity::Layer::new(shared.clone()))
-        .layer(authorize_l4::Layer::new(shared.clone(), app.port()))
-        .layer(http::Layer::new(shared.clone(), app.clone()))
-        .layer(authorize_l7::Layer::new(shared.clone()))
+        .layer_fn(|inner| {
+            Stage(tls::Tls {
+                shared: shared.clone(),
+                inner,
+            })
+        })
+        .layer_fn(|inner| {
+            Stage(identity::PeerIdentity {
+                shared: shared.clone(),
+                inner,
+            })
+        })
+        .layer_fn(|inner| {
+            Stage(authorize_l4::AuthorizeL4 {
+                shared: shared.clone(),
+                app_port: app.port(),
+                inner,
+            })
+        })
+        .layer_fn(|requests| {
+            Stage(http::Http {
+                shared: shared.clone(),
+                app: app.clone(),
+                requests,
+            })
+        })
+        .layer_fn(|inner| authorize_l7::NewAuthorizeL7 {
+            shared: shared.clone(),
+            inner,
+        })
         .service(forward::new(shared.clone(), app.clone()))
 }
 
@@ -125,4 +156,33 @@ fn status(code: StatusCode) -> Response<Body> {
     let mut response = Response::new(full(code.canonical_reason().unwrap_or_default().to_owned()));
     *response.status_mut() = code;
     response
+}
+
+/// What a connection stage does with one connection (or mux stream) `T`; [`Stage`] makes
+/// it the stage's tower `Service`.
+trait Serve<T> {
+    fn serve(&self, target: T) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// A connection stage as a tower `Service`. Its future is boxed: once per connection or
+/// stream, never per request.
+#[derive(Clone)]
+pub struct Stage<S>(S);
+
+impl<S: Serve<T>, T> Service<T> for Stage<S> {
+    type Response = ();
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<(), Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, target: T) -> Self::Future {
+        let served = self.0.serve(target);
+        Box::pin(async move {
+            served.await;
+            Ok(())
+        })
+    }
 }

@@ -3,16 +3,9 @@
 //! Handshake failures are counted by reason and logged with the SVID rule a certificate
 //! broke (M7); the handshake is bounded by HANDSHAKE_TIMEOUT.
 
-use super::{super::credentials::Credentials, Accepted, Shared};
+use super::{super::credentials::Credentials, Accepted, Serve, Shared};
 use crate::proxy::metrics::{DirectionLabels, HandshakeLabels};
-use futures::future::BoxFuture;
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tower::{Service, ServiceExt as _};
@@ -25,65 +18,36 @@ pub struct Handshaken {
     pub credentials: Arc<Credentials>,
 }
 
-#[derive(Clone)]
-pub struct Layer {
-    shared: Arc<Shared>,
-}
-
-impl Layer {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-impl<S> tower::Layer<S> for Layer {
-    type Service = Tls<S>;
-
-    fn layer(&self, inner: S) -> Tls<S> {
-        Tls {
-            shared: self.shared.clone(),
-            inner,
-        }
-    }
-}
-
+/// The TLS stage: `inner` is given each connection whose handshake succeeded.
 #[derive(Clone)]
 pub struct Tls<S> {
-    shared: Arc<Shared>,
-    inner: S,
+    pub(super) shared: Arc<Shared>,
+    pub(super) inner: S,
 }
 
-impl<S> Service<Accepted> for Tls<S>
+impl<S> Serve<Accepted> for Tls<S>
 where
     S: Service<Handshaken, Response = (), Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
-    type Response = ();
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, Accepted { tcp, addr }: Accepted) -> Self::Future {
+    fn serve(&self, Accepted { tcp, addr }: Accepted) -> impl Future<Output = ()> + Send + 'static {
         let (shared, inner) = (self.shared.clone(), self.inner.clone());
-        Box::pin(async move {
+        async move {
             let Some(credentials) = shared.credentials.borrow().clone() else {
                 tracing::debug!(peer = %addr, "Refusing a connection: no certificate yet");
-                return Ok(());
+                return;
             };
             let Some(tls) = handshake(&shared, &credentials, tcp, addr).await else {
-                return Ok(());
+                return;
             };
-            inner
+            let Ok(()) = inner
                 .oneshot(Handshaken {
                     tls,
                     addr,
                     credentials,
                 })
-                .await
-        })
+                .await;
+        }
     }
 }
 
