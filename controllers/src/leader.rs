@@ -11,6 +11,20 @@
 //! successful renewal (`renew_deadline` < `lease_duration`). A holder that was paused
 //! (SIGSTOP, a long GC, a frozen VM) past that finds its term over the moment it
 //! resumes, before it writes anything: that is the fence reconcilers check.
+//!
+//! Why this is kept rather than a maintained lease manager (issue 16 asked for one
+//! unless it lacks this fence). kube-lease-manager 0.13 is compatible (kube 5,
+//! k8s-openapi 0.29) but reports leadership through a watch channel that its
+//! background task updates, and judges expiry from the Lease's `renewTime` against the
+//! local wall clock. A holder paused past its term (SIGSTOP: e2e_leader and
+//! e2e_secretsync_failover freeze a leader and check that it writes nothing when it
+//! thaws) resumes still reading "leader" until that task has run again, and a
+//! reconcile can write in that window; `Leadership::ensure` answers synchronously from
+//! this process's monotonic clock, with the renew deadline's margin below the lease
+//! duration, before every write. kubert's lease module stamps its claims with the
+//! Lease's wall-clock expiry (skew between nodes then decides who believes it leads)
+//! and needs the Lease created beforehand. kube-lease-manager would also bring a
+//! second `rand` (0.10 beside our 0.9).
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -51,6 +65,14 @@ impl Leadership {
             Some(until) if Instant::now() < until => Ok(()),
             _ => Err(Error::NotLeader),
         }
+    }
+
+    /// A term that lasts `term` from now, for tests that drive a reconciler directly.
+    #[cfg(test)]
+    pub fn held_for(term: Duration) -> Self {
+        let leadership = Self::default();
+        leadership.extend(Instant::now() + term);
+        leadership
     }
 
     fn extend(&self, until: Instant) {

@@ -7,6 +7,9 @@ mod context;
 mod intentions;
 mod leader;
 mod metrics;
+#[cfg(test)]
+mod mock;
+mod reconciler;
 mod secretsync;
 mod status;
 
@@ -63,7 +66,7 @@ struct Args {
     #[arg(
         long,
         env = "CAPSTAN_CONTROLLER_ROOTS_CONFIGMAP",
-        default_value = "capstan-mesh-roots"
+        default_value = capstan_contract::ROOTS_CONFIGMAP
     )]
     roots_configmap: String,
 }
@@ -81,8 +84,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = capstan_telemetry::registry("capstan_controller");
     let metrics = metrics::Metrics::register(&mut registry);
-    intentions::register_metrics(&mut registry);
-    secretsync::register_metrics(&mut registry);
+    // A test-only fault point set in a production controller is announced at once.
+    secretsync::warn_if_test_fault_set();
     let health = Health::default();
     let stop = Stop::on_signal();
     let admin = spawn_admin(args.admin_addr, registry, health.clone(), &stop).await?;
@@ -103,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         },
     );
     let ctx = Arc::new(context::Context {
+        state: (),
         client: client.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -174,8 +178,8 @@ async fn run_controllers(
 ) {
     let shutdown = futures::FutureExt::shared(shutdown);
     tokio::join!(
-        intentions::run(ctx.clone(), shutdown.clone()),
-        secretsync::run(ctx, shutdown),
+        intentions::run(&ctx, shutdown.clone()),
+        secretsync::run(&ctx, shutdown),
     );
 }
 

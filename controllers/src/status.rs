@@ -1,12 +1,21 @@
-//! Status writes that never lose another writer's update.
+//! Status writes by server-side apply, one field manager per writer.
 //!
-//! Each attempt reads the object fresh, applies the caller's change to the status it
-//! finds, and writes it back with that read's resourceVersion as a precondition. A 409
-//! (someone wrote in between: another controller, a user, an old leader) means read
-//! again and reapply, so conditions other writers own survive, and a write computed
-//! from stale state never lands. Nothing is written when the change is a no-op.
+//! Each writer (a reconciler, or a reporter beside it such as intentions' `unmeshed`)
+//! applies only the status fields and the condition types it owns, under its own field
+//! manager: the API server merges `conditions` as the list-map keyed by `type` the CRD
+//! declares (`capstan_crds::conditions::schema`), so conditions other writers own
+//! survive, and a field this writer no longer sets is removed with its ownership.
+//!
+//! The write is computed from a fresh read of the status, so a condition whose status
+//! did not change keeps its `lastTransitionTime` (`conditions::upsert`) and callers can
+//! tell what changed (to publish an Event only on a change). The apply carries that
+//! read's resourceVersion as a precondition: a 409 (someone wrote in between) means read
+//! again and recompute, so a write computed from stale state never lands (the metric
+//! `status_conflicts` counts them). `force` takes over the fields from a previous owner
+//! (objects written before, by merge patch, under another manager). Nothing is written
+//! when the change is a no-op.
 
-use crate::{leader::Leadership, metrics::Metrics};
+use crate::{context::Context, leader::Leadership, metrics::Metrics};
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
@@ -53,106 +62,150 @@ pub trait HasStatus {
     fn status(&self) -> Option<&Self::Status>;
 }
 
-pub async fn update<K>(
-    api: &Api<K>,
-    name: &str,
-    leadership: &Leadership,
-    metrics: &Metrics,
-    controller: &'static str,
-    change: impl Fn(&mut K::Status),
-) -> Result<Outcome<K::Status>, Error>
-where
-    K: Resource + HasStatus + Clone + DeserializeOwned + Debug,
-{
-    for attempt in 0..ATTEMPTS {
-        leadership.ensure()?;
-        let fresh = api.get_status(name).await.map_err(|source| Error::Read {
-            name: name.to_owned(),
-            source,
-        })?;
-        let before = fresh.status().cloned().unwrap_or_default();
-        let mut after = before.clone();
-        change(&mut after);
-        if after == before {
-            return Ok(Outcome::Unchanged);
+/// One writer of a kind's status: its field manager and what it owns.
+#[derive(Debug)]
+pub struct Writer {
+    /// The server-side apply field manager.
+    pub manager: &'static str,
+    /// The reconciler it reports metrics as.
+    pub controller: &'static str,
+    /// The status fields (JSON names, `conditions` aside) it sets.
+    pub fields: &'static [&'static str],
+    /// The condition types it sets.
+    pub conditions: &'static [&'static str],
+}
+
+impl Writer {
+    /// The part of `status` this writer applies: its fields and its conditions only.
+    pub fn owned(&self, status: &impl Serialize) -> Value {
+        let Value::Object(all) = serde_json::to_value(status).expect("a status serializes") else {
+            return Value::Object(Default::default());
+        };
+        let mut owned: serde_json::Map<String, Value> = all
+            .iter()
+            .filter(|(key, _)| self.fields.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        if !self.conditions.is_empty() {
+            let mine: Vec<Value> = all
+                .get("conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|c| {
+                    c.get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| self.conditions.contains(&t))
+                })
+                .cloned()
+                .collect();
+            owned.insert("conditions".into(), Value::Array(mine));
         }
-        let patch = serde_json::json!({
-            "metadata": { "resourceVersion": fresh.meta().resource_version },
-            "status": merge_patch(&to_json(&before), &to_json(&after)),
-        });
-        tracing::debug!(%name, %patch, "Writing status");
-        // The lease could have been lost during the read: check once more right before
-        // the write, the last moment this process can still hold back.
-        leadership.ensure()?;
-        match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(Outcome::Written { before, after }),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                metrics
-                    .status_conflicts
-                    .get_or_create(&crate::metrics::ControllerLabels { controller })
-                    .inc();
-                tracing::debug!(%name, attempt, "Status write conflicted; retrying on a fresh read");
-                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt + 1))).await;
-            }
-            Err(source) => {
-                return Err(Error::Write {
-                    name: name.to_owned(),
-                    source,
-                });
-            }
-        }
+        Value::Object(owned)
     }
-    Err(Error::Contended {
-        name: name.to_owned(),
-    })
-}
 
-fn to_json(status: &impl Serialize) -> Value {
-    serde_json::to_value(status).expect("a status serializes")
-}
+    /// The apply patch: this writer's part of `status`, conditional on `resource_version`.
+    pub fn patch<K: Resource<DynamicType = ()>>(
+        &self,
+        name: &str,
+        resource_version: Option<&str>,
+        status: &impl Serialize,
+    ) -> Value {
+        serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "metadata": { "name": name, "resourceVersion": resource_version },
+            "status": self.owned(status),
+        })
+    }
 
-/// The JSON merge patch (RFC 7386) that turns `before` into `after`. Fields that
-/// `after` leaves out (empty lists and unset options are not serialized) become
-/// explicit nulls: a plain merge patch of `after` would leave their old values in place.
-fn merge_patch(before: &Value, after: &Value) -> Value {
-    match (before, after) {
-        (Value::Object(before), Value::Object(after)) => {
-            let mut patch = serde_json::Map::new();
-            for (key, new) in after {
-                match before.get(key) {
-                    Some(old) if old == new => {}
-                    Some(old) => {
-                        patch.insert(key.clone(), merge_patch(old, new));
-                    }
-                    None => {
-                        patch.insert(key.clone(), new.clone());
-                    }
+    /// Reads the status, applies `change` to it, and applies this writer's part of the
+    /// result (see the module's comment).
+    pub async fn update<K, S>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        ctx: &Context<S>,
+        change: impl Fn(&mut K::Status),
+    ) -> Result<Outcome<K::Status>, Error>
+    where
+        K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + Debug,
+    {
+        self.update_with(api, name, &ctx.leadership, &ctx.metrics, change)
+            .await
+    }
+
+    async fn update_with<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        leadership: &Leadership,
+        metrics: &Metrics,
+        change: impl Fn(&mut K::Status),
+    ) -> Result<Outcome<K::Status>, Error>
+    where
+        K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + Debug,
+    {
+        let params = PatchParams::apply(self.manager).force();
+        for attempt in 0..ATTEMPTS {
+            leadership.ensure()?;
+            let fresh = api.get_status(name).await.map_err(|source| Error::Read {
+                name: name.to_owned(),
+                source,
+            })?;
+            let before = fresh.status().cloned().unwrap_or_default();
+            let mut after = before.clone();
+            change(&mut after);
+            if after == before {
+                return Ok(Outcome::Unchanged);
+            }
+            let patch = self.patch::<K>(name, fresh.meta().resource_version.as_deref(), &after);
+            tracing::debug!(%name, manager = self.manager, %patch, "Applying status");
+            // The lease could have been lost during the read: check once more right
+            // before the write, the last moment this process can still hold back.
+            leadership.ensure()?;
+            match api.patch_status(name, &params, &Patch::Apply(&patch)).await {
+                Ok(_) => return Ok(Outcome::Written { before, after }),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    metrics.status_conflict(self.controller);
+                    tracing::debug!(%name, attempt, "Status write conflicted; retrying on a fresh read");
+                    tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt + 1))).await;
+                }
+                Err(source) => {
+                    return Err(Error::Write {
+                        name: name.to_owned(),
+                        source,
+                    });
                 }
             }
-            for key in before.keys().filter(|k| !after.contains_key(*k)) {
-                patch.insert(key.clone(), Value::Null);
-            }
-            Value::Object(patch)
         }
-        _ => after.clone(),
+        Err(Error::Contended {
+            name: name.to_owned(),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::merge_patch;
+    use super::Writer;
     use serde_json::json;
 
     #[test]
-    fn removed_fields_become_nulls_and_unchanged_ones_are_left_out() {
-        let before = json!({"conflicts": ["a/b"], "sources": 2, "nested": {"keep": 1, "drop": 2}});
-        let after = json!({"sources": 3, "nested": {"keep": 1}, "conditions": []});
+    fn a_writer_applies_only_its_fields_and_conditions() {
+        let writer = Writer {
+            manager: "test",
+            controller: "test",
+            fields: &["observedGeneration", "sources"],
+            conditions: &["Ready"],
+        };
+        let status = json!({
+            "observedGeneration": 2,
+            "conflicts": ["a/b"],
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "Meshed", "status": "False"}],
+        });
         assert_eq!(
-            merge_patch(&before, &after),
-            json!({"conflicts": null, "sources": 3, "nested": {"drop": null}, "conditions": []})
+            writer.owned(&status),
+            json!({"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "True"}]})
         );
     }
 }

@@ -1,6 +1,10 @@
 //! `status.conditions` as every Capstan kind carries it: the upstream
-//! `metav1.Condition`, as a list-map keyed by `type` so server-side apply merges
-//! conditions owned by different writers instead of replacing the list.
+//! `metav1.Condition`, as a list-map keyed by `type` (`x-kubernetes-list-type: map`,
+//! `x-kubernetes-list-map-keys: [type]`), so server-side apply merges conditions owned
+//! by different writers instead of replacing the list: each writer (field manager)
+//! applies only the condition types it sets, and the others' survive. The controller
+//! computes what it applies from the status it read, with `upsert`, so a condition's
+//! `lastTransitionTime` moves only when its status does.
 
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};

@@ -8,7 +8,8 @@
 use crate::{
     context::Context,
     leader,
-    status::{self, HasStatus, Outcome},
+    reconciler::{self, AbortOnDrop, Class, Reconcile, ReconcileError},
+    status::{self, HasStatus, Outcome, Writer},
 };
 use capstan_crds::{
     ServiceIntentions, ServiceIntentionsStatus,
@@ -26,7 +27,8 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Event, EventType},
+        events::EventType,
+        finalizer,
         reflector::{ObjectRef, Store},
         watcher,
     },
@@ -35,11 +37,18 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 mod unmeshed;
 
-pub use unmeshed::register_metrics;
-
 const CONTROLLER: &str = "intentions";
 
-/// Condition reasons this reconciler sets on Ready.
+/// Its status fields and the Ready condition, under its own field manager (`unmeshed`
+/// owns the Meshed condition under another).
+const STATUS: Writer = Writer {
+    manager: "capstan-controller-intentions",
+    controller: CONTROLLER,
+    fields: &["observedGeneration", "sources", "conflicts"],
+    conditions: &[READY],
+};
+
+/// Condition reasons this reconciler sets on Ready, which are also its Events' reasons.
 pub mod reasons {
     pub const ACCEPTED: &str = "Accepted";
     pub const CONFLICT: &str = "Conflict";
@@ -47,6 +56,9 @@ pub mod reasons {
     /// The object names a destination outside its own namespace: it governs nothing.
     pub const FOREIGN_DESTINATION: &str = "ForeignDestination";
 }
+
+/// How long after a failed reconcile to look again (the API server could not answer).
+const RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,14 +72,29 @@ pub enum Error {
     Leader(#[from] leader::Error),
 }
 
-impl Error {
-    pub fn metric_label(&self) -> &'static str {
+impl ReconcileError for Error {
+    fn metric_label(&self) -> &'static str {
         match self {
             Self::List(_) => "list",
             Self::Service(_) => "service",
             Self::Status(status::Error::Leader(_)) | Self::Leader(_) => "not_leader",
             Self::Status(status::Error::Contended { .. }) => "status_contended",
             Self::Status(_) => "status",
+        }
+    }
+
+    fn class(&self) -> Class {
+        match self.metric_label() {
+            "not_leader" => Class::NotLeader,
+            _ => Class::Transient,
+        }
+    }
+
+    fn finalizer(error: finalizer::Error<Self>) -> Self {
+        // This kind has no finalizer: only the reconcile's own error reaches here.
+        match error {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            other => unreachable!("ServiceIntentions has no finalizer: {other}"),
         }
     }
 }
@@ -80,24 +107,28 @@ impl HasStatus for ServiceIntentions {
     }
 }
 
+/// What the intentions reconciler keeps between reconciles.
+pub struct State {
+    /// Every ServiceIntentions (the controller's cache): the rivals for a destination.
+    store: Store<ServiceIntentions>,
+    /// Capstan's namespace: only its objects may govern other namespaces (tenancy).
+    control_namespace: Arc<str>,
+}
+
 /// Runs the reconciler until `shutdown` resolves (in-flight reconciles finish first).
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(base: &Context, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::FutureExt::shared(shutdown);
-    let api = Api::<ServiceIntentions>::all(ctx.client.clone());
+    let api = Api::<ServiceIntentions>::all(base.client.clone());
     let controller = Controller::new(api.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
     let rivals_store = store.clone();
-    // Capstan's own namespace is never meshed (the chart sets this variable).
-    let own_namespace =
-        std::env::var("CAPSTAN_CONTROLLER_NAMESPACE").unwrap_or_else(|_| "capstan-system".to_owned());
-    let unmeshed = tokio::spawn(unmeshed::run(
-        ctx.clone(),
-        store.clone(),
-        own_namespace.clone(),
-        shutdown.clone(),
-    ));
-    // Only objects in Capstan's own namespace may govern other namespaces (tenancy).
-    let control_namespace: Arc<str> = own_namespace.into();
+    // Capstan's own namespace is never meshed, and only its objects may govern other
+    // namespaces (tenancy).
+    let ctx = Arc::new(base.with(State {
+        store: store.clone(),
+        control_namespace: base.config.namespace.as_str().into(),
+    }));
+    let unmeshed = tokio::spawn(unmeshed::run(ctx.clone(), shutdown.clone()));
     // Aborted with this future (the end of a leadership term aborts the whole task).
     let _unmeshed = AbortOnDrop(unmeshed);
     controller
@@ -117,39 +148,70 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             },
         )
         .graceful_shutdown_on(shutdown)
-        .run(
-            move |obj, ctx| reconcile(obj, ctx, store.clone(), control_namespace.clone()),
-            error_policy,
-            ctx,
-        )
+        .run(reconciler::reconcile, reconciler::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
 }
 
-#[tracing::instrument(skip(obj, ctx, store, control_namespace), fields(ns = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
-async fn reconcile(
-    obj: Arc<ServiceIntentions>,
-    ctx: Arc<Context>,
-    store: Store<ServiceIntentions>,
-    control_namespace: Arc<str>,
-) -> Result<Action, Error> {
-    let _timer = ctx.metrics.start(CONTROLLER);
-    ctx.leadership.ensure()?;
-    if obj.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
-    let ns = obj.namespace().unwrap_or_default();
-    let name = obj.name_any();
-    let generation = obj.metadata.generation;
+/// Validates the object, decides whether it is in force for its destination, and
+/// reports both in status (Ready) and, when Ready changes, in an Event. No finalizer: it
+/// writes nothing outside the object's own status.
+impl Reconcile for ServiceIntentions {
+    type State = State;
+    type Error = Error;
+    const CONTROLLER: &'static str = CONTROLLER;
+    const FINALIZER: Option<&'static str> = None;
 
-    let (destination_namespace, destination_name) = conflicts::destination(&obj);
+    async fn reconcile(&self, ctx: &Context<State>) -> Result<Action, Error> {
+        let (ready, reason, message, conflicts) = verdict(self, ctx).await?;
+        let generation = self.metadata.generation;
+        let api =
+            Api::<ServiceIntentions>::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
+        let condition = conditions::new(READY, ready, reason, message.clone(), generation);
+        let sources = i32::try_from(self.spec.sources.len()).unwrap_or(i32::MAX);
+        let outcome = STATUS
+            .update(&api, &self.name_any(), ctx, |status| {
+                status.observed_generation = generation;
+                status.sources = Some(sources);
+                status.conflicts = conflicts.clone();
+                conditions::upsert(&mut status.conditions, condition.clone());
+            })
+            .await?;
+
+        if let Outcome::Written { before, .. } = outcome {
+            let previous = conditions::get(&before.conditions, READY);
+            let flipped = previous.is_none_or(|c| c.status != ready.as_str() || c.reason != reason);
+            if flipped {
+                let type_ = if ready == ConditionStatus::True {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                };
+                ctx.publish(&self.object_ref(&()), type_, reason, "Reconcile", message)
+                    .await;
+            }
+        }
+        Ok(Action::requeue(ctx.config.resync))
+    }
+
+    fn retry_after(&self, _class: Class, _ctx: &Context<State>) -> Duration {
+        RETRY
+    }
+}
+
+/// Ready's status, reason and message, and the rivals to list in status.
+async fn verdict(
+    obj: &ServiceIntentions,
+    ctx: &Context<State>,
+) -> Result<(ConditionStatus, &'static str, String, Vec<String>), Error> {
+    let (destination_namespace, destination_name) = conflicts::destination(obj);
     let mut problems = validate::validate(&obj.spec, &destination_namespace);
     // What the webhook refuses at the door, reported here for objects that got past it.
     if obj.spec.sources.iter().any(|s| s.permissions.is_some())
         && destination_name != "*"
         && destination_namespace != "*"
         // Not on behalf of an object that may not govern that namespace.
-        && conflicts::out_of_bounds(&obj, &control_namespace).is_none()
+        && conflicts::out_of_bounds(obj, &ctx.state.control_namespace).is_none()
     {
         let service = Api::<Service>::namespaced(ctx.client.clone(), &destination_namespace)
             .get_opt(&destination_name)
@@ -157,7 +219,11 @@ async fn reconcile(
             .map_err(Error::Service)?;
         problems.extend(validate::l7_on_tcp(&obj.spec, service.as_ref()));
     }
-    let mut verdict = conflicts::verdict(&obj, store.state().iter().map(|o| o.as_ref()), &control_namespace);
+    let mut verdict = conflicts::verdict(
+        obj,
+        ctx.state.store.state().iter().map(|o| o.as_ref()),
+        &ctx.state.control_namespace,
+    );
     if matches!(verdict, Verdict::Shadowed { .. }) {
         // The cache can still hold an object deleted while our watch was down (it is
         // only swapped at the end of a relist): confirm a conflict with a live read
@@ -166,7 +232,7 @@ async fn reconcile(
             .list(&ListParams::default())
             .await
             .map_err(Error::List)?;
-        verdict = conflicts::verdict(&obj, live.items.iter(), &control_namespace);
+        verdict = conflicts::verdict(obj, live.items.iter(), &ctx.state.control_namespace);
     }
 
     let (ready, reason, message, conflicts) = match (&verdict, problems.is_empty()) {
@@ -189,7 +255,7 @@ async fn reconcile(
             format!(
                 "destination {}/{} is already governed by ServiceIntentions {by}, which is older; \
                  merge the sources into it or delete one of them",
-                conflicts::destination(&obj).0,
+                conflicts::destination(obj).0,
                 obj.spec.destination.name
             ),
             vec![by.clone()],
@@ -210,64 +276,8 @@ async fn reconcile(
             )
         }
     };
-
-    let api = Api::<ServiceIntentions>::namespaced(ctx.client.clone(), &ns);
-    let condition = conditions::new(READY, ready, reason, message.clone(), generation);
-    let sources = i32::try_from(obj.spec.sources.len()).unwrap_or(i32::MAX);
-    let outcome = status::update(&api, &name, &ctx.leadership, &ctx.metrics, CONTROLLER, |status| {
-        status.observed_generation = generation;
-        status.sources = Some(sources);
-        status.conflicts = conflicts.clone();
-        conditions::upsert(&mut status.conditions, condition.clone());
-    })
-    .await?;
-
-    if let Outcome::Written { before, .. } = outcome {
-        let previous = conditions::get(&before.conditions, READY);
-        let flipped = previous.is_none_or(|c| c.status != ready.as_str() || c.reason != reason);
-        if flipped {
-            publish(&ctx, &obj, ready, reason, message).await;
-        }
-    }
-    Ok(Action::requeue(ctx.config.resync))
+    Ok((ready, reason, message, conflicts))
 }
 
-async fn publish(ctx: &Context, obj: &ServiceIntentions, ready: ConditionStatus, reason: &str, note: String) {
-    let event = Event {
-        type_: if ready == ConditionStatus::True {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if ctx.leadership.ensure().is_err() {
-        return;
-    }
-    if let Err(error) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        tracing::warn!(%error, "Publishing an event");
-    }
-}
-
-fn error_policy(_obj: Arc<ServiceIntentions>, error: &Error, ctx: Arc<Context>) -> Action {
-    let label = error.metric_label();
-    ctx.metrics.failed(CONTROLLER, label);
-    if label == "not_leader" {
-        // The term is ending; the controller is about to be dropped.
-        return Action::await_change();
-    }
-    tracing::warn!(error = %error, source = ?std::error::Error::source(error), "Reconcile failed");
-    Action::requeue(Duration::from_secs(5))
-}
-
-/// Aborts a spawned task when dropped, so that it ends with the future that owns it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,8 @@
 //! the ServiceIntentions whose destination is the pod's service (its ServiceAccount).
 //! The condition flips back to True once none is left.
 
-use crate::{context::Context, status};
+use super::State;
+use crate::{context::Context, metrics::NamespaceLabels, status::Writer};
 use capstan_crds::{
     ServiceIntentions,
     conditions::{self, ConditionStatus},
@@ -25,51 +26,35 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{
         WatchStreamExt,
-        events::{Event, EventType},
-        reflector::{self, ObjectRef, Store},
+        events::EventType,
+        reflector::{self, ObjectRef},
         watcher,
     },
-};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{family::Family, gauge::Gauge},
-    registry::Registry,
 };
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     future::Future,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::Duration,
 };
 
 pub const MESHED: &str = "Meshed";
 
+/// The Meshed condition's reasons, and the pod Event's.
 pub mod reasons {
     pub const UNMESHED_PODS: &str = "UnmeshedPods";
     pub const ALL_PODS_MESHED: &str = "AllPodsMeshed";
     pub const UNMESHED_POD: &str = "UnmeshedPod";
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NamespaceLabels {
-    namespace: String,
-}
-
-/// One process-wide gauge: the reconciler restarts with each leadership term, the
-/// registry does not.
-fn gauge() -> &'static Family<NamespaceLabels, Gauge> {
-    static UNMESHED: OnceLock<Family<NamespaceLabels, Gauge>> = OnceLock::new();
-    UNMESHED.get_or_init(Family::default)
-}
-
-/// Registers `mesh_unmeshed_pods{namespace}` (called once by main).
-pub fn register_metrics(registry: &mut Registry) {
-    registry.register(
-        "mesh_unmeshed_pods",
-        "Running pods that should carry the mesh proxy but do not, by namespace",
-        gauge().clone(),
-    );
-}
+/// The Meshed condition, under a field manager of its own: the intentions reconciler
+/// applies Ready and its fields without it, and neither removes the other's.
+const STATUS: Writer = Writer {
+    manager: "capstan-controller-unmeshed",
+    controller: super::CONTROLLER,
+    fields: &[],
+    conditions: &[MESHED],
+};
 
 /// A pod that should be meshed and is not.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -129,12 +114,9 @@ pub fn for_destination<'a>(found: &'a [Unmeshed], destination: &(String, String)
 
 /// Watches pods and namespaces until `shutdown`, reporting unmeshed pods after each
 /// burst of changes (and every `resync` regardless).
-pub async fn run(
-    ctx: Arc<Context>,
-    intentions: Store<ServiceIntentions>,
-    own_namespace: String,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+pub async fn run(ctx: Arc<Context<State>>, shutdown: impl Future<Output = ()> + Send + 'static) {
+    // Capstan's own namespace is never meshed.
+    let own_namespace = ctx.config.namespace.clone();
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (namespaces, ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
     // Only what the judgement needs is kept: a cluster's pods are many.
@@ -180,13 +162,10 @@ pub async fn run(
     let mut changes = futures::stream::select(pod_events.boxed(), ns_events.boxed());
 
     let config = injection::Config {
-        excluded_namespaces: vec!["kube-system".into(), own_namespace.clone()],
+        excluded_namespaces: vec!["kube-system".into(), own_namespace],
         ..Default::default()
     };
-    let mut reporter = Reporter {
-        control_namespace: own_namespace,
-        ..Default::default()
-    };
+    let mut reporter = Reporter::default();
     let shutdown = futures::FutureExt::fuse(shutdown);
     tokio::pin!(shutdown);
     let mut ready = false;
@@ -213,7 +192,7 @@ pub async fn run(
                 },
                 &config,
             );
-            reporter.report(&ctx, &found, &intentions).await;
+            reporter.report(&ctx, &found).await;
         }
         // Wait for the next change (or the periodic pass).
         tokio::select! {
@@ -230,12 +209,10 @@ struct Reporter {
     announced: HashSet<String>,
     /// Namespaces the gauge counts in.
     counted: BTreeSet<String>,
-    /// Capstan's namespace: only its objects may name other namespaces (tenancy).
-    control_namespace: String,
 }
 
 impl Reporter {
-    async fn report(&mut self, ctx: &Context, found: &[Unmeshed], intentions: &Store<ServiceIntentions>) {
+    async fn report(&mut self, ctx: &Context<State>, found: &[Unmeshed]) {
         if ctx.leadership.ensure().is_err() {
             return;
         }
@@ -244,14 +221,16 @@ impl Reporter {
             *per_namespace.entry(pod.namespace.clone()).or_default() += 1;
         }
         for ns in self.counted.iter().filter(|ns| !per_namespace.contains_key(*ns)) {
-            gauge()
+            ctx.metrics
+                .unmeshed_pods
                 .get_or_create(&NamespaceLabels {
                     namespace: ns.clone(),
                 })
                 .set(0);
         }
         for (ns, count) in &per_namespace {
-            gauge()
+            ctx.metrics
+                .unmeshed_pods
                 .get_or_create(&NamespaceLabels {
                     namespace: ns.clone(),
                 })
@@ -272,16 +251,10 @@ impl Reporter {
                 "it is annotated capstan.dev/inject: \"true\"".to_owned()
             };
             tracing::warn!(namespace = %pod.namespace, pod = %pod.name, "Found a pod that should be meshed but is not");
-            let event = Event {
-                type_: EventType::Warning,
-                reason: reasons::UNMESHED_POD.into(),
-                note: Some(format!(
-                    "Pod should be meshed ({why}) but runs without the capstan-proxy sidecar: it was created \
-                     while the injector was absent or bypassed. Delete it to have it recreated meshed."
-                )),
-                action: "Detect".into(),
-                secondary: None,
-            };
+            let note = format!(
+                "Pod should be meshed ({why}) but runs without the capstan-proxy sidecar: it was created \
+                 while the injector was absent or bypassed. Delete it to have it recreated meshed."
+            );
             let reference = k8s_openapi::api::core::v1::ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
@@ -290,19 +263,25 @@ impl Reporter {
                 uid: Some(pod.uid.clone()),
                 ..Default::default()
             };
-            match ctx.recorder.publish(&event, &reference).await {
-                Ok(()) => {
-                    self.announced.insert(pod.uid.clone());
-                }
-                Err(error) => tracing::warn!(%error, "Publishing an event"),
+            if ctx
+                .publish(
+                    &reference,
+                    EventType::Warning,
+                    reasons::UNMESHED_POD,
+                    "Detect",
+                    note,
+                )
+                .await
+            {
+                self.announced.insert(pod.uid.clone());
             }
         }
 
-        for obj in intentions.state() {
+        for obj in ctx.state.store.state() {
             // An object naming another namespace governs nothing there, and its status
             // must not list that namespace's pods to its author.
             if obj.meta().deletion_timestamp.is_some()
-                || conflicts::out_of_bounds(&obj, &self.control_namespace).is_some()
+                || conflicts::out_of_bounds(&obj, &ctx.state.control_namespace).is_some()
             {
                 continue;
             }
@@ -351,16 +330,11 @@ impl Reporter {
                 ctx.client.clone(),
                 &obj.namespace().unwrap_or_default(),
             );
-            if let Err(error) = status::update(
-                &api,
-                &obj.name_any(),
-                &ctx.leadership,
-                &ctx.metrics,
-                super::CONTROLLER,
-                |s| conditions::upsert(&mut s.conditions, condition.clone()),
-            )
-            .await
-            {
+            let name = obj.name_any();
+            let write = STATUS.update(&api, &name, ctx, |s| {
+                conditions::upsert(&mut s.conditions, condition.clone())
+            });
+            if let Err(error) = write.await {
                 tracing::warn!(error = %error, name = %obj.name_any(), "Writing the Meshed condition");
             }
         }

@@ -1,10 +1,13 @@
 //! Restarting the Deployments that use a Secret, as `kubectl rollout restart` does,
 //! and telling when they have rolled out.
 
-use k8s_openapi::api::apps::v1::Deployment;
+use super::{Ctx, leases::RolloutMark, reasons};
+use capstan_crds::SecretSync;
+use k8s_openapi::{api::apps::v1::Deployment, jiff::Timestamp};
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{Patch, PatchParams},
+    runtime::events::EventType,
 };
 
 pub const RESTARTED_AT: &str = "capstan.dev/restartedAt";
@@ -22,6 +25,56 @@ pub async fn restart(api: &Api<Deployment>, name: &str, at: &str) -> Result<Opti
         Ok(deployment) => Ok(Some(deployment.metadata.generation.unwrap_or(0))),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+impl Ctx {
+    /// Restarts every Deployment of `rolloutRestart`; the marks of those that exist.
+    pub(super) async fn restart_all(&self, obj: &SecretSync) -> Vec<RolloutMark> {
+        let ns = obj.namespace().unwrap_or_default();
+        let api = Api::<Deployment>::namespaced(self.client.clone(), &ns);
+        let at = Timestamp::now().to_string();
+        let mut marks = vec![];
+        for target in &obj.spec.rollout_restart {
+            match restart(&api, &target.name, &at).await {
+                Ok(Some(generation)) => {
+                    self.event(
+                        obj,
+                        EventType::Normal,
+                        reasons::ROLLOUT_RESTARTED,
+                        "Restart",
+                        format!("Restarted Deployment {} for the new Secret value", target.name),
+                    )
+                    .await;
+                    marks.push(RolloutMark {
+                        name: target.name.clone(),
+                        generation,
+                    });
+                }
+                Ok(None) => {
+                    self.event(
+                        obj,
+                        EventType::Warning,
+                        reasons::ROLLOUT_TARGET_MISSING,
+                        "Restart",
+                        format!("Deployment {} of rolloutRestart does not exist", target.name),
+                    )
+                    .await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, deployment = %target.name, "Restarting a Deployment");
+                    self.event(
+                        obj,
+                        EventType::Warning,
+                        reasons::ROLLOUT_RESTART_FAILED,
+                        "Restart",
+                        format!("Restarting Deployment {}: {error}", target.name),
+                    )
+                    .await;
+                }
+            }
+        }
+        marks
     }
 }
 

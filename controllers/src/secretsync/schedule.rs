@@ -5,7 +5,7 @@
 //! max TTL) or the lease is not renewable, renewing cannot keep it alive: a new
 //! credential is issued when `renewBefore` of the lease's *original* duration is left,
 //! so the workloads have that long to roll over before the old one ends (S6). The old
-//! lease is revoked only after that rollout (see `mod.rs`), never by renewal.
+//! lease is revoked only after that rollout (`leased::revoke`), never by renewal.
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use std::time::Duration;
@@ -39,7 +39,7 @@ impl RenewBefore {
             }
             return Ok(Self::Fraction(f64::from(value) / 100.0));
         }
-        parse_duration(text)
+        capstan_contract::duration::parse(text)
             .map(Self::Before)
             .map_err(|e| format!("renewBefore: {e}"))
     }
@@ -53,40 +53,6 @@ impl RenewBefore {
         };
         lead.min(duration.mul_f64(0.9))
     }
-}
-
-/// A Go-style duration (`1h30m`, `500ms`, `1.5s`), as the CRD's pattern admits.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration like 90s, 1h30m or 500ms");
-    if text.is_empty() {
-        return Err(bad());
-    }
-    let mut total = 0f64;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let (unit, seconds) = if rest.starts_with("ms") {
-            ("ms", 0.001)
-        } else if rest.starts_with('s') {
-            ("s", 1.0)
-        } else if rest.starts_with('m') {
-            ("m", 60.0)
-        } else if rest.starts_with('h') {
-            ("h", 3600.0)
-        } else {
-            return Err(bad());
-        };
-        rest = &rest[unit.len()..];
-        total += number * seconds;
-    }
-    if !total.is_finite() || total > 1e9 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(total))
 }
 
 /// What the controller knows of a lease.
@@ -211,14 +177,19 @@ mod tests {
         Duration::from_secs(secs)
     }
 
+    /// What the CRD's duration pattern admits (`^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$`)
+    /// parses in the one grammar, `capstan_contract::duration` (which admits more:
+    /// bare seconds and days, that the pattern keeps out of the spec).
     #[test]
-    fn durations_parse_like_go() {
-        assert_eq!(parse_duration("90s"), Ok(s(90)));
-        assert_eq!(parse_duration("1h30m"), Ok(s(5400)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        for bad in ["", "5", "5d", "s", "-1s", "1e3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
+    fn durations_the_crd_admits_parse_like_go() {
+        use capstan_contract::duration::parse;
+        assert_eq!(parse("90s"), Ok(s(90)));
+        assert_eq!(parse("1h30m"), Ok(s(5400)));
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse("1.5h"), Ok(s(5400)));
+        for bad in ["", "s", "-1s", "1e3s"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
         }
     }
 
