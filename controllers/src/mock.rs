@@ -122,7 +122,10 @@ impl ApiServer {
             .await
             .expect("no Event was published")
             .expect("the client is gone");
-        assert_eq!((request.method(), request.uri().path()), (&Method::POST, path.as_str()));
+        assert_eq!(
+            (request.method(), request.uri().path()),
+            (&Method::POST, path.as_str())
+        );
         let bytes = request.into_body().collect_bytes().await.expect("a request body");
         send.send_response(
             Response::builder()
@@ -151,7 +154,10 @@ pub fn applied_status<'a>(received: &'a Received, manager: &str) -> &'a Value {
         received.content_type.as_deref(),
         Some("application/apply-patch+yaml")
     );
-    assert_eq!(received.query.get("fieldManager").map(String::as_str), Some(manager));
+    assert_eq!(
+        received.query.get("fieldManager").map(String::as_str),
+        Some(manager)
+    );
     assert_eq!(received.query.get("force").map(String::as_str), Some("true"));
     &received.body["status"]
 }

@@ -44,20 +44,34 @@ async fn an_accepted_object_gets_ready_by_server_side_apply_and_one_event() {
     let obj: ServiceIntentions = serde_json::from_value(object(json!({}))).unwrap();
     let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
 
-    server.expect(Method::GET, STATUS_PATH, 200, object(json!({}))).await;
-    let apply = server.expect(Method::PATCH, STATUS_PATH, 200, object(json!({}))).await;
+    server
+        .expect(Method::GET, STATUS_PATH, 200, object(json!({})))
+        .await;
+    let apply = server
+        .expect(Method::PATCH, STATUS_PATH, 200, object(json!({})))
+        .await;
     let status = mock::applied_status(&apply, STATUS.manager);
-    assert_eq!(apply.body["metadata"]["resourceVersion"], "7", "conditional on the read");
+    assert_eq!(
+        apply.body["metadata"]["resourceVersion"], "7",
+        "conditional on the read"
+    );
     assert_eq!(status["observedGeneration"], 2);
     assert_eq!(status["sources"], 1);
     let conditions = status["conditions"].as_array().unwrap();
     assert_eq!(conditions.len(), 1);
     assert_eq!(
-        (&conditions[0]["type"], &conditions[0]["status"], &conditions[0]["reason"]),
+        (
+            &conditions[0]["type"],
+            &conditions[0]["status"],
+            &conditions[0]["reason"]
+        ),
         (&json!("Ready"), &json!("True"), &json!("Accepted"))
     );
     let event = server.event("shop").await;
-    assert_eq!((&event["type"], &event["reason"]), (&json!("Normal"), &json!("Accepted")));
+    assert_eq!(
+        (&event["type"], &event["reason"]),
+        (&json!("Normal"), &json!("Accepted"))
+    );
 
     let action = reconcile.await.unwrap().unwrap();
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(300)));
@@ -82,8 +96,12 @@ async fn only_its_own_condition_is_applied_and_its_transition_time_holds() {
     let obj: ServiceIntentions = serde_json::from_value(object(before.clone())).unwrap();
     let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
 
-    server.expect(Method::GET, STATUS_PATH, 200, object(before.clone())).await;
-    let apply = server.expect(Method::PATCH, STATUS_PATH, 200, object(before)).await;
+    server
+        .expect(Method::GET, STATUS_PATH, 200, object(before.clone()))
+        .await;
+    let apply = server
+        .expect(Method::PATCH, STATUS_PATH, 200, object(before))
+        .await;
     let status = mock::applied_status(&apply, STATUS.manager);
     let conditions = status["conditions"].as_array().unwrap();
     assert_eq!(conditions.len(), 1, "only Ready: {conditions:?}");
@@ -102,7 +120,9 @@ async fn a_conflicted_apply_is_recomputed_on_a_fresh_read() {
     let metrics = ctx.metrics.clone();
     let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
 
-    server.expect(Method::GET, STATUS_PATH, 200, object(json!({}))).await;
+    server
+        .expect(Method::GET, STATUS_PATH, 200, object(json!({})))
+        .await;
     let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                           "reason": "Conflict", "code": 409, "message": "modified"});
     server.expect(Method::PATCH, STATUS_PATH, 409, conflict).await;

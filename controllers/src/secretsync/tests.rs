@@ -57,17 +57,15 @@ fn sync(value: Value) -> Arc<SecretSync> {
 #[tokio::test]
 async fn the_finalizer_is_added_before_anything_else() {
     let (ctx, mut server) = context();
-    let reconcile = tokio::spawn(reconciler::reconcile(
-        sync(object(&[], kv(), json!({}))),
-        ctx,
-    ));
+    let reconcile = tokio::spawn(reconciler::reconcile(sync(object(&[], kv(), json!({}))), ctx));
     let patch = server
         .expect(Method::PATCH, PATH, 200, object(&[FINALIZER], kv(), json!({})))
         .await;
     assert_eq!(patch.content_type.as_deref(), Some("application/json-patch+json"));
     let ops = patch.body.as_array().unwrap();
     assert!(
-        ops.iter().any(|op| op["op"] == "add" && op["value"] == json!([FINALIZER])),
+        ops.iter()
+            .any(|op| op["op"] == "add" && op["value"] == json!([FINALIZER])),
         "{ops:?}"
     );
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
@@ -91,16 +89,29 @@ async fn a_spec_error_is_applied_to_status_once_and_requeued_slowly() {
     let reconcile = tokio::spawn(reconciler::reconcile(obj.clone(), ctx.clone()));
 
     let current = object(&[FINALIZER], both.clone(), before);
-    server.expect(Method::GET, &format!("{PATH}/status"), 200, current.clone()).await;
-    let apply = server.expect(Method::PATCH, &format!("{PATH}/status"), 200, current).await;
+    server
+        .expect(Method::GET, &format!("{PATH}/status"), 200, current.clone())
+        .await;
+    let apply = server
+        .expect(Method::PATCH, &format!("{PATH}/status"), 200, current)
+        .await;
     let status = mock::applied_status(&apply, STATUS.manager);
     assert_eq!(status["observedGeneration"], 3);
-    assert_eq!(status["secretHmac"], "abc", "what it owns and did not change is applied as it was");
+    assert_eq!(
+        status["secretHmac"], "abc",
+        "what it owns and did not change is applied as it was"
+    );
     let ready = &status["conditions"][0];
-    assert_eq!((&ready["status"], &ready["reason"]), (&json!("False"), &json!("InvalidSpec")));
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("False"), &json!("InvalidSpec"))
+    );
     assert_eq!(ready["lastTransitionTime"], "2026-01-01T00:00:00Z");
     let event = server.event("team").await;
-    assert_eq!((&event["type"], &event["reason"]), (&json!("Warning"), &json!("InvalidSpec")));
+    assert_eq!(
+        (&event["type"], &event["reason"]),
+        (&json!("Warning"), &json!("InvalidSpec"))
+    );
 
     let error = reconcile.await.unwrap().unwrap_err();
     assert!(matches!(error, Error::Sync(_)), "{error}");
@@ -134,7 +145,8 @@ async fn cleanup_runs_then_the_finalizer_is_removed() {
     assert_eq!(patch.content_type.as_deref(), Some("application/json-patch+json"));
     let ops = patch.body.as_array().unwrap();
     assert!(
-        ops.iter().any(|op| op["op"] == "test" && op["value"] == FINALIZER),
+        ops.iter()
+            .any(|op| op["op"] == "test" && op["value"] == FINALIZER),
         "only our finalizer, where we read it: {ops:?}"
     );
     assert!(ops.iter().any(|op| op["op"] == "remove"), "{ops:?}");
