@@ -478,7 +478,7 @@ struct Api {
 }
 
 pub fn routes(engine: Arc<Engine>) -> Router {
-    let pipeline = pipeline::pipeline(&engine);
+    let pipeline = pipeline::pipeline();
     Router::new()
         .fallback(handle)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -504,6 +504,7 @@ async fn handle(
     };
     let mount = mount_of(path);
     let raw = Raw {
+        engine: engine.clone(),
         operation,
         path: path.to_owned(),
         query,

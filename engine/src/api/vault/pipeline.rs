@@ -12,7 +12,9 @@
 //!
 //! The layers are concrete types nested into one (`Pipeline`): static dispatch, one boxed
 //! future per layer. None applies backpressure, so every layer is always ready, and
-//! `call` works on a clone of the layer below.
+//! `call` works on a clone of the layer below. The engine travels with the request
+//! rather than in every layer, so the layers hold nothing and cloning them per request
+//! costs nothing (no reference count touched by every thread at each step).
 
 use super::{
     ApiError, Engine, Operation, Reply, Request,
@@ -38,6 +40,7 @@ pub type Answer = BoxFuture<'static, Result<Reply, ApiError>>;
 
 /// A request as the HTTP handler received it.
 pub struct Raw {
+    pub engine: Arc<Engine>,
     pub operation: Operation,
     /// Without `/v1/`.
     pub path: String,
@@ -48,6 +51,7 @@ pub struct Raw {
 
 /// A request past the path check, on its way to the mount.
 pub struct Call {
+    engine: Arc<Engine>,
     pub request: Request,
     /// The mount the path is under and where the path below it starts.
     mount: Option<(Mount, usize)>,
@@ -72,41 +76,24 @@ impl Call {
 /// The whole pipeline, outermost layer first.
 pub type Pipeline = CheckPath<Seal<Authenticate<Authorize<Audit<Router>>>>>;
 
-pub fn pipeline(engine: &Arc<Engine>) -> Pipeline {
-    let engine = || engine.clone();
+pub fn pipeline() -> Pipeline {
     ServiceBuilder::new()
-        .layer_fn(|inner| CheckPath {
-            engine: engine(),
-            inner,
-        })
-        .layer_fn(|inner| Seal {
-            engine: engine(),
-            inner,
-        })
-        .layer_fn(|inner| Authenticate {
-            engine: engine(),
-            inner,
-        })
-        .layer_fn(|inner| Authorize {
-            engine: engine(),
-            inner,
-        })
-        .layer_fn(|inner| Audit {
-            engine: engine(),
-            inner,
-        })
-        .service(Router { engine: engine() })
+        .layer_fn(|inner| CheckPath { inner })
+        .layer_fn(|inner| Seal { inner })
+        .layer_fn(|inner| Authenticate { inner })
+        .layer_fn(|inner| Authorize { inner })
+        .layer_fn(|inner| Audit { inner })
+        .service(Router)
 }
 
-/// One layer: a type holding the engine and the layer below, serving `$input` by calling
-/// the layer below with `$output`, and the body of its `call` (`$engine`, `$call` and
-/// `$next` name the engine, the input, and the layer below).
+/// One layer: a type holding the layer below, serving `$input` by calling the layer
+/// below with `$output`, and the body of its `call` (`$call` and `$next` name the input
+/// and the layer below).
 macro_rules! layer {
-    ($(#[$doc:meta])* $name:ident: $input:ty => $output:ty, |$engine:ident, $call:ident, $next:ident| $body:block) => {
+    ($(#[$doc:meta])* $name:ident: $input:ty => $output:ty, |$call:ident, $next:ident| $body:block) => {
         $(#[$doc])*
         #[derive(Clone)]
         pub struct $name<S> {
-            engine: Arc<Engine>,
             inner: S,
         }
 
@@ -123,7 +110,7 @@ macro_rules! layer {
             }
 
             fn call(&mut self, $call: $input) -> Answer {
-                let ($engine, mut $next) = (self.engine.clone(), self.inner.clone());
+                let mut $next = self.inner.clone();
                 Box::pin(async move $body)
             }
         }
@@ -133,16 +120,16 @@ macro_rules! layer {
 layer! {
     /// Refuses paths that could mean two things, and requests it cannot honour; resolves
     /// the path once into the name the handler will use (V20), and parses the body.
-    CheckPath: Raw => Call, |engine, raw, next| {
-        let call = check(&engine, raw)?;
+    CheckPath: Raw => Call, |raw, next| {
+        let call = check(raw)?;
         next.call(call).await
     }
 }
 
 layer! {
     /// A sealed engine answers 503 to everything but the paths served sealed.
-    Seal: Call => Call, |engine, call, next| {
-        if call.access != Access::Open && engine.seal.is_sealed() {
+    Seal: Call => Call, |call, next| {
+        if call.access != Access::Open && call.engine.seal.is_sealed() {
             return Err(ApiError::sealed());
         }
         next.call(call).await
@@ -151,8 +138,8 @@ layer! {
 
 layer! {
     /// The caller's token: looked up, and a use of a limited-use token spent.
-    Authenticate: Call => Call, |engine, call, next| {
-        let call = authenticate(&engine, call).await?;
+    Authenticate: Call => Call, |call, next| {
+        let call = authenticate(call).await?;
         next.call(call).await
     }
 }
@@ -160,22 +147,22 @@ layer! {
 layer! {
     /// The ACL of the token's policies, for the operation the mount says it is (a write
     /// to nothing is a create).
-    Authorize: Call => Call, |engine, call, next| {
-        let call = authorize(&engine, call).await?;
+    Authorize: Call => Call, |call, next| {
+        let call = authorize(call).await?;
         next.call(call).await
     }
 }
 
 layer! {
     /// The audit records of the request and its response (or refusal).
-    Audit: Call => Arc<Call>, |engine, call, next| {
+    Audit: Call => Arc<Call>, |call, next| {
         let call = Arc::new(call);
         if call.access == Access::Open {
             return next.call(call).await;
         }
-        let request = &call.request;
+        let (engine, request) = (&call.engine, &call.request);
         let auth = request.auth_info();
-        audit_request(&engine, request, &auth).await?;
+        audit_request(engine, request, &auth).await?;
         let result = match &call.refused {
             Some(refused) => Err(refused.clone()),
             None => next.call(call.clone()).await,
@@ -188,16 +175,14 @@ layer! {
                 (error.status, Some(&error_body))
             }
         };
-        audit_response(&engine, request, &auth, status, body).await?;
+        audit_response(engine, request, &auth, status, body).await?;
         result
     }
 }
 
 /// The mount's handler, on a request every layer let through.
 #[derive(Clone)]
-pub struct Router {
-    engine: Arc<Engine>,
-}
+pub struct Router;
 
 impl Service<Arc<Call>> for Router {
     type Response = Reply;
@@ -209,12 +194,11 @@ impl Service<Arc<Call>> for Router {
     }
 
     fn call(&mut self, call: Arc<Call>) -> Answer {
-        let engine = self.engine.clone();
         Box::pin(async move {
             // A path that does not resolve is answered as its handler's refusal.
             call.resolved.clone()?;
             match call.mount {
-                Some((mount, _)) => mount.serve(&engine, &call.request, call.rest()).await,
+                Some((mount, _)) => mount.serve(&call.engine, &call.request, call.rest()).await,
                 None => Err(super::mounts::no_handler(&call.request.path)),
             }
         })
@@ -236,8 +220,9 @@ pub(super) fn check_path(path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check(engine: &Engine, raw: Raw) -> Result<Call, ApiError> {
+fn check(raw: Raw) -> Result<Call, ApiError> {
     let Raw {
+        engine,
         operation,
         path,
         query,
@@ -255,7 +240,7 @@ fn check(engine: &Engine, raw: Raw) -> Result<Call, ApiError> {
             "response wrapping (X-Vault-Wrap-TTL) is not supported; the request was not served",
         ));
     }
-    let names = Names::of(engine);
+    let names = Names::of(&engine);
     let found = Mount::find(&names, &path);
     // Resolved here, refused only once the caller may learn why: a refusal describes a
     // mount's routes, and a client without a usable token (or without access to the
@@ -277,6 +262,7 @@ fn check(engine: &Engine, raw: Raw) -> Result<Call, ApiError> {
         Err(refused) => (None, Err(refused)),
     };
     Ok(Call {
+        engine,
         request: Request {
             id: super::uuid(),
             operation,
@@ -307,14 +293,14 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
     .map(str::to_owned)
 }
 
-async fn authenticate(engine: &Engine, mut call: Call) -> Result<Call, ApiError> {
+async fn authenticate(mut call: Call) -> Result<Call, ApiError> {
     if matches!(call.access, Access::Open | Access::Unauthenticated) {
         return Ok(call);
     }
     // A request without a usable token (none, unknown, expired, revoked, its uses spent)
     // is audited before it is refused, its token HMAC'd like any other: guessing tokens
     // leaves a trail.
-    let request = &mut call.request;
+    let (engine, request) = (&call.engine, &mut call.request);
     request.token = call.presented.take();
     let looked_up = match &request.token {
         None => Err(TokenError::Invalid),
@@ -336,7 +322,7 @@ async fn authenticate(engine: &Engine, mut call: Call) -> Result<Call, ApiError>
     Ok(call)
 }
 
-async fn authorize(engine: &Engine, mut call: Call) -> Result<Call, ApiError> {
+async fn authorize(mut call: Call) -> Result<Call, ApiError> {
     if call.refused.is_some() || matches!(call.access, Access::Open | Access::Unauthenticated) {
         return Ok(call);
     }
@@ -347,11 +333,12 @@ async fn authorize(engine: &Engine, mut call: Call) -> Result<Call, ApiError> {
     // Create or update: Vault decides by whether the target exists; the mount knows.
     if call.request.operation == Operation::update
         && let Some((mount, _)) = call.mount
-        && mount.exists(engine, call.rest()).await? == Some(false)
+        && mount.exists(&call.engine, call.rest()).await? == Some(false)
     {
         call.request.operation = Operation::create;
     }
-    let acl = engine
+    let acl = call
+        .engine
         .policies
         .acl(&entry.policies)
         .await
