@@ -8,7 +8,6 @@ use super::{
     leased::{self, revoke, store},
     leases, reasons, target,
 };
-use crate::metrics::SecretSyncMetrics;
 use capstan_crds::{DeletionPolicy, SecretSync};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -61,12 +60,10 @@ pub async fn run(obj: &SecretSync, ctx: &Ctx) -> Result<(), Error> {
                 if failure.reason == reasons::SERVICE_ACCOUNT_NOT_FOUND
                     || failure.reason == reasons::LOGIN_DENIED =>
             {
-                SecretSyncMetrics::count(&ctx.metrics().revocations, "abandoned");
-                ctx.event(
+                ctx.revocation(
                     obj,
-                    EventType::Warning,
+                    "abandoned",
                     reasons::LEASES_LEFT_TO_EXPIRE,
-                    "Revoke",
                     format!(
                         "{} lease(s) cannot be revoked ({}); the engine ends them at their TTL",
                         ids.len(),

@@ -3,76 +3,66 @@
 //! rolling the Deployments on a new version.
 
 use super::{
-    Ctx, engine,
+    Ctx, Job, engine,
     outcome::{Failure, Synced, Write},
     reasons, target, template,
-    validate::Validated,
 };
 use capstan_crds::SecretSync;
-use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
-use kube::{Api, runtime::events::EventType};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
 
-pub async fn sync(
-    obj: &SecretSync,
-    ctx: &Ctx,
-    v: &Validated,
-    secrets: &Api<Secret>,
-    target: Option<Secret>,
-) -> Result<Synced, Failure> {
-    let kv = obj.spec.source.kv.as_ref().expect("validated: a kv source");
-    let entry = match read_kv(obj, ctx, kv).await {
+pub async fn sync(job: Job<'_>) -> Result<Synced, Failure> {
+    let kv = job.obj.spec.source.kv.as_ref().expect("validated: a kv source");
+    let entry = match read_kv(job.obj, job.ctx, kv).await {
         Ok(entry) => entry,
         Err(failure) => return Err(failure),
     };
-    let data = template::render(v.templates.as_ref(), &entry.fields)
+    let data = template::render(job.v.templates.as_ref(), &entry.fields)
         .map_err(|e| Failure::permanent(reasons::INVALID_SPEC, e.to_string()))?;
-    let hmac = ctx.state.hmac.digest(&data);
+    let hmac = job.ctx.state.hmac.digest(&data);
     let mut synced = Synced {
         hmac: hmac.clone(),
         version: Some(entry.version),
         // A pinned version never changes: no need to poll it.
         next: if kv.version.is_some() {
-            ctx.config.resync
+            job.ctx.config.resync
         } else {
-            v.refresh
+            job.v.refresh
         },
         ..Default::default()
     };
-    let in_place = target.as_ref().map(|t| ctx.state.hmac.digest_secret(t));
-    let type_ok = target
-        .as_ref()
-        .is_none_or(|t| t.type_.as_deref().unwrap_or("Opaque") == obj.spec.target.type_.as_str());
+    let (in_place, type_ok) = job.in_place();
     if in_place.as_deref() == Some(hmac.as_str()) && type_ok {
         return Ok(synced);
     }
-    let previous_version = obj.status.as_ref().and_then(|s| s.source_version);
-    let write = match &target {
+    let previous_version = job.obj.status.as_ref().and_then(|s| s.source_version);
+    let write = match &job.target {
         None => Write::Created,
         Some(_) if previous_version != Some(entry.version) => Write::Changed,
         Some(_) => Write::Restored,
     };
-    target::write(secrets, obj, target.as_ref(), &data).await?;
+    target::write(job.secrets, job.obj, job.target.as_ref(), &data).await?;
     synced.wrote = Some(write);
     if write == Write::Changed
         && let Some(created) = entry.created
     {
         let seconds = Timestamp::now().duration_since(created).as_secs_f64();
-        ctx.metrics().propagation.observe(seconds.max(0.0));
+        job.ctx.metrics().propagation.observe(seconds.max(0.0));
     }
     let note = match write {
         Write::Created => format!(
             "Created Secret {} from version {}",
-            obj.spec.target.name, entry.version
+            job.obj.spec.target.name, entry.version
         ),
         Write::Changed => format!(
             "Updated Secret {} to version {} (was {})",
-            obj.spec.target.name,
+            job.obj.spec.target.name,
             entry.version,
             previous_version.map_or("none".to_owned(), |v| v.to_string())
         ),
         _ => format!(
             "Restored Secret {}: its data had been changed by hand (HMAC mismatch)",
-            obj.spec.target.name
+            job.obj.spec.target.name
         ),
     };
     let reason = if write == Write::Restored {
@@ -80,9 +70,11 @@ pub async fn sync(
     } else {
         reasons::SYNCED
     };
-    ctx.event(obj, EventType::Normal, reason, "Sync", note).await;
+    job.ctx
+        .event(job.obj, EventType::Normal, reason, "Sync", note)
+        .await;
     if write == Write::Changed {
-        ctx.restart_all(obj).await;
+        job.ctx.restart_all(job.obj).await;
     }
     Ok(synced)
 }

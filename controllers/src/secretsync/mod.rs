@@ -293,6 +293,18 @@ impl Ctx {
         &self.metrics.secretsync
     }
 
+    /// Counts a revocation's `result` (`lease_revocations_total`) and tells it in an
+    /// Event: Normal when revoked, a Warning otherwise.
+    async fn revocation(&self, obj: &SecretSync, result: &'static str, reason: &str, note: String) {
+        SecretSyncMetrics::count(&self.metrics().revocations, result);
+        let type_ = if result == "revoked" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        self.event(obj, type_, reason, "Revoke", note).await;
+    }
+
     /// Publishes an Event on `obj`.
     async fn event(&self, obj: &SecretSync, type_: EventType, reason: &str, action: &str, note: String) {
         self.publish(&obj.object_ref(&()), type_, reason, action, note)
@@ -319,9 +331,39 @@ async fn sync(obj: &SecretSync, ctx: &Ctx, v: &validate::Validated) -> Result<Sy
             ),
         ));
     }
+    let job = Job {
+        obj,
+        ctx,
+        v,
+        secrets: &secrets,
+        target,
+    };
     match v.kind {
-        SourceKind::Kv => kv::sync(obj, ctx, v, &secrets, target).await,
-        SourceKind::Database | SourceKind::Pki => leased::sync(obj, ctx, v, &secrets, target).await,
+        SourceKind::Kv => kv::sync(job).await,
+        SourceKind::Database | SourceKind::Pki => leased::sync(job).await,
+    }
+}
+
+/// One sync's inputs: the object, its validated spec, and its namespace's Secrets with
+/// the target as found (None: it does not exist).
+struct Job<'a> {
+    obj: &'a SecretSync,
+    ctx: &'a Ctx,
+    v: &'a validate::Validated,
+    secrets: &'a Api<Secret>,
+    target: Option<Secret>,
+}
+
+impl Job<'_> {
+    /// The HMAC of the target's data (None: no target), and whether its type is the
+    /// one the spec asks for.
+    fn in_place(&self) -> (Option<String>, bool) {
+        let in_place = self.target.as_ref().map(|t| self.ctx.state.hmac.digest_secret(t));
+        let type_ok = self
+            .target
+            .as_ref()
+            .is_none_or(|t| t.type_.as_deref().unwrap_or("Opaque") == self.obj.spec.target.type_.as_str());
+        (in_place, type_ok)
     }
 }
 

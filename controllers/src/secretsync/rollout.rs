@@ -36,43 +36,33 @@ impl Ctx {
         let at = Timestamp::now().to_string();
         let mut marks = vec![];
         for target in &obj.spec.rollout_restart {
-            match restart(&api, &target.name, &at).await {
+            let (type_, reason, note) = match restart(&api, &target.name, &at).await {
                 Ok(Some(generation)) => {
-                    self.event(
-                        obj,
-                        EventType::Normal,
-                        reasons::ROLLOUT_RESTARTED,
-                        "Restart",
-                        format!("Restarted Deployment {} for the new Secret value", target.name),
-                    )
-                    .await;
                     marks.push(RolloutMark {
                         name: target.name.clone(),
                         generation,
                     });
-                }
-                Ok(None) => {
-                    self.event(
-                        obj,
-                        EventType::Warning,
-                        reasons::ROLLOUT_TARGET_MISSING,
-                        "Restart",
-                        format!("Deployment {} of rolloutRestart does not exist", target.name),
+                    (
+                        EventType::Normal,
+                        reasons::ROLLOUT_RESTARTED,
+                        format!("Restarted Deployment {} for the new Secret value", target.name),
                     )
-                    .await
                 }
+                Ok(None) => (
+                    EventType::Warning,
+                    reasons::ROLLOUT_TARGET_MISSING,
+                    format!("Deployment {} of rolloutRestart does not exist", target.name),
+                ),
                 Err(error) => {
                     tracing::warn!(%error, deployment = %target.name, "Restarting a Deployment");
-                    self.event(
-                        obj,
+                    (
                         EventType::Warning,
                         reasons::ROLLOUT_RESTART_FAILED,
-                        "Restart",
                         format!("Restarting Deployment {}: {error}", target.name),
                     )
-                    .await;
                 }
-            }
+            };
+            self.event(obj, type_, reason, "Restart", note).await;
         }
         marks
     }

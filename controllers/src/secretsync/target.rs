@@ -115,25 +115,7 @@ pub async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_crds::SecretSyncSpec;
-
-    fn spec(value: serde_json::Value) -> SecretSyncSpec {
-        serde_json::from_value(value).unwrap()
-    }
-
-    fn obj() -> SecretSync {
-        let mut obj = SecretSync::new(
-            "db",
-            spec(serde_json::json!({
-                "source": {"database": {"role": "app"}},
-                "auth": {"role": "app", "serviceAccountName": "app"},
-                "target": {"name": "db-creds", "type": "kubernetes.io/basic-auth"},
-            })),
-        );
-        obj.metadata.namespace = Some("team".into());
-        obj.metadata.uid = Some("uid-1".into());
-        obj
-    }
+    use crate::secretsync::tests::database_sync as obj;
 
     #[test]
     fn the_target_is_owned_labelled_and_typed() {

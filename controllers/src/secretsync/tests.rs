@@ -50,6 +50,23 @@ fn context() -> (Arc<crate::context::Context<State>>, mock::ApiServer) {
     (Arc::new(ctx), server)
 }
 
+/// A SecretSync of a database role into a basic-auth Secret, for the pure modules'
+/// tests.
+pub fn database_sync() -> SecretSync {
+    let mut obj = SecretSync::new(
+        "db",
+        serde_json::from_value(json!({
+            "source": {"database": {"role": "app"}},
+            "auth": {"role": "app", "serviceAccountName": "app"},
+            "target": {"name": "db-creds", "type": "kubernetes.io/basic-auth"},
+        }))
+        .unwrap(),
+    );
+    obj.metadata.namespace = Some("team".into());
+    obj.metadata.uid = Some("uid-1".into());
+    obj
+}
+
 fn sync(value: Value) -> Arc<SecretSync> {
     Arc::new(serde_json::from_value(value).unwrap())
 }

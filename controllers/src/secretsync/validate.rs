@@ -84,24 +84,10 @@ pub fn fingerprint(spec: &SecretSyncSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_crds::SecretSync;
+    use crate::secretsync::tests::database_sync as obj;
 
     fn spec(value: serde_json::Value) -> SecretSyncSpec {
         serde_json::from_value(value).unwrap()
-    }
-
-    fn obj() -> SecretSync {
-        let mut obj = SecretSync::new(
-            "db",
-            spec(serde_json::json!({
-                "source": {"database": {"role": "app"}},
-                "auth": {"role": "app", "serviceAccountName": "app"},
-                "target": {"name": "db-creds", "type": "kubernetes.io/basic-auth"},
-            })),
-        );
-        obj.metadata.namespace = Some("team".into());
-        obj.metadata.uid = Some("uid-1".into());
-        obj
     }
 
     #[test]

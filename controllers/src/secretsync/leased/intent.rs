@@ -17,7 +17,6 @@ use super::{
     },
     revoke, store,
 };
-use crate::metrics::SecretSyncMetrics;
 use capstan_crds::{SecretSync, SourceKind};
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{Api, ResourceExt, runtime::events::EventType};
@@ -253,13 +252,11 @@ async fn revoke_orphan(obj: &SecretSync, ctx: &Ctx, issuing: &Issuing) -> Result
     }
     match outcome {
         Orphan::Revoked => {
-            SecretSyncMetrics::count(&ctx.metrics().revocations, "revoked");
             tracing::info!(since = %issuing.since, "Revoked the token of an issue that was never recorded");
-            ctx.event(
+            ctx.revocation(
                 obj,
-                EventType::Normal,
+                "revoked",
                 reasons::LEASE_REVOKED,
-                "Revoke",
                 "Revoked whatever an interrupted issue obtained (its lease was never recorded)".to_owned(),
             )
             .await;
@@ -288,13 +285,11 @@ async fn revoke_orphan(obj: &SecretSync, ctx: &Ctx, issuing: &Issuing) -> Result
 /// An orphan that cannot be revoked: counted, logged and told in an Event, never claimed
 /// as revoked; what it obtained stays valid until its token ends.
 async fn abandon_orphan(obj: &SecretSync, ctx: &Ctx, issuing: &Issuing, log: &str, why: &str) {
-    SecretSyncMetrics::count(&ctx.metrics().revocations, "abandoned");
     tracing::warn!(since = %issuing.since, "{log}");
-    ctx.event(
+    ctx.revocation(
         obj,
-        EventType::Warning,
+        "abandoned",
         reasons::ORPHAN_NOT_REVOKED,
-        "Revoke",
         format!(
             "{why}: a credential it may have obtained stays valid until that token ends{}",
             until(issuing)

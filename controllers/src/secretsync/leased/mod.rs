@@ -11,10 +11,9 @@ pub mod store;
 pub use intent::finish_orphan;
 
 use super::{
-    Ctx,
+    Ctx, Job,
     outcome::{Failure, Synced, Write},
-    reasons, schedule, target,
-    validate::{self, Validated},
+    reasons, schedule, target, validate,
 };
 use crate::metrics::SecretSyncMetrics;
 use capstan_crds::SecretSync;
@@ -26,13 +25,15 @@ use std::time::Duration;
 /// How soon to look again while a replaced lease waits for its rollout.
 const ROLLOUT_POLL: Duration = Duration::from_secs(2);
 
-pub async fn sync(
-    obj: &SecretSync,
-    ctx: &Ctx,
-    v: &Validated,
-    secrets: &Api<Secret>,
-    target: Option<Secret>,
-) -> Result<Synced, Failure> {
+pub async fn sync(job: Job<'_>) -> Result<Synced, Failure> {
+    let (in_place, type_ok) = job.in_place();
+    let Job {
+        obj,
+        ctx,
+        v,
+        secrets,
+        target,
+    } = job;
     let uid = obj.uid().unwrap_or_default();
     let (mut record, mut stored) = store::read(secrets, obj).await?;
     // An issue that stopped before its lease was recorded (the controller was killed,
@@ -40,10 +41,6 @@ pub async fn sync(
     // anything else, so it never lives on beside the one issued next (K1).
     stored = finish_orphan(secrets, obj, ctx, &mut record, stored).await?;
     let fingerprint = validate::fingerprint(&obj.spec);
-    let in_place = target.as_ref().map(|t| ctx.state.hmac.digest_secret(t));
-    let type_ok = target
-        .as_ref()
-        .is_none_or(|t| t.type_.as_deref().unwrap_or("Opaque") == obj.spec.target.type_.as_str());
 
     // The token that issued the current lease, if this process still holds it: renew it
     // as it comes due, and record how long it (and so the lease) can last.

@@ -11,7 +11,7 @@ use k8s_openapi::{
     api::{apps::v1::Deployment, core::v1::Secret},
     jiff::Timestamp,
 };
-use kube::{Api, ResourceExt, runtime::events::EventType};
+use kube::{Api, ResourceExt};
 
 /// Revokes one lease; whether it is gone (revoked now, or unknown to the engine).
 pub async fn lease(obj: &SecretSync, ctx: &Ctx, lease_id: &str) -> bool {
@@ -25,24 +25,20 @@ pub async fn lease(obj: &SecretSync, ctx: &Ctx, lease_id: &str) -> bool {
     };
     match ctx.state.engine.revoke(&token, lease_id).await {
         Ok(()) | Err(engine::Error::NotFound { .. }) => {
-            SecretSyncMetrics::count(&ctx.metrics().revocations, "revoked");
-            ctx.event(
+            ctx.revocation(
                 obj,
-                EventType::Normal,
+                "revoked",
                 reasons::LEASE_REVOKED,
-                "Revoke",
                 "Revoked a replaced lease".to_owned(),
             )
             .await;
             true
         }
         Err(error) => {
-            SecretSyncMetrics::count(&ctx.metrics().revocations, "failed");
-            ctx.event(
+            ctx.revocation(
                 obj,
-                EventType::Warning,
+                "failed",
                 reasons::REVOKE_FAILED,
-                "Revoke",
                 format!("Revoking a lease failed; retrying: {error}"),
             )
             .await;
