@@ -15,7 +15,7 @@
 //! (objects written before, by merge patch, under another manager). Nothing is written
 //! when the change is a no-op.
 
-use crate::{context::Context, leader::Leadership, metrics::Metrics};
+use crate::context::Context;
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
@@ -131,21 +131,7 @@ impl Writer {
     where
         K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + Debug,
     {
-        self.update_with(api, name, &ctx.leadership, &ctx.metrics, change)
-            .await
-    }
-
-    async fn update_with<K>(
-        &self,
-        api: &Api<K>,
-        name: &str,
-        leadership: &Leadership,
-        metrics: &Metrics,
-        change: impl Fn(&mut K::Status),
-    ) -> Result<Outcome<K::Status>, Error>
-    where
-        K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + Debug,
-    {
+        let leadership = &ctx.leadership;
         let params = PatchParams::apply(self.manager).force();
         for attempt in 0..ATTEMPTS {
             leadership.ensure()?;
@@ -167,7 +153,7 @@ impl Writer {
             match api.patch_status(name, &params, &Patch::Apply(&patch)).await {
                 Ok(_) => return Ok(Outcome::Written { before, after }),
                 Err(kube::Error::Api(e)) if e.code == 409 => {
-                    metrics.status_conflict(self.controller);
+                    ctx.metrics.status_conflict(self.controller);
                     tracing::debug!(%name, attempt, "Status write conflicted; retrying on a fresh read");
                     tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt + 1))).await;
                 }
