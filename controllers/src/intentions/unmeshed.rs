@@ -163,7 +163,6 @@ pub async fn run(ctx: Arc<Context<State>>, shutdown: impl Future<Output = ()> + 
 
     let config = injection::Config {
         excluded_namespaces: vec!["kube-system".into(), own_namespace],
-        ..Default::default()
     };
     let mut reporter = Reporter::default();
     let shutdown = futures::FutureExt::fuse(shutdown);
