@@ -7,13 +7,12 @@
 
 use super::{
     super::{
-        Ctx, engine, fault,
+        Ctx, Job, engine, fault,
         leases::{Current, Issuing, Record},
         outcome::{Failure, Write},
         reasons,
         schedule::Lease,
         target, template,
-        validate::Validated,
     },
     revoke, store,
 };
@@ -26,27 +25,23 @@ use kube::{Api, ResourceExt, runtime::events::EventType};
 /// before the engine is asked, so that if this process stops before the lease id is
 /// recorded, whoever comes next revokes that token and with it the lease
 /// (`leases::Issuing`). Returns the record's Secret as stored, and the write.
-#[allow(clippy::too_many_arguments)]
 pub async fn replace(
-    obj: &SecretSync,
-    ctx: &Ctx,
-    v: &Validated,
-    secrets: &Api<Secret>,
-    target: Option<&Secret>,
+    job: &Job<'_>,
     record: &mut Record,
     mut stored: Option<Secret>,
     fingerprint: &str,
     why: &str,
 ) -> Result<(Option<Secret>, Write), Failure> {
-    let uid = obj.uid().unwrap_or_default();
+    let uid = job.obj.uid().unwrap_or_default();
     // A login of its own for this issue, put on record (sealed) before the engine is
     // asked: if this process stops before the lease id is recorded, whoever comes
     // next revokes that token and with it the lease (leases::Issuing).
-    ctx.drop_token(obj);
-    let token = ctx.token_info(obj).await?;
+    job.ctx.drop_token(job.obj);
+    let token = job.ctx.token_info(job.obj).await?;
     // Whether that token may revoke itself: only then does a later refusal of
     // revoke-self mean that it is gone (leases::Issuing::revocable).
-    let revocable = ctx
+    let revocable = job
+        .ctx
         .state
         .engine
         .can_revoke_self(&token.token)
@@ -60,37 +55,37 @@ pub async fn replace(
         );
     }
     record.issuing = Some(Issuing {
-        sealed_token: ctx.state.hmac.seal(&uid, token.token.as_bytes()),
+        sealed_token: job.ctx.state.hmac.seal(&uid, token.token.as_bytes()),
         since: Timestamp::now(),
         revocable,
         token_expires_at: Some(token.expires_at),
         revoking: false,
     });
-    stored = Some(store::save(secrets, obj, record, stored).await?);
+    stored = Some(store::save(job.secrets, job.obj, record, stored).await?);
     fault::point("intent").await;
     // A leader paused past its term must not issue when it thaws; the successor has
     // the intent (and revokes the token) if this check passes just too early.
-    if ctx.leadership.ensure().is_err() {
+    if job.ctx.leadership.ensure().is_err() {
         return Err(Failure::transient(
             reasons::KUBERNETES_ERROR,
             "no longer the leader: not issuing",
         ));
     }
-    let issued = issue(obj, ctx, v.kind, &token.token).await?;
-    tracing::info!(kind = ?v.kind, leased = issued.lease_id.is_some(), "Issued a credential");
+    let issued = issue(job.obj, job.ctx, job.v.kind, &token.token).await?;
+    tracing::info!(kind = ?job.v.kind, leased = issued.lease_id.is_some(), "Issued a credential");
     fault::point("issued").await;
     let issued_at = Timestamp::now();
-    let data = match template::render(v.templates.as_ref(), &issued.fields) {
+    let data = match template::render(job.v.templates.as_ref(), &issued.fields) {
         Ok(data) => data,
         Err(error) => {
             // Never delivered: revoke it at once.
             if let Some(id) = &issued.lease_id {
-                revoke::lease(obj, ctx, id).await;
+                revoke::lease(job.obj, job.ctx, id).await;
             }
             return Err(Failure::permanent(reasons::INVALID_SPEC, error.to_string()));
         }
     };
-    let hmac = ctx.state.hmac.digest(&data);
+    let hmac = job.ctx.state.hmac.digest(&data);
     let lease = Lease::issued(issued_at, issued.ttl, issued.renewable);
     let first = record.current.is_none();
     record.fingerprint = fingerprint.to_owned();
@@ -105,42 +100,51 @@ pub async fn replace(
     // claimed the intent meanwhile (before it revokes this token) makes it fail.
     record.issuing = None;
     // The lease id is on record before the credential is used anywhere.
-    match store::save(secrets, obj, record, stored).await {
+    match store::save(job.secrets, job.obj, record, stored).await {
         Ok(s) => stored = Some(s),
         Err(failure) => {
-            abandon_issue(obj, ctx, &token.token, revocable, issued.lease_id.as_deref()).await;
+            abandon_issue(
+                job.obj,
+                job.ctx,
+                &token.token,
+                revocable,
+                issued.lease_id.as_deref(),
+            )
+            .await;
             return Err(failure);
         }
     }
     if issued.lease_id.is_some() {
-        ctx.state.issuers.lock().insert(uid.clone(), token.generation);
+        job.ctx.state.issuers.lock().insert(uid.clone(), token.generation);
     } else {
-        ctx.state.issuers.lock().remove(&uid);
+        job.ctx.state.issuers.lock().remove(&uid);
     }
-    ctx.state.delivered.lock().insert(
+    job.ctx.state.delivered.lock().insert(
         uid.clone(),
         (issued.lease_id.clone().unwrap_or_default(), data.clone()),
     );
-    target::write(secrets, obj, target, &data).await?;
-    ctx.metrics()
+    target::write(job.secrets, job.obj, job.target.as_ref(), &data).await?;
+    job.ctx
+        .metrics()
         .propagation
         .observe(Timestamp::now().duration_since(issued_at).as_secs_f64().max(0.0));
     if restart_now {
-        ctx.restart_all(obj).await;
+        job.ctx.restart_all(job.obj).await;
     }
     let write = if first { Write::Created } else { Write::Rotated };
-    ctx.event(
-        obj,
-        EventType::Normal,
-        if first { reasons::SYNCED } else { reasons::ROTATED },
-        "Issue",
-        format!(
-            "Wrote a new credential to Secret {} ({why}); valid until {}",
-            obj.spec.target.name,
-            lease.expires_at()
-        ),
-    )
-    .await;
+    job.ctx
+        .event(
+            job.obj,
+            EventType::Normal,
+            if first { reasons::SYNCED } else { reasons::ROTATED },
+            "Issue",
+            format!(
+                "Wrote a new credential to Secret {} ({why}); valid until {}",
+                job.obj.spec.target.name,
+                lease.expires_at()
+            ),
+        )
+        .await;
     Ok((stored, write))
 }
 

@@ -33,7 +33,7 @@ pub async fn sync(job: Job<'_>) -> Result<Synced, Failure> {
         v,
         secrets,
         target,
-    } = job;
+    } = &job;
     let uid = obj.uid().unwrap_or_default();
     let (mut record, mut stored) = store::read(secrets, obj).await?;
     // An issue that stopped before its lease was recorded (the controller was killed,
@@ -109,18 +109,7 @@ pub async fn sync(job: Job<'_>) -> Result<Synced, Failure> {
         }
     };
     if let Some(why) = replace {
-        let (s, write) = intent::replace(
-            obj,
-            ctx,
-            v,
-            secrets,
-            target.as_ref(),
-            &mut record,
-            stored,
-            &fingerprint,
-            why,
-        )
-        .await?;
+        let (s, write) = intent::replace(&job, &mut record, stored, &fingerprint, why).await?;
         stored = s;
         wrote = Some(write);
     }
