@@ -6,23 +6,23 @@
 //! The path is a stack of tower layers, linkerd2-proxy's shape, composed once in
 //! [`stack`], each stage in a module named for it:
 //!
-//! | stage          | per         | does                                                    |
-//! |----------------|-------------|---------------------------------------------------------|
-//! | `tls`          | connection  | the mTLS handshake, its metrics                         |
-//! | `identity`     | connection  | the peer's SPIFFE ID; closes when it stops proving it (M12) |
-//! | `authorize_l4` | connection  | the connection decision, revocation, drain, the mux split |
-//! | `http`         | stream      | HTTP serving (or the tunnel, for a plain-TCP workload)  |
-//! | `authorize_l7` | request     | the request decision, 403/400, request metrics          |
-//! | `forward`      | request     | the request to the application                          |
+//! | stage          | per        | does                                                       |
+//! |----------------|------------|------------------------------------------------------------|
+//! | `tls`          | connection | the mTLS handshake, its metrics                            |
+//! | `identity`     | connection | the peer's SPIFFE ID; the close when it stops proving it (M12) |
+//! | `authorize_l4` | connection | the connection decision, revocation, drain, the mux split  |
+//! | `http`         | stream     | HTTP serving (or the tunnel, for a plain-TCP workload)     |
+//! | `authorize_l7` | request    | the request decision, 403/400, request metrics             |
+//! | `forward`      | request    | the request to the application                             |
 //!
 //! A connection whose source an intention change no longer allows is closed (mesh/README.md,
 //! Decisions), within the time the change takes to arrive. A connection carrying
 //! streams (`mux.rs`) is decided, and closed, as one: its streams share its source; each
 //! stream is served as a connection of its own would be.
 //!
-//! Cost: the connection stages run once per mesh connection (their futures are boxed);
-//! the request stages are generic over each other, so a request goes through them with
-//! static dispatch and no allocation of theirs.
+//! Cost: a connection stage runs once per mesh connection or stream, its future boxed
+//! ([`Stage`]); the request stages are generic over each other, so a request goes
+//! through them with static dispatch and no allocation of theirs.
 
 mod authorize_l4;
 mod authorize_l7;
