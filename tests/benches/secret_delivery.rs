@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const AUDIENCE: &str = "capstan-engine";
+const AUDIENCE: &str = capstan_contract::ENGINE_AUDIENCE;
 const TARGET: Duration = Duration::from_secs(1);
 
 fn changes() -> usize {

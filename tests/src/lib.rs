@@ -962,7 +962,13 @@ pub async fn ensure_mesh_roots(client: &Client) -> Result<()> {
             name: Some(WEBHOOK_ROOTS_CONFIGMAP.into()),
             ..Default::default()
         },
-        data: Some([("roots.pem".to_owned(), std::fs::read_to_string(&cert)?)].into()),
+        data: Some(
+            [(
+                capstan_contract::ROOTS_KEY.to_owned(),
+                std::fs::read_to_string(&cert)?,
+            )]
+            .into(),
+        ),
         ..Default::default()
     };
     match api.create(&PostParams::default(), &configmap).await {
