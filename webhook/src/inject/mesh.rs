@@ -145,35 +145,37 @@ fn container_refusals(
     (pod_uid, pod_gid): (Option<i64>, Option<i64>),
     refusals: &mut Vec<Refusal>,
 ) {
-    match (sc.and_then(|sc| sc.run_as_user), pod_uid) {
-        (Some(PROXY_UID), _) => refusals.push(Refusal::new(
-            format!("{at}.securityContext.runAsUser"),
-            format!(
-                "container {name:?} runs as UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID"
-            ),
-        )),
-        (None, Some(PROXY_UID)) => refusals.push(Refusal::new(
-            "spec.securityContext.runAsUser",
-            format!(
-                "container {name:?} inherits UID {PROXY_UID}, which is reserved for the mesh proxy; use another UID"
-            ),
-        )),
-        _ => {}
-    }
-    match (sc.and_then(|sc| sc.run_as_group), pod_gid) {
-        (Some(PROXY_GID), _) => refusals.push(Refusal::new(
-            format!("{at}.securityContext.runAsGroup"),
-            format!(
-                "container {name:?} runs as GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID"
-            ),
-        )),
-        (None, Some(PROXY_GID)) => refusals.push(Refusal::new(
-            "spec.securityContext.runAsGroup",
-            format!(
-                "container {name:?} inherits GID {PROXY_GID}, the mesh proxy's group, whose traffic is never redirected through the proxy; use another GID"
-            ),
-        )),
-        _ => {}
+    // The proxy's UID and GID, the container's own or inherited from the pod.
+    let reserved = [
+        (
+            "runAsUser",
+            "UID",
+            PROXY_UID,
+            sc.and_then(|sc| sc.run_as_user),
+            pod_uid,
+            "which is reserved for the mesh proxy",
+        ),
+        (
+            "runAsGroup",
+            "GID",
+            PROXY_GID,
+            sc.and_then(|sc| sc.run_as_group),
+            pod_gid,
+            "the mesh proxy's group, whose traffic is never redirected through the proxy",
+        ),
+    ];
+    for (field, kind, id, own, inherited, why) in reserved {
+        let (set_at, verb) = match (own, inherited) {
+            (Some(own), _) if own == id => (format!("{at}.securityContext.{field}"), "runs as"),
+            (None, Some(inherited)) if inherited == id => {
+                (format!("spec.securityContext.{field}"), "inherits")
+            }
+            _ => continue,
+        };
+        refusals.push(Refusal::new(
+            set_at,
+            format!("container {name:?} {verb} {kind} {id}, {why}; use another {kind}"),
+        ));
     }
     if sc.and_then(|sc| sc.privileged) == Some(true) {
         refusals.push(Refusal::new(
