@@ -115,6 +115,19 @@ fn client(server: &Server, roots_pem: &str, options: Options) -> Client {
     .unwrap()
 }
 
+/// Up to `attempts` attempts, 10 ms apart, after connection failures and, if
+/// `unavailable`, after a 503.
+fn retrying(attempts: u32, unavailable: bool) -> Options {
+    Options {
+        retry: Retry {
+            attempts,
+            backoff: Duration::from_millis(10),
+            unavailable,
+        },
+        ..Options::default()
+    }
+}
+
 #[tokio::test]
 async fn error_bodies_become_typed_errors_without_the_token() {
     let pki = pki();
@@ -215,15 +228,7 @@ async fn a_dropped_connection_is_retried_only_when_the_policy_says_so() {
     assert!(matches!(error, Error::Connect { .. }), "{error}");
 
     let server = serve(pki.server.clone(), 2, fixed(200, r#"{"ok": true}"#)).await;
-    let options = Options {
-        retry: Retry {
-            attempts: 3,
-            backoff: Duration::from_millis(10),
-            unavailable: false,
-        },
-        ..Options::default()
-    };
-    let body = client(&server, &pki.ca_pem, options)
+    let body = client(&server, &pki.ca_pem, retrying(3, false))
         .call(Method::POST, "sys/thing", None, None)
         .await
         .unwrap();
@@ -236,30 +241,28 @@ async fn unavailable_is_retried_only_when_the_policy_says_so() {
     let pki = pki();
     let calls = Arc::new(AtomicUsize::new(0));
     let count = calls.clone();
-    let sealed_once: Handler = Arc::new(move |_| {
-        let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+    let sealed_twice: Handler = Arc::new(move |_| {
+        let sealed = count.fetch_add(1, Ordering::SeqCst) < 2;
         Box::pin(async move {
-            if first {
+            if sealed {
                 answer(503, r#"{"errors": ["Vault is sealed"]}"#)
             } else {
                 answer(200, "{}")
             }
         })
     });
-    let server = serve(pki.server.clone(), 0, sealed_once).await;
-    let options = Options {
-        retry: Retry {
-            attempts: 2,
-            backoff: Duration::from_millis(10),
-            unavailable: true,
-        },
-        ..Options::default()
-    };
-    client(&server, &pki.ca_pem, options)
+    let server = serve(pki.server.clone(), 0, sealed_twice).await;
+    let error = client(&server, &pki.ca_pem, retrying(3, false))
+        .call(Method::GET, "sys/thing", None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{error}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    client(&server, &pki.ca_pem, retrying(3, true))
         .call(Method::GET, "sys/thing", None, None)
         .await
         .unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
@@ -336,4 +339,45 @@ fn only_https_urls() {
     )
     .unwrap();
     assert_eq!(client.url(), "https://capstan-engine.capstan-system.svc:8200");
+}
+
+#[tokio::test]
+async fn typed_calls_authenticate_as_each_api_expects() {
+    let pki = pki();
+    let routes: Handler = Arc::new(|request| {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (bearer, token) = (header("authorization"), header("x-vault-token"));
+        let path = request.uri().path().to_owned();
+        Box::pin(async move {
+            match (path.as_str(), bearer.as_deref(), token.as_deref()) {
+                ("/v1/mesh/sign", Some("Bearer sa-token"), None) => answer(
+                    200,
+                    r#"{"certificate": "C", "roots": ["R"], "spiffe_id": "spiffe://x/ns/a/sa/b", "not_after": "T"}"#,
+                ),
+                ("/v1/mesh/roots", None, None) => answer(200, r#"{"roots": ["R1", "R2"]}"#),
+                ("/v1/auth/token/renew-self", None, Some("hvs.token")) => {
+                    answer(200, r#"{"auth": {"lease_duration": 60, "renewable": true}}"#)
+                }
+                _ => answer(403, r#"{"errors": ["permission denied"]}"#),
+            }
+        })
+    });
+    let server = serve(pki.server.clone(), 0, routes).await;
+    let client = client(&server, &pki.ca_pem, Options::default());
+    let signed = client.mesh_sign("sa-token", "CSR").await.unwrap();
+    assert_eq!((signed.certificate.as_str(), signed.chain.len()), ("C", 0));
+    assert_eq!(client.mesh_roots().await.unwrap().roots, ["R1", "R2"]);
+    let renewed = client
+        .renew_self("hvs.token", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(renewed.ttl, Duration::from_secs(60));
+    let refused = client.mesh_sign("other", "CSR").await.err().unwrap();
+    assert_eq!(refused.status(), Some(StatusCode::FORBIDDEN));
 }
