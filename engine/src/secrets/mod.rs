@@ -5,4 +5,5 @@
 pub mod database;
 pub mod kv;
 pub mod lease;
+pub mod named;
 pub mod pki;

@@ -7,6 +7,7 @@
 
 use crate::{
     mesh_ca::signing::{is_dns_name, pem_of, random_serial},
+    secrets::named::Named,
     store::logical::{Logical, LogicalError},
     store::storage::Precondition,
 };
@@ -141,6 +142,7 @@ struct Loaded {
 pub struct Pki {
     logical: Logical,
     mount: String,
+    roles: Named,
     loaded: Arc<RwLock<Option<Loaded>>>,
 }
 
@@ -158,9 +160,11 @@ fn serial_hex(der: &[u8]) -> String {
 
 impl Pki {
     pub fn new(logical: Logical, mount: &str) -> Self {
+        let mount = mount.trim_end_matches('/').to_owned();
         Self {
+            roles: Named::new(logical.clone(), &mount, "role"),
             logical,
-            mount: mount.trim_end_matches('/').to_owned(),
+            mount,
             loaded: Arc::default(),
         }
     }
@@ -171,10 +175,6 @@ impl Pki {
 
     fn ca_path(&self) -> String {
         format!("logical/{}/ca", self.mount)
-    }
-
-    fn role_path(&self, name: &str) -> String {
-        format!("logical/{}/role/{name}", self.mount)
     }
 
     /// Generates the mount's root (once). Returns its certificate.
@@ -255,14 +255,7 @@ impl Pki {
     }
 
     pub async fn role(&self, name: &str) -> Result<Option<Role>, PkiError> {
-        if !crate::store::storage::valid_name(name) {
-            return Ok(None);
-        }
-        Ok(self
-            .logical
-            .get::<Role>(&self.role_path(name))
-            .await?
-            .map(|v| v.value))
+        Ok(self.roles.get::<Role>(name).await?.map(|v| v.value))
     }
 
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), PkiError> {
@@ -277,26 +270,16 @@ impl Pki {
         if role.max_ttl > 0 && role.ttl > role.max_ttl {
             return Err(PkiError::Invalid("ttl cannot be greater than max_ttl".into()));
         }
-        self.logical
-            .put(&self.role_path(name), &role, Precondition::None)
-            .await?;
+        self.roles.put(name, &role).await?;
         Ok(())
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), PkiError> {
-        if crate::store::storage::valid_name(name) {
-            self.logical
-                .delete(&self.role_path(name), Precondition::None)
-                .await?;
-        }
-        Ok(())
+        Ok(self.roles.delete(name).await?)
     }
 
     pub async fn list_roles(&self) -> Result<Vec<String>, PkiError> {
-        Ok(self
-            .logical
-            .list(&format!("logical/{}/role/", self.mount))
-            .await?)
+        Ok(self.roles.list().await?)
     }
 
     /// A new key and a certificate for `common_name` (+ `alt_names`, `ip_sans`) under

@@ -5,6 +5,7 @@
 //! revocation.
 
 use crate::{
+    secrets::named::Named,
     store::logical::{Logical, LogicalError},
     store::storage::Precondition,
 };
@@ -119,6 +120,8 @@ type Clients = Arc<Mutex<HashMap<String, (u64, Arc<tokio_postgres::Client>)>>>;
 pub struct Database {
     logical: Logical,
     mount: String,
+    connections: Named,
+    roles: Named,
     clients: Clients,
 }
 
@@ -146,9 +149,12 @@ fn render(statement: &str, name: &str, password: &str, expiration: &str) -> Stri
 
 impl Database {
     pub fn new(logical: Logical, mount: &str) -> Self {
+        let mount = mount.trim_end_matches('/').to_owned();
         Self {
+            connections: Named::new(logical.clone(), &mount, "config"),
+            roles: Named::new(logical.clone(), &mount, "role"),
             logical,
-            mount: mount.trim_end_matches('/').to_owned(),
+            mount,
             clients: Arc::default(),
         }
     }
@@ -157,21 +163,10 @@ impl Database {
         &self.mount
     }
 
-    fn config_path(&self, name: &str) -> String {
-        format!("logical/{}/config/{name}", self.mount)
-    }
-
-    fn role_path(&self, name: &str) -> String {
-        format!("logical/{}/role/{name}", self.mount)
-    }
-
     pub async fn connection(&self, name: &str) -> Result<Option<(Connection, u64)>, DatabaseError> {
-        if !crate::store::storage::valid_name(name) {
-            return Ok(None);
-        }
         Ok(self
-            .logical
-            .get::<Connection>(&self.config_path(name))
+            .connections
+            .get::<Connection>(name)
             .await?
             .map(|v| (v.value, v.version)))
     }
@@ -211,39 +206,23 @@ impl Database {
         } else {
             config_for(&connection, &connection.password)?.1.connector()?;
         }
-        self.logical
-            .put(&self.config_path(name), &connection, Precondition::None)
-            .await?;
+        self.connections.put(name, &connection).await?;
         self.clients.lock().remove(name);
         Ok(())
     }
 
     pub async fn delete_connection(&self, name: &str) -> Result<(), DatabaseError> {
-        if crate::store::storage::valid_name(name) {
-            self.logical
-                .delete(&self.config_path(name), Precondition::None)
-                .await?;
-            self.clients.lock().remove(name);
-        }
+        self.connections.delete(name).await?;
+        self.clients.lock().remove(name);
         Ok(())
     }
 
     pub async fn list_connections(&self) -> Result<Vec<String>, DatabaseError> {
-        Ok(self
-            .logical
-            .list(&format!("logical/{}/config/", self.mount))
-            .await?)
+        Ok(self.connections.list().await?)
     }
 
     pub async fn role(&self, name: &str) -> Result<Option<Role>, DatabaseError> {
-        if !crate::store::storage::valid_name(name) {
-            return Ok(None);
-        }
-        Ok(self
-            .logical
-            .get::<Role>(&self.role_path(name))
-            .await?
-            .map(|v| v.value))
+        Ok(self.roles.get::<Role>(name).await?.map(|v| v.value))
     }
 
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), DatabaseError> {
@@ -261,26 +240,16 @@ impl Database {
                 "default_ttl cannot be greater than max_ttl".into(),
             ));
         }
-        self.logical
-            .put(&self.role_path(name), &role, Precondition::None)
-            .await?;
+        self.roles.put(name, &role).await?;
         Ok(())
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), DatabaseError> {
-        if crate::store::storage::valid_name(name) {
-            self.logical
-                .delete(&self.role_path(name), Precondition::None)
-                .await?;
-        }
-        Ok(())
+        Ok(self.roles.delete(name).await?)
     }
 
     pub async fn list_roles(&self) -> Result<Vec<String>, DatabaseError> {
-        Ok(self
-            .logical
-            .list(&format!("logical/{}/role/", self.mount))
-            .await?)
+        Ok(self.roles.list().await?)
     }
 
     /// A client for connection `name` (cached per stored version of the connection).
@@ -422,7 +391,7 @@ impl Database {
         let version = self
             .logical
             .put(
-                &self.config_path(name),
+                &self.connections.path(name),
                 &connection,
                 Precondition::Version(version),
             )
@@ -445,7 +414,7 @@ impl Database {
         connection.pending_password = None;
         self.logical
             .put(
-                &self.config_path(name),
+                &self.connections.path(name),
                 &connection,
                 Precondition::Version(version),
             )
