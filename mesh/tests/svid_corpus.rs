@@ -939,7 +939,7 @@ fn rejections_say_why() {
     );
 }
 
-/// The engine's leaves (engine/src/ca.rs) carry both EKUs, so one certificate serves a
+/// The engine's leaves (engine/src/mesh_ca/signing.rs) carry both EKUs, so one certificate serves a
 /// sidecar as client and as server.
 #[test]
 fn an_engine_shaped_leaf_serves_both_roles() {

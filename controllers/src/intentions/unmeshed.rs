@@ -17,7 +17,7 @@ use capstan_crds::{
 };
 use capstan_mesh::{
     in_force as conflicts,
-    selection::{self as injection, Wanted},
+    selection::{self, Wanted},
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -72,7 +72,7 @@ pub struct Unmeshed {
 pub fn find<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     labels_of: impl Fn(&str) -> Option<BTreeMap<String, String>>,
-    config: &injection::Config,
+    config: &selection::Config,
 ) -> Vec<Unmeshed> {
     let mut found = Vec::new();
     for pod in pods {
@@ -84,8 +84,8 @@ pub fn find<'a>(
         let Some(labels) = labels_of(&namespace) else {
             continue;
         };
-        let wanted = injection::wanted(&namespace, &labels, pod.annotations(), config);
-        if matches!(wanted, Wanted::No(_)) || injection::is_injected(pod) {
+        let wanted = selection::wanted(&namespace, &labels, pod.annotations(), config);
+        if matches!(wanted, Wanted::No(_)) || selection::is_injected(pod) {
             continue;
         }
         found.push(Unmeshed {
@@ -161,7 +161,7 @@ pub async fn run(ctx: Arc<Context<State>>, shutdown: impl Future<Output = ()> + 
     .map(|_| ());
     let mut changes = futures::stream::select(pod_events.boxed(), ns_events.boxed());
 
-    let config = injection::Config {
+    let config = selection::Config {
         excluded_namespaces: vec!["kube-system".into(), own_namespace],
     };
     let mut reporter = Reporter::default();
@@ -354,7 +354,7 @@ mod tests {
         phase: &str,
     ) -> Pod {
         let init = if injected {
-            json!([{"name": injection::PROXY_CONTAINER, "restartPolicy": "Always"}])
+            json!([{"name": selection::PROXY_CONTAINER, "restartPolicy": "Always"}])
         } else {
             json!([])
         };
@@ -411,7 +411,7 @@ mod tests {
             "plain" | "kube-system" => Some(BTreeMap::new()),
             _ => None,
         };
-        let found = find(pods.iter(), labels, &injection::Config::default());
+        let found = find(pods.iter(), labels, &selection::Config::default());
         let names: Vec<_> = found.iter().map(|p| (p.name.as_str(), p.by_namespace)).collect();
         assert_eq!(names, [("x-1", false), ("api-1", true)]);
         assert_eq!(

@@ -1,5 +1,5 @@
 //! A small test PKI built with rcgen: roots, intermediates and leaves shaped like the
-//! engine's (engine/src/ca.rs), and every way of getting them wrong.
+//! engine's (engine/src/mesh_ca/signing.rs), and every way of getting them wrong.
 #![allow(dead_code)]
 
 use rcgen::{

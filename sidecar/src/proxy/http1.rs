@@ -1,5 +1,5 @@
-//! hyper's HTTP/1 client connections as the proxy keeps them (to the application, to the
-//! mesh CA): opened with their driver running in a task of its own, and sent on as
+//! hyper's HTTP/1 client connections as the proxy keeps them to the application (the mesh
+//! CA is reached through capstan-engine-client's pool): opened with their driver running in a task of its own, and sent on as
 //! hyper-util's pool does: a connection kept from an earlier request may have been closed
 //! by the other side meanwhile, so a request that was never written goes once more on a
 //! new connection. A request that failed after it was written is not repeated.
