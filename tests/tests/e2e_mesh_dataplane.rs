@@ -410,7 +410,7 @@ async fn l7_rules_decide_requests_and_changes_apply_live() -> Result<()> {
     Ok(())
 }
 
-/// DESIGN.md decision 2 (M10): an established TCP connection is closed when its
+/// Decision 2 (docs/scenarios.md, Decisions; M10): an established TCP connection is closed when its
 /// intention flips to deny, and new ones are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn established_connections_close_when_the_intention_flips_to_deny() -> Result<()> {
