@@ -21,9 +21,9 @@ pub struct InitArgs {
     /// the pod does not set) would otherwise leave the pod unproxied.
     #[arg(long, env = "CAPSTAN_PROXY_GID", default_value_t = 1338)]
     pub proxy_gid: u32,
-    #[arg(long, env = "CAPSTAN_INBOUND_PORT", default_value_t = 20000)]
+    #[arg(long, env = capstan_contract::env::proxy::INBOUND_PORT, default_value_t = 20000)]
     pub inbound_port: u16,
-    #[arg(long, env = "CAPSTAN_OUTBOUND_PORT", default_value_t = 15001)]
+    #[arg(long, env = capstan_contract::env::proxy::OUTBOUND_PORT, default_value_t = 15001)]
     pub outbound_port: u16,
     /// Inbound ports left alone (the admin port, so kubelet probes reach it).
     #[arg(
