@@ -246,7 +246,7 @@ fn check(raw: Raw) -> Result<Call, ApiError> {
     // mount's routes, and a client without a usable token (or without access to the
     // path) gets the 403 a path under no mount gets, so it cannot probe for mounts. The
     // handler runs only on a resolved name, the one resolved before the ACL (V20).
-    let resolved = route::resolve(&names, &path, operation).map(|resolved| resolved.name.map(str::to_owned));
+    let resolved = route::resolve(found, &path, operation).map(|name| name.map(str::to_owned));
     let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {

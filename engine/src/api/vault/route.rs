@@ -9,10 +9,7 @@
 //! `check_path` (in `pipeline.rs`) has already refused `.`, `..`, empty segments,
 //! percent-encoding, backslashes and control characters everywhere.
 
-use super::{
-    ApiError, Operation,
-    mounts::{Mount, Names},
-};
+use super::{ApiError, Operation, mounts::Mount};
 
 /// What follows a route's prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,22 +26,17 @@ pub enum Tail {
     Lookup,
 }
 
-/// A path resolved: the part after the mount (`rest`, e.g. `policies/acl/app`), and the
-/// name or key it names, if its route takes one (`app`). A LIST keeps its trailing slash
-/// in both.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Resolved<'a> {
-    pub rest: &'a str,
-    pub name: Option<&'a str>,
-}
-
-/// Resolves `path` for `operation`, or refuses it (400) when it is not canonical.
-pub fn resolve<'a>(names: &Names<'_>, path: &'a str, operation: Operation) -> Result<Resolved<'a>, ApiError> {
-    let Some((mount, rest)) = Mount::find(names, path) else {
-        return Ok(Resolved {
-            rest: path,
-            name: None,
-        });
+/// Resolves `path` for `operation`, or refuses it (400) when it is not canonical: the
+/// name or key it names, if its route takes one (`sys/policies/acl/app` names `app`; a
+/// LIST keeps its trailing slash). `found` is the mount `path` is under and the part of
+/// `path` below it (`Mount::find`, which the caller has already asked).
+pub fn resolve<'a>(
+    found: Option<(Mount, &'a str)>,
+    path: &str,
+    operation: Operation,
+) -> Result<Option<&'a str>, ApiError> {
+    let Some((mount, rest)) = found else {
+        return Ok(None);
     };
     let refuse = |why: &str| {
         Err(ApiError::bad_request(format!(
@@ -65,7 +57,7 @@ pub fn resolve<'a>(names: &Names<'_>, path: &'a str, operation: Operation) -> Re
         if bare.is_empty() {
             // The collection itself (`LIST sys/policies/acl/`).
             if list {
-                return Ok(Resolved { rest, name: None });
+                return Ok(None);
             }
             return refuse("the name is missing");
         }
@@ -90,17 +82,15 @@ pub fn resolve<'a>(names: &Names<'_>, path: &'a str, operation: Operation) -> Re
             // check_path has refused empty, `.` and `..` segments.
             Tail::Path | Tail::Lookup => {}
         }
-        return Ok(Resolved {
-            rest,
-            name: Some(after),
-        });
+        return Ok(Some(after));
     }
-    Ok(Resolved { rest, name: None })
+    Ok(None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::vault::mounts::Names;
 
     const MOUNTS: Names<'static> = Names {
         database: "database",
@@ -109,9 +99,7 @@ mod tests {
     };
 
     fn name(path: &str, op: Operation) -> Result<Option<&str>, u16> {
-        resolve(&MOUNTS, path, op)
-            .map(|r| r.name)
-            .map_err(|e| e.status.as_u16())
+        resolve(Mount::find(&MOUNTS, path), path, op).map_err(|e| e.status.as_u16())
     }
 
     #[test]
