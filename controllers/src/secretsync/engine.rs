@@ -23,6 +23,9 @@ use serde_json::{Map, Value};
 use std::time::Duration;
 
 pub use capstan_contract::ROOTS_KEY;
+/// The client's own answers, as the reconciler reads them (a login's token, a renewal's
+/// new TTL): nothing to convert.
+pub use capstan_engine_client::{Login, Renewed};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -110,13 +113,6 @@ pub struct Engine {
     roots_configmap: String,
 }
 
-/// A login's token (never logged: no Debug).
-pub struct Login {
-    pub token: String,
-    pub ttl: Duration,
-    pub renewable: bool,
-}
-
 /// A credential the engine issued, with its lease.
 pub struct Issued {
     pub lease_id: Option<String>,
@@ -130,11 +126,6 @@ pub struct KvEntry {
     pub version: i64,
     /// When this version was written (the engine's clock), for the propagation metric.
     pub created: Option<k8s_openapi::jiff::Timestamp>,
-}
-
-pub struct Renewed {
-    pub ttl: Duration,
-    pub renewable: bool,
 }
 
 impl Engine {
@@ -181,29 +172,18 @@ impl Engine {
     }
 
     pub async fn login(&self, role: &str, jwt: &str) -> Result<Login, Error> {
-        let login = self
-            .client
+        self.client
             .login("kubernetes", role, jwt)
             .await
-            .map_err(|e| self.error(e))?;
-        Ok(Login {
-            token: login.token,
-            ttl: login.ttl,
-            renewable: login.renewable,
-        })
+            .map_err(|e| self.error(e))
     }
 
     /// Extends the token itself (`auth/token/renew-self`): the leases it issued end with it.
     pub async fn renew_self(&self, token: &str, increment: Duration) -> Result<Renewed, Error> {
-        let renewed = self
-            .client
+        self.client
             .renew_self(token, increment)
             .await
-            .map_err(|e| self.error(e))?;
-        Ok(Renewed {
-            ttl: renewed.ttl,
-            renewable: renewed.renewable,
-        })
+            .map_err(|e| self.error(e))
     }
 
     /// Revokes the token itself (`auth/token/revoke-self`, in every token's default
@@ -271,15 +251,10 @@ impl Engine {
     }
 
     pub async fn renew(&self, token: &str, lease_id: &str, increment: Duration) -> Result<Renewed, Error> {
-        let renewed = self
-            .client
+        self.client
             .renew_lease(token, lease_id, increment)
             .await
-            .map_err(|e| self.error(e))?;
-        Ok(Renewed {
-            ttl: renewed.ttl,
-            renewable: renewed.renewable,
-        })
+            .map_err(|e| self.error(e))
     }
 
     pub async fn revoke(&self, token: &str, lease_id: &str) -> Result<(), Error> {
