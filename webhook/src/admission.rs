@@ -179,9 +179,9 @@ async fn mutate(state: &Arc<AppState>, body: &[u8], enforced: bool) -> Reply {
 
     // The mutation's own time (decision + patch) is measured without the reads around it.
     let started = Instant::now();
-    let asked = pod.metadata.annotations.clone().unwrap_or_default();
-    let wanted = selection::wanted(&namespace, &namespace_labels, &asked, &state.config.selection);
-    let agent_wanted = agent::wanted(&namespace, &namespace_labels, &asked, &state.config);
+    let asked = inject::annotations(pod);
+    let wanted = selection::wanted(&namespace, &namespace_labels, asked, &state.config.selection);
+    let agent_wanted = agent::wanted(&namespace, &namespace_labels, asked, &state.config);
     let deciding = started.elapsed();
     if let (Wanted::No(skip), false) = (wanted, agent_wanted) {
         state.metrics.request(MUTATE_PODS, "skipped");

@@ -217,8 +217,7 @@ pub fn is_injected(pod: &Pod) -> bool {
 /// it cannot have it. `ca_bundle` is the PEM of the mesh roots the engine's certificate
 /// chains to. Call only for pods `wanted` selects.
 pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Option<Vec<Value>>, Vec<Refusal>> {
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let wanted = parse(&annotations)?;
+    let wanted = parse(super::annotations(pod))?;
     let Some(spec) = &pod.spec else {
         return Err(vec![Refusal {
             field: "spec".into(),

@@ -93,7 +93,7 @@ pub fn refusals(pod: &Pod, config: &Config) -> Vec<Refusal> {
             );
         }
     }
-    let asked = pod.metadata.annotations.clone().unwrap_or_default();
+    let asked = super::annotations(pod);
     if let Some(upstreams) = asked.get(annotations::UPSTREAMS)
         && let Err(message) = parse_upstreams(upstreams)
     {
@@ -280,8 +280,8 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         return Ok(Injection::AlreadyInjected);
     }
     let spec = pod.spec.as_ref().expect("refusals() checked the spec");
-    let asked = pod.metadata.annotations.clone().unwrap_or_default();
-    let upstreams = asked.get(annotations::UPSTREAMS).cloned();
+    let asked = super::annotations(pod);
+    let upstreams = asked.get(annotations::UPSTREAMS).map(String::as_str);
     // Explicit upstreams mean the app dials the proxy itself: no outbound redirect. The
     // inbound redirect is in every meshed pod, or its ports would answer plain text.
     let redirect_outbound = upstreams.is_none();
@@ -324,7 +324,7 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Injection, 
         config,
         ca_bundle,
         app_port,
-        upstreams.as_deref(),
+        upstreams,
         redirect_outbound,
         &app_probes,
     );

@@ -21,6 +21,7 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 /// What the injectors put into pods; fixed for the life of the webhook process.
 #[derive(Clone, Debug)]
@@ -92,6 +93,13 @@ impl Refusal {
     pub fn annotation(key: &str, message: impl Into<String>) -> Self {
         Self::new(format!("metadata.annotations[{key}]"), message)
     }
+}
+
+/// A pod's annotations, borrowed (none: empty). The admission handler and both injectors
+/// read them; nothing needs its own copy.
+pub fn annotations(pod: &Pod) -> &BTreeMap<String, String> {
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
+    pod.metadata.annotations.as_ref().unwrap_or(&NONE)
 }
 
 /// Where the ServiceAccount admission plugin mounts the pod's API token.
