@@ -16,8 +16,9 @@
 //! when the change is a no-op.
 
 use crate::context::Context;
+use k8s_openapi::NamespaceResourceScope;
 use kube::{
-    Api, Resource,
+    Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -117,6 +118,48 @@ impl Writer {
             "metadata": { "name": name, "resourceVersion": resource_version },
             "status": self.owned(status),
         })
+    }
+
+    /// `update` of `obj`'s status, in its namespace.
+    pub async fn update_of<K, S>(
+        &self,
+        obj: &K,
+        ctx: &Context<S>,
+        change: impl Fn(&mut K::Status),
+    ) -> Result<Outcome<K::Status>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + HasStatus
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let api = Api::<K>::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+        self.update(&api, &obj.name_any(), ctx, change).await
+    }
+
+    /// `update_of`, except that a change that leaves the status `obj` was handed with
+    /// as it is (a poll that changed nothing) writes nothing and does not even read the
+    /// status again: the object the reconcile holds already says it all.
+    pub async fn update_of_unless_held<K, S>(
+        &self,
+        obj: &K,
+        ctx: &Context<S>,
+        change: impl Fn(&mut K::Status),
+    ) -> Result<Outcome<K::Status>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + HasStatus
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let mut predicted = obj.status().cloned().unwrap_or_default();
+        change(&mut predicted);
+        if obj.status() == Some(&predicted) {
+            return Ok(Outcome::Unchanged);
+        }
+        self.update_of(obj, ctx, change).await
     }
 
     /// Reads the status, applies `change` to it, and applies this writer's part of the

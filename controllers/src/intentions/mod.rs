@@ -22,7 +22,7 @@ use capstan_mesh::{
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Resource,
     api::ListParams,
     runtime::{
         Controller,
@@ -165,12 +165,10 @@ impl Reconcile for ServiceIntentions {
     async fn reconcile(&self, ctx: &Context<State>) -> Result<Action, Error> {
         let (ready, reason, message, conflicts) = verdict(self, ctx).await?;
         let generation = self.metadata.generation;
-        let api =
-            Api::<ServiceIntentions>::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
         let condition = conditions::new(READY, ready, reason, message.clone(), generation);
         let sources = i32::try_from(self.spec.sources.len()).unwrap_or(i32::MAX);
         let outcome = STATUS
-            .update(&api, &self.name_any(), ctx, |status| {
+            .update_of(self, ctx, |status| {
                 status.observed_generation = generation;
                 status.sources = Some(sources);
                 status.conflicts = conflicts.clone();

@@ -404,14 +404,8 @@ async fn report_synced(obj: &SecretSync, ctx: &Ctx, synced: &Synced) -> Result<(
         }
         conditions::upsert(&mut status.conditions, condition.clone());
     };
-    // A poll that changed nothing writes nothing, and does not even read the status
-    // again: the object this reconcile was handed already says it all.
-    let mut predicted = obj.status.clone().unwrap_or_default();
-    change(&mut predicted);
-    if obj.status.as_ref() != Some(&predicted) {
-        let api = Api::<SecretSync>::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-        STATUS.update(&api, &obj.name_any(), ctx, change).await?;
-    }
+    // A poll that changed nothing writes nothing, and does not even read the status.
+    STATUS.update_of_unless_held(obj, ctx, change).await?;
     Ok(())
 }
 
@@ -427,9 +421,8 @@ async fn report_failure(obj: &SecretSync, ctx: &Ctx, failure: &Failure) -> Resul
         failure.message.clone(),
         generation,
     );
-    let api = Api::<SecretSync>::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let outcome = STATUS
-        .update(&api, &obj.name_any(), ctx, |status| {
+        .update_of(obj, ctx, |status| {
             status.observed_generation = generation;
             conditions::upsert(&mut status.conditions, condition.clone());
         })
