@@ -45,7 +45,6 @@ where
         // a restart.
         let mode = shared.mode(self.app_port);
         async move {
-            let peer = Arc::new(peer);
             let (source, me) = (&peer.source, &shared.me);
             let decision = connection_decision(&shared.policy.borrow(), source, me, mode);
             let by = decision

@@ -21,7 +21,8 @@ use tower::{Service, ServiceExt as _};
 /// A connection whose peer is known: what the L4 authorization stage is given.
 pub struct Identified {
     pub tls: TlsStream<TcpStream>,
-    pub peer: Peer,
+    /// Shared, as it is made, by the stages after: its streams' and requests' source.
+    pub peer: Arc<Peer>,
 }
 
 /// The identity stage: `inner` serves the connection until the peer's chain stops
@@ -52,20 +53,20 @@ where
                 tracing::warn!(peer = %addr, "Refusing a connection whose verified certificate names no workload");
                 return;
             };
-            let peer = Peer {
+            let peer = Arc::new(Peer {
                 source_header: HeaderValue::from_str(&id.to_string()).ok(),
                 source: id.identity(),
-            };
-            let source = peer.source.clone();
+            });
             let chain: Vec<CertificateDer<'static>> = chain.iter().map(|c| c.clone().into_owned()).collect();
             let distrusted = trust_lost(shared.credentials.clone(), credentials, chain);
             tokio::select! {
-                _ = inner.oneshot(Identified { tls, peer }) => {}
+                _ = inner.oneshot(Identified { tls, peer: peer.clone() }) => {}
                 reason = distrusted => {
+                    let source = &peer.source;
                     shared
                         .metrics
                         .connections_closed_by_policy
-                        .get_or_create(&labels(&source, &shared.me, false, reason.clone()))
+                        .get_or_create(&labels(source, &shared.me, false, reason.clone()))
                         .inc();
                     tracing::info!(%source, destination = %shared.me, %reason, "Closing an established connection: its peer's certificate no longer proves its identity");
                 }
