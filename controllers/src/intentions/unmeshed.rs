@@ -11,10 +11,7 @@
 
 use super::State;
 use crate::{context::Context, metrics::NamespaceLabels, status::Writer};
-use capstan_crds::{
-    ServiceIntentions,
-    conditions::{self, ConditionStatus},
-};
+use capstan_crds::conditions::{self, ConditionStatus};
 use capstan_mesh::{
     in_force as conflicts,
     selection::{self, Wanted},
@@ -325,12 +322,7 @@ impl Reporter {
                 continue;
             }
             let condition = conditions::new(MESHED, status, reason, message, obj.metadata.generation);
-            let api = Api::<ServiceIntentions>::namespaced(
-                ctx.client.clone(),
-                &obj.namespace().unwrap_or_default(),
-            );
-            let name = obj.name_any();
-            let write = STATUS.update(&api, &name, ctx, |s| {
+            let write = STATUS.update_of(obj.as_ref(), ctx, |s| {
                 conditions::upsert(&mut s.conditions, condition.clone())
             });
             if let Err(error) = write.await {
