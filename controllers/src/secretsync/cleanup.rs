@@ -44,10 +44,9 @@ pub async fn run(obj: &SecretSync, ctx: &Ctx) -> Result<(), Error> {
                         .current
                         .filter(|c| c.id.as_ref().is_some_and(|id| left.contains(id)));
                     record.retiring.retain(|r| left.contains(&r.id));
-                    if let Ok(s) = store::save(&secrets, obj, &record, stored.take()).await {
-                        stored = Some(s);
-                    }
-                    let _ = stored;
+                    // Best effort: if this fails, the record still lists every lease, and
+                    // revoking one again is harmless (an unknown lease counts as gone).
+                    let _ = store::save(&secrets, obj, &record, stored).await;
                     return Err(Error::Cleanup(format!(
                         "{} lease(s) could not be revoked yet",
                         left.len()

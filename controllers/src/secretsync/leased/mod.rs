@@ -116,7 +116,7 @@ pub async fn sync(job: Job<'_>) -> Result<Synced, Failure> {
 
     // Retiring leases: restart the workloads once, revoke when they rolled out (or the
     // lease has ended anyway).
-    let (pending, _) = revoke::retire(obj, ctx, secrets, &mut record, stored).await?;
+    let pending = revoke::retire(obj, ctx, secrets, &mut record, stored).await?;
 
     let current = record.current.as_ref().expect("a current lease after issuing");
     let lease = plan::effective(&record).expect("a current lease after issuing");

@@ -48,15 +48,15 @@ pub async fn lease(obj: &SecretSync, ctx: &Ctx, lease_id: &str) -> bool {
 }
 
 /// Retires the replaced leases: restarts the workloads once, revokes each lease when
-/// they rolled out (or it has ended anyway). Returns how many still wait, and the
-/// record's Secret as stored.
+/// they rolled out (or it has ended anyway). Returns how many still wait. The last
+/// step of a sync: the record's Secret, once saved, is not needed again.
 pub async fn retire(
     obj: &SecretSync,
     ctx: &Ctx,
     secrets: &Api<Secret>,
     record: &mut Record,
-    mut stored: Option<Secret>,
-) -> Result<(usize, Option<Secret>), Failure> {
+    stored: Option<Secret>,
+) -> Result<usize, Failure> {
     let mut pending = 0;
     if !record.retiring.is_empty() {
         let deployments =
@@ -89,8 +89,8 @@ pub async fn retire(
         }
         record.retiring = keep;
         if changed {
-            stored = Some(store::save(secrets, obj, record, stored).await?);
+            store::save(secrets, obj, record, stored).await?;
         }
     }
-    Ok((pending, stored))
+    Ok(pending)
 }
