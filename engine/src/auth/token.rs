@@ -274,13 +274,24 @@ impl Tokens {
     /// which on a stored entry means unlimited: whether the token was limited is
     /// `Spent::limited`, never the returned count.
     pub async fn spend_use(&self, token: &str, entry: Arc<TokenEntry>) -> Result<Spent, TokenError> {
+        self.spend(&hash(token), entry).await
+    }
+
+    /// What every authenticated request does with the token it carries: `lookup`, then
+    /// `spend_use`, hashing the token once.
+    pub async fn authenticate(&self, token: &str) -> Result<Spent, TokenError> {
+        let id_hash = hash(token);
+        let entry = self.live(&id_hash).await?;
+        self.spend(&id_hash, entry).await
+    }
+
+    async fn spend(&self, id_hash: &str, entry: Arc<TokenEntry>) -> Result<Spent, TokenError> {
         if entry.num_uses == 0 {
             return Ok(Spent {
                 entry,
                 limited: false,
             });
         }
-        let id_hash = hash(token);
         let now = now();
         let mut served: Option<TokenEntry> = None;
         self.logical
@@ -302,7 +313,7 @@ impl Tokens {
             .await??;
         let served = served.ok_or(TokenError::Invalid)?;
         if served.num_uses == 0 {
-            self.revoke_hash(&id_hash).await?;
+            self.revoke_hash(id_hash).await?;
         }
         Ok(Spent {
             entry: Arc::new(served),

@@ -304,12 +304,9 @@ async fn authenticate(mut call: Call) -> Result<Call, ApiError> {
     request.token = call.presented.take();
     let looked_up = match &request.token {
         None => Err(TokenError::Invalid),
-        Some(token) => match engine.tokens.lookup(token).await {
-            // Every authenticated request spends a use of a limited-use token, allowed or
-            // denied, as in Vault.
-            Ok(entry) => engine.tokens.spend_use(token, entry).await,
-            Err(e) => Err(e),
-        },
+        // Every authenticated request spends a use of a limited-use token, allowed or
+        // denied, as in Vault.
+        Some(token) => engine.tokens.authenticate(token).await,
     };
     match looked_up {
         Ok(spent) => {
