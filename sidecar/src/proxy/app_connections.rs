@@ -125,9 +125,16 @@ impl AppConnections {
         }
     }
 
-    async fn dial(&self) -> anyhow::Result<SendRequest<Body>> {
+    /// A new TCP connection to the application (no delay: the proxy writes whole
+    /// messages): what the pool dials, and what a plain-TCP tunnel is given.
+    pub async fn connect(&self) -> std::io::Result<TcpStream> {
         let tcp = TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port)).await?;
         let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn dial(&self) -> anyhow::Result<SendRequest<Body>> {
+        let tcp = self.connect().await?;
         Ok(super::http1::handshake(tcp, "the application").await?)
     }
 

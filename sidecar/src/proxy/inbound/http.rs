@@ -7,7 +7,7 @@ use crate::proxy::{app_connections::AppConnections, tunnel};
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use std::{convert::Infallible, sync::Arc, time::Duration};
-use tokio::{net::TcpStream, sync::watch};
+use tokio::sync::watch;
 use tower::Service;
 
 /// The HTTP stage: `requests` makes, for a connection's peer, the service its requests
@@ -31,25 +31,24 @@ where
         Authorized { io, peer, mode }: Authorized<Io>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let active = self.shared.metrics.application_connection("inbound");
-        let app_port = self.app.port();
+        let app = self.app.clone();
         let requests = (mode == Mode::Http).then(|| self.requests.new_service(peer));
         async move {
             let _active = active;
             match requests {
-                None => tunnel_to_app(io, app_port).await,
+                None => tunnel_to_app(io, &app).await,
                 Some(requests) => serve_http(io, requests).await,
             }
         }
     }
 }
 
-async fn tunnel_to_app<S: tunnel::Side>(mut tls: S, app_port: u16) {
-    match TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, app_port)).await {
-        Ok(mut app) => {
-            let _ = app.set_nodelay(true);
-            let _ = tunnel::tunnel(&mut tls, &mut app).await;
+async fn tunnel_to_app<S: tunnel::Side>(mut tls: S, app: &AppConnections) {
+    match app.connect().await {
+        Ok(mut tcp) => {
+            let _ = tunnel::tunnel(&mut tls, &mut tcp).await;
         }
-        Err(error) => tracing::warn!(%error, app_port, "The application refused a connection"),
+        Err(error) => tracing::warn!(%error, app_port = app.port(), "The application refused a connection"),
     }
 }
 
