@@ -115,6 +115,15 @@ pub struct State {
     control_namespace: Arc<str>,
 }
 
+impl State {
+    fn new(store: Store<ServiceIntentions>, config: &crate::context::Config) -> Self {
+        Self {
+            store,
+            control_namespace: config.namespace.as_str().into(),
+        }
+    }
+}
+
 /// Runs the reconciler until `shutdown` resolves (in-flight reconciles finish first).
 pub async fn run(base: &Context, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::FutureExt::shared(shutdown);
@@ -124,10 +133,7 @@ pub async fn run(base: &Context, shutdown: impl Future<Output = ()> + Send + Syn
     let rivals_store = store.clone();
     // Capstan's own namespace is never meshed, and only its objects may govern other
     // namespaces (tenancy).
-    let ctx = Arc::new(base.with(State {
-        store: store.clone(),
-        control_namespace: base.config.namespace.as_str().into(),
-    }));
+    let ctx = Arc::new(base.with(State::new(store, &base.config)));
     let unmeshed = tokio::spawn(unmeshed::run(ctx.clone(), shutdown.clone()));
     // Aborted with this future (the end of a leadership term aborts the whole task).
     let _unmeshed = AbortOnDrop(unmeshed);

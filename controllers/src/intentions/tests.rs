@@ -31,10 +31,7 @@ fn object(status: Value) -> Value {
 fn context() -> (Arc<crate::context::Context<State>>, mock::ApiServer) {
     let (base, server) = mock::context();
     let (store, _writer) = reflector::store::<ServiceIntentions>();
-    let ctx = base.with(State {
-        store,
-        control_namespace: "capstan-system".into(),
-    });
+    let ctx = base.with(State::new(store, &base.config));
     (Arc::new(ctx), server)
 }
 

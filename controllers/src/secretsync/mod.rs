@@ -184,6 +184,20 @@ pub struct State {
     issuers: Mutex<HashMap<String, u64>>,
 }
 
+impl State {
+    /// A term's state: nothing cached yet.
+    fn new(engine: Engine, hmac: hmac::Key) -> Self {
+        Self {
+            engine,
+            hmac,
+            tokens: tokens::Cache::default(),
+            delivered: Mutex::default(),
+            failures: Mutex::default(),
+            issuers: Mutex::default(),
+        }
+    }
+}
+
 type Ctx = Context<State>;
 
 /// Runs the reconciler until `shutdown` resolves.
@@ -214,14 +228,7 @@ pub async fn run(base: &Context, shutdown: impl Future<Output = ()> + Send + Syn
         &base.config.namespace,
     )));
     let _roots = AbortOnDrop(roots);
-    let ctx = Arc::new(base.with(State {
-        engine,
-        hmac: key,
-        tokens: tokens::Cache::default(),
-        delivered: Mutex::default(),
-        failures: Mutex::default(),
-        issuers: Mutex::default(),
-    }));
+    let ctx = Arc::new(base.with(State::new(engine, key)));
     let api = Api::<SecretSync>::all(base.client.clone());
     // Only the Secrets this controller wrote are watched (and cached): a hand edit of a
     // target, or its deletion, reconciles its SecretSync at once.

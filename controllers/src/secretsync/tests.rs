@@ -3,7 +3,7 @@
 //! its class, and the finalizer's cleanup. The engine is never reached in these
 //! scenarios (end-to-end tests cover it).
 
-use super::{Error, FINALIZER, STATUS, State, engine::Engine, hmac, tokens};
+use super::{Error, FINALIZER, STATUS, State, engine::Engine, hmac};
 use crate::{
     mock,
     reconciler::{self, Class, ReconcileError},
@@ -39,14 +39,10 @@ fn kv() -> Value {
 
 fn context() -> (Arc<crate::context::Context<State>>, mock::ApiServer) {
     let (base, server) = mock::context();
-    let ctx = base.with(State {
-        engine: Engine::new(&base.config.engine_url, &base.config.roots_configmap).unwrap(),
-        hmac: hmac::Key::new(&[7; 32]),
-        tokens: tokens::Cache::default(),
-        delivered: Default::default(),
-        failures: Default::default(),
-        issuers: Default::default(),
-    });
+    let ctx = base.with(State::new(
+        Engine::new(&base.config.engine_url, &base.config.roots_configmap).unwrap(),
+        hmac::Key::new(&[7; 32]),
+    ));
     (Arc::new(ctx), server)
 }
 
