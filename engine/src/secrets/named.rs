@@ -1,5 +1,5 @@
-//! A secrets mount's named entries (its roles, its database connections): JSON through
-//! the barrier at `logical/<mount>/<kind>/<name>`. A name that is not a valid storage
+//! A mount's named entries (a secrets mount's roles and database connections, the
+//! Kubernetes auth roles): JSON through the barrier at `<prefix><name>`. A name that is not a valid storage
 //! name names nothing here: reading it finds nothing and deleting it deletes nothing.
 //! Writing one is for the mount to refuse, since only it can say what was wrong.
 
@@ -12,16 +12,19 @@ use serde::{Serialize, de::DeserializeOwned};
 #[derive(Clone)]
 pub struct Named {
     logical: Logical,
-    /// `logical/<mount>/<kind>/`.
+    /// Ends in `/` (a secrets mount's: `logical/<mount>/<kind>/`).
     prefix: String,
 }
 
 impl Named {
+    /// A secrets mount's entries of one kind, at `logical/<mount>/<kind>/<name>`.
     pub fn new(logical: Logical, mount: &str, kind: &str) -> Self {
-        Self {
-            logical,
-            prefix: format!("logical/{mount}/{kind}/"),
-        }
+        Self::at(logical, format!("logical/{mount}/{kind}/"))
+    }
+
+    /// Entries at `<prefix><name>`.
+    pub fn at(logical: Logical, prefix: String) -> Self {
+        Self { logical, prefix }
     }
 
     /// Where `name` is stored.

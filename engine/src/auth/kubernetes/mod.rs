@@ -7,8 +7,8 @@
 
 use crate::{
     auth::token::{NewToken, TokenEntry, TokenError, Tokens},
+    secrets::named::Named,
     store::logical::{Logical, LogicalError},
-    store::storage::Precondition,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -141,7 +141,8 @@ fn bound(list: &[String], value: &str) -> bool {
 
 #[derive(Clone)]
 pub struct KubernetesAuth {
-    logical: Logical,
+    /// The roles written through the API (declared ones are in `declared`).
+    roles: Named,
     declared: std::sync::Arc<crate::declared::Declared>,
     reviewer: TokenReviewer,
     default_audience: String,
@@ -155,7 +156,7 @@ impl KubernetesAuth {
         default_audience: String,
     ) -> Self {
         Self {
-            logical,
+            roles: Named::at(logical, PREFIX.to_owned()),
             declared,
             reviewer,
             default_audience,
@@ -235,9 +236,7 @@ impl KubernetesAuth {
                 "token_ttl cannot be greater than token_max_ttl".into(),
             ));
         }
-        self.logical
-            .put(&format!("{PREFIX}{name}"), &role, Precondition::None)
-            .await?;
+        self.roles.put(name, &role).await?;
         Ok(())
     }
 
@@ -248,11 +247,7 @@ impl KubernetesAuth {
         if let Some(role) = self.declared.role(name) {
             return Ok(Some(role));
         }
-        Ok(self
-            .logical
-            .get::<Role>(&format!("{PREFIX}{name}"))
-            .await?
-            .map(|v| v.value))
+        Ok(self.roles.get::<Role>(name).await?.map(|v| v.value))
     }
 
     pub async fn delete_role(&self, name: &str) -> Result<(), LoginError> {
@@ -261,16 +256,11 @@ impl KubernetesAuth {
                 "role {name:?} is declared by an AuthRole object; delete it there"
             )));
         }
-        if crate::store::storage::valid_name(name) {
-            self.logical
-                .delete(&format!("{PREFIX}{name}"), Precondition::None)
-                .await?;
-        }
-        Ok(())
+        Ok(self.roles.delete(name).await?)
     }
 
     pub async fn list_roles(&self) -> Result<Vec<String>, LoginError> {
-        let mut names = self.logical.list(PREFIX).await?;
+        let mut names = self.roles.list().await?;
         names.extend(self.declared.role_names());
         names.sort();
         names.dedup();
