@@ -115,7 +115,8 @@ impl Client {
         let pool = pool(&roots, &options);
         Ok(Self(Arc::new(Inner {
             base,
-            pool: Mutex::new((roots.generation(), pool)),
+            // Roots set later are generation 1 on: the first call starts a pool for them.
+            pool: Mutex::new((roots.generation().unwrap_or(0), pool)),
             roots,
             options,
         })))
@@ -289,10 +290,7 @@ impl Client {
     /// The pool for the current roots (a new one after a swap).
     fn pool(&self) -> Result<Pool, Error> {
         let Inner { roots, options, .. } = &*self.0;
-        if !roots.is_loaded() {
-            return Err(Error::NoRoots);
-        }
-        let generation = roots.generation();
+        let generation = roots.generation().ok_or(Error::NoRoots)?;
         let mut pool = self.0.pool.lock();
         if pool.0 != generation {
             *pool = (generation, self::pool(roots, options));

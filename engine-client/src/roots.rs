@@ -72,20 +72,13 @@ impl Roots {
         Ok(true)
     }
 
-    /// Whether roots have been set (always true for a file).
-    pub fn is_loaded(&self) -> bool {
+    /// Which bundle is current: changes with every swap; `None` before the first set
+    /// (no roots yet), and always 0 for a file, whose connections are each verified
+    /// against the file as it is.
+    pub(crate) fn generation(&self) -> Option<u64> {
         match &*self.0 {
-            Inner::Shared(loaded) => loaded.read().is_some(),
-            Inner::File(_) => true,
-        }
-    }
-
-    /// Which bundle is current: changes with every swap (0 before the first, and always
-    /// 0 for a file, whose connections are each verified against the file as it is).
-    pub(crate) fn generation(&self) -> u64 {
-        match &*self.0 {
-            Inner::Shared(loaded) => loaded.read().as_ref().map_or(0, |l| l.generation),
-            Inner::File(_) => 0,
+            Inner::Shared(loaded) => loaded.read().as_ref().map(|l| l.generation),
+            Inner::File(_) => Some(0),
         }
     }
 
