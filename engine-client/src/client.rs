@@ -23,16 +23,22 @@ pub struct Options {
     pub retry: Retry,
 }
 
-impl Default for Options {
+impl Options {
     /// The controller's and the agent's settings: 10 s, 1 MiB, no retry but the pool's
-    /// own (a request never written on a kept connection found closed).
+    /// own (a request never written on a kept connection found closed). A const, so a
+    /// caller's own settings can be `Options { body_limit, ..Options::DEFAULT }` in a
+    /// const too.
+    pub const DEFAULT: Self = Self {
+        connect_timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(10),
+        body_limit: 1024 * 1024,
+        retry: Retry::NEVER,
+    };
+}
+
+impl Default for Options {
     fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            timeout: Duration::from_secs(10),
-            body_limit: 1024 * 1024,
-            retry: Retry::NEVER,
-        }
+        Self::DEFAULT
     }
 }
 

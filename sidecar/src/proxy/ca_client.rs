@@ -11,15 +11,13 @@
 
 use anyhow::Context as _;
 use capstan_engine_client::{Client, Options, Roots};
-use std::time::Duration;
 
 pub use capstan_engine_client::{RootsResponse, SignResponse};
 
+/// The client's defaults (10 s to connect and per call, no retry), answers up to 256 KiB.
 const OPTIONS: Options = Options {
-    connect_timeout: Duration::from_secs(10),
-    timeout: Duration::from_secs(10),
     body_limit: 256 * 1024,
-    retry: capstan_engine_client::Retry::NEVER,
+    ..Options::DEFAULT
 };
 
 pub struct CaClient {
