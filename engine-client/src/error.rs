@@ -71,15 +71,6 @@ impl Error {
             _ => None,
         }
     }
-
-    /// Whether the engine could not be reached or did not answer (as opposed to an
-    /// answer, or a client that cannot work at all).
-    pub fn unreachable(&self) -> bool {
-        matches!(
-            self,
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Http { .. }
-        )
-    }
 }
 
 impl ApiError {
