@@ -1,4 +1,4 @@
-//! Capstan's API types: one module per API group (`mesh`, `secrets`), a file per kind
+//! Capstan's API types: one module per API group (`mesh`, `secrets`, `jobs`), a file per kind
 //! (SecretPolicy and AuthRole, the engine's configuration as objects, share one), the
 //! status conditions, and the agent's file-name rule that the webhook and the agent both
 //! apply. The kinds are re-exported here, so every crate names them one way.
@@ -12,6 +12,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod conditions;
+pub mod jobs;
 pub mod mesh;
 pub mod secrets;
 
@@ -38,6 +39,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         SecretPolicy::crd(),
         AuthRole::crd(),
         StorageEntry::crd(),
+        jobs::Job::crd(),
     ]
 }
 
