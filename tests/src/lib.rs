@@ -553,6 +553,7 @@ pub async fn wait_ready(
     })
     .await
 }
+pub mod jobs;
 pub mod netns;
 pub mod postgres;
 pub mod secrets;
