@@ -683,6 +683,7 @@ mod tests {
             max_expire_time: Some(60),
             renewable: true,
             num_uses: 0,
+            pod_uid: None,
         };
         let auth = AuthInfo {
             token: Some("hvs.secret-token"),

@@ -15,6 +15,9 @@ use std::{collections::BTreeMap, sync::Arc};
 const ID_PREFIX: &str = "sys/token/id/";
 const ACCESSOR_PREFIX: &str = "sys/token/accessor/";
 const PARENT_PREFIX: &str = "sys/token/parent/";
+/// `sys/token/pod/<pod uid>/<id hash>`: the tokens issued to one pod, so revoking a pod's
+/// credentials reads its own entries, not every token.
+const POD_PREFIX: &str = "sys/token/pod/";
 
 /// The system-wide maximum lifetime (Vault's default, 32 days).
 pub const MAX_TTL: u64 = 768 * 3600;
@@ -46,6 +49,10 @@ pub struct TokenEntry {
     /// one; the request that spends the last is served and revokes the token.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub num_uses: u64,
+    /// The UID of the pod a Kubernetes login's bound ServiceAccount token belonged to:
+    /// `revoke_pod` revokes the token when that pod stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -94,6 +101,18 @@ pub struct NewToken {
     pub no_expiry: bool,
     /// How many requests it may make (0: unlimited).
     pub num_uses: u64,
+    /// The pod it is issued to (a Kubernetes login with a pod-bound token).
+    pub pod_uid: Option<String>,
+}
+
+/// Whether `uid` can name a pod in a storage path: Kubernetes UIDs are UUIDs; anything
+/// with a separator or beyond a UUID's alphabet is refused rather than escaped.
+pub fn valid_pod_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn pod_path(pod_uid: &str, id_hash: &str) -> String {
+    format!("{POD_PREFIX}{pod_uid}/{id_hash}")
 }
 
 pub fn hash(token: &str) -> String {
@@ -142,6 +161,9 @@ impl Tokens {
         request: NewToken,
         parent: Option<&TokenEntry>,
     ) -> Result<(String, TokenEntry), TokenError> {
+        if request.pod_uid.as_deref().is_some_and(|uid| !valid_pod_uid(uid)) {
+            return Err(TokenError::Request("invalid pod uid".into()));
+        }
         let now = now();
         let system_max = MAX_TTL;
         let max_ttl = if request.max_ttl == 0 {
@@ -180,9 +202,16 @@ impl Tokens {
             max_expire_time,
             renewable: request.renewable && !request.no_expiry,
             num_uses: request.num_uses,
+            pod_uid: request.pod_uid,
         };
-        // The parent index first: a crash after it leaves an index pointing at nothing
-        // (harmless), never a child its parent's revocation cannot find.
+        // The indexes first: a crash after them leaves an index pointing at nothing
+        // (harmless), never a child its parent's revocation cannot find, nor a pod's
+        // token `revoke_pod` cannot.
+        if let Some(pod_uid) = &entry.pod_uid {
+            self.logical
+                .put(&pod_path(pod_uid, &entry.id_hash), &(), Precondition::None)
+                .await?;
+        }
         if let Some(parent) = &entry.parent {
             self.logical
                 .put(
@@ -383,14 +412,21 @@ impl Tokens {
 
     /// Children first, depth first: if revocation stops half way, what remains is still
     /// reachable from the parent, and revoking it again finishes the job.
-    pub fn revoke_hash<'a>(
+    pub async fn revoke_hash(&self, id_hash: &str) -> Result<(), TokenError> {
+        self.revoke_tree(id_hash, &mut Vec::new()).await
+    }
+
+    /// `revoke_hash`, adding to `revoked` the hash of every token it found stored (the
+    /// token and its descendants), whose leases the caller revokes.
+    fn revoke_tree<'a>(
         &'a self,
         id_hash: &'a str,
+        revoked: &'a mut Vec<String>,
     ) -> futures::future::BoxFuture<'a, Result<(), TokenError>> {
         Box::pin(async move {
             let children_prefix = format!("{PARENT_PREFIX}{id_hash}/");
             for child in self.logical.list(&children_prefix).await? {
-                self.revoke_hash(child.trim_end_matches('/')).await?;
+                self.revoke_tree(child.trim_end_matches('/'), revoked).await?;
                 self.logical
                     .delete(&format!("{children_prefix}{child}"), Precondition::None)
                     .await?;
@@ -408,10 +444,36 @@ impl Tokens {
                         .delete(&format!("{PARENT_PREFIX}{parent}/{id_hash}"), Precondition::None)
                         .await?;
                 }
+                if let Some(pod_uid) = &entry.pod_uid {
+                    self.logical
+                        .delete(&pod_path(pod_uid, id_hash), Precondition::None)
+                        .await?;
+                }
+                revoked.push(id_hash.to_owned());
             }
             self.logical.delete(&path, Precondition::None).await?;
             Ok(())
         })
+    }
+
+    /// Revokes every token issued to pod `pod_uid`, with their descendants; returns the
+    /// hashes of the tokens revoked (none when the pod has none left: asking again is
+    /// harmless). Each token leaves the index with its own revocation, so a revocation
+    /// that stops half way is finished by the next call.
+    pub async fn revoke_pod(&self, pod_uid: &str) -> Result<Vec<String>, TokenError> {
+        if !valid_pod_uid(pod_uid) {
+            return Err(TokenError::Request("invalid pod uid".into()));
+        }
+        let mut revoked = Vec::new();
+        for id_hash in self.logical.list(&format!("{POD_PREFIX}{pod_uid}/")).await? {
+            let id_hash = id_hash.trim_end_matches('/');
+            self.revoke_tree(id_hash, &mut revoked).await?;
+            // An index a crashed creation left behind names no stored token.
+            self.logical
+                .delete(&pod_path(pod_uid, id_hash), Precondition::None)
+                .await?;
+        }
+        Ok(revoked)
     }
 
     /// Every stored token entry.
@@ -605,6 +667,73 @@ pub(crate) mod tests {
             .create(child(&["app"], &live, 600), Some(&live))
             .await
             .unwrap();
+    }
+
+    /// RELIABILITY N2: a pod's logins, with what was created under them, are revoked by
+    /// its uid, found through the pod index (not a scan of every token); other pods'
+    /// tokens stay; asking again finds nothing; any revocation clears the index.
+    #[tokio::test]
+    async fn a_pods_tokens_are_revoked_by_its_uid_and_only_they() {
+        let logical = unsealed().await;
+        let tokens = Tokens::new(logical.clone());
+        let login = |pod: &str| NewToken {
+            policies: vec!["app".into()],
+            path: "auth/kubernetes/login".into(),
+            ttl: 600,
+            renewable: true,
+            pod_uid: Some(pod.into()),
+            ..Default::default()
+        };
+        let pod = "5c0bde3e-2b4f-4d8e-9a51-0c1e8f7e6a21";
+        let other = "9d2a4f10-77aa-4c1b-8e0e-3f6b2d9c1a44";
+        let (first, first_entry) = tokens.create(login(pod), None).await.unwrap();
+        let (second, _) = tokens.create(login(pod), None).await.unwrap();
+        let (grandchild, child_entry) = tokens
+            .create(child(&["app"], &first_entry, 600), Some(&first_entry))
+            .await
+            .unwrap();
+        let (kept, _) = tokens.create(login(other), None).await.unwrap();
+        let mut revoked = tokens.revoke_pod(pod).await.unwrap();
+        revoked.sort();
+        let mut expected = vec![
+            first_entry.id_hash.clone(),
+            hash(&second),
+            child_entry.id_hash.clone(),
+        ];
+        expected.sort();
+        assert_eq!(revoked, expected, "the pod's two logins and the child of one");
+        for gone in [&first, &second, &grandchild] {
+            assert!(matches!(tokens.lookup(gone).await, Err(TokenError::Invalid)));
+        }
+        tokens.lookup(&kept).await.unwrap();
+        assert!(
+            logical
+                .list(&format!("{POD_PREFIX}{pod}/"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(tokens.revoke_pod(pod).await.unwrap().is_empty(), "idempotent");
+        // Revoked another way (the agent's revoke-self), it leaves the index too.
+        tokens.revoke(&kept).await.unwrap();
+        assert!(
+            logical
+                .list(&format!("{POD_PREFIX}{other}/"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A uid that could step out of the index is refused, at login and revocation.
+        for bad in ["", "a/b", "..", "x y", &"a".repeat(65)] {
+            assert!(
+                matches!(tokens.revoke_pod(bad).await, Err(TokenError::Request(_))),
+                "{bad:?}"
+            );
+            assert!(matches!(
+                tokens.create(login(bad), None).await,
+                Err(TokenError::Request(_))
+            ));
+        }
     }
 
     #[test]

@@ -322,15 +322,18 @@ impl Leases {
         }
     }
 
-    /// Revokes every lease issued to a token (called when the token is revoked).
-    pub async fn revoke_for_token(&self, token_hash: &str) -> Result<(), LeaseError> {
+    /// Revokes every lease issued to a token (called when the token is revoked); returns
+    /// how many it asked to revoke (one the backend refused is retried, never dropped).
+    pub async fn revoke_for_token(&self, token_hash: &str) -> Result<usize, LeaseError> {
+        let mut count = 0;
         for digest in self.logical.list(&format!("{TOKEN_PREFIX}{token_hash}/")).await? {
             let path = format!("{TOKEN_PREFIX}{token_hash}/{digest}");
             if let Some(index) = self.logical.get::<TokenIndex>(&path).await? {
                 let _ = self.revoke(&index.value.lease_id, "token").await;
+                count += 1;
             }
         }
-        Ok(())
+        Ok(count)
     }
 
     /// One pass of the expiration loop: revokes what expired, retries what is due, and

@@ -19,6 +19,7 @@ impl From<LoginError> for ApiError {
             LoginError::Unavailable => Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
             LoginError::Storage(e) => e.into(),
             LoginError::Token(e) => e.into(),
+            LoginError::Lease(e) => e.into(),
         }
     }
 }
@@ -232,6 +233,8 @@ async fn create(
                 renewable: request.flag("renewable", true)?,
                 no_expiry: wants_root && root && request.seconds(&["ttl"])? == 0,
                 num_uses,
+                // A child of a pod's login is revoked with it, through the parent index.
+                pod_uid: None,
             },
             (!no_parent).then_some(parent),
         )
@@ -247,6 +250,20 @@ pub async fn kubernetes(engine: &Engine, request: &Request, rest: &str) -> Resul
             let jwt = request.required("jwt")?;
             let (token, entry, _) = engine.kubernetes.login(&engine.tokens, role, jwt).await?;
             Ok(Reply::auth(auth_block(&token, &entry)))
+        }
+        // The controller calls this for each stopped pod that ran the agent (RELIABILITY
+        // N2); the ACL grants it like any path (its chart policy grants only this one).
+        ("revoke-pod", Operation::update | Operation::create) => {
+            let pod_uid = request.required("pod_uid")?;
+            if !crate::auth::token::valid_pod_uid(pod_uid) {
+                return Err(ApiError::bad_request("pod_uid is not a pod UID"));
+            }
+            let done = crate::auth::kubernetes::revoke_pod(&engine.tokens, &engine.leases, pod_uid).await?;
+            Ok(Reply::data(json!({
+                "pod_uid": pod_uid,
+                "revoked_tokens": done.tokens,
+                "revoked_leases": done.leases,
+            })))
         }
         ("role" | "role/", Operation::list) => {
             let keys = engine.kubernetes.list_roles().await?;

@@ -178,6 +178,10 @@ mod tests {
             access("auth/kubernetes/role/x", update),
             Some((Mount::Kubernetes, acl))
         );
+        assert_eq!(
+            access("auth/kubernetes/revoke-pod", update),
+            Some((Mount::Kubernetes, acl))
+        );
         assert_eq!(access("pki/cert/ca", read), Some((Mount::Pki, Unauthenticated)));
         assert_eq!(access("pki/issue/web", update), Some((Mount::Pki, acl)));
         assert_eq!(

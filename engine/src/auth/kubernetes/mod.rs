@@ -133,6 +133,8 @@ pub enum LoginError {
     Storage(#[from] LogicalError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error(transparent)]
+    Lease(#[from] crate::secrets::lease::LeaseError),
 }
 
 fn bound(list: &[String], value: &str) -> bool {
@@ -316,12 +318,17 @@ impl KubernetesAuth {
             ("service_account_namespace".to_owned(), ns.clone()),
             ("service_account_uid".to_owned(), caller.uid.clone()),
         ]);
-        // A token bound to a pod: the engine revokes this login (and its leases) when
-        // that pod is gone, whether or not anything in it got to revoke them (`PodReaper`).
-        if let (Some(pod), Some(pod_uid)) = (&caller.pod, &caller.pod_uid) {
-            meta.insert(POD_NAME.into(), pod.clone());
-            meta.insert(POD_UID.into(), pod_uid.clone());
-        }
+        // A token bound to a pod: this login (and its leases) is revoked when that pod
+        // stops (`revoke_pod`, which the controller calls for pods that ran the agent)
+        // or is gone (`PodReaper`), whether or not anything in it got to revoke them.
+        let pod_uid = match (&caller.pod, &caller.pod_uid) {
+            (Some(pod), Some(pod_uid)) => {
+                meta.insert(POD_NAME.into(), pod.clone());
+                meta.insert(POD_UID.into(), pod_uid.clone());
+                Some(pod_uid.clone())
+            }
+            _ => None,
+        };
         let (token, entry) = tokens
             .create(
                 NewToken {
@@ -335,6 +342,7 @@ impl KubernetesAuth {
                     renewable: true,
                     no_expiry: false,
                     num_uses: 0,
+                    pod_uid,
                 },
                 None,
             )
@@ -342,6 +350,45 @@ impl KubernetesAuth {
         tracing::info!(role = %role_name, namespace = %ns, service_account = %sa, uid = %caller.uid, "Login");
         Ok((token, entry, caller))
     }
+}
+
+/// What `revoke_pod` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PodRevoked {
+    /// Tokens revoked: the pod's logins and the tokens created under them.
+    pub tokens: usize,
+    /// Leases of those tokens whose revocation was asked (one the backend refused stays
+    /// recorded and is retried by the expiration loop, DESIGN decision 5).
+    pub leases: usize,
+}
+
+/// Revokes every token issued to pod `pod_uid` (by a login with its bound ServiceAccount
+/// token), their descendants, and the leases of all of them. Idempotent: a pod with
+/// nothing left answers zero. Tokens go first, so none can take a new lease after its
+/// leases were revoked; a call that stops before the leases leaves them to the
+/// expiration loop, which revokes the leases of tokens that are gone.
+pub async fn revoke_pod(
+    tokens: &Tokens,
+    leases: &crate::secrets::lease::Leases,
+    pod_uid: &str,
+) -> Result<PodRevoked, LoginError> {
+    let revoked = tokens.revoke_pod(pod_uid).await?;
+    let mut done = PodRevoked {
+        tokens: revoked.len(),
+        leases: 0,
+    };
+    for id_hash in &revoked {
+        done.leases += leases.revoke_for_token(id_hash).await?;
+    }
+    if done.tokens > 0 {
+        tracing::info!(
+            pod_uid,
+            tokens = done.tokens,
+            leases = done.leases,
+            "Revoked the credentials of a stopped pod"
+        );
+    }
+    Ok(done)
 }
 
 /// Revokes logins whose pod is gone (deleted, or replaced by another pod of the same
@@ -400,7 +447,92 @@ impl PodReaper {
 
 #[cfg(test)]
 mod tests {
-    use super::ttl_seconds;
+    use super::{PodRevoked, revoke_pod, ttl_seconds};
+    use crate::{
+        auth::token::{NewToken, Tokens},
+        secrets::{
+            database::Database,
+            lease::{Lease, LeaseSecret, Leases},
+        },
+        store::clock::now,
+    };
+
+    /// RELIABILITY N2: stopping a pod revokes its login, the token under it, and the
+    /// leases of both; the answer counts them, and a second call counts nothing.
+    #[tokio::test]
+    async fn revoking_a_pod_revokes_its_tokens_and_their_leases() {
+        let logical = crate::auth::token::tests::unsealed().await;
+        let tokens = Tokens::new(logical.clone());
+        let leases = Leases::new(
+            logical.clone(),
+            Database::new(logical.clone(), "database"),
+            Default::default(),
+            std::time::Duration::from_secs(60),
+        );
+        let pod = "5c0bde3e-2b4f-4d8e-9a51-0c1e8f7e6a21";
+        let (_, login) = tokens
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    path: "auth/kubernetes/login".into(),
+                    ttl: 600,
+                    pod_uid: Some(pod.into()),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let (_, child) = tokens
+            .create(
+                NewToken {
+                    policies: vec!["app".into()],
+                    parent: Some(login.id_hash.clone()),
+                    ttl: 600,
+                    ..Default::default()
+                },
+                Some(&login),
+            )
+            .await
+            .unwrap();
+        let lease = |id: &str, token: &str| Lease {
+            id: id.into(),
+            issue_time: now(),
+            last_renewal: None,
+            expire_time: now() + 600,
+            max_expire_time: now() + 600,
+            renewable: true,
+            token_hash: Some(token.into()),
+            secret: LeaseSecret::Database {
+                mount: "database".into(),
+                config: "pg".into(),
+                role: "ro".into(),
+                username: format!("v-{id}"),
+            },
+            revoke: None,
+        };
+        leases
+            .create(&lease("database/creds/ro/a", &login.id_hash))
+            .await
+            .unwrap();
+        leases
+            .create(&lease("database/creds/ro/b", &child.id_hash))
+            .await
+            .unwrap();
+        let done = revoke_pod(&tokens, &leases, pod).await.unwrap();
+        assert_eq!(done, PodRevoked { tokens: 2, leases: 2 });
+        // No database is configured here, so both revocations are refused: the leases
+        // stay recorded, marked for retry by the expiration loop, never dropped.
+        for id in ["database/creds/ro/a", "database/creds/ro/b"] {
+            assert!(leases.lookup(id).await.unwrap().revoke.is_some(), "{id}");
+        }
+        assert!(!tokens.exists_hash(&login.id_hash).await.unwrap());
+        assert!(!tokens.exists_hash(&child.id_hash).await.unwrap());
+        assert_eq!(
+            revoke_pod(&tokens, &leases, pod).await.unwrap(),
+            PodRevoked::default()
+        );
+    }
 
     #[test]
     fn ttls_read_vaults_grammar_and_empty_is_unset() {
