@@ -5,6 +5,7 @@
 
 mod context;
 mod intentions;
+mod jobs;
 mod leader;
 mod metrics;
 #[cfg(test)]
@@ -69,6 +70,14 @@ struct Args {
         default_value = capstan_contract::ROOTS_CONFIGMAP
     )]
     roots_configmap: String,
+    /// The node label whose value is a node's datacenter, for Jobs' `datacenters` and
+    /// `${node.datacenter}`.
+    #[arg(
+        long,
+        env = "CAPSTAN_CONTROLLER_JOBS_DATACENTER_LABEL",
+        default_value = capstan_jobs::attributes::DEFAULT_DATACENTER_LABEL
+    )]
+    jobs_datacenter_label: String,
 }
 
 #[tokio::main]
@@ -128,6 +137,10 @@ async fn main() -> anyhow::Result<()> {
         },
     });
 
+    let jobs_settings = capstan_jobs::compile::Settings {
+        datacenter_label: args.jobs_datacenter_label.clone(),
+    };
+
     tokio::select! {
         () = wait_for_crds(&client) => {}
         () = stop.stopped() => return Ok(admin.finish().await?),
@@ -143,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
         // Reconcilers stop on either a shutdown or the end of this term.
         let term = Stop::new();
         let (shutdown, end_of_term) = (stop.stopped(), term.stopped());
-        let controllers = tokio::spawn(run_controllers(ctx.clone(), async move {
+        let controllers = tokio::spawn(run_controllers(ctx.clone(), jobs_settings.clone(), async move {
             tokio::select! { () = shutdown => {}, () = end_of_term => {} }
         }));
         tokio::select! {
@@ -174,12 +187,14 @@ async fn main() -> anyhow::Result<()> {
 /// Every reconciler, concurrently, until `shutdown` resolves.
 async fn run_controllers(
     ctx: Arc<context::Context>,
+    jobs_settings: capstan_jobs::compile::Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = futures::FutureExt::shared(shutdown);
     tokio::join!(
         intentions::run(&ctx, shutdown.clone()),
-        secretsync::run(&ctx, shutdown),
+        secretsync::run(&ctx, shutdown.clone()),
+        jobs::run(&ctx, jobs_settings, shutdown),
     );
 }
 

@@ -1,0 +1,345 @@
+//! The jobs reconciler: runs each Job (jobs.capstan.dev) as the native objects
+//! `capstan_jobs::compile` makes of it, and reports them in its status.
+//!
+//! Per reconcile: the spec's version (`revisions`: a new spec is a new
+//! ControllerRevision), the PriorityClass its pods name (`priority`), then the job
+//! type's `apply` (`service` rolls ReplicaSets itself; batch, periodic, dispatch, system
+//! and sysbatch have their modules), whose [`report::Report`] `status` writes. Every
+//! object a Job runs as is owned by it (the garbage collector removes them with it, so
+//! there is no finalizer) and written by server-side apply under [`MANAGER`].
+//!
+//! Watches: Jobs; the ReplicaSets, batch Jobs, DaemonSets, CronJobs and
+//! ControllerRevisions they own; their pods (label `jobs.capstan.dev/job`), mapped to
+//! their Job; and Nodes, since placement, system and sysbatch jobs and the `lost` count
+//! depend on them. Pods, ReplicaSets and Nodes are kept in reflector stores trimmed to
+//! what the reconcile reads (the benchmark's 10,000 pods must fit in 200 MiB).
+
+mod report;
+mod revisions;
+mod service;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use crate::{
+    context::Context,
+    leader,
+    reconciler::{self, Class, Reconcile, ReconcileError},
+    status::{self as status_writer, HasStatus},
+};
+use capstan_crds::jobs::{Job, JobStatus, JobType};
+use capstan_jobs::compile::{self, labels};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::{ControllerRevision, DaemonSet, ReplicaSet},
+    batch::v1::{CronJob, Job as BatchJob},
+    core::v1::{Node, Pod, PodSpec, PodStatus},
+};
+use kube::{
+    Api, ResourceExt,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        finalizer,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use std::{future::Future, sync::Arc, time::Duration};
+
+pub use report::{Note, Phase, Ready, Report};
+
+const CONTROLLER: &str = "jobs";
+/// The field manager of everything the reconciler writes.
+pub const MANAGER: &str = compile::FIELD_MANAGER;
+
+/// The reasons of the Ready condition and of the Events on a Job.
+pub mod reasons {
+    // Ready, from the phase.
+    pub const PENDING: &str = "Pending";
+    pub const RUNNING: &str = "Running";
+    pub const DEPLOYING: &str = "Deploying";
+    pub const COMPLETE: &str = "Complete";
+    pub const FAILED: &str = "Failed";
+    pub const DEAD: &str = "Dead";
+    // Ready=False, and Events.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const DEPLOYMENT_FAILED: &str = "DeploymentFailed";
+    pub const DEPLOYMENT_REVERTED: &str = "DeploymentReverted";
+    // Events of a service job's deployment.
+    pub const DEPLOYMENT_STARTED: &str = "DeploymentStarted";
+    pub const CANARIES_PLACED: &str = "CanariesPlaced";
+    pub const DEPLOYMENT_PROMOTED: &str = "DeploymentPromoted";
+    pub const DEPLOYMENT_SUCCEEDED: &str = "DeploymentSucceeded";
+    /// Ready=False while canaries wait for `capstan job promote`.
+    pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
+}
+
+/// How long after a failed reconcile to look again (the API server could not answer).
+const RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {kind} {name}")]
+    Kube {
+        action: &'static str,
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The spec has no Kubernetes form: reported as Ready=False InvalidSpec.
+    #[error(transparent)]
+    Compile(#[from] compile::CompileError),
+    #[error("ControllerRevision {name} holds no Job spec")]
+    Revision { name: String },
+    #[error(transparent)]
+    Status(#[from] status_writer::Error),
+    #[error(transparent)]
+    Leader(#[from] leader::Error),
+}
+
+impl ReconcileError for Error {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube { .. } => "kubernetes",
+            Self::Compile(_) => "invalid_spec",
+            Self::Revision { .. } => "revision",
+            Self::Status(status_writer::Error::Leader(_)) | Self::Leader(_) => "not_leader",
+            Self::Status(status_writer::Error::Contended { .. }) => "status_contended",
+            Self::Status(_) => "status",
+        }
+    }
+
+    fn class(&self) -> Class {
+        match self {
+            Self::Status(status_writer::Error::Leader(_)) | Self::Leader(_) => Class::NotLeader,
+            Self::Compile(_) | Self::Revision { .. } => Class::Spec,
+            _ => Class::Transient,
+        }
+    }
+
+    fn finalizer(error: finalizer::Error<Self>) -> Self {
+        // Jobs have no finalizer: only the reconcile's own error reaches here.
+        match error {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            other => unreachable!("Job has no finalizer: {other}"),
+        }
+    }
+}
+
+impl HasStatus for Job {
+    type Status = JobStatus;
+
+    fn status(&self) -> Option<&JobStatus> {
+        self.status.as_ref()
+    }
+}
+
+/// What the jobs reconciler keeps for a leadership term: the watched objects it reads
+/// instead of asking the API server on every reconcile.
+pub struct State {
+    pub jobs: Store<Job>,
+    /// Pods with the label `jobs.capstan.dev/job`, trimmed (`trim_pod`).
+    pub pods: Store<Pod>,
+    /// ReplicaSets the reconciler made (service groups), without their pod templates.
+    pub replica_sets: Store<ReplicaSet>,
+    /// Every node, without its images.
+    pub nodes: Store<Node>,
+    pub settings: compile::Settings,
+}
+
+impl State {
+    pub fn new(
+        jobs: Store<Job>,
+        pods: Store<Pod>,
+        replica_sets: Store<ReplicaSet>,
+        nodes: Store<Node>,
+        settings: compile::Settings,
+    ) -> Self {
+        Self {
+            jobs,
+            pods,
+            replica_sets,
+            nodes,
+            settings,
+        }
+    }
+
+    /// The pods of `job` (by its label, in its namespace).
+    pub fn pods_of(&self, job: &Job) -> Vec<Arc<Pod>> {
+        let (namespace, name) = (job.namespace(), job.name_any());
+        self.pods.state_filter(|p| {
+            p.metadata.namespace == namespace && p.labels().get(labels::JOB) == Some(&name)
+        })
+    }
+
+    /// The nodes as the compiler sees them.
+    pub fn node_snapshot(&self) -> compile::Nodes {
+        compile::Nodes::from_k8s(self.nodes.state().iter().map(|n| n.as_ref()))
+    }
+}
+
+/// Runs the reconciler until `shutdown` resolves (in-flight reconciles finish first).
+pub async fn run(
+    base: &Context,
+    settings: compile::Settings,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = &base.client;
+    let owned = || watcher::Config::default().labels(labels::JOB);
+
+    let (pods, pod_writer) = reflector::store();
+    let pod_events = watcher(Api::<Pod>::all(client.clone()), owned())
+        .default_backoff()
+        .modify(trim_pod)
+        .reflect(pod_writer)
+        .touched_objects();
+    let (replica_sets, rs_writer) = reflector::store();
+    let rs_events = watcher(Api::<ReplicaSet>::all(client.clone()), owned())
+        .default_backoff()
+        .modify(trim_replica_set)
+        .reflect(rs_writer)
+        .touched_objects();
+    let (nodes, node_writer) = reflector::store();
+    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(trim_node)
+        .reflect(node_writer)
+        .touched_objects()
+        // Kubelets (and kwok) rewrite node status all the time: only what placement
+        // and the lost count read wakes the jobs.
+        .predicate_filter(node_placement, Default::default());
+
+    let jobs_api = Api::<Job>::all(client.clone());
+    let controller = Controller::new(jobs_api, watcher::Config::default().any_semantic());
+    let jobs = controller.store();
+    let affected = jobs.clone();
+    let ctx = Arc::new(base.with(State::new(jobs, pods, replica_sets, nodes, settings)));
+    controller
+        .owns_stream(rs_events)
+        .owns(Api::<BatchJob>::all(client.clone()), owned())
+        .owns(Api::<DaemonSet>::all(client.clone()), owned())
+        .owns(Api::<CronJob>::all(client.clone()), owned())
+        .owns(Api::<ControllerRevision>::all(client.clone()), owned())
+        .watches_stream(pod_events, |pod: Pod| {
+            let job = pod.labels().get(labels::JOB)?.clone();
+            Some(ObjectRef::<Job>::new(&job).within(&pod.namespace()?))
+        })
+        // A node that joins, leaves, changes labels or readiness can change where any
+        // job may run and what it has lost.
+        .watches_stream(node_events, move |_node: Node| {
+            affected
+                .state()
+                .into_iter()
+                .map(|job| ObjectRef::from(job.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconciler::reconcile, reconciler::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Keeps of a pod what the reconciler reads: its metadata (no managed fields or
+/// annotations), its node, and its phase, conditions and container states.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    pod.spec = Some(PodSpec {
+        node_name,
+        ..PodSpec::default()
+    });
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            conditions: status.conditions,
+            container_statuses: status.container_statuses.map(|cs| {
+                cs.into_iter()
+                    .map(|mut c| {
+                        c.image = String::new();
+                        c.image_id = String::new();
+                        c.container_id = None;
+                        c.last_state = None;
+                        c.resources = None;
+                        c.volume_mounts = None;
+                        c.allocated_resources = None;
+                        c
+                    })
+                    .collect()
+            }),
+            start_time: status.start_time,
+            ..PodStatus::default()
+        });
+    }
+}
+
+/// A ReplicaSet without its pod template and managed fields: the reconciler compiles
+/// the template, and needs only the set's name, labels, annotations, owner and counts.
+fn trim_replica_set(rs: &mut ReplicaSet) {
+    rs.metadata.managed_fields = None;
+    if let Some(spec) = rs.spec.as_mut() {
+        spec.template = None;
+    }
+}
+
+/// A node without its image list and managed fields.
+fn trim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+    }
+}
+
+/// What of a node matters to the jobs: labels, schedulability, taints and readiness.
+fn node_placement(node: &Node) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    node.labels().hash(&mut hasher);
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.unschedulable).hash(&mut hasher);
+    if let Some(taints) = spec.and_then(|s| s.taints.as_ref()) {
+        for t in taints {
+            (&t.key, &t.value, &t.effect).hash(&mut hasher);
+        }
+    }
+    status::ready_node(node).hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// Versions the spec, then runs it as its type and writes the status. No finalizer: the
+/// garbage collector removes what a Job owns with it.
+impl Reconcile for Job {
+    type State = State;
+    type Error = Error;
+    const CONTROLLER: &'static str = CONTROLLER;
+    const FINALIZER: Option<&'static str> = None;
+
+    async fn reconcile(&self, cx: &Context<State>) -> Result<Action, Error> {
+        let version = revisions::ensure(&cx.client, self).await?;
+        let report = match self.spec.type_ {
+            JobType::Service => service::apply(cx, self, version).await,
+            // The other types land with their modules.
+            JobType::Batch | JobType::System | JobType::Sysbatch => Ok(Report::default()),
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(Error::Compile(e)) => status::invalid(self, &e.field, &e.message),
+            Err(e) => return Err(e),
+        };
+        status::write(self, cx, version, &report).await?;
+        let resync = cx.config.resync;
+        Ok(Action::requeue(report.requeue.map_or(resync, |r| r.min(resync))))
+    }
+
+    fn retry_after(&self, class: Class, cx: &Context<State>) -> Duration {
+        match class {
+            // A spec that does not compile may compile once the nodes change (a
+            // constraint evaluated against them); the node watch wakes it sooner.
+            Class::Spec => cx.config.resync,
+            _ => RETRY,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The rollout plan, step by step.

@@ -1,0 +1,1 @@
+//! The jobs reconciler against a mock API server.
