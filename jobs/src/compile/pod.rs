@@ -422,56 +422,44 @@ fn escape(text: &str) -> String {
     out
 }
 
-/// Where a service's port is: the task listening on it and the port.
+/// Where a port is: the task declaring it (if one does) and its number. Nomad's ports
+/// are the group's (one network per allocation, as a pod's), so any task may use them.
 struct Target<'a> {
-    task: usize,
+    task: Option<usize>,
     port: Option<&'a Port>,
     number: i32,
 }
 
-/// A port reference (a name or a number) within `tasks` (all of them, or one).
-fn find_port<'a>(group: &'a TaskGroup, task: Option<usize>, reference: &str) -> Option<Target<'a>> {
-    let tasks = group
-        .tasks
-        .iter()
-        .enumerate()
-        .filter(|(t, _)| task.is_none_or(|want| want == *t));
-    for (t, candidate) in tasks {
-        if let Some(port) = candidate.ports.iter().find(|p| p.name == reference) {
-            return Some(Target {
-                task: t,
+/// A port reference (a name or a number) among the group's tasks.
+fn find_port<'a>(group: &'a TaskGroup, reference: &str) -> Option<Target<'a>> {
+    let declared = |matches: &dyn Fn(&Port) -> bool| {
+        group.tasks.iter().enumerate().find_map(|(t, task)| {
+            task.ports.iter().find(|p| matches(p)).map(|port| Target {
+                task: Some(t),
                 port: Some(port),
                 number: port.port,
-            });
-        }
-        if let Ok(number) = reference.parse::<i32>() {
-            let port = candidate.ports.iter().find(|p| p.port == number);
-            if port.is_some() || task.is_some() {
-                return Some(Target {
-                    task: t,
-                    port,
-                    number,
-                });
-            }
-        }
-    }
-    None
-}
-
-/// The task a service probes and its port.
-fn service_target<'a>(group: &'a TaskGroup, g: usize, s: usize) -> Result<Target<'a>, CompileError> {
-    let service = &group.services[s];
-    let field = group_field(g, &format!("services[{s}]"));
-    let task = service
-        .task
-        .as_ref()
-        .map(|name| {
-            group.tasks.iter().position(|t| &t.name == name).ok_or_else(|| {
-                CompileError::new(format!("{field}.task"), format!("no task {name:?} in the group"))
             })
         })
-        .transpose()?;
-    find_port(group, task, &service.port).ok_or_else(|| {
+    };
+    if let Some(named) = declared(&|p: &Port| p.name == reference) {
+        return Some(named);
+    }
+    let number = reference
+        .parse::<i32>()
+        .ok()
+        .filter(|n| (1..=65535).contains(n))?;
+    declared(&|p: &Port| p.port == number).or(Some(Target {
+        task: None,
+        port: None,
+        number,
+    }))
+}
+
+/// The task a service probes (its `task`, or the task declaring its port) and its port.
+fn service_target<'a>(group: &'a TaskGroup, g: usize, s: usize) -> Result<(usize, Target<'a>), CompileError> {
+    let service = &group.services[s];
+    let field = group_field(g, &format!("services[{s}]"));
+    let target = find_port(group, &service.port).ok_or_else(|| {
         CompileError::new(
             format!("{field}.port"),
             format!(
@@ -479,39 +467,54 @@ fn service_target<'a>(group: &'a TaskGroup, g: usize, s: usize) -> Result<Target
                 service.port
             ),
         )
-    })
+    })?;
+    let task = match &service.task {
+        Some(name) => group.tasks.iter().position(|t| &t.name == name).ok_or_else(|| {
+            CompileError::new(format!("{field}.task"), format!("no task {name:?} in the group"))
+        })?,
+        None => target.task.ok_or_else(|| {
+            CompileError::new(
+                format!("{field}.task"),
+                format!(
+                    "no task declares port {}: name the task the service's checks probe",
+                    service.port
+                ),
+            )
+        })?,
+    };
+    Ok((task, target))
 }
 
 /// The readiness probe of each task a service check probes.
 fn probes(group: &TaskGroup, g: usize) -> Result<BTreeMap<usize, Probe>, CompileError> {
     let mut probes: BTreeMap<usize, (String, Probe)> = BTreeMap::new();
     for (s, service) in group.services.iter().enumerate() {
-        let target = service_target(group, g, s)?;
+        let (task, _) = service_target(group, g, s)?;
         for (c, check) in service.checks.iter().enumerate() {
             let field = group_field(g, &format!("services[{s}].checks[{c}]"));
-            if let Some((first, _)) = probes.get(&target.task) {
+            if let Some((first, _)) = probes.get(&task) {
                 return Err(CompileError::new(
                     field,
                     format!(
                         "task {:?} already has its readiness probe from {first}: a container has one",
-                        group.tasks[target.task].name
+                        group.tasks[task].name
                     ),
                 ));
             }
             let reference = check.port.as_deref().unwrap_or(&service.port);
-            let port = find_port(group, Some(target.task), reference).ok_or_else(|| {
+            let port = find_port(group, reference).ok_or_else(|| {
                 CompileError::new(
                     format!("{field}.port"),
-                    format!(
-                        "{reference:?} is not a port of task {:?}",
-                        group.tasks[target.task].name
-                    ),
+                    format!("{reference:?} is neither a port name nor a port number of the group's tasks"),
                 )
             })?;
-            // A named port resolves in the probed container; Kubernetes' gRPC probe
-            // takes a number only.
+            // A port name resolves only among the probed container's own ports (and
+            // Kubernetes' gRPC probe takes a number only); the pod has one network, so
+            // the number reaches any task's port.
             let port_ref = match port.port {
-                Some(p) if reference == p.name => IntOrString::String(p.name.clone()),
+                Some(p) if reference == p.name && port.task == Some(task) => {
+                    IntOrString::String(p.name.clone())
+                }
                 _ => IntOrString::Int(port.number),
             };
             let mut probe = Probe::default();
@@ -562,7 +565,7 @@ fn probes(group: &TaskGroup, g: usize) -> Result<BTreeMap<usize, Probe>, Compile
             };
             probe.period_seconds = Some(seconds(check.interval.as_ref(), 10, "interval")?);
             probe.timeout_seconds = Some(seconds(check.timeout.as_ref(), 2, "timeout")?);
-            probes.insert(target.task, (field, probe));
+            probes.insert(task, (field, probe));
         }
     }
     Ok(probes.into_iter().map(|(t, (_, p))| (t, p)).collect())
@@ -591,7 +594,7 @@ fn connect_annotations(
     }
     // Nomad's sidecar service forwards to the group service's port.
     if !group.services.is_empty() {
-        let target = service_target(group, g, 0)?;
+        let (_, target) = service_target(group, g, 0)?;
         annotations.insert(mesh::APP_PORT.to_owned(), target.number.to_string());
     }
     Ok(())
