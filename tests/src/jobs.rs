@@ -316,6 +316,8 @@ pub async fn set_pod_finished(client: &Client, ns: &str, pod: &str, succeeded: b
 /// One moment of a watched set of pods: what changed and every pod as it then was.
 #[derive(Clone, Debug)]
 pub struct PodSnapshot {
+    /// When the watch delivered the change.
+    pub at: std::time::Instant,
     pub pods: Vec<PodState>,
 }
 
@@ -338,6 +340,13 @@ impl PodSnapshot {
         self.pods
             .iter()
             .filter(|p| !p.gone && p.version == Some(version))
+            .count()
+    }
+
+    pub fn available_of_version(&self, version: i64) -> usize {
+        self.pods
+            .iter()
+            .filter(|p| p.ready && !p.gone && p.version == Some(version))
             .count()
     }
 }
@@ -389,6 +398,7 @@ impl PodWatch {
                     };
                     if changed {
                         history.lock().push(PodSnapshot {
+                            at: std::time::Instant::now(),
                             pods: pods.values().cloned().collect(),
                         });
                     }
@@ -428,9 +438,19 @@ pub fn jobs_api(client: &Client, ns: &str) -> Api<Job> {
     Api::namespaced(client.clone(), ns)
 }
 
-/// Applies a Job (YAML, without its namespace) with `kubectl apply`, as a user would.
-pub fn apply_job(ns: &str, yaml: &str) -> Result<()> {
-    let (ok, out) = kubectl_stdin(&["apply", "-n", ns, "-f", "-"], yaml);
+/// A Job manifest: `spec` as JSON, in the test's namespace once applied.
+pub fn job_manifest(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "jobs.capstan.dev/v1alpha1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+/// Applies a Job manifest with `kubectl apply`, as a user would.
+pub fn apply_job(ns: &str, manifest: &serde_json::Value) -> Result<()> {
+    let (ok, out) = kubectl_stdin(&["apply", "-n", ns, "-f", "-"], &manifest.to_string());
     if !ok {
         bail!("kubectl apply refused the Job: {out}");
     }
@@ -438,8 +458,8 @@ pub fn apply_job(ns: &str, yaml: &str) -> Result<()> {
 }
 
 /// `kubectl apply` of a Job that must be refused: the refusal's text.
-pub fn apply_refused(ns: &str, yaml: &str) -> Result<String> {
-    let (ok, out) = kubectl_stdin(&["apply", "-n", ns, "-f", "-"], yaml);
+pub fn apply_refused(ns: &str, manifest: &serde_json::Value) -> Result<String> {
+    let (ok, out) = kubectl_stdin(&["apply", "-n", ns, "-f", "-"], &manifest.to_string());
     if ok {
         bail!("kubectl apply accepted a Job it should refuse: {out}");
     }
@@ -464,7 +484,7 @@ pub fn status_of(job: &Job) -> JobStatus {
 }
 
 /// The Ready condition's (status, reason).
-pub fn ready_of(job: &Job) -> Option<(String, String)> {
+pub fn job_ready(job: &Job) -> Option<(String, String)> {
     let status = job.status.as_ref()?;
     let ready = capstan_crds::conditions::get(&status.conditions, capstan_crds::conditions::READY)?;
     Some((ready.status.clone(), ready.reason.clone()))
