@@ -19,6 +19,8 @@
 //! - Builders: [`replica_set`], [`services`], [`priority_class`], [`batch_job`],
 //!   [`cron_jobs`], [`daemon_set`], [`sysbatch_job`], [`eligible_nodes`],
 //!   [`payload_secret`], [`owner_reference`]; names in [`names`], labels in [`labels`].
+//! - [`check`]`(job, settings)`: every error compiling would meet whatever the nodes (what
+//!   the webhook refuses).
 //! - [`update`]: a group's effective `update` block (the group's over the job's, Nomad's
 //!   defaults filled in).
 //! - Whatever has no Kubernetes form is a [`CompileError`] naming the field
@@ -47,7 +49,7 @@ pub use objects::{
 pub use update::{Update, update};
 
 use crate::attributes::DEFAULT_DATACENTER_LABEL;
-use capstan_crds::jobs::{Job, TaskGroup};
+use capstan_crds::jobs::{Job, JobType, TaskGroup};
 use k8s_openapi::api::core::v1::{Node as K8sNode, PodTemplateSpec};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -204,6 +206,39 @@ pub fn pod_sets(
             }
         })
         .collect())
+}
+
+/// Every error compiling `job` would meet, whatever the nodes: what the webhook refuses
+/// (the builders its type uses, run against no nodes; placement's evaluated operators
+/// then match nothing, which is not an error). One error per failing builder and group,
+/// without repeats.
+pub fn check(job: &Job, settings: &Settings) -> Vec<CompileError> {
+    let nodes = Nodes::default();
+    let mut errors: Vec<CompileError> = Vec::new();
+    let mut note = |result: Result<(), CompileError>| {
+        if let Err(e) = result
+            && !errors.contains(&e)
+        {
+            errors.push(e);
+        }
+    };
+    for g in 0..job.spec.groups.len() {
+        note(pod_sets(job, g, 1, &nodes, settings).map(drop));
+        note(update(job, g).map(drop));
+        let periodic = job.spec.periodic.is_some();
+        note(match job.spec.type_ {
+            JobType::Service => Ok(()),
+            JobType::Batch | JobType::Sysbatch if periodic => {
+                cron_jobs(job, g, 1, &nodes, settings).map(drop)
+            }
+            JobType::Batch => batch_job(job, g, 1, &nodes, settings).map(drop),
+            JobType::System => daemon_set(job, g, 1, &nodes, settings).map(drop),
+            JobType::Sysbatch => sysbatch_job(job, g, 1, "node", &nodes, settings).map(drop),
+        });
+    }
+    note(services(job).map(drop));
+    note(payload_secret(job).map(drop));
+    errors
 }
 
 /// The hash of what shapes group `group_index`'s pods: the group without its count and

@@ -1215,3 +1215,37 @@ fn the_effective_update_block() {
         Some(std::time::Duration::from_secs(600))
     );
 }
+
+#[test]
+fn check_reports_each_builders_errors_without_nodes() {
+    assert_eq!(check(&job(simple()), &Settings::default()), []);
+    // Evaluated operators match nothing without nodes: not an error.
+    let mut fine = simple();
+    fine["datacenters"] = json!(["dc*"]);
+    fine["groups"][0]["constraints"] =
+        json!([{"attribute": "${meta.rack}", "operator": "regexp", "value": "^r"}]);
+    assert_eq!(check(&job(fine), &Settings::default()), []);
+
+    let mut bad = with_group(json!({
+        "update": {"canary": 1},
+        "services": [{"name": "web", "port": "nope"}],
+    }));
+    bad["type"] = json!("system");
+    let fields: Vec<String> = check(&job(bad), &Settings::default())
+        .into_iter()
+        .map(|e| e.field)
+        .collect();
+    assert_eq!(
+        fields,
+        ["spec.groups[0].services[0].port", "spec.groups[0].update.canary"]
+    );
+
+    let mut periodic = simple();
+    periodic["type"] = json!("sysbatch");
+    periodic["periodic"] = json!({"crons": ["@daily"]});
+    let fields: Vec<String> = check(&job(periodic), &Settings::default())
+        .into_iter()
+        .map(|e| e.field)
+        .collect();
+    assert_eq!(fields, ["spec.periodic"]);
+}
