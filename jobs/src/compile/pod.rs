@@ -306,7 +306,8 @@ fn runtime_env(job: &Job, group: &TaskGroup, task: &Task, parent: Option<&str>, 
         // Nomad sets the key as written and upper-cased, both made environment-safe.
         for key in [env_name(key), env_name(key).to_ascii_uppercase()] {
             if seen.insert(key.clone()) {
-                env.push(literal(&format!("NOMAD_META_{key}"), value.clone()));
+                // Meta is data: escaped, so Kubernetes expands nothing in it.
+                env.push(literal(&format!("NOMAD_META_{key}"), escape(value)));
             }
         }
     }

@@ -621,7 +621,7 @@ fn runtime_environment_and_interpolation() {
             "ports": [{"name": "http", "port": 8080}],
         }],
     }));
-    s["meta"] = json!({"tier": "silver", "owner": "ops"});
+    s["meta"] = json!({"tier": "silver", "owner": "ops", "price": "$(5)"});
     let set = one_set(&job(s));
     let c = main_container(&set);
     assert_eq!(c.command.as_deref(), Some(&["/bin/server".to_owned()][..]));
@@ -642,6 +642,11 @@ fn runtime_environment_and_interpolation() {
     );
     assert_eq!(env(c, "NOMAD_META_TIER"), Some("gold"));
     assert_eq!(env(c, "NOMAD_META_owner"), Some("ops"));
+    assert_eq!(
+        env(c, "NOMAD_META_price"),
+        Some("$$(5)"),
+        "meta is data, never expanded"
+    );
     assert_eq!(
         env(c, "NOMAD_META_my_key"),
         Some("group"),
