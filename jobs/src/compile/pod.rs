@@ -10,8 +10,8 @@ use capstan_crds::jobs::{
 };
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, GRPCAction, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource,
-    TCPSocketAction, Volume, VolumeMount,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceFieldSelector, ResourceRequirements,
+    SecretVolumeSource, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -26,6 +26,13 @@ pub const PAYLOAD_KEY: &str = "payload";
 const PAYLOAD_VOLUME: &str = "dispatch-payload";
 /// Where Nomad writes a task's payload file (its task directory's `local/`).
 const PAYLOAD_DIR: &str = "/local";
+/// Nomad's allocation directory, shared by the group's tasks: an emptyDir in every
+/// container (prestart tasks leave files there for the main ones).
+const ALLOC_VOLUME: &str = "nomad-alloc";
+const ALLOC_DIR: &str = "/alloc";
+/// Where the secrets agent writes the rendered templates: the directory the webhook
+/// mounts its volume at (webhook::inject::agent::SECRETS_DIR), Nomad's `secrets/`.
+const SECRETS_DIR: &str = "/capstan/secrets";
 /// The annotation a batch/v1 Job in Indexed mode gives each pod: Nomad's alloc index.
 const COMPLETION_INDEX: &str = "metadata.annotations['batch.kubernetes.io/job-completion-index']";
 
@@ -67,14 +74,20 @@ pub(super) fn template(
         let field = group_field(g, &format!("tasks[{t}]"));
         let mut container = container(job, group, task, parent, batch, &field)?;
         container.readiness_probe = probes.get(&t).cloned();
+        let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+        mounts.push(VolumeMount {
+            name: ALLOC_VOLUME.to_owned(),
+            mount_path: ALLOC_DIR.to_owned(),
+            ..Default::default()
+        });
         if let (true, Some(dp)) = (payload, &task.dispatch_payload) {
-            container.volume_mounts = Some(vec![VolumeMount {
+            mounts.push(VolumeMount {
                 name: PAYLOAD_VOLUME.to_owned(),
                 mount_path: format!("{PAYLOAD_DIR}/{}", dp.file),
                 sub_path: Some(PAYLOAD_KEY.to_owned()),
                 read_only: Some(true),
                 ..Default::default()
-            }]);
+            });
         }
         if let Some(timeout) = &task.kill_timeout {
             let d = duration::parse(timeout)
@@ -125,21 +138,24 @@ pub(super) fn template(
     let mut annotations = BTreeMap::new();
     connect_annotations(group, g, &mut annotations)?;
     vault_annotations(group, g, &mut annotations)?;
-    let volumes = payload.then(|| {
-        vec![Volume {
-            name: PAYLOAD_VOLUME.to_owned(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(names::payload_secret(name)),
-                items: Some(vec![KeyToPath {
-                    key: PAYLOAD_KEY.to_owned(),
-                    path: PAYLOAD_KEY.to_owned(),
-                    ..Default::default()
-                }]),
+    let mut volumes = vec![Volume {
+        name: ALLOC_VOLUME.to_owned(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    }];
+    volumes.extend(payload.then(|| Volume {
+        name: PAYLOAD_VOLUME.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(names::payload_secret(name)),
+            items: Some(vec![KeyToPath {
+                key: PAYLOAD_KEY.to_owned(),
+                path: PAYLOAD_KEY.to_owned(),
                 ..Default::default()
-            }),
+            }]),
             ..Default::default()
-        }]
-    });
+        }),
+        ..Default::default()
+    }));
     let restart_policy = if batch { restart(group).policy } else { "Always" };
     Ok(PodTemplateSpec {
         metadata: Some(ObjectMeta {
@@ -154,7 +170,7 @@ pub(super) fn template(
             termination_grace_period_seconds: grace,
             priority_class_name: Some(names::priority_class(job.spec.priority)),
             service_account_name: group.vault.as_ref().and_then(|v| v.service_account.clone()),
-            volumes,
+            volumes: Some(volumes),
             ..Default::default()
         }),
     })
@@ -292,9 +308,32 @@ fn runtime_env(job: &Job, group: &TaskGroup, task: &Task, parent: Option<&str>, 
         from_field("NOMAD_NAMESPACE", "metadata.namespace"),
         from_field("NOMAD_ALLOC_ID", "metadata.uid"),
         from_field("NOMAD_ALLOC_NAME", "metadata.name"),
+        literal("NOMAD_ALLOC_DIR", ALLOC_DIR.to_owned()),
     ]);
     if batch {
         env.push(from_field("NOMAD_ALLOC_INDEX", COMPLETION_INDEX));
+    }
+    if group.vault.is_some() {
+        env.push(literal("NOMAD_SECRETS_DIR", SECRETS_DIR.to_owned()));
+    }
+    if task
+        .resources
+        .as_ref()
+        .is_some_and(|r| r.memory.is_some() || r.memory_max.is_some())
+    {
+        // Nomad gives the limit in MiB.
+        env.push(EnvVar {
+            name: "NOMAD_MEMORY_LIMIT".to_owned(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                resource_field_ref: Some(ResourceFieldSelector {
+                    container_name: Some(task.name.clone()),
+                    resource: "limits.memory".to_owned(),
+                    divisor: Some(Quantity("1Mi".to_owned())),
+                }),
+                ..Default::default()
+            }),
+        });
     }
     let mut meta: BTreeMap<&String, &String> = job.spec.meta.iter().collect();
     meta.extend(&group.meta);

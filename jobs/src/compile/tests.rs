@@ -577,6 +577,19 @@ fn lifecycle_hooks_are_init_and_sidecar_containers() {
         Some(20),
         "the longest kill_timeout"
     );
+    // Nomad's alloc directory: shared by every task, init containers included.
+    assert_eq!(
+        pod.volumes.as_ref().unwrap()[0].empty_dir,
+        Some(Default::default())
+    );
+    for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
+        let mount = &c.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            ("nomad-alloc", "/alloc")
+        );
+        assert_eq!(env(c, "NOMAD_ALLOC_DIR"), Some("/alloc"));
+    }
 }
 
 #[test]
@@ -710,6 +723,27 @@ fn resources_take_memory_max_as_the_limit() {
     let set = one_set(&job(s));
     let r = main_container(&set).resources.clone().unwrap();
     assert_eq!(r.requests.unwrap()["memory"].0, "256Mi");
+    let limit = main_container(&set)
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "NOMAD_MEMORY_LIMIT")
+        .unwrap();
+    let field = limit
+        .value_from
+        .as_ref()
+        .unwrap()
+        .resource_field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (
+            field.resource.as_str(),
+            field.divisor.as_ref().unwrap().0.as_str()
+        ),
+        ("limits.memory", "1Mi")
+    );
     assert_eq!(r.limits.as_ref().unwrap()["memory"].0, "1Gi");
     assert!(
         !r.limits.unwrap().contains_key("cpu"),
@@ -811,6 +845,10 @@ fn vault_and_templates_are_agent_annotations() {
         "USER={{ user }}\nPASS={{ password }}"
     );
     assert_eq!(spec(&set).service_account_name.as_deref(), Some("web-sa"));
+    assert_eq!(
+        env(main_container(&set), "NOMAD_SECRETS_DIR"),
+        Some("/capstan/secrets")
+    );
 
     let no_vault = with_group(json!({"tasks": [{"name": "server", "image": "s",
         "templates": [{"destination": "a", "data": "x"}]}]}));
@@ -1171,19 +1209,15 @@ fn a_dispatched_child_gets_meta_parent_and_payload() {
     let work = &pod.containers[0];
     assert_eq!(env(work, "NOMAD_JOB_PARENT_ID"), Some("render"));
     assert_eq!(env(work, "NOMAD_META_customer"), Some("acme"));
-    let mount = &work.volume_mounts.as_ref().unwrap()[0];
+    let mount = &work.volume_mounts.as_ref().unwrap()[1];
     assert_eq!(mount.mount_path, "/local/input.json");
     assert_eq!(mount.sub_path.as_deref(), Some("payload"));
     assert_eq!(mount.read_only, Some(true));
-    assert_eq!(
-        pod.containers[1].volume_mounts, None,
-        "only the task that declares it"
-    );
-    let volume = &pod.volumes.as_ref().unwrap()[0];
-    assert_eq!(
-        volume.secret.as_ref().unwrap().secret_name.as_deref(),
-        Some("web-payload")
-    );
+    let others = pod.containers[1].volume_mounts.as_ref().unwrap();
+    assert_eq!(others.len(), 1, "only the task that declares it");
+    let volume = &pod.volumes.as_ref().unwrap()[1];
+    let secret_name = volume.secret.as_ref().unwrap().secret_name.as_deref();
+    assert_eq!(secret_name, Some("web-payload"));
 
     let secret = payload_secret(&child).unwrap().unwrap();
     assert_eq!(secret.metadata.name.as_deref(), Some("web-payload"));
