@@ -677,6 +677,14 @@ fn vault_annotations(
         }
         rendered.insert(&template.destination, (path, body));
     }
+    if rendered.is_empty() {
+        return Err(CompileError::new(
+            group_field(g, "vault"),
+            "the secrets agent renders secrets into files and needs at least one task template \
+             ({{ with secret \"<path>\" }}...{{ end }}); a Vault token in the environment has no \
+             equivalent",
+        ));
+    }
     for (destination, (path, body)) in rendered {
         annotations.insert(format!("{}{destination}", agent::SECRET_PREFIX), path);
         annotations.insert(format!("{}{destination}", agent::TEMPLATE_PREFIX), body);

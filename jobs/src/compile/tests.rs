@@ -850,6 +850,8 @@ fn vault_and_templates_are_agent_annotations() {
         Some("/capstan/secrets")
     );
 
+    let no_template = with_group(json!({"vault": {"role": "web"}}));
+    assert_eq!(error(no_template).field, "spec.groups[0].vault");
     let no_vault = with_group(json!({"tasks": [{"name": "server", "image": "s",
         "templates": [{"destination": "a", "data": "x"}]}]}));
     assert_eq!(error(no_vault).field, "spec.groups[0].tasks[0].templates[0]");
