@@ -714,6 +714,11 @@ fn agent_template(template: &Template, field: &str) -> Result<(String, String), 
         )
     })?;
     let path = captures[1].to_owned();
+    // The agent's own rules, which the webhook applies to the pod: refused here, at apply.
+    capstan_crds::secrets::check_file_name(&template.destination)
+        .map_err(|e| CompileError::new(format!("{field}.destination"), e))?;
+    capstan_crds::secrets::agent_path_kind(&path)
+        .map_err(|e| CompileError::new(format!("{field}.data"), e))?;
     let body = DATA_FIELD.replace_all(&captures[2], "{{ $1 }}").into_owned();
     if PLACEHOLDER.replace_all(&body, "").contains("{{") {
         return Err(CompileError::new(

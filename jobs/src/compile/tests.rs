@@ -850,6 +850,15 @@ fn vault_and_templates_are_agent_annotations() {
         Some("/capstan/secrets")
     );
 
+    let kv1 = with_group(
+        json!({"vault": {"role": "web"}, "tasks": [{"name": "server", "image": "s",
+        "templates": [{"destination": "a", "data": "{{ with secret \"secret/app\" }}{{ .Data.x }}{{ end }}"}]}]}),
+    );
+    let e = error(kv1);
+    assert_eq!(
+        e.field, "spec.groups[0].tasks[0].templates[0].data",
+        "the agent reads KV v2 and database paths"
+    );
     let no_template = with_group(json!({"vault": {"role": "web"}}));
     assert_eq!(error(no_template).field, "spec.groups[0].vault");
     let no_vault = with_group(json!({"tasks": [{"name": "server", "image": "s",
