@@ -56,6 +56,11 @@ const META_KEY: &str = r"^[A-Za-z_][A-Za-z0-9_.-]*$";
     .message("parameterized: only batch and sysbatch jobs can be parameterized").field_path(".parameterized"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.parameterized) || !has(self.dispatch)")
     .message("dispatch: a dispatched child is not itself parameterized").field_path(".dispatch"))]
+// A child is judged against its parent when it is dispatched (by the webhook, which
+// reads the parent): changing spec.dispatch afterwards would escape that check.
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.dispatch) == has(oldSelf.dispatch) && (!has(self.dispatch) || self.dispatch == oldSelf.dispatch)")
+    .message("dispatch: set when a child is dispatched and never changed after").field_path(".dispatch"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.update) || self.type == 'service' || self.type == 'system'")
     .message("update: only service and system jobs have an update strategy").field_path(".update"))]
 pub struct JobSpec {
