@@ -26,6 +26,9 @@ pub const PAYLOAD_KEY: &str = "payload";
 const PAYLOAD_VOLUME: &str = "dispatch-payload";
 /// Where Nomad writes a task's payload file (its task directory's `local/`).
 const PAYLOAD_DIR: &str = "/local";
+/// The variables the node attributes a pod can read interpolate to.
+const NODE_NAME: &str = "CAPSTAN_NODE_NAME";
+const NODE_IP: &str = "CAPSTAN_NODE_IP";
 /// Nomad's allocation directory, shared by the group's tasks: an emptyDir in every
 /// container (prestart tasks leave files there for the main ones).
 const ALLOC_VOLUME: &str = "nomad-alloc";
@@ -33,6 +36,8 @@ const ALLOC_DIR: &str = "/alloc";
 /// Where the secrets agent writes the rendered templates: the directory the webhook
 /// mounts its volume at (webhook::inject::agent::SECRETS_DIR), Nomad's `secrets/`.
 const SECRETS_DIR: &str = "/capstan/secrets";
+/// Nomad's healthy_deadline where no update block applies (batch and sysbatch groups).
+const DEFAULT_HEALTHY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 /// The annotation a batch/v1 Job in Indexed mode gives each pod: Nomad's alloc index.
 const COMPLETION_INDEX: &str = "metadata.annotations['batch.kubernetes.io/job-completion-index']";
 
@@ -59,7 +64,11 @@ pub(super) fn template(
         Parent::Periodic => Some(name),
     };
     let batch = matches!(job.spec.type_, JobType::Batch | JobType::Sysbatch);
-    let probes = probes(group, g)?;
+    let healthy_deadline = match job.spec.type_ {
+        JobType::Service | JobType::System => super::update(job, g)?.healthy_deadline,
+        JobType::Batch | JobType::Sysbatch => DEFAULT_HEALTHY_DEADLINE,
+    };
+    let probes = probes(group, g, healthy_deadline)?;
     let payload = job
         .spec
         .dispatch
@@ -73,7 +82,10 @@ pub(super) fn template(
     for (t, task) in group.tasks.iter().enumerate() {
         let field = group_field(g, &format!("tasks[{t}]"));
         let mut container = container(job, group, task, parent, batch, &field)?;
-        container.readiness_probe = probes.get(&t).cloned();
+        if let Some(task_probes) = probes.get(&t).cloned() {
+            container.readiness_probe = Some(task_probes.readiness);
+            container.startup_probe = task_probes.startup;
+        }
         let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
         mounts.push(VolumeMount {
             name: ALLOC_VOLUME.to_owned(),
@@ -309,6 +321,10 @@ fn runtime_env(job: &Job, group: &TaskGroup, task: &Task, parent: Option<&str>, 
         from_field("NOMAD_ALLOC_ID", "metadata.uid"),
         from_field("NOMAD_ALLOC_NAME", "metadata.name"),
         literal("NOMAD_ALLOC_DIR", ALLOC_DIR.to_owned()),
+        // Not Nomad's: what `${node.unique.name}` and `${attr.unique.network.ip-address}`
+        // interpolate to, the two node attributes the downward API can give a pod.
+        from_field(NODE_NAME, "spec.nodeName"),
+        from_field(NODE_IP, "status.hostIP"),
     ]);
     if batch {
         env.push(from_field("NOMAD_ALLOC_INDEX", COMPLETION_INDEX));
@@ -414,7 +430,8 @@ fn from_field(name: &str, path: &str) -> EnvVar {
 /// Nomad's runtime interpolation as Kubernetes' dependent variables: `${NOMAD_PORT_http}`
 /// and `${env["X"]}` become `$(NOMAD_PORT_http)` and `$(X)` when the container defines
 /// the variable; any other `${...}` is left as written (Nomad leaves what it cannot
-/// resolve), except node attributes, which a pod cannot read. Literal `$(` and `$$` are
+/// resolve), except node attributes: the node's name and IP come from the downward API,
+/// the others are refused since a pod cannot read its node's labels. Literal `$(` and `$$` are
 /// escaped so Kubernetes does not expand them.
 fn interpolate(text: &str, known: &BTreeSet<String>, field: &str) -> Result<String, CompileError> {
     let mut out = String::with_capacity(text.len());
@@ -430,6 +447,11 @@ fn interpolate(text: &str, known: &BTreeSet<String>, field: &str) -> Result<Stri
             .strip_prefix("env[\"")
             .and_then(|v| v.strip_suffix("\"]"))
             .unwrap_or(inner);
+        let variable = match variable {
+            "node.unique.name" | "node.unique.id" | "attr.unique.hostname" => NODE_NAME,
+            "attr.unique.network.ip-address" => NODE_IP,
+            other => other,
+        };
         if known.contains(variable) {
             out.push_str(&format!("$({variable})"));
         } else if ["node.", "attr.", "meta."].iter().any(|p| inner.starts_with(p)) {
@@ -526,17 +548,22 @@ fn service_target<'a>(group: &'a TaskGroup, g: usize, s: usize) -> Result<(usize
 }
 
 /// The readiness probe of each task a service check probes.
-fn probes(group: &TaskGroup, g: usize) -> Result<BTreeMap<usize, Probe>, CompileError> {
-    let mut probes: BTreeMap<usize, (String, Probe)> = BTreeMap::new();
+fn probes(
+    group: &TaskGroup,
+    g: usize,
+    healthy_deadline: std::time::Duration,
+) -> Result<BTreeMap<usize, Probes>, CompileError> {
+    let mut probes: BTreeMap<usize, (String, Probes)> = BTreeMap::new();
     for (s, service) in group.services.iter().enumerate() {
         let (task, _) = service_target(group, g, s)?;
         for (c, check) in service.checks.iter().enumerate() {
             let field = group_field(g, &format!("services[{s}].checks[{c}]"));
-            if let Some((first, _)) = probes.get(&task) {
+            if let Some((first, Probes { startup: Some(_), .. })) = probes.get(&task) {
                 return Err(CompileError::new(
                     field,
                     format!(
-                        "task {:?} already has its readiness probe from {first}: a container has one",
+                        "task {:?} already has a readiness and a startup probe (up to {first}): a \
+                         container has no third",
                         group.tasks[task].name
                     ),
                 ));
@@ -605,10 +632,41 @@ fn probes(group: &TaskGroup, g: usize) -> Result<BTreeMap<usize, Probe>, Compile
             };
             probe.period_seconds = Some(seconds(check.interval.as_ref(), 10, "interval")?);
             probe.timeout_seconds = Some(seconds(check.timeout.as_ref(), 2, "timeout")?);
-            probes.insert(task, (field, probe));
+            match probes.get_mut(&task) {
+                None => {
+                    probes.insert(
+                        task,
+                        (
+                            field,
+                            Probes {
+                                readiness: probe,
+                                startup: None,
+                            },
+                        ),
+                    );
+                }
+                Some((last, probes)) => {
+                    // A second check must pass once before the first decides readiness;
+                    // it gives up (the container restarts) when Nomad would call the
+                    // allocation unhealthy, at the healthy deadline.
+                    let period = i64::from(probe.period_seconds.unwrap_or(10));
+                    let attempts = duration::ceil_seconds(healthy_deadline).div_euclid(period).max(1);
+                    probe.failure_threshold = Some(i32::try_from(attempts).unwrap_or(i32::MAX));
+                    probes.startup = Some(probe);
+                    *last = field;
+                }
+            }
         }
     }
     Ok(probes.into_iter().map(|(t, (_, p))| (t, p)).collect())
+}
+
+/// A task's probes from its service checks: the first check decides readiness, a second
+/// must pass once at start.
+#[derive(Clone)]
+struct Probes {
+    readiness: Probe,
+    startup: Option<Probe>,
 }
 
 /// `connect` as the mesh webhook's annotations.
@@ -693,7 +751,7 @@ fn vault_annotations(
 }
 
 static WITH_SECRET: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r#"(?s)^\s*\{\{-?\s*with\s+secret\s+"([^"]+)"\s*-?\}\}(.*)\{\{-?\s*end\s*-?\}\}\s*$"#)
+    Regex::new(r#"(?s)\{\{-?\s*with\s+secret\s+"([^"]+)"\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}"#)
         .expect("a valid regex")
 });
 static DATA_FIELD: LazyLock<Regex> = LazyLock::new(|| {
@@ -702,30 +760,44 @@ static DATA_FIELD: LazyLock<Regex> = LazyLock::new(|| {
 static PLACEHOLDER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\{\{\s*[A-Za-z0-9_.-]+\s*\}\}").expect("a valid regex"));
 
-/// A Nomad template as the agent's secret path and template: one
-/// `{{ with secret "<path>" }} ... {{ end }}` whose body reads `.Data.data.<field>` (KV
-/// v2) or `.Data.<field>`, which become the agent's `{{ <field> }}`.
+/// A Nomad template as the agent's secret path and template: text around
+/// `{{ with secret "<path>" }} ... {{ end }}` blocks, all of one secret, whose bodies read
+/// `.Data.data.<field>` (KV v2) or `.Data.<field>`, which become the agent's
+/// `{{ <field> }}`. Go's `{{-`/`-}}` whitespace trimming is not reproduced.
 fn agent_template(template: &Template, field: &str) -> Result<(String, String), CompileError> {
-    let captures = WITH_SECRET.captures(&template.data).ok_or_else(|| {
-        CompileError::new(
-            format!("{field}.data"),
-            "the secrets agent renders one secret per file: the template must be \
-             {{ with secret \"<path>\" }} ... {{ .Data.data.<field> }} ... {{ end }}",
-        )
-    })?;
-    let path = captures[1].to_owned();
+    let data_field = || format!("{field}.data");
+    let mut paths = BTreeSet::new();
+    let body = WITH_SECRET.replace_all(&template.data, |captures: &regex::Captures<'_>| {
+        paths.insert(captures[1].to_owned());
+        DATA_FIELD.replace_all(&captures[2], "{{ $1 }}").into_owned()
+    });
+    let path = match paths.len() {
+        1 => paths.into_iter().next().unwrap_or_default(),
+        0 => {
+            return Err(CompileError::new(
+                data_field(),
+                "the secrets agent renders a secret into the file: the template must read one with \
+                 {{ with secret \"<path>\" }} ... {{ .Data.data.<field> }} ... {{ end }}",
+            ));
+        }
+        _ => {
+            return Err(CompileError::new(
+                data_field(),
+                "the secrets agent renders one secret per file: every `with secret` of a template \
+                 must name the same path",
+            ));
+        }
+    };
     // The agent's own rules, which the webhook applies to the pod: refused here, at apply.
     capstan_crds::secrets::check_file_name(&template.destination)
         .map_err(|e| CompileError::new(format!("{field}.destination"), e))?;
-    capstan_crds::secrets::agent_path_kind(&path)
-        .map_err(|e| CompileError::new(format!("{field}.data"), e))?;
-    let body = DATA_FIELD.replace_all(&captures[2], "{{ $1 }}").into_owned();
+    capstan_crds::secrets::agent_path_kind(&path).map_err(|e| CompileError::new(data_field(), e))?;
     if PLACEHOLDER.replace_all(&body, "").contains("{{") {
         return Err(CompileError::new(
-            format!("{field}.data"),
+            data_field(),
             "inside the secret, the agent reads only {{ .Data.data.<field> }} (or {{ .Data.<field> }}); \
              other template actions have no form",
         ));
     }
-    Ok((path, body))
+    Ok((path, body.into_owned()))
 }

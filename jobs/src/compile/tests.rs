@@ -802,12 +802,38 @@ fn service_checks_are_readiness_probes() {
 }
 
 #[test]
-fn checks_that_cannot_compile_are_refused() {
-    let two = with_group(json!({
-        "services": [{"name": "web", "port": "http", "checks": [{"type": "tcp"}, {"type": "http", "path": "/"}]}],
+fn a_second_check_on_a_task_is_its_startup_probe() {
+    let mut s = with_group(json!({
+        "services": [{"name": "web", "port": "http", "checks": [
+            {"type": "http", "path": "/healthz"},
+            {"type": "tcp", "interval": "30s"},
+        ]}],
     }));
-    let e = error(two);
-    assert_eq!(e.field, "spec.groups[0].services[0].checks[1]");
+    s["update"] = json!({"healthyDeadline": "3m"});
+    let set = one_set(&job(s));
+    let c = main_container(&set);
+    assert!(
+        c.readiness_probe.as_ref().unwrap().http_get.is_some(),
+        "the first check decides readiness"
+    );
+    let startup = c.startup_probe.as_ref().unwrap();
+    assert!(startup.tcp_socket.is_some());
+    assert_eq!(startup.period_seconds, Some(30));
+    assert_eq!(
+        startup.failure_threshold,
+        Some(6),
+        "gives up at the healthy deadline: 3m / 30s"
+    );
+}
+
+#[test]
+fn checks_that_cannot_compile_are_refused() {
+    let three = with_group(json!({
+        "services": [{"name": "web", "port": "http", "checks": [{"type": "tcp"}, {"type": "http", "path": "/"}]},
+                     {"name": "again", "port": "http", "checks": [{"type": "tcp"}]}],
+    }));
+    let e = error(three);
+    assert_eq!(e.field, "spec.groups[0].services[1].checks[0]");
     let unknown = with_group(json!({"services": [{"name": "web", "port": "nope"}]}));
     assert_eq!(error(unknown).field, "spec.groups[0].services[0].port");
     let other_task = with_group(json!({
@@ -858,6 +884,14 @@ fn vault_and_templates_are_agent_annotations() {
     assert_eq!(
         e.field, "spec.groups[0].tasks[0].templates[0].data",
         "the agent reads KV v2 and database paths"
+    );
+    let two_paths = with_group(
+        json!({"vault": {"role": "web"}, "tasks": [{"name": "server", "image": "s",
+        "templates": [{"destination": "a", "data": "{{ with secret \"kv/data/a\" }}{{ .Data.data.x }}{{ end }}{{ with secret \"kv/data/b\" }}{{ .Data.data.y }}{{ end }}"}]}]}),
+    );
+    assert_eq!(
+        error(two_paths).field,
+        "spec.groups[0].tasks[0].templates[0].data"
     );
     let no_template = with_group(json!({"vault": {"role": "web"}}));
     assert_eq!(error(no_template).field, "spec.groups[0].vault");
@@ -1298,4 +1332,58 @@ fn check_reports_each_builders_errors_without_nodes() {
         .map(|e| e.field)
         .collect();
     assert_eq!(fields, ["spec.periodic"]);
+}
+
+#[test]
+fn templates_keep_the_text_around_their_secret() {
+    let s = with_group(json!({
+        "vault": {"role": "web"},
+        "tasks": [{"name": "server", "image": "s", "templates": [{
+            "destination": "web.env",
+            "data": "password={{ with secret \"kv/data/web\" }}{{ .Data.data.password }}{{ end }}\nuser={{ with secret \"kv/data/web\" }}{{ .Data.data.user }}{{ end }}\n",
+        }]}],
+    }));
+    let set = one_set(&job(s));
+    let annotations = set
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap();
+    assert_eq!(
+        annotations["capstan.dev/agent-inject-secret-web.env"],
+        "kv/data/web"
+    );
+    assert_eq!(
+        annotations["capstan.dev/agent-inject-template-web.env"],
+        "password={{ password }}\nuser={{ user }}\n"
+    );
+}
+
+#[test]
+fn the_node_name_and_ip_come_from_the_downward_api() {
+    let s = with_group(json!({"tasks": [{"name": "server", "image": "s",
+        "args": ["--node", "${node.unique.name}", "--ip=${attr.unique.network.ip-address}"]}]}));
+    let set = one_set(&job(s));
+    let c = main_container(&set);
+    assert_eq!(
+        c.args.clone().unwrap(),
+        ["--node", "$(CAPSTAN_NODE_NAME)", "--ip=$(CAPSTAN_NODE_IP)"]
+    );
+    let paths: BTreeMap<&str, &str> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.name.as_str(),
+                e.value_from.as_ref()?.field_ref.as_ref()?.field_path.as_str(),
+            ))
+        })
+        .collect();
+    assert_eq!(paths["CAPSTAN_NODE_NAME"], "spec.nodeName");
+    assert_eq!(paths["CAPSTAN_NODE_IP"], "status.hostIP");
 }
