@@ -908,6 +908,8 @@ pub fn restore_webhook_service_refs() {
     let validating = serde_json::json!({"webhooks": [
         {"name": "serviceintentions.validate.capstan.dev", "clientConfig": service("/validate-serviceintentions")},
         {"name": "ephemeralcontainers.validate.capstan.dev", "clientConfig": service("/validate-ephemeralcontainers")},
+        {"name": "dispatch.jobs.validate.capstan.dev", "clientConfig": service("/validate-jobs")},
+        {"name": "jobs.validate.capstan.dev", "clientConfig": service("/validate-jobs")},
     ]});
     for (kind, patch) in [
         ("mutatingwebhookconfiguration", mutating),

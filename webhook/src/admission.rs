@@ -1,6 +1,7 @@
 //! The admission handlers: `/mutate-pods` (mesh sidecar and secrets agent injection) and
-//! `/validate-serviceintentions` (the checks the CRD schema cannot express), and
-//! `/validate-ephemeralcontainers` (`kubectl debug` in a meshed pod, M16).
+//! `/validate-serviceintentions` (the checks the CRD schema cannot express),
+//! `/validate-ephemeralcontainers` (`kubectl debug` in a meshed pod, M16) and
+//! `/validate-jobs` (Jobs, and dispatched children against their parent: `jobs`).
 //!
 //! A decision (inject, skip, refuse) is an AdmissionResponse. A failure to decide (the
 //! API unreachable while reading the namespace) is an HTTP 500, so that the API server
@@ -47,6 +48,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod jobs;
+
 pub const MUTATE_PODS: &str = "mutate-pods";
 pub const VALIDATE_INTENTIONS: &str = "validate-serviceintentions";
 /// Updates of the pods/ephemeralcontainers subresource (`kubectl debug`) of meshed pods.
@@ -81,6 +84,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(&format!("/{MUTATE_PODS_ENFORCED}"), post(mutate_pods_enforced))
         .route(&format!("/{VALIDATE_INTENTIONS}"), post(validate_intentions))
         .route(&format!("/{VALIDATE_EPHEMERAL}"), post(validate_ephemeral))
+        .route(&format!("/{}", jobs::VALIDATE_JOBS), post(jobs::validate_jobs))
         .with_state(state)
 }
 

@@ -7,7 +7,9 @@
 //! - `/validate-serviceintentions` refuses the ServiceIntentions the CRD schema cannot
 //!   (capstan-mesh's `validate`, shared with the reconciler);
 //! - `/validate-ephemeralcontainers` refuses ephemeral containers (`kubectl debug`) that
-//!   could undo a meshed pod's redirect (M16).
+//!   could undo a meshed pod's redirect (M16);
+//! - `/validate-jobs` refuses the Jobs the CRD schema cannot (capstan-jobs' `validate`,
+//!   shared with the controller) and dispatched children their parent does not allow.
 //!
 //! It serves HTTPS with a certificate it mints and rotates itself (see `certs`), kept in a
 //! Secret its replicas share, and keeps the `caBundle` of its webhook configurations
