@@ -14,17 +14,24 @@
 //! depend on them. Pods, ReplicaSets and Nodes are kept in reflector stores trimmed to
 //! what the reconcile reads (the benchmark's 10,000 pods must fit in 200 MiB).
 
+mod batch;
+mod dispatch;
+mod nodes;
+mod periodic;
+mod priority;
 mod report;
 mod revisions;
 mod service;
 mod status;
+mod sysbatch;
+mod system;
 #[cfg(test)]
 mod tests;
 
 use crate::{
     context::Context,
     leader,
-    reconciler::{self, Class, Reconcile, ReconcileError},
+    reconciler::{self, AbortOnDrop, Class, Reconcile, ReconcileError},
     status::{self as status_writer, HasStatus},
 };
 use capstan_crds::jobs::{Job, JobStatus, JobType};
@@ -202,20 +209,22 @@ pub async fn run(
         .reflect(rs_writer)
         .touched_objects();
     let (nodes, node_writer) = reflector::store();
-    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(trim_node)
-        .reflect(node_writer)
-        .touched_objects()
-        // Kubelets (and kwok) rewrite node status all the time: only what placement
-        // and the lost count read wakes the jobs.
-        .predicate_filter(node_placement, Default::default());
+    // Kubelets (and kwok) rewrite node status all the time: only what placement and
+    // the lost count read wakes the jobs (`nodes::changes`).
+    let node_changes = nodes::changes(
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(trim_node)
+            .reflect(node_writer),
+    );
 
     let jobs_api = Api::<Job>::all(client.clone());
     let controller = Controller::new(jobs_api, watcher::Config::default().any_semantic());
     let jobs = controller.store();
-    let affected = jobs.clone();
+    let (affected_jobs, affected_pods) = (jobs.clone(), pods.clone());
     let ctx = Arc::new(base.with(State::new(jobs, pods, replica_sets, nodes, settings)));
+    // Aborted with this future (the end of a leadership term aborts the whole task).
+    let _collector = AbortOnDrop(tokio::spawn(priority::collect_unused(ctx.clone())));
     controller
         .owns_stream(rs_events)
         .owns(Api::<BatchJob>::all(client.clone()), owned())
@@ -226,14 +235,14 @@ pub async fn run(
             let job = pod.labels().get(labels::JOB)?.clone();
             Some(ObjectRef::<Job>::new(&job).within(&pod.namespace()?))
         })
-        // A node that joins, leaves, changes labels or readiness can change where any
-        // job may run and what it has lost.
-        .watches_stream(node_events, move |_node: Node| {
-            affected
-                .state()
-                .into_iter()
-                .map(|job| ObjectRef::from(job.as_ref()))
-                .collect::<Vec<_>>()
+        // A dispatched child's change shows in its parent's list of children.
+        .watches(
+            Api::<Job>::all(client.clone()),
+            watcher::Config::default().labels(labels::PARENT),
+            |child: Job| dispatch::parent_of(&child),
+        )
+        .watches_stream(node_changes, move |node: Node| {
+            nodes::affected(&affected_jobs, &affected_pods, &node)
         })
         .graceful_shutdown_on(shutdown)
         .run(reconciler::reconcile, reconciler::error_policy, ctx)
@@ -293,20 +302,20 @@ fn trim_node(node: &mut Node) {
     }
 }
 
-/// What of a node matters to the jobs: labels, schedulability, taints and readiness.
-fn node_placement(node: &Node) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    node.labels().hash(&mut hasher);
-    let spec = node.spec.as_ref();
-    spec.and_then(|s| s.unschedulable).hash(&mut hasher);
-    if let Some(taints) = spec.and_then(|s| s.taints.as_ref()) {
-        for t in taints {
-            (&t.key, &t.value, &t.effect).hash(&mut hasher);
-        }
+/// Runs version `version` of `job` as what its type and blocks make it.
+async fn run_as_type(job: &Job, cx: &Context<State>, version: i64) -> Result<Report, Error> {
+    if job.spec.dispatch.is_some() {
+        return dispatch::child(cx, job, version).await;
     }
-    status::ready_node(node).hash(&mut hasher);
-    Some(hasher.finish())
+    if job.spec.periodic.is_some() {
+        return periodic::apply(cx, job, version).await;
+    }
+    match job.spec.type_ {
+        JobType::Service => service::apply(cx, job, version).await,
+        JobType::Batch => batch::apply(cx, job, version).await,
+        JobType::System => system::apply(cx, job, version).await,
+        JobType::Sysbatch => sysbatch::apply(cx, job, version).await,
+    }
 }
 
 /// Versions the spec, then runs it as its type and writes the status. No finalizer: the
@@ -319,10 +328,13 @@ impl Reconcile for Job {
 
     async fn reconcile(&self, cx: &Context<State>) -> Result<Action, Error> {
         let version = revisions::ensure(&cx.client, self).await?;
-        let report = match self.spec.type_ {
-            JobType::Service => service::apply(cx, self, version).await,
-            // The other types land with their modules.
-            JobType::Batch | JobType::System | JobType::Sysbatch => Ok(Report::default()),
+        let report = if self.spec.parameterized.is_some() {
+            Ok(dispatch::parent(cx, self))
+        } else {
+            match priority::ensure(cx, self).await {
+                Ok(()) => run_as_type(self, cx, version).await,
+                Err(e) => Err(e),
+            }
         };
         let report = match report {
             Ok(report) => report,

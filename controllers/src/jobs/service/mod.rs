@@ -235,7 +235,7 @@ fn compile(
     owned: &[Arc<ReplicaSet>],
     pods: &[Arc<Pod>],
     now: Timestamp,
-) -> Result<Compiled, Error> {
+) -> Result<Compiled, compile::CompileError> {
     let job_name = job.name_any();
     let mut by_owner: HashMap<&str, Vec<&Pod>> = HashMap::new();
     for pod in pods {
