@@ -1,13 +1,18 @@
-//! Names of the objects a Job runs as. Each is at most 63 characters (52 for CronJobs,
-//! whose runs append 11): a longer one is truncated and ends with a hash of the whole, so
-//! two long names never collide and the same inputs always give the same name.
+//! Names of the objects a Job runs as. Each is at most 63 characters, fewer where
+//! Kubernetes appends to it (batch Jobs, CronJobs): a longer one is truncated and ends
+//! with a hash of the whole, so two long names never collide and the same inputs always
+//! give the same name.
 
 use serde::Serialize;
 
 /// Most object names (and label values) are DNS labels: at most 63 characters.
 pub const MAX: usize = 63;
-/// A CronJob's name: its runs are named `<cronjob>-<11 characters>`.
-pub const CRON_JOB_MAX: usize = 52;
+/// A batch/v1 Job's name: in Indexed mode each pod's hostname is `<job>-<index>`, a DNS
+/// label, and the API server refuses a Job whose last index would not fit (a count is at
+/// most 10,000: `-9999`).
+pub const BATCH_JOB_MAX: usize = MAX - 5;
+/// A CronJob's name: its runs are batch Jobs named `<cronjob>-<11 characters>`.
+pub const CRON_JOB_MAX: usize = BATCH_JOB_MAX - 11;
 /// How many hex digits a hash in a name has.
 const HASH_LEN: usize = 10;
 
@@ -54,7 +59,7 @@ pub fn replica_set(job: &str, group: &str, hash: &str) -> String {
 
 /// A batch group's run of `version`: `<job>-<group>-v<N>`.
 pub fn batch_job(job: &str, group: &str, version: i64) -> String {
-    object_name(&[job, group, &format!("v{version}")])
+    bounded(&[job, group, &format!("v{version}")], BATCH_JOB_MAX)
 }
 
 /// A system group's DaemonSet: `<job>-<group>` (it rolls itself to new versions).
@@ -64,7 +69,10 @@ pub fn daemon_set(job: &str, group: &str) -> String {
 
 /// A sysbatch group's run of `version` on `node`: `<job>-<group>-v<N>-<hash of node>`.
 pub fn sysbatch_job(job: &str, group: &str, version: i64, node: &str) -> String {
-    object_name(&[job, group, &format!("v{version}"), &hash(node.as_bytes())])
+    bounded(
+        &[job, group, &format!("v{version}"), &hash(node.as_bytes())],
+        BATCH_JOB_MAX,
+    )
 }
 
 /// A periodic group's CronJob for its `index`th cron: `<job>-<group>-cron<i>`.
@@ -115,10 +123,12 @@ mod tests {
         let job = "a".repeat(40);
         let group = "b".repeat(20);
         let name = batch_job(&job, &group, 12);
-        assert_eq!(name.len(), MAX);
+        assert_eq!(name.len(), BATCH_JOB_MAX);
         assert!(name.starts_with(&format!("{job}-bbb")));
         let other = batch_job(&job, &group, 13);
-        assert!(other.len() <= MAX);
+        assert!(other.len() <= BATCH_JOB_MAX);
+        assert!(sysbatch_job(&job, &group, 12, "node-1").len() <= BATCH_JOB_MAX);
+        assert_eq!(replica_set(&job, &group, "0123456789").len(), MAX);
         assert_ne!(name, other, "the hash keeps truncated names apart");
         let cron = cron_job(&job, &group, 1);
         assert!(cron.len() <= CRON_JOB_MAX);

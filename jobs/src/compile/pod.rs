@@ -1,7 +1,8 @@
 //! A group's pod template (without its placement, which [`super::placement`] adds):
 //! tasks as containers, lifecycle hooks as init and sidecar containers, Nomad's runtime
-//! environment, service checks as readiness probes, connect and vault as the webhook's
-//! annotations, and a dispatched payload as a mounted Secret.
+//! environment, service checks as readiness (and startup) probes, connect and vault as
+//! the webhook's annotations, Nomad's shared alloc directory, and a dispatched payload as
+//! a mounted Secret.
 
 use super::{CompileError, duration, group_at, group_field, labels, names};
 use capstan_contract::annotations::{agent, mesh};
