@@ -480,7 +480,7 @@ fn task(spec: &JobSpec, group: &TaskGroup, at: &str, task: &Task, errors: &mut V
         if !env_name(name) {
             errors.push(FieldError::new(
                 format!("{at}.env[{name}]"),
-                "an environment variable's name is letters, digits, '_', '-' or '.', not beginning with a digit",
+                "an environment variable's name is printable ASCII without '='",
             ));
         }
     }
@@ -501,14 +501,10 @@ fn task(spec: &JobSpec, group: &TaskGroup, at: &str, task: &Task, errors: &mut V
     }
 }
 
-/// Kubernetes' rule for a container's environment variable names (C identifiers plus
-/// '-' and '.').
+/// Kubernetes' rule for a container's environment variable names (relaxed since 1.32,
+/// the default from 1.34): printable ASCII, no '='.
 fn env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || matches!(c, '_' | '-' | '.'))
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !name.is_empty() && name.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'=')
 }
 
 #[cfg(test)]
@@ -715,9 +711,9 @@ mod tests {
     fn env_and_meta_names_are_checked() {
         refused(
             with_group(
-                json!({"tasks": [{"name": "server", "image": "web:1", "env": {"1BAD": "x"}, "ports": [{"name": "http", "port": 8080}]}]}),
+                json!({"tasks": [{"name": "server", "image": "web:1", "env": {"A=B": "x"}, "ports": [{"name": "http", "port": 8080}]}]}),
             ),
-            "spec.groups[0].tasks[0].env[1BAD]",
+            "spec.groups[0].tasks[0].env[A=B]",
         );
         refused(json!({"spec": {"meta": {"a b": "x"}}}), "spec.meta[a b]");
         refused(with_group(json!({"meta": {"9": "x"}})), "spec.groups[0].meta[9]");
