@@ -2,9 +2,10 @@
 # Fuzzes the untrusted-input parsers with cargo-fuzz (libFuzzer): capstan-mesh's HTTP
 # path normalizer, intention matcher and X509-SVID validator (mesh/fuzz), and
 # capstan-engine's policy parser and matcher, barrier envelope and Shamir combine
-# (engine/fuzz), and capstan-sidecar's mux frame reader (sidecar/fuzz). Not part of
-# hack/test.sh; the seed corpora are replayed there by `cargo test -p capstan-mesh
-# --test fuzz_seeds`, `-p capstan-engine --test fuzz_seeds` and `-p capstan-sidecar
+# (engine/fuzz), capstan-sidecar's mux frame reader (sidecar/fuzz) and capstan-jobspec's
+# Nomad jobspec converter (jobspec/fuzz). Not part of hack/test.sh; the seed corpora are
+# replayed there by `cargo test -p capstan-mesh --test fuzz_seeds`, `-p capstan-engine
+# --test fuzz_seeds`, `-p capstan-sidecar --test fuzz_seeds` and `-p capstan-jobspec
 # --test fuzz_seeds`.
 #
 #   hack/fuzz.sh                       every target for 120 s
@@ -23,7 +24,7 @@ CARGO_FUZZ_VERSION=0.13.1
 seconds=${1:-120}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(mesh/path mesh/policy mesh/svid engine/barrier engine/policy engine/shamir sidecar/mux)
+[ ${#targets[@]} -gt 0 ] || targets=(mesh/path mesh/policy mesh/svid engine/barrier engine/policy engine/shamir sidecar/mux jobspec/convert)
 
 if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
   say "installing cargo-fuzz $CARGO_FUZZ_VERSION"

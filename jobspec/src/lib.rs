@@ -17,7 +17,8 @@ mod json;
 mod map;
 mod tree;
 
-use capstan_crds::jobs::Job;
+/// The converted object, re-exported so a caller needs no second dependency to name it.
+pub use capstan_crds::jobs::Job;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
