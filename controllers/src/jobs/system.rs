@@ -66,15 +66,18 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
     })
 }
 
-/// Whether the DaemonSet is still rolling to its newest template: its controller has
-/// not seen the newest generation, or not every scheduled pod is updated and available.
+/// Whether the DaemonSet is rolling a new template over the pods of an older one: its
+/// controller has not seen the newest generation, or not every scheduled pod is updated,
+/// or (after its first template) not every one is available again. A first placement is
+/// not a rollout: its pods run as soon as they start.
 fn rolling(set: &DaemonSet) -> bool {
     let Some(status) = set.status.as_ref() else {
-        return true;
+        return false;
     };
+    let updated = set.metadata.generation.unwrap_or(1) > 1;
     status.observed_generation < set.metadata.generation
         || status.updated_number_scheduled.unwrap_or(0) < status.desired_number_scheduled
-        || status.number_available.unwrap_or(0) < status.desired_number_scheduled
+        || (updated && status.number_available.unwrap_or(0) < status.desired_number_scheduled)
 }
 
 /// Pending until an allocation runs; then deploying while a DaemonSet rolls a new
@@ -107,7 +110,11 @@ mod tests {
 
     #[test]
     fn a_daemon_set_rolls_until_every_pod_is_updated_and_available() {
-        assert!(rolling(&DaemonSet::default()), "no status yet");
+        assert!(!rolling(&DaemonSet::default()), "just created");
+        assert!(
+            !rolling(&set(1, 1, 3, 3, 0)),
+            "a first placement, not available yet"
+        );
         assert!(
             rolling(&set(2, 1, 3, 3, 3)),
             "its controller has not seen the new spec"
