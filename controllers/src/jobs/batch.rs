@@ -329,4 +329,74 @@ mod tests {
         assert_eq!(phase(&[Some(Complete), Some(Failed)]), Phase::Failed);
         assert_eq!(phase(&[Some(Running), Some(Failed)]), Phase::Failed);
     }
+
+    /// Against a mock API server: version 2 lists the job's runs, applies its missing run
+    /// under the reconciler's field manager and deletes version 1's unfinished one.
+    #[tokio::test]
+    async fn a_new_version_applies_its_run_and_deletes_the_old_unfinished_one() {
+        use crate::mock;
+        use http::Method;
+        use kube::runtime::reflector;
+        use serde_json::json;
+
+        let (base, mut server) = mock::context();
+        let (jobs, _) = reflector::store();
+        let (pods, _) = reflector::store();
+        let (replica_sets, _) = reflector::store();
+        let (nodes, _) = reflector::store();
+        let cx = base.with(State::new(
+            jobs,
+            pods,
+            replica_sets,
+            nodes,
+            compile::Settings::default(),
+        ));
+        let spec = json!({"type": "batch", "groups": [{"name": "load", "count": 2, "tasks": [{"name": "t", "image": "i"}]}]});
+        let mut job = Job::new("etl", serde_json::from_value(spec).unwrap());
+        job.metadata.namespace = Some("demo".into());
+        job.metadata.uid = Some("uid-1".into());
+        let mut old = run("etl-load-v1", 1, Run::Running);
+        old.metadata.owner_references = Some(vec![compile::owner_reference(&job)]);
+
+        let reconcile = async { apply(&cx, &job, 2).await.unwrap() };
+        let server_side = async {
+            let list = server
+                .expect(
+                    Method::GET,
+                    "/apis/batch/v1/namespaces/demo/jobs",
+                    200,
+                    json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {}, "items": [old]}),
+                )
+                .await;
+            assert_eq!(list.query["labelSelector"], "jobs.capstan.dev%2Fjob%3Detl");
+            let applied = server
+                .expect(
+                    Method::PATCH,
+                    "/apis/batch/v1/namespaces/demo/jobs/etl-load-v2",
+                    200,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(applied.query["fieldManager"], "capstan-controller-jobs");
+            assert_eq!(applied.body["spec"]["completions"], 2);
+            assert_eq!(
+                applied.body["metadata"]["labels"]["jobs.capstan.dev/version"],
+                "2"
+            );
+            assert_eq!(applied.body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+            server
+                .expect(
+                    Method::DELETE,
+                    "/apis/batch/v1/namespaces/demo/jobs/etl-load-v1",
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+                )
+                .await;
+            server
+        };
+        let (report, server) = tokio::join!(reconcile, server_side);
+        assert_eq!(report.phase, Phase::Pending, "the new run has not started");
+        assert_eq!(report.desired, 2);
+        server.done().await;
+    }
 }
