@@ -354,4 +354,72 @@ mod tests {
             (2, 0, Phase::Pending)
         );
     }
+
+    /// Against a mock API server: one run is applied per eligible node (Ready, in the
+    /// job's datacenter), pinned to it and annotated with its name.
+    #[tokio::test]
+    async fn each_eligible_node_gets_its_run_applied() {
+        use crate::mock;
+        use http::Method;
+        use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+        use kube::runtime::{reflector, watcher::Event};
+        use serde_json::json;
+
+        let (base, mut server) = mock::context();
+        let (nodes, mut writer) = reflector::store();
+        for (name, region, ready) in [("n1", "dc1", true), ("n2", "dc1", false), ("n3", "dc2", true)] {
+            let mut node = Node::default();
+            node.metadata.name = Some(name.into());
+            node.metadata.labels = Some(BTreeMap::from([(
+                "topology.kubernetes.io/region".to_owned(),
+                region.to_owned(),
+            )]));
+            node.status = Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..NodeCondition::default()
+                }]),
+                ..NodeStatus::default()
+            });
+            writer.apply_watcher_event(&Event::Apply(node));
+        }
+        let (jobs, _) = reflector::store();
+        let (pods, _) = reflector::store();
+        let (replica_sets, _) = reflector::store();
+        let cx = base.with(State::new(
+            jobs,
+            pods,
+            replica_sets,
+            nodes,
+            compile::Settings::default(),
+        ));
+        let spec = json!({"type": "sysbatch", "datacenters": ["dc1"],
+            "groups": [{"name": "sweep", "tasks": [{"name": "t", "image": "i"}]}]});
+        let mut job = Job::new("gc", serde_json::from_value(spec).unwrap());
+        job.metadata.namespace = Some("demo".into());
+        job.metadata.uid = Some("uid-1".into());
+
+        let reconcile = async { apply(&cx, &job, 1).await.unwrap() };
+        let server_side = async {
+            let empty = json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {}, "items": []});
+            server
+                .expect(Method::GET, "/apis/batch/v1/namespaces/demo/jobs", 200, empty)
+                .await;
+            let name = compile::names::sysbatch_job("gc", "sweep", 1, "n1");
+            let path = format!("/apis/batch/v1/namespaces/demo/jobs/{name}");
+            let applied = server.expect(Method::PATCH, &path, 200, json!({})).await;
+            assert_eq!(applied.body["metadata"]["annotations"][labels::NODE], "n1");
+            assert_eq!(applied.body["spec"]["completions"], 1);
+            server
+        };
+        let (report, server) = tokio::join!(reconcile, server_side);
+        assert_eq!(
+            (report.phase, report.desired),
+            (Phase::Pending, 1),
+            "n2 is not Ready, n3 not in dc1"
+        );
+        assert_eq!(report.summary[0].datacenter, "dc1");
+        server.done().await;
+    }
 }
