@@ -42,4 +42,13 @@ pub mod agent {
     /// What every agent annotation begins with: an unknown one is refused, since a typo
     /// would otherwise silently leave a file out.
     pub const FAMILY: &str = "capstan.dev/agent-";
+    /// The finalizer the webhook puts on every pod it gives the agent: the credentials
+    /// reconciler removes it once the engine has revoked the pod's logins and leases
+    /// (RELIABILITY N2), so a pod evicted or killed before its agent's own cleanup
+    /// does not disappear with its credentials still live.
+    pub const REVOKE_FINALIZER: &str = "secrets.capstan.dev/revoke-credentials";
+    /// The label (value [`AGENT_LABEL_VALUE`]) on the same pods: the reconciler watches
+    /// only them, by label selector, not every pod of the cluster.
+    pub const AGENT_LABEL: &str = "secrets.capstan.dev/agent";
+    pub const AGENT_LABEL_VALUE: &str = "injected";
 }

@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms)]
 
 mod context;
+mod credentials;
 mod intentions;
 mod jobs;
 mod leader;
@@ -193,6 +194,7 @@ async fn run_controllers(
     let shutdown = futures::FutureExt::shared(shutdown);
     tokio::join!(
         intentions::run(&ctx, shutdown.clone()),
+        credentials::run(&ctx, shutdown.clone()),
         secretsync::run(&ctx, shutdown.clone()),
         jobs::run(&ctx, jobs_settings, shutdown),
     );

@@ -30,4 +30,4 @@ pub use error::{ApiError, Error, MESSAGE_CHARS, redact};
 pub use http::{Method, StatusCode};
 pub use mesh_ca::{RootsResponse, SignResponse};
 pub use roots::{Roots, tls_config};
-pub use vault::{KvEntry, Leased, Login, PkiIssue, REVOKE_SELF, Renewed};
+pub use vault::{KvEntry, Leased, Login, PkiIssue, PodRevoked, REVOKE_POD, REVOKE_SELF, Renewed};

@@ -49,6 +49,17 @@ pub struct PkiIssue<'a> {
 
 /// The path auth/token/revoke-self, for capability checks.
 pub const REVOKE_SELF: &str = "auth/token/revoke-self";
+/// The path that revokes a stopped pod's credentials (RELIABILITY N2).
+pub const REVOKE_POD: &str = "auth/kubernetes/revoke-pod";
+
+/// What `auth/kubernetes/revoke-pod` revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRevoked {
+    /// The pod's logins and the tokens created under them.
+    pub tokens: u64,
+    /// Their leases (one the backend refused is retried by the engine, never dropped).
+    pub leases: u64,
+}
 
 impl Client {
     /// `auth/<mount>/login` with a ServiceAccount token for `role`.
@@ -109,6 +120,29 @@ impl Client {
         self.call(Method::PUT, REVOKE_SELF, Some(token), None)
             .await
             .map(drop)
+    }
+
+    /// Revokes every token issued to the pod with UID `pod_uid` (logins with its bound
+    /// ServiceAccount token), their children and their leases. Idempotent: a pod with
+    /// nothing left answers zeros.
+    pub async fn revoke_pod(&self, token: &str, pod_uid: &str) -> Result<PodRevoked, Error> {
+        let body = self
+            .call(
+                Method::POST,
+                REVOKE_POD,
+                Some(token),
+                Some(&json!({ "pod_uid": pod_uid })),
+            )
+            .await?;
+        let count = |field: &str| {
+            body["data"][field]
+                .as_u64()
+                .ok_or_else(|| protocol(REVOKE_POD, &format!("no data.{field}")))
+        };
+        Ok(PodRevoked {
+            tokens: count("revoked_tokens")?,
+            leases: count("revoked_leases")?,
+        })
     }
 
     /// `sys/capabilities-self`: the token's capabilities on `path`.

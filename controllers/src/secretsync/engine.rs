@@ -140,31 +140,7 @@ impl Engine {
 
     /// Follows the roots ConfigMap until the returned future is dropped.
     pub async fn follow_roots(self, api: Api<ConfigMap>) {
-        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.roots_configmap));
-        let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
-        while let Some(event) = events.next().await {
-            let configmap = match event {
-                Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => cm,
-                Ok(watcher::Event::Delete(_)) => {
-                    // Keep the last roots: the engine's certificate still chains to them.
-                    tracing::warn!(configmap = %self.roots_configmap, "The engine's roots ConfigMap was deleted; keeping the last roots");
-                    continue;
-                }
-                Ok(_) => continue,
-                Err(error) => {
-                    tracing::warn!(%error, "Watching the engine's roots ConfigMap");
-                    continue;
-                }
-            };
-            let Some(pem) = configmap.data.as_ref().and_then(|d| d.get(ROOTS_KEY)) else {
-                continue;
-            };
-            match self.client.roots().set_pem(pem) {
-                Ok(true) => tracing::info!("Loaded the engine's trust roots"),
-                Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "The engine's roots ConfigMap holds no usable root"),
-            }
-        }
+        follow_roots(self.client.roots(), &self.roots_configmap, api).await
     }
 
     fn error(&self, error: client::Error) -> Error {
@@ -262,6 +238,37 @@ impl Engine {
             .revoke_lease(token, lease_id)
             .await
             .map_err(|e| self.error(e))
+    }
+}
+
+/// Loads the engine's trust roots into `roots` from ConfigMap `configmap` and follows it
+/// until the returned future is dropped (SecretSync's client and the credentials
+/// reconciler's each follow it).
+pub async fn follow_roots(roots: &Roots, configmap: &str, api: Api<ConfigMap>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={configmap}"));
+    let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    while let Some(event) = events.next().await {
+        let object = match event {
+            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => cm,
+            Ok(watcher::Event::Delete(_)) => {
+                // Keep the last roots: the engine's certificate still chains to them.
+                tracing::warn!(%configmap, "The engine's roots ConfigMap was deleted; keeping the last roots");
+                continue;
+            }
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::warn!(%error, "Watching the engine's roots ConfigMap");
+                continue;
+            }
+        };
+        let Some(pem) = object.data.as_ref().and_then(|d| d.get(ROOTS_KEY)) else {
+            continue;
+        };
+        match roots.set_pem(pem) {
+            Ok(true) => tracing::info!("Loaded the engine's trust roots"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "The engine's roots ConfigMap holds no usable root"),
+        }
     }
 }
 

@@ -25,7 +25,7 @@
 //! metrics or error messages.
 
 mod cleanup;
-mod engine;
+pub(crate) mod engine;
 mod fault;
 mod hmac;
 mod kv;
