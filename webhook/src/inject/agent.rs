@@ -27,7 +27,8 @@ use super::{
 use capstan_contract::{
     ENGINE_AUDIENCE,
     annotations::agent::{
-        FAMILY, INIT_ONLY, INJECT, INJECTED, ROLE, RUN_AS_USER, SECRET_PREFIX, TEMPLATE_PREFIX,
+        AGENT_LABEL, AGENT_LABEL_VALUE, FAMILY, INIT_ONLY, INJECT, INJECTED, REVOKE_FINALIZER, ROLE,
+        RUN_AS_USER, SECRET_PREFIX, TEMPLATE_PREFIX,
     },
     env::{agent as vars, proxy},
 };
@@ -322,7 +323,30 @@ pub fn inject(pod: &Pod, config: &Config, ca_bundle: &str) -> Result<Option<Vec<
         &mut ops,
     );
     set_annotation(pod, INJECTED, &config.version, &mut ops);
+    revoke_on_stop(pod, &mut ops);
     Ok(Some(ops))
+}
+
+/// The operations that hand the pod's credentials to the credentials reconciler when it
+/// stops (RELIABILITY N2): its label, which the reconciler watches by, and the finalizer
+/// it removes once the engine has revoked what the agent logged in for.
+fn revoke_on_stop(pod: &Pod, ops: &mut Vec<Value>) {
+    // RFC 6901: `/` in a member name is `~1`.
+    let label = AGENT_LABEL.replace('~', "~0").replace('/', "~1");
+    if pod.metadata.labels.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {AGENT_LABEL: AGENT_LABEL_VALUE}}));
+    } else {
+        ops.push(
+            json!({"op": "add", "path": format!("/metadata/labels/{label}"), "value": AGENT_LABEL_VALUE}),
+        );
+    }
+    match &pod.metadata.finalizers {
+        None => ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [REVOKE_FINALIZER]})),
+        Some(finalizers) if !finalizers.iter().any(|f| f == REVOKE_FINALIZER) => {
+            ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": REVOKE_FINALIZER}));
+        }
+        Some(_) => {}
+    }
 }
 
 /// The UID the app runs as, when the pod says (the first app container's, else the
@@ -523,6 +547,37 @@ mod tests {
             pod.metadata.annotations.as_ref().unwrap()[INJECTED],
             Config::default().version
         );
+    }
+
+    /// RELIABILITY N2: the pod carries the finalizer the credentials reconciler removes
+    /// once the engine revoked its logins, and the label it watches by, next to the
+    /// pod's own (with or without labels and finalizers of its own, never twice).
+    #[test]
+    fn the_pod_waits_for_its_credentials_to_be_revoked() {
+        let pod = injected(&pod(asking()));
+        assert_eq!(
+            pod.metadata.finalizers.as_deref(),
+            Some(&[REVOKE_FINALIZER.to_owned()][..])
+        );
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()[AGENT_LABEL],
+            AGENT_LABEL_VALUE
+        );
+        let mut own = self::pod(asking());
+        own.metadata.labels = Some([("app".to_owned(), "shop".to_owned())].into());
+        own.metadata.finalizers = Some(vec!["example.com/keep".into()]);
+        let patched = injected(&own);
+        assert_eq!(
+            patched.metadata.finalizers.as_deref(),
+            Some(&["example.com/keep".to_owned(), REVOKE_FINALIZER.to_owned()][..])
+        );
+        let labels = patched.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            (labels["app"].as_str(), labels[AGENT_LABEL].as_str()),
+            ("shop", AGENT_LABEL_VALUE)
+        );
+        own.metadata.finalizers = Some(vec![REVOKE_FINALIZER.into()]);
+        assert_eq!(injected(&own).metadata.finalizers.unwrap().len(), 1);
     }
 
     /// In a meshed pod the webhook applies the mesh's patch in memory and computes the
