@@ -4,7 +4,10 @@
 use super::{Cluster, FIELD_MANAGER};
 use anyhow::{Context as _, bail};
 use capstan_crds::jobs::{DeploymentStatus, Job};
-use kube::api::{Patch, PatchParams};
+use kube::{
+    ResourceExt as _,
+    api::{Patch, PatchParams},
+};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -68,7 +71,7 @@ impl Promote {
 
 /// The version of the deployment that waits for promotion, checked against `asked`.
 fn awaiting(job: &Job, asked: Option<i64>) -> anyhow::Result<i64> {
-    let name = &job.metadata.name;
+    let name = job.name_any();
     let deployment = job.status.as_ref().and_then(|s| s.deployment.as_ref());
     let Some(deployment) = deployment.filter(|d| waits(d)) else {
         let latest = deployment.map_or_else(

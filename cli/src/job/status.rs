@@ -70,10 +70,9 @@ fn render(job: &Job, versions: &[Version], pods: &[Pod], datacenters: &BTreeMap<
         ("Parameterized", spec.parameterized.is_some().to_string()),
         ("Version", optional(status.version)),
         ("Stable Version", optional(status.stable_version)),
+        // Differs from Version while a new version deploys, and after an auto-revert.
+        ("Running Version", optional(status.running_version)),
     ];
-    if status.running_version.is_some() && status.running_version != status.version {
-        header.push(("Running Version", optional(status.running_version)));
-    }
     if let Some(ready) = status.conditions.iter().find(|c| c.type_ == "Ready") {
         header.push((
             "Ready",
@@ -305,11 +304,11 @@ mod tests {
         let dcs = BTreeMap::from([("node-1".to_owned(), "dc1".to_owned())]);
         let out = render(&job(), &versions, &pods, &dcs);
         for expected in [
-            "ID             = web",
-            "Datacenters    = dc1,dc2",
-            "Status         = deploying",
-            "Stable Version = 1",
-            "Ready          = False (DeploymentPaused: waiting for promotion)",
+            "ID              = web",
+            "Datacenters     = dc1,dc2",
+            "Status          = deploying",
+            "Stable Version  = 1",
+            "Ready           = False (DeploymentPaused: waiting for promotion)",
             "Task Group  Datacenter  Desired  Placed  Running  Healthy  Unhealthy  Failed  Complete  Lost",
             "frontend    dc1         2        2       2        1        1          0       0         0",
             "Canaries    = 1 placed, 1 healthy, 1 desired",
@@ -331,7 +330,7 @@ mod tests {
         job.status = None;
         let out = render(&job, &[], &[], &BTreeMap::new());
         for expected in [
-            "Status         = pending",
+            "Status          = pending",
             "No allocations summarized yet",
             "No versions recorded yet",
             "No allocations placed",
