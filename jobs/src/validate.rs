@@ -6,9 +6,13 @@
 //! What is left needs a parser (regexps, version constraints, cron expressions, time
 //! zones), a look across the whole job (port and service names, canaries against each
 //! group's count, object names) or, for a dispatched child, its parent
-//! ([`validate_dispatch`]).
+//! ([`validate_dispatch`]). Last, the job is compiled as the controller would compile it
+//! (`compile`), so what the webhook accepts is what the controller can run.
 
-use crate::attributes::{self, Predicate};
+use crate::{
+    attributes::{self, Predicate},
+    compile,
+};
 use base64::Engine as _;
 use capstan_contract::annotations;
 use capstan_crds::jobs::{
@@ -63,6 +67,52 @@ pub fn validate(job: &Job) -> Vec<FieldError> {
     services_unique(spec, &mut errors);
     for (g, group) in spec.groups.iter().enumerate() {
         self::group(spec, &format!("spec.groups[{g}]"), group, &mut errors);
+    }
+    // What the compiler cannot express, each field once: the rules above say it first
+    // where both see a problem (their messages name what to change).
+    for error in compiles(job) {
+        if !errors.iter().any(|e| overlap(&e.field, &error.field)) {
+            errors.push(error);
+        }
+    }
+    errors
+}
+
+/// Whether one field is the other or inside it (`a.b` and `a.b[0].c`).
+fn overlap(a: &str, b: &str) -> bool {
+    let within = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
+    within(a, b) || within(b, a)
+}
+
+/// Compiles every group of `job` as the controller would, for any nodes (placement
+/// evaluated against none compiles as well as against many): the first error of each
+/// object it would build.
+fn compiles(job: &Job) -> Vec<FieldError> {
+    let (nodes, settings) = (compile::Nodes::new([]), compile::Settings::default());
+    let mut results = vec![compile::services(job).map(drop)];
+    if job.spec.dispatch.is_some() {
+        results.push(compile::payload_secret(job).map(drop));
+    }
+    for g in 0..job.spec.groups.len() {
+        results.push(compile::pod_sets(job, g, 1, &nodes, &settings).map(drop));
+        results.push(match job.spec.type_ {
+            JobType::Service => compile::update(job, g).map(drop),
+            JobType::System => compile::daemon_set(job, g, 1, &nodes, &settings).map(drop),
+            // Periodic sysbatch has no form: cron_jobs says so.
+            _ if job.spec.periodic.is_some() => compile::cron_jobs(job, g, 1, &nodes, &settings).map(drop),
+            JobType::Batch => compile::batch_job(job, g, 1, &nodes, &settings).map(drop),
+            JobType::Sysbatch => compile::sysbatch_job(job, g, 1, "node", &nodes, &settings).map(drop),
+        });
+    }
+    let mut errors: Vec<FieldError> = Vec::new();
+    for error in results.into_iter().filter_map(Result::err) {
+        if !errors.iter().any(|e| e.field == error.field) {
+            errors.push(FieldError::new(error.field, error.message));
+        }
     }
     errors
 }
@@ -781,10 +831,13 @@ mod tests {
         );
     }
 
+    /// A template the secrets agent can render.
+    const SECRET: &str = r#"{{ with secret "secret/data/db" }}{{ .Data.data.password }}{{ end }}"#;
+
     #[test]
     fn templates_need_vault_and_distinct_annotation_keys() {
         let templates = |templates: Value| json!([{"name": "server", "image": "web:1", "ports": [{"name": "http", "port": 8080}], "templates": templates}]);
-        let one = json!([{"destination": "db.env", "data": "x"}]);
+        let one = json!([{"destination": "db.env", "data": SECRET}]);
         refused(
             with_group(json!({"tasks": templates(one.clone())})),
             "spec.groups[0].tasks[0].templates",
@@ -794,12 +847,13 @@ mod tests {
             fields(&job(with_group(json!({"tasks": templates(one), "vault": vault})))),
             Vec::<String>::new()
         );
-        let twice = json!([{"destination": "db.env", "data": "x"}, {"destination": "db.env", "data": "y"}]);
+        let twice =
+            json!([{"destination": "db.env", "data": SECRET}, {"destination": "db.env", "data": SECRET}]);
         refused(
             with_group(json!({"tasks": templates(twice), "vault": vault})),
             "spec.groups[0].tasks[0].templates[1].destination",
         );
-        let long = json!([{"destination": "a".repeat(42), "data": "x"}]);
+        let long = json!([{"destination": "a".repeat(42), "data": SECRET}]);
         refused(
             with_group(json!({"tasks": templates(long), "vault": vault})),
             "spec.groups[0].tasks[0].templates[0].destination",
@@ -825,6 +879,19 @@ mod tests {
             with_group(json!({"tasks": tasks, "services": null})),
             "spec.groups[0].tasks",
         );
+    }
+
+    /// What only the compiler knows is refused too, naming its field: the agent renders
+    /// a template that reads one secret, and this one reads none.
+    #[test]
+    fn what_does_not_compile_is_refused() {
+        let tasks = json!([{"name": "server", "image": "web:1", "ports": [{"name": "http", "port": 8080}],
+            "templates": [{"destination": "db.env", "data": "plain text"}]}]);
+        let message = refused(
+            with_group(json!({"tasks": tasks, "vault": {"role": "web"}})),
+            "spec.groups[0].tasks[0].templates[0].data",
+        );
+        assert!(message.contains("with secret"), "{message}");
     }
 
     fn parent(parameterized: Value) -> JobSpec {
