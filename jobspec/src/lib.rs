@@ -44,6 +44,9 @@ pub struct Options {
     pub name: Option<String>,
     /// The Job's namespace instead of the jobspec's `namespace`.
     pub namespace: Option<String>,
+    /// Run the tasks of Nomad's `exec`, `raw_exec` and `exec2` drivers (a command on the
+    /// node) as that command in this image. Without it they are untranslated.
+    pub exec_image: Option<String>,
 }
 
 /// The converted Job and what of the jobspec did not make it in.

@@ -24,6 +24,7 @@ pub fn job(read: Read, options: &Options) -> Result<Conversion> {
         untranslated: read.untranslated,
         notes: Vec::new(),
         cpu_noted: false,
+        exec_image: options.exec_image.clone(),
     };
     let mut b = read.job;
     let raw_name = options
@@ -110,9 +111,10 @@ pub fn job(read: Read, options: &Options) -> Result<Conversion> {
     spec.constraints = m.constraints(&mut b);
     spec.affinities = m.affinities(&mut b);
     spec.spreads = m.spreads(&mut b);
+    let system = matches!(type_, JobType::System | JobType::Sysbatch);
     if let Some(update) = b.take_block("update") {
         if matches!(type_, JobType::Service | JobType::System) {
-            spec.update = Some(m.update(update));
+            spec.update = Some(m.update(update, system));
         } else {
             m.skip(
                 update.place(),
@@ -139,6 +141,7 @@ pub fn job(read: Read, options: &Options) -> Result<Conversion> {
     }
     let defaults = GroupDefaults {
         job: name.clone(),
+        system,
         reschedule: b.take_block("reschedule").map(|r| m.reschedule(r)),
         vault: b.take_block("vault"),
     };
@@ -174,6 +177,8 @@ pub fn job(read: Read, options: &Options) -> Result<Conversion> {
 /// What every group takes from the job.
 struct GroupDefaults {
     job: String,
+    /// A system or sysbatch job: one allocation per node, no canaries.
+    system: bool,
     reschedule: Option<ReschedulePolicy>,
     vault: Option<Block>,
 }
@@ -192,6 +197,8 @@ struct Mapper {
     notes: Vec<Note>,
     /// The MHz → millicores note is given once.
     cpu_noted: bool,
+    /// The image exec tasks' commands run in, when asked ([`Options::exec_image`]).
+    exec_image: Option<String>,
 }
 
 /// Why a block or attribute Nomad users rely on is not translated.
@@ -229,6 +236,10 @@ fn reason(name: &str) -> &'static str {
         "mbits" => "Kubernetes does not reserve bandwidth",
         "dns" | "hostname" => "a pod's DNS is the cluster's",
         "all_at_once" => "Kubernetes places pods one by one",
+        "ui" => "Nomad's web UI presentation: kubectl get cjob and capstan job status show the Job",
+        "max_run_duration" => {
+            "no run deadline on a Job's tasks (a batch/v1 Job's activeDeadlineSeconds is not set)"
+        }
         "dynamic" => "dynamic blocks are not expanded: write the blocks out",
         "meta" => "task meta has no place in the Job (group meta is given to every task)",
         _ => "no Capstan equivalent",
@@ -559,7 +570,15 @@ impl Mapper {
         out
     }
 
-    fn update(&mut self, mut u: Block) -> UpdateStrategy {
+    /// An update block; a system job's has no canaries (Nomad's are a percentage of the
+    /// nodes there, which a DaemonSet cannot hold back).
+    fn update(&mut self, mut u: Block, system: bool) -> UpdateStrategy {
+        if system
+            && let Some(attr) = u.take("canary")
+            && int(&attr.value) != Some(0)
+        {
+            self.skip(attr.place(), "a system job's canaries (a percentage of its nodes) have no Capstan equivalent: it updates node by node");
+        }
         let update = UpdateStrategy {
             max_parallel: self.bounded(&mut u, "max_parallel", 0..=1000),
             health_check: self.read(&mut u, "health_check", |v| match string(v).as_deref() {
@@ -733,7 +752,7 @@ impl Mapper {
                 .take_block("reschedule")
                 .map(|r| self.reschedule(r))
                 .or_else(|| defaults.reschedule.clone()),
-            update: g.take_block("update").map(|u| self.update(u)),
+            update: g.take_block("update").map(|u| self.update(u, defaults.system)),
             services: Vec::new(),
             connect: None,
             vault: None,
@@ -850,6 +869,7 @@ impl Mapper {
             return None;
         }
 
+        let vault_place = vault.as_ref().map(Block::place);
         if let Some(v) = vault {
             group.vault = Some(self.vault(v, &defaults.job));
         }
@@ -864,6 +884,14 @@ impl Mapper {
                 destinations.insert(template.destination.clone());
             }
             group.tasks[index].templates.push(template);
+        }
+        // The agent logs in to render templates; Nomad's other use of vault, a token in
+        // the task's environment, has no equivalent.
+        if group.vault.is_some() && group.tasks.iter().all(|t| t.templates.is_empty()) {
+            group.vault = None;
+            if let Some(place) = vault_place {
+                self.skip(place, "the secrets agent renders templates, and this group keeps none: a Vault token in the environment has no equivalent");
+            }
         }
 
         // Services, then the ports: a port goes to the task whose config names it, else
@@ -892,6 +920,14 @@ impl Mapper {
             .iter()
             .position(|t| t.lifecycle.is_none())
             .unwrap_or(0);
+        // A service on a port number no task declares (Connect's `port = "9001"`) is
+        // probed in the main task.
+        for service in &mut group.services {
+            let declared = |p: &Port| p.name == service.port || p.port.to_string() == service.port;
+            if service.task.is_none() && !ports.iter().any(|(_, p, _)| declared(p)) {
+                service.task = Some(group.tasks[main].name.clone());
+            }
+        }
         for (raw, port, _) in ports {
             let owner = uses
                 .iter()
@@ -911,27 +947,46 @@ impl Mapper {
     /// A task, or None when its driver runs no container.
     fn task(&mut self, mut t: Block, name: &str) -> Option<MappedTask> {
         let driver = self.string(&mut t, "driver").unwrap_or_default();
+        let exec = matches!(driver.as_str(), "exec" | "raw_exec" | "exec2");
+        let exec_image = self.exec_image.clone().filter(|_| exec);
         if !matches!(
             driver.as_str(),
             "docker" | "podman" | "containerd-driver" | "containerd" | "nerdctl"
-        ) {
-            self.skip(
-                t.place(),
+        ) && exec_image.is_none()
+        {
+            let why = if exec {
                 format!(
-                    "the {driver:?} driver runs the task on the node itself, and Capstan runs containers: give the task a docker config with an image"
-                ),
-            );
+                    "the {driver:?} driver runs a command on the node itself, and Capstan runs containers: give the task a docker config with an image (or convert with an image to run exec commands in)"
+                )
+            } else {
+                format!(
+                    "the {driver:?} driver has no Capstan equivalent: Capstan runs containers (docker, podman, containerd)"
+                )
+            };
+            self.skip(t.place(), why);
             return None;
         }
         let mut config = self.config(&mut t);
         let config_place = t.at("config");
-        let image = match config.remove("image").and_then(|a| string(&a.value)) {
-            Some(image) => image.strip_prefix("docker://").unwrap_or(&image).to_owned(),
-            None => {
+        let image = match (exec_image, config.remove("image").and_then(|a| string(&a.value))) {
+            (Some(image), _) => {
+                self.note(
+                    t.place(),
+                    format!("the {driver} task runs its command in {image}"),
+                );
+                image
+            }
+            (None, Some(image)) => image.strip_prefix("docker://").unwrap_or(&image).to_owned(),
+            (None, None) => {
                 self.skip(config_place, "the task's config has no image");
                 return None;
             }
         };
+        // Docker's auth_soft_fail only changes how a pull with an `auth` block fails:
+        // without one it says nothing.
+        if !config.contains_key("auth") {
+            config.remove("auth_soft_fail");
+        }
         let mut task = Task {
             name: name.to_owned(),
             image,

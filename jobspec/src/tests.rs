@@ -285,6 +285,10 @@ fn task_level_blocks_move_to_the_group() {
   driver = "docker"
   config { image = "busybox" }
   vault { policies = ["p"] }
+  template {
+    data = "{{ with secret \"kv/data/t\" }}{{ .Data.data.x }}{{ end }}"
+    destination = "secrets/t.txt"
+  }
   restart { attempts = 4 }
   constraint {
     attribute = "${attr.kernel.name}"
@@ -307,6 +311,51 @@ fn task_level_blocks_move_to_the_group() {
         "{:?}",
         c.notes
     );
+    assert_eq!(group.tasks[0].templates[0].destination, "t.txt");
+
+    // Without a template to render, vault is Nomad's token in the environment: named.
+    let c = hcl(&source.replace("template {", "dropped {")).unwrap();
+    assert!(c.job.spec.groups[0].vault.is_none());
+    assert!(
+        c.untranslated
+            .iter()
+            .any(|u| u.block == "job.group[g].task[t].vault"),
+        "{:?}",
+        c.untranslated
+    );
+}
+
+#[test]
+fn exec_tasks_run_in_an_image_when_asked() {
+    let source = job(r#"task "t" {
+  driver = "raw_exec"
+  config {
+    command = "sleep"
+    args = ["5"]
+  }
+}"#);
+    assert!(hcl(&source).is_err());
+    let options = Options {
+        exec_image: Some("busybox:1.36".into()),
+        ..Options::default()
+    };
+    let c = convert(&source, Format::Hcl, &options).unwrap();
+    let task = &c.job.spec.groups[0].tasks[0];
+    assert_eq!(task.image, "busybox:1.36");
+    assert_eq!(task.command.as_deref(), Some("sleep"));
+    assert_eq!(task.args, ["5"]);
+    assert!(c.is_complete(), "{:?}", c.untranslated);
+}
+
+#[test]
+fn a_system_jobs_canaries_are_named_not_kept() {
+    let c = hcl(&format!(
+        "job \"j\" {{\n  type = \"system\"\n  group \"g\" {{\n    update {{\n      canary = 50\n    }}\n{TASK}\n  }}\n}}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.job.spec.groups[0].update.as_ref().and_then(|u| u.canary), None);
+    assert_eq!(c.untranslated[0].block, "job.group[g].update.canary");
+    assert_eq!(c.untranslated[0].line, 5);
 }
 
 #[test]
