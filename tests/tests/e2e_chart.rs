@@ -381,6 +381,16 @@ fn serviceaccounts_can_do_only_their_job() {
         &["patch", "deployments.apps", "-n", "default"],
         &["get", "deployments.apps", "-n", "default"],
         &["watch", "configmaps/capstan-mesh-roots", "-n", SYSTEM_NAMESPACE],
+        // Credentials (N2): a stopped pod's finalizer, removed once the engine revoked
+        // its logins; the controller's own token, for its own engine login.
+        &["patch", "pods", "-n", "default"],
+        &[
+            "create",
+            "serviceaccounts/capstan-controller",
+            "--subresource=token",
+            "-n",
+            SYSTEM_NAMESPACE,
+        ],
     ];
     for args in allowed {
         assert!(can(controller, args), "the controller needs: {args:?}");
@@ -410,7 +420,6 @@ fn serviceaccounts_can_do_only_their_job() {
         &["create", "tokenreviews.authentication.k8s.io"],
     ];
     let denied: &[&[&str]] = &[
-        &["patch", "pods", "-n", "default"],
         &["delete", "pods", "-n", "default"],
         &["patch", "serviceintentions.mesh.capstan.dev", "-n", "default"],
         &["delete", "serviceintentions.mesh.capstan.dev", "-n", "default"],
@@ -628,6 +637,18 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
     );
     let (ok, out) = token(n, "app", &[&engine[..], &["--duration", "10m"]].concat());
     assert!(ok, "SecretSync's own token request: {out}");
+    // In Capstan's namespace, only its own, for its own engine login (N2).
+    let (ok, out) = token(
+        SYSTEM_NAMESPACE,
+        CONTROLLER_SA,
+        &[&engine[..], &["--duration", "10m"]].concat(),
+    );
+    assert!(ok, "the controller's own token request: {out}");
+    refused(
+        "the webhook's token for the engine",
+        token(SYSTEM_NAMESPACE, WEBHOOK_SA, &engine),
+        "may not request tokens for ServiceAccounts of",
+    );
 
     // Deployments: an image change, a scale to zero, a new label; the restart passes.
     run(
