@@ -316,8 +316,8 @@ pub async fn set_pod_finished(client: &Client, ns: &str, pod: &str, succeeded: b
 /// One moment of a watched set of pods: what changed and every pod as it then was.
 #[derive(Clone, Debug)]
 pub struct PodSnapshot {
-    /// When the watch delivered the change.
-    pub at: std::time::Instant,
+    /// When the watch delivered the change (the wall clock, to compare with Events' times).
+    pub at: jiff::Timestamp,
     pub pods: Vec<PodState>,
 }
 
@@ -398,7 +398,7 @@ impl PodWatch {
                     };
                     if changed {
                         history.lock().push(PodSnapshot {
-                            at: std::time::Instant::now(),
+                            at: jiff::Timestamp::now(),
                             pods: pods.values().cloned().collect(),
                         });
                     }
@@ -518,6 +518,15 @@ pub async fn wait_job(
             .unwrap_or_else(|| "(none)".into());
         anyhow::anyhow!("{e}; its last status:\n{status}")
     })
+}
+
+/// When an Event happened (events.k8s.io's eventTime, or the core fields it falls back on).
+pub fn event_time(event: &Event) -> Option<jiff::Timestamp> {
+    event
+        .event_time
+        .as_ref()
+        .map(|t| t.0)
+        .or_else(|| event.deprecated_first_timestamp.as_ref().map(|t| t.0))
 }
 
 /// Waits for an Event of `reason` about Job `ns/name`.
