@@ -176,9 +176,8 @@ impl State {
     /// The pods of `job` (by its label, in its namespace).
     pub fn pods_of(&self, job: &Job) -> Vec<Arc<Pod>> {
         let (namespace, name) = (job.namespace(), job.name_any());
-        self.pods.state_filter(|p| {
-            p.metadata.namespace == namespace && p.labels().get(labels::JOB) == Some(&name)
-        })
+        self.pods
+            .state_filter(|p| p.metadata.namespace == namespace && p.labels().get(labels::JOB) == Some(&name))
     }
 
     /// The nodes as the compiler sees them.

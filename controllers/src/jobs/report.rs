@@ -97,6 +97,11 @@ pub struct Note {
     /// One of `super::reasons`.
     pub reason: &'static str,
     pub message: String,
+    /// The version it is about: the Event is then related to that version's
+    /// ControllerRevision, which also keeps it apart from the same reason's Event about
+    /// another version (the recorder folds Events of one reason, object and related
+    /// object into one series).
+    pub version: Option<i64>,
 }
 
 impl Note {
@@ -105,6 +110,7 @@ impl Note {
             warning: false,
             reason,
             message: message.into(),
+            version: None,
         }
     }
 
@@ -113,6 +119,14 @@ impl Note {
             warning: true,
             reason,
             message: message.into(),
+            version: None,
+        }
+    }
+
+    pub fn of_version(self, version: i64) -> Self {
+        Self {
+            version: Some(version),
+            ..self
         }
     }
 }

@@ -9,8 +9,8 @@
 //! comparison (the status's `version` already says it).
 
 use super::{Error, MANAGER};
-use capstan_jobs::compile::{labels, names};
 use capstan_crds::jobs::{Job, JobSpec};
+use capstan_jobs::compile::{labels, names};
 use k8s_openapi::{api::apps::v1::ControllerRevision, apimachinery::pkg::runtime::RawExtension};
 use kube::{
     Api, Resource, ResourceExt,
@@ -71,20 +71,22 @@ pub async fn ensure(client: &kube::Client, job: &Job) -> Result<i64, Error> {
 /// The spec stored as `version`.
 pub async fn spec(client: &kube::Client, job: &Job, version: i64) -> Result<JobSpec, Error> {
     let name = name(&job.name_any(), version);
-    let revision = api(client, job)
-        .get(&name)
-        .await
-        .map_err(|source| Error::Kube {
-            action: "reading",
-            kind: "ControllerRevision".into(),
-            name: name.clone(),
-            source,
-        })?;
+    let revision = api(client, job).get(&name).await.map_err(|source| Error::Kube {
+        action: "reading",
+        kind: "ControllerRevision".into(),
+        name: name.clone(),
+        source,
+    })?;
     stored_spec(&revision).ok_or_else(|| Error::Revision { name })
 }
 
 /// Marks `version` stable (label `jobs.capstan.dev/stable=true`) and unmarks `previous`.
-pub async fn mark_stable(client: &kube::Client, job: &Job, version: i64, previous: Option<i64>) -> Result<(), Error> {
+pub async fn mark_stable(
+    client: &kube::Client,
+    job: &Job,
+    version: i64,
+    previous: Option<i64>,
+) -> Result<(), Error> {
     let api = api(client, job);
     let params = PatchParams {
         field_manager: Some(MANAGER.into()),
@@ -169,7 +171,11 @@ fn build(job: &Job, version: i64, spec: &JobSpec) -> ControllerRevision {
 }
 
 /// Deletes all but the newest `KEEP` revisions, never the stable or the running one.
-async fn prune(api: &Api<ControllerRevision>, job: &Job, revisions: &[ControllerRevision]) -> Result<(), Error> {
+async fn prune(
+    api: &Api<ControllerRevision>,
+    job: &Job,
+    revisions: &[ControllerRevision],
+) -> Result<(), Error> {
     let status = job.status.as_ref();
     let keep = [
         status.and_then(|s| s.running_version),
@@ -239,6 +245,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(versioned(&spec).promote, None);
-        assert_eq!(versioned(&spec), versioned(&JobSpec { promote: Some(4), ..spec }));
+        assert_eq!(
+            versioned(&spec),
+            versioned(&JobSpec {
+                promote: Some(4),
+                ..spec
+            })
+        );
     }
 }

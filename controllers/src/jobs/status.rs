@@ -5,9 +5,9 @@
 //! nothing new says nothing again).
 
 use super::{
-    CONTROLLER, Error, MANAGER, State,
-    reasons,
+    CONTROLLER, Error, MANAGER, State, reasons,
     report::{Note, Phase, Ready, Report},
+    revisions,
 };
 use crate::{
     context::Context,
@@ -19,10 +19,13 @@ use capstan_crds::{
     jobs::{DeploymentStatus, GroupSummary, Job},
 };
 use capstan_jobs::compile::labels;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::{
     Resource, ResourceExt,
-    runtime::{events::EventType, reflector::Store},
+    runtime::{
+        events::{Event, EventType},
+        reflector::Store,
+    },
 };
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -52,7 +55,13 @@ pub const CHILDREN: usize = 20;
 pub async fn write(job: &Job, cx: &Context<State>, version: i64, report: &Report) -> Result<(), Error> {
     let generation = job.metadata.generation;
     let ready = report.ready.clone().unwrap_or_else(|| ready(report.phase));
-    let condition = conditions::new(READY, ready.status, ready.reason, ready.message.clone(), generation);
+    let condition = conditions::new(
+        READY,
+        ready.status,
+        ready.reason,
+        ready.message.clone(),
+        generation,
+    );
     let outcome = STATUS
         .update_of_unless_held(job, cx, |status| {
             status.observed_generation = generation;
@@ -81,7 +90,11 @@ pub async fn write(job: &Job, cx: &Context<State>, version: i64, report: &Report
 /// Records `deployment` before the reconcile acts on it: a decision (promoted, failed,
 /// reverted, succeeded) is in the API before the ReplicaSets move, so a controller
 /// stopped in between resumes from it instead of deciding again from changed facts.
-pub async fn record_deployment(job: &Job, cx: &Context<State>, deployment: &DeploymentStatus) -> Result<(), Error> {
+pub async fn record_deployment(
+    job: &Job,
+    cx: &Context<State>,
+    deployment: &DeploymentStatus,
+) -> Result<(), Error> {
     STATUS
         .update_of(job, cx, |status| status.deployment = Some(deployment.clone()))
         .await?;
@@ -91,13 +104,30 @@ pub async fn record_deployment(job: &Job, cx: &Context<State>, deployment: &Depl
 pub async fn publish(job: &Job, cx: &Context<State>, notes: &[Note]) {
     let reference = job.object_ref(&());
     for note in notes {
-        let type_ = if note.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
+        // A deposed leader says nothing.
+        if cx.leadership.ensure().is_err() {
+            return;
+        }
+        let event = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.to_owned(),
+            note: Some(note.message.clone()),
+            action: note.reason.to_owned(),
+            secondary: note.version.map(|v| ObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: Some("ControllerRevision".to_owned()),
+                name: Some(revisions::name(&job.name_any(), v)),
+                namespace: job.namespace(),
+                ..ObjectReference::default()
+            }),
         };
-        cx.publish(&reference, type_, note.reason, note.reason, note.message.clone())
-            .await;
+        if let Err(error) = cx.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, "Publishing an event");
+        }
     }
 }
 
@@ -106,10 +136,18 @@ pub fn ready(phase: Phase) -> Ready {
     let (status, reason, message) = match phase {
         Phase::Pending => (ConditionStatus::False, reasons::PENDING, "no allocation runs yet"),
         Phase::Running => (ConditionStatus::True, reasons::RUNNING, "every group runs"),
-        Phase::Deploying => (ConditionStatus::False, reasons::DEPLOYING, "a deployment is in progress"),
+        Phase::Deploying => (
+            ConditionStatus::False,
+            reasons::DEPLOYING,
+            "a deployment is in progress",
+        ),
         Phase::Complete => (ConditionStatus::True, reasons::COMPLETE, "every group completed"),
         Phase::Failed => (ConditionStatus::False, reasons::FAILED, "the job failed"),
-        Phase::Dead => (ConditionStatus::True, reasons::DEAD, "the job runs nothing by design"),
+        Phase::Dead => (
+            ConditionStatus::True,
+            reasons::DEAD,
+            "the job runs nothing by design",
+        ),
     };
     Ready {
         status,
@@ -168,7 +206,11 @@ pub struct Counted {
 /// healthy when `healthy` says so, unhealthy when running but not healthy; lost when
 /// its node is gone or not Ready while the pod has not finished.
 pub fn count(pod: &Pod, nodes: &Store<Node>, healthy: bool) -> Counted {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending");
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     let finished = matches!(phase, "Succeeded" | "Failed");
     let lost = !finished
@@ -235,11 +277,13 @@ pub fn summarize(
             .and_then(|n| n.labels().get(datacenter_label).cloned())
             .unwrap_or_default();
         let c = count(pod, nodes, healthy(pod));
-        let row = rows.entry((index, datacenter.clone())).or_insert_with(|| GroupSummary {
-            group: group.clone(),
-            datacenter,
-            ..GroupSummary::default()
-        });
+        let row = rows
+            .entry((index, datacenter.clone()))
+            .or_insert_with(|| GroupSummary {
+                group: group.clone(),
+                datacenter,
+                ..GroupSummary::default()
+            });
         row.placed += i32::from(c.placed);
         row.running += i32::from(c.running);
         row.healthy += i32::from(c.healthy);

@@ -21,19 +21,27 @@ use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodHealth {
     /// Healthy since `since` (the end of its min_healthy_time).
-    Healthy { since: Timestamp },
+    Healthy {
+        since: Timestamp,
+    },
     /// Not yet: its health changes at `until` with nothing else happening (it turns
     /// healthy, or misses its deadline).
-    Waiting { until: Option<Timestamp> },
+    Waiting {
+        until: Option<Timestamp>,
+    },
     Unhealthy,
+    /// Failed or completed: unhealthy, and no longer one of its ReplicaSet's pods (the
+    /// ReplicaSet replaces it).
+    Finished,
 }
 
 /// The health of the pods of one ReplicaSet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Health {
-    /// Pods that are not being deleted.
+    /// Pods that are neither being deleted nor finished.
     pub pods: i32,
     pub healthy: i32,
+    /// Unhealthy pods, finished ones included.
     pub unhealthy: i32,
     /// The latest instant one of them turned healthy.
     pub last_healthy: Option<Timestamp>,
@@ -43,14 +51,14 @@ pub struct Health {
 
 impl Health {
     pub fn add(&mut self, health: PodHealth) {
-        self.pods += 1;
+        self.pods += i32::from(health != PodHealth::Finished);
         match health {
             PodHealth::Healthy { since } => {
                 self.healthy += 1;
                 self.last_healthy = self.last_healthy.max(Some(since));
             }
             PodHealth::Waiting { until } => self.next = earliest(self.next, until),
-            PodHealth::Unhealthy => self.unhealthy += 1,
+            PodHealth::Unhealthy | PodHealth::Finished => self.unhealthy += 1,
         }
     }
 
@@ -80,9 +88,11 @@ pub fn judge(pod: &Pod, update: &Update, now: Timestamp) -> Option<PodHealth> {
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     if matches!(phase, "Failed" | "Succeeded") {
-        return Some(PodHealth::Unhealthy);
+        return Some(PodHealth::Finished);
     }
-    let containers = status.and_then(|s| s.container_statuses.as_deref()).unwrap_or_default();
+    let containers = status
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
     let manual = update.health_check == HealthCheck::Manual;
     if !manual && containers.iter().any(|c| c.restart_count > 0) {
         return Some(PodHealth::Unhealthy);
@@ -94,7 +104,9 @@ pub fn judge(pod: &Pod, update: &Update, now: Timestamp) -> Option<PodHealth> {
             .map(|c| c.last_transition_time.as_ref().map_or(now, |t| t.0)),
         HealthCheck::TaskStates => (phase == "Running"
             && !containers.is_empty()
-            && containers.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
+            && containers
+                .iter()
+                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
         .then(|| {
             containers
                 .iter()
@@ -103,7 +115,9 @@ pub fn judge(pod: &Pod, update: &Update, now: Timestamp) -> Option<PodHealth> {
                 .max()
                 .unwrap_or(now)
         }),
-        HealthCheck::Manual => (phase == "Running").then(|| status.and_then(|s| s.start_time.as_ref()).map_or(now, |t| t.0)),
+        HealthCheck::Manual => {
+            (phase == "Running").then(|| status.and_then(|s| s.start_time.as_ref()).map_or(now, |t| t.0))
+        }
     };
     if manual {
         return Some(match ready_since {
@@ -125,4 +139,131 @@ pub fn judge(pod: &Pod, update: &Update, now: Timestamp) -> Option<PodHealth> {
     Some(PodHealth::Waiting {
         until: earliest(healthy_at, Some(deadline)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::{
+        api::core::v1::{ContainerState, ContainerStateRunning, ContainerStatus, PodCondition, PodStatus},
+        apimachinery::pkg::apis::meta::v1::Time,
+    };
+    use std::time::Duration;
+
+    const T0: i64 = 1_800_000_000;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(T0 + seconds).unwrap()
+    }
+
+    fn update(health_check: HealthCheck) -> Update {
+        Update {
+            max_parallel: 1,
+            health_check,
+            min_healthy_time: Duration::from_secs(10),
+            healthy_deadline: Duration::from_secs(60),
+            progress_deadline: None,
+            canary: 0,
+            auto_promote: false,
+            auto_revert: false,
+            stagger: Duration::ZERO,
+        }
+    }
+
+    /// A pod created at 0, Running, Ready since `ready` (if any), its container
+    /// running since 2 and restarted `restarts` times.
+    fn pod(ready: Option<i64>, restarts: i32) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.creation_timestamp = Some(Time(at(0)));
+        pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            start_time: Some(Time(at(1))),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready.is_some() { "True" } else { "False" }.into(),
+                last_transition_time: Some(Time(at(ready.unwrap_or(1)))),
+                ..PodCondition::default()
+            }]),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "t".into(),
+                restart_count: restarts,
+                state: Some(ContainerState {
+                    running: Some(ContainerStateRunning {
+                        started_at: Some(Time(at(2))),
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn checks_count_a_pod_healthy_after_min_healthy_time_of_readiness() {
+        let checks = update(HealthCheck::Checks);
+        assert_eq!(
+            judge(&pod(Some(5), 0), &checks, at(14)),
+            Some(PodHealth::Waiting { until: Some(at(15)) })
+        );
+        assert_eq!(
+            judge(&pod(Some(5), 0), &checks, at(15)),
+            Some(PodHealth::Healthy { since: at(15) })
+        );
+        assert_eq!(
+            judge(&pod(None, 0), &checks, at(30)),
+            Some(PodHealth::Waiting { until: Some(at(60)) })
+        );
+        assert_eq!(
+            judge(&pod(None, 0), &checks, at(60)),
+            Some(PodHealth::Unhealthy),
+            "missed healthy_deadline"
+        );
+        assert_eq!(
+            judge(&pod(Some(5), 1), &checks, at(30)),
+            Some(PodHealth::Unhealthy),
+            "a task restarted"
+        );
+    }
+
+    #[test]
+    fn task_states_count_running_containers_and_manual_judges_nothing() {
+        let tasks = update(HealthCheck::TaskStates);
+        assert_eq!(
+            judge(&pod(None, 0), &tasks, at(12)),
+            Some(PodHealth::Healthy { since: at(12) })
+        );
+        let manual = update(HealthCheck::Manual);
+        assert_eq!(
+            judge(&pod(None, 3), &manual, at(1000)),
+            Some(PodHealth::Healthy { since: at(1) })
+        );
+    }
+
+    #[test]
+    fn failed_pods_are_unhealthy_and_deleted_ones_count_for_nothing() {
+        let checks = update(HealthCheck::Checks);
+        let mut failed = pod(Some(5), 0);
+        failed.status.as_mut().unwrap().phase = Some("Failed".into());
+        assert_eq!(judge(&failed, &checks, at(30)), Some(PodHealth::Finished));
+        let mut deleted = pod(Some(5), 0);
+        deleted.metadata.deletion_timestamp = Some(Time(at(20)));
+        assert_eq!(judge(&deleted, &checks, at(30)), None);
+        let health = Health::of(
+            [&pod(Some(5), 0), &pod(None, 0), &failed, &deleted],
+            &checks,
+            at(30),
+        );
+        assert_eq!(
+            health,
+            Health {
+                pods: 2,
+                healthy: 1,
+                unhealthy: 1,
+                last_healthy: Some(at(15)),
+                next: Some(at(60)),
+            }
+        );
+    }
 }

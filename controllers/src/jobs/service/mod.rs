@@ -79,8 +79,14 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
                 || p.status != plan.deployment.status
                 || p.promoted != plan.deployment.promoted
         });
+    // The Events of a decision go out with its record: the status written at the end
+    // may then change nothing more.
+    let mut events = Vec::new();
     if decided {
         status::record_deployment(job, cx, &plan.deployment).await?;
+        status::publish(job, cx, &plan.events).await;
+    } else {
+        events = std::mem::take(&mut plan.events);
     }
     if let Some(revert_to) = plan.reverts_to() {
         running = revert_to;
@@ -97,13 +103,12 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
             },
             plan.deployment.clone(),
         );
-        plan = plan::Plan {
-            events: plan.events,
-            ..restored
-        };
+        plan = restored;
     }
     let mut stable_version = None;
-    if plan.deployment.status == state::SUCCESSFUL && previous.is_none_or(|p| p.version != version || p.status != state::SUCCESSFUL) {
+    if plan.deployment.status == state::SUCCESSFUL
+        && previous.is_none_or(|p| p.version != version || p.status != state::SUCCESSFUL)
+    {
         revisions::mark_stable(&cx.client, job, version, stable).await?;
         stable_version = Some(version);
     }
@@ -111,19 +116,30 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
     write_replica_sets(cx, &run_job, running, &compiled, &owned, &plan).await?;
     write_services(cx, job, &run_job).await?;
 
-    let desired: Vec<(String, i32)> = run_job.spec.groups.iter().map(|g| (g.name.clone(), g.count)).collect();
+    let desired: Vec<(String, i32)> = run_job
+        .spec
+        .groups
+        .iter()
+        .map(|g| (g.name.clone(), g.count))
+        .collect();
     let updates: HashMap<&str, &compile::Update> = compiled
         .groups
         .iter()
         .map(|g| (g.name.as_str(), &g.update))
         .collect();
-    let summary = status::summarize(&desired, &pods, &state.nodes, &state.settings.datacenter_label, |pod| {
-        pod.labels()
-            .get(labels::GROUP)
-            .and_then(|g| updates.get(g.as_str()))
-            .and_then(|u| health::judge(pod, u, now))
-            .is_some_and(|h| matches!(h, PodHealth::Healthy { .. }))
-    });
+    let summary = status::summarize(
+        &desired,
+        &pods,
+        &state.nodes,
+        &state.settings.datacenter_label,
+        |pod| {
+            pod.labels()
+                .get(labels::GROUP)
+                .and_then(|g| updates.get(g.as_str()))
+                .and_then(|u| health::judge(pod, u, now))
+                .is_some_and(|h| matches!(h, PodHealth::Healthy { .. }))
+        },
+    );
     let (desired, running_pods) = status::totals(&summary);
     let (phase, ready) = verdict(&plan.deployment, desired, &summary);
     Ok(Report {
@@ -136,7 +152,7 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
         running_version: Some(running),
         stable_version,
         ready: Some(ready),
-        events: plan.events,
+        events,
         requeue: plan.wake.map(|at| until(now, at)),
     })
 }
@@ -159,7 +175,11 @@ fn verdict(
             format!("deployment of version {version} failed: {description}"),
         ),
         state::REVERTED => (
-            if running > 0 { Phase::Running } else { Phase::Pending },
+            if running > 0 {
+                Phase::Running
+            } else {
+                Phase::Pending
+            },
             ConditionStatus::False,
             reasons::DEPLOYMENT_REVERTED,
             format!("deployment of version {version} failed; {description}"),
@@ -192,7 +212,14 @@ fn verdict(
             format!("version {version}: {healthy} of {desired} allocations healthy"),
         ),
     };
-    (phase, Ready { status, reason, message })
+    (
+        phase,
+        Ready {
+            status,
+            reason,
+            message,
+        },
+    )
 }
 
 /// How long until `at` (a little after, so that the instant has passed).
@@ -203,7 +230,12 @@ fn until(now: Timestamp, at: Timestamp) -> Duration {
 
 /// The spec of `running`: the Job's own when it is the newest version, the stored one
 /// otherwise.
-async fn spec_of<'a>(cx: &Context<State>, job: &'a Job, version: i64, running: i64) -> Result<Cow<'a, Job>, Error> {
+async fn spec_of<'a>(
+    cx: &Context<State>,
+    job: &'a Job,
+    version: i64,
+    running: i64,
+) -> Result<Cow<'a, Job>, Error> {
     if running == version {
         return Ok(Cow::Borrowed(job));
     }
@@ -314,7 +346,8 @@ async fn write_replica_sets(
 ) -> Result<(), Error> {
     let client = &cx.client;
     let namespace = job.namespace().unwrap_or_default();
-    let existing: HashMap<String, &ReplicaSet> = owned.iter().map(|rs| (rs.name_any(), rs.as_ref())).collect();
+    let existing: HashMap<String, &ReplicaSet> =
+        owned.iter().map(|rs| (rs.name_any(), rs.as_ref())).collect();
     let mut wanted = Vec::new();
     for (index, (group, sets)) in compiled.groups.iter().zip(&compiled.sets).enumerate() {
         for (set, pod_set) in group.sets.iter().zip(sets) {
@@ -418,8 +451,15 @@ async fn write_services(cx: &Context<State>, job: &Job, running: &Job) -> Result
         })?;
     for old in listed.items {
         let name = old.name_any();
-        let owned = old.owner_references().iter().any(|o| Some(&o.uid) == job.uid().as_ref());
-        if owned && !services.iter().any(|s| s.metadata.name.as_deref() == Some(name.as_str())) {
+        let owned = old
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == job.uid().as_ref());
+        if owned
+            && !services
+                .iter()
+                .any(|s| s.metadata.name.as_deref() == Some(name.as_str()))
+        {
             report::delete_owned::<Service>(&cx.client, &namespace, &name).await?;
         }
     }

@@ -179,14 +179,15 @@ fn deploy(input: &Input<'_>, previous: Option<&DeploymentStatus>) -> Plan {
     let now = input.now;
     let version = input.version;
     let mut events = Vec::new();
-    let started = previous
-        .and_then(|d| d.started_at.as_ref())
-        .map_or(now, |t| t.0);
+    let started = previous.and_then(|d| d.started_at.as_ref()).map_or(now, |t| t.0);
     if previous.is_none() {
-        events.push(Note::normal(
-            reasons::DEPLOYMENT_STARTED,
-            format!("Deployment of version {version} started"),
-        ));
+        events.push(
+            Note::normal(
+                reasons::DEPLOYMENT_STARTED,
+                format!("Deployment of version {version} started"),
+            )
+            .of_version(version),
+        );
     }
     let was_promoted = previous.is_some_and(|d| d.promoted);
     let canary_groups: Vec<&Group> = if was_promoted {
@@ -207,17 +208,27 @@ fn deploy(input: &Input<'_>, previous: Option<&DeploymentStatus>) -> Plan {
 
     let previously_placed = previous.map_or(0, |d| d.canaries_placed);
     if canaries_desired > 0 && canaries_placed >= canaries_desired && previously_placed < canaries_desired {
-        events.push(Note::normal(
-            reasons::CANARIES_PLACED,
-            format!("{canaries_placed} canaries of version {version} placed"),
-        ));
+        events.push(
+            Note::normal(
+                reasons::CANARIES_PLACED,
+                format!("{canaries_placed} canaries of version {version} placed"),
+            )
+            .of_version(version),
+        );
     }
     if promote_now {
-        let how = if manual { "by spec.promote" } else { "automatically" };
-        events.push(Note::normal(
-            reasons::DEPLOYMENT_PROMOTED,
-            format!("Canaries of version {version} promoted {how}"),
-        ));
+        let how = if manual {
+            "by spec.promote"
+        } else {
+            "automatically"
+        };
+        events.push(
+            Note::normal(
+                reasons::DEPLOYMENT_PROMOTED,
+                format!("Canaries of version {version} promoted {how}"),
+            )
+            .of_version(version),
+        );
     }
 
     let mut replicas = BTreeMap::new();
@@ -266,16 +277,22 @@ fn deploy(input: &Input<'_>, previous: Option<&DeploymentStatus>) -> Plan {
 
     let (status, description, reverted_to) = match failure {
         Some(why) => {
-            events.push(Note::warning(reasons::DEPLOYMENT_FAILED, format!("Version {version}: {why}")));
+            events.push(
+                Note::warning(reasons::DEPLOYMENT_FAILED, format!("Version {version}: {why}"))
+                    .of_version(version),
+            );
             let revert_to = input
                 .stable
                 .filter(|s| *s != version && input.groups.iter().any(|g| g.update.auto_revert));
             match revert_to {
                 Some(stable) => {
-                    events.push(Note::warning(
-                        reasons::DEPLOYMENT_REVERTED,
-                        format!("Version {version} failed; reverted to stable version {stable}"),
-                    ));
+                    events.push(
+                        Note::warning(
+                            reasons::DEPLOYMENT_REVERTED,
+                            format!("Version {version} failed; reverted to stable version {stable}"),
+                        )
+                        .of_version(version),
+                    );
                     (
                         state::REVERTED,
                         format!("{why} - rolling back to job version {stable}"),
@@ -286,11 +303,18 @@ fn deploy(input: &Input<'_>, previous: Option<&DeploymentStatus>) -> Plan {
             }
         }
         None if complete => {
-            events.push(Note::normal(
-                reasons::DEPLOYMENT_SUCCEEDED,
-                format!("Deployment of version {version} completed successfully"),
-            ));
-            (state::SUCCESSFUL, "Deployment completed successfully".to_owned(), None)
+            events.push(
+                Note::normal(
+                    reasons::DEPLOYMENT_SUCCEEDED,
+                    format!("Deployment of version {version} completed successfully"),
+                )
+                .of_version(version),
+            );
+            (
+                state::SUCCESSFUL,
+                "Deployment completed successfully".to_owned(),
+                None,
+            )
         }
         None if paused => (
             state::PAUSED,
@@ -308,7 +332,11 @@ fn deploy(input: &Input<'_>, previous: Option<&DeploymentStatus>) -> Plan {
     };
     let (canaries_desired, canaries_placed, canaries_healthy) = match previous {
         Some(d) if was_promoted => (d.canaries_desired, d.canaries_placed, d.canaries_healthy),
-        _ => (canaries_desired, canaries_placed.min(canaries_desired), canaries_healthy.min(canaries_desired)),
+        _ => (
+            canaries_desired,
+            canaries_placed.min(canaries_desired),
+            canaries_healthy.min(canaries_desired),
+        ),
     };
     Plan {
         replicas,
@@ -330,7 +358,11 @@ fn deploy(input: &Input<'_>, previous: Option<&DeploymentStatus>) -> Plan {
             reverted_to,
         },
         events,
-        wake: if settled { None } else { wake(input.groups, deadline) },
+        wake: if settled {
+            None
+        } else {
+            wake(input.groups, deadline)
+        },
     }
 }
 
@@ -444,7 +476,11 @@ fn complete(group: &Group) -> bool {
 fn deletable(groups: &[Group]) -> Vec<String> {
     groups
         .iter()
-        .flat_map(|g| old(g).into_iter().filter(|o| o.replicas == 0 && o.health.pods == 0))
+        .flat_map(|g| {
+            old(g)
+                .into_iter()
+                .filter(|o| o.replicas == 0 && o.health.pods == 0)
+        })
         .map(|o| o.name.clone())
         .collect()
 }
