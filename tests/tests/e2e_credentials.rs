@@ -341,6 +341,18 @@ async fn an_evicted_pods_token_and_leases_are_revoked_before_it_goes() -> Result
         w.token_works(&holder.token).await?,
         "killing the agent revoked nothing"
     );
+    // revoke-pod is the controller's (its chart policy): the pod's own token, whose
+    // policy does not grant it, is refused like any path it does not hold.
+    let (code, body) = call(
+        &w.engine,
+        &w.roots,
+        "POST",
+        "auth/kubernetes/revoke-pod",
+        Some(&holder.token),
+        Some(json!({"pod_uid": holder.pod.uid().unwrap()})),
+    )
+    .await?;
+    ensure!(code == 403, "revoke-pod without the policy: {code} {body}");
 
     w.pods()
         .evict(&holder.pod.name_any(), &EvictParams::default())
