@@ -97,7 +97,7 @@ fn web(count: i32, image: &str, group: Value) -> Value {
 
 /// `capstan job plan` of each change: created, in place, destructive with its canary, no
 /// change; refusals by the schema's CEL and by the webhook come back from the dry run;
-/// nothing is stored by a plan.
+/// nothing is stored by a plan. `capstan job convert` output plans as a new Job.
 #[tokio::test]
 async fn plan_shows_each_change_from_a_server_side_dry_run() -> Result<()> {
     let client = client().await;
@@ -173,8 +173,56 @@ async fn plan_shows_each_change_from_a_server_side_dry_run() -> Result<()> {
         jobs.get("web").await?.spec.groups[0].count == 2,
         "no plan changed the stored Job"
     );
+
+    // A jobspec converted (all but its artifact) plans as a new Job the server accepts.
+    let jobspec = TempFile::new(&ns.name, "cache.nomad.hcl", CACHE_JOBSPEC)?;
+    expect(
+        &capstan(&["job", "convert", jobspec.path()])?,
+        1,
+        &[
+            &format!("{}:12: job.group[redis].task[redis].artifact", jobspec.path()),
+            "not written",
+        ],
+    )?;
+    let converted = TempFile::new(&ns.name, "cache.yaml", "")?;
+    let ran = capstan(&[
+        "job",
+        "convert",
+        jobspec.path(),
+        "--allow-partial",
+        "--var",
+        "image=redis:8",
+        "-o",
+        converted.path(),
+    ])?;
+    expect(&ran, 0, &["untranslated:"])?;
+    expect(
+        &capstan(&["job", "plan", converted.path(), "-n", &ns.name])?,
+        1,
+        &["+ Job: \"cache\"", "+ Task Group: \"redis\" (create, count 2)"],
+    )?;
     Ok(())
 }
+
+/// A Nomad jobspec with a variable and a block Capstan does not translate (line 12).
+const CACHE_JOBSPEC: &str = r#"variable "image" {
+  default = "redis:7"
+}
+job "cache" {
+  group "redis" {
+    count = 2
+    task "redis" {
+      driver = "docker"
+      config {
+        image = var.image
+      }
+      artifact {
+        source = "https://example.com/seed.tgz"
+      }
+    }
+  }
+}
+"#;
 
 /// `capstan job dispatch` creates the child with the meta and the payload, owned by and
 /// labelled with its parent, and prints its name; it refuses a parent that is not

@@ -4,6 +4,7 @@
 //! and reverts are spec changes (never status writes), and every write carries the
 //! resourceVersion it was computed from, so a concurrent change is refused, not lost.
 
+mod convert;
 mod dispatch;
 mod history;
 mod plan;
@@ -45,6 +46,9 @@ enum JobCommand {
     History(history::History),
     /// Run a parameterized job once, with meta and a payload; prints the child Job's name.
     Dispatch(dispatch::Dispatch),
+    /// A Nomad jobspec (HCL or JSON) as a Job's YAML; exits 1 when some blocks could
+    /// not be translated (they are listed with their lines).
+    Convert(convert::Convert),
     /// What applying a Job file would change (a server-side dry run); exits 1 when it
     /// would change something, 0 when not.
     Plan(plan::Plan),
@@ -53,14 +57,17 @@ enum JobCommand {
 impl JobArgs {
     /// True when the command's answer is yes (see `main` for the exit codes).
     pub async fn run(self) -> anyhow::Result<bool> {
-        let cluster = Cluster::connect(self.namespace).await?;
+        let namespace = self.namespace;
+        // Every command but convert works in a cluster.
+        let cluster = || Cluster::connect(namespace.clone());
         match self.command {
-            JobCommand::Status(command) => command.run(&cluster).await,
-            JobCommand::Promote(command) => command.run(&cluster).await,
-            JobCommand::Revert(command) => command.run(&cluster).await,
-            JobCommand::History(command) => command.run(&cluster).await,
-            JobCommand::Dispatch(command) => command.run(&cluster).await,
-            JobCommand::Plan(command) => command.run(&cluster).await,
+            JobCommand::Convert(command) => command.run(namespace.clone()),
+            JobCommand::Status(command) => command.run(&cluster().await?).await,
+            JobCommand::Promote(command) => command.run(&cluster().await?).await,
+            JobCommand::Revert(command) => command.run(&cluster().await?).await,
+            JobCommand::History(command) => command.run(&cluster().await?).await,
+            JobCommand::Dispatch(command) => command.run(&cluster().await?).await,
+            JobCommand::Plan(command) => command.run(&cluster().await?).await,
         }
     }
 }
