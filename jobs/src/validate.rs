@@ -3,21 +3,20 @@
 //! with any; the controller reports the same as InvalidSpec for one that got past it.
 //!
 //! The schema (patterns, bounds, CEL) already holds shapes and cheap cross-field rules.
-//! What is left needs a parser (regexps, version constraints, cron expressions, time
-//! zones), a look across the whole job (port and service names, canaries against each
-//! group's count, object names) or, for a dispatched child, its parent
-//! ([`validate_dispatch`]). Last, the job is compiled as the controller would compile it
-//! (`compile`), so what the webhook accepts is what the controller can run.
+//! The job is compiled as the controller would compile it (`compile`: placement with its
+//! regexps, version constraints and attributes, tasks, services and their ports,
+//! templates, update blocks, object names), so what the webhook accepts is what the
+//! controller can run. Before that, what the compiler takes as given: cron expressions
+//! and time zones (the API server would refuse the CronJob), names that must be unique
+//! across the job (ports, services, template destinations, spread targets), meta and
+//! environment variable names, a service job's canaries against each group's count, a
+//! payload only where a dispatch gives one; and a dispatched child against its parent
+//! ([`validate_dispatch`]).
 
-use crate::{
-    attributes::{self, Predicate},
-    compile,
-};
+use crate::{attributes, compile};
 use base64::Engine as _;
 use capstan_contract::annotations;
-use capstan_crds::jobs::{
-    Affinity, Constraint, Dispatch, Job, JobSpec, JobType, Operator, PayloadRule, Spread, Task, TaskGroup,
-};
+use capstan_crds::jobs::{Dispatch, Job, JobSpec, JobType, PayloadRule, Spread, Task, TaskGroup};
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
@@ -48,15 +47,7 @@ pub const PAYLOAD_LIMIT: usize = 16 * 1024;
 pub fn validate(job: &Job) -> Vec<FieldError> {
     let spec = &job.spec;
     let mut errors = Vec::new();
-    let name = job.metadata.name.as_deref().unwrap_or_default();
-    object_names(name, spec, &mut errors);
-    placement(
-        "spec",
-        &spec.constraints,
-        &spec.affinities,
-        &spec.spreads,
-        &mut errors,
-    );
+    spreads("spec", &spec.spreads, &mut errors);
     datacenters(spec, &mut errors);
     meta_keys("spec.meta", &spec.meta, &mut errors);
     if let Some(dispatch) = &spec.dispatch {
@@ -111,7 +102,9 @@ fn compiles(job: &Job) -> Vec<FieldError> {
     let mut errors: Vec<FieldError> = Vec::new();
     for error in results.into_iter().filter_map(Result::err) {
         if !errors.iter().any(|e| e.field == error.field) {
-            errors.push(FieldError::new(error.field, error.message));
+            // One line each: the webhook joins them into one message.
+            let message = error.message.split_whitespace().collect::<Vec<_>>().join(" ");
+            errors.push(FieldError::new(error.field, message));
         }
     }
     errors
@@ -193,19 +186,6 @@ fn list<'a>(items: impl Iterator<Item = &'a String>) -> String {
     }
 }
 
-/// A Service is named `<job>-<service>`, and a Service's name is a DNS-1035 label: a
-/// letter first, no dots (the other objects' names take any Job name; `compile::names`
-/// bounds their length).
-fn object_names(name: &str, spec: &JobSpec, errors: &mut Vec<FieldError>) {
-    let has_services = spec.groups.iter().any(|g| !g.services.is_empty());
-    if has_services && (!name.starts_with(|c: char| c.is_ascii_lowercase()) || name.contains('.')) {
-        errors.push(FieldError::new(
-            "metadata.name",
-            "a job with services begins with a letter and has no '.': its Services are named <job>-<service>",
-        ));
-    }
-}
-
 /// Datacenters that are names, not globs, are node label values the pods select.
 fn datacenters(spec: &JobSpec, errors: &mut Vec<FieldError>) {
     for (i, datacenter) in spec.datacenters.iter().enumerate() {
@@ -217,74 +197,18 @@ fn datacenters(spec: &JobSpec, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn placement(
-    at: &str,
-    constraints: &[Constraint],
-    affinities: &[Affinity],
-    spreads: &[Spread],
-    errors: &mut Vec<FieldError>,
-) {
-    for (i, constraint) in constraints.iter().enumerate() {
-        let at = format!("{at}.constraints[{i}]");
-        if let Some(attribute) = &constraint.attribute {
-            self::attribute(&format!("{at}.attribute"), attribute, errors);
-        }
-        match constraint.operator {
-            Operator::DistinctHosts => {}
-            // Anti-affinity keeps pods one per value; Nomad's "at most N per value" has no
-            // Kubernetes form, and dropping the limit would place them all together.
-            Operator::DistinctProperty => {
-                if constraint.value.as_deref().is_some_and(|v| v.trim() != "1") {
-                    errors.push(FieldError::new(
-                        format!("{at}.value"),
-                        "distinct_property places at most one allocation per value (pod anti-affinity); a limit above 1 cannot be expressed",
-                    ));
-                }
-            }
-            operator => predicate(&at, operator, constraint.value.as_deref(), errors),
-        }
-    }
-    for (i, affinity) in affinities.iter().enumerate() {
-        let at = format!("{at}.affinities[{i}]");
-        self::attribute(&format!("{at}.attribute"), &affinity.attribute, errors);
-        predicate(&at, affinity.operator, affinity.value.as_deref(), errors);
-    }
+/// A spread's targets are distinct values (the compiler checks each is a label value).
+fn spreads(at: &str, spreads: &[Spread], errors: &mut Vec<FieldError>) {
     for (i, spread) in spreads.iter().enumerate() {
-        let at = format!("{at}.spreads[{i}]");
-        self::attribute(&format!("{at}.attribute"), &spread.attribute, errors);
         let mut seen = HashMap::new();
         for (t, target) in spread.targets.iter().enumerate() {
-            if let Err(error) = attributes::label_value(&target.value) {
-                errors.push(FieldError::new(format!("{at}.targets[{t}].value"), error.0));
-            }
             if let Some(first) = seen.insert(target.value.as_str(), t) {
                 errors.push(FieldError::new(
-                    format!("{at}.targets[{t}].value"),
-                    format!("duplicate of {at}.targets[{first}]"),
+                    format!("{at}.spreads[{i}].targets[{t}].value"),
+                    format!("duplicate of {at}.spreads[{i}].targets[{first}]"),
                 ));
             }
         }
-    }
-}
-
-fn attribute(field: &str, attribute: &str, errors: &mut Vec<FieldError>) {
-    // The label name does not depend on the configured datacenter label for validity.
-    if let Err(error) = attributes::node_label(attribute, attributes::DEFAULT_DATACENTER_LABEL) {
-        errors.push(FieldError::new(field, error.0));
-    }
-}
-
-/// The value parses for its operator (a regexp compiles, a version constraint reads),
-/// and an equality's value can be matched by a node selector.
-fn predicate(at: &str, operator: Operator, value: Option<&str>, errors: &mut Vec<FieldError>) {
-    // A missing value is the schema's to refuse (CEL), with its own message.
-    let Some(value) = value else { return };
-    if let Err(error) = Predicate::new(operator, Some(value)) {
-        errors.push(FieldError::new(format!("{at}.value"), error.0));
-    } else if matches!(operator, Operator::Equal | Operator::NotEqual)
-        && let Err(error) = attributes::label_value(value)
-    {
-        errors.push(FieldError::new(format!("{at}.value"), error.0));
     }
 }
 
@@ -376,33 +300,14 @@ fn time_zone(zone: &str) -> Result<(), String> {
     }
 }
 
-/// The job-level `update.canary` applies to every group without its own (a group's own
-/// is held to its count by the schema). System jobs have no canaries (Nomad's either).
+/// A service job's `update.canary` applies to every group without its own (a group's
+/// own is held to its count by the schema; system jobs have none, which the compiler
+/// says).
 fn canaries(spec: &JobSpec, errors: &mut Vec<FieldError>) {
-    let job_canary = spec.update.as_ref().and_then(|u| u.canary).filter(|c| *c > 0);
-    if spec.type_ == JobType::System {
-        if job_canary.is_some() {
-            errors.push(FieldError::new(
-                "spec.update.canary",
-                "system jobs have no canaries",
-            ));
-        }
-        for (g, group) in spec.groups.iter().enumerate() {
-            if group
-                .update
-                .as_ref()
-                .and_then(|u| u.canary)
-                .is_some_and(|c| c > 0)
-            {
-                errors.push(FieldError::new(
-                    format!("spec.groups[{g}].update.canary"),
-                    "system jobs have no canaries",
-                ));
-            }
-        }
+    let canary = spec.update.as_ref().and_then(|u| u.canary).unwrap_or(0);
+    if spec.type_ != JobType::Service || canary == 0 {
         return;
     }
-    let Some(canary) = job_canary else { return };
     for group in &spec.groups {
         let own = group.update.as_ref().and_then(|u| u.canary);
         if own.is_none() && canary > group.count {
@@ -418,21 +323,15 @@ fn canaries(spec: &JobSpec, errors: &mut Vec<FieldError>) {
 }
 
 fn group(spec: &JobSpec, at: &str, group: &TaskGroup, errors: &mut Vec<FieldError>) {
-    placement(at, &group.constraints, &group.affinities, &group.spreads, errors);
+    spreads(at, &group.spreads, errors);
     meta_keys(&format!("{at}.meta"), &group.meta, errors);
-    if group.tasks.iter().all(|t| t.lifecycle.is_some()) {
-        errors.push(FieldError::new(
-            format!("{at}.tasks"),
-            "a group needs a main task (one without lifecycle)",
-        ));
-    }
-    // Ports are the pod's: their names are unique in the group, and services and checks
-    // name them.
+    // Ports are the pod's: their names are unique in the group (services and checks
+    // name them).
     let mut ports: HashMap<&str, String> = HashMap::new();
     let mut templates: HashMap<&str, String> = HashMap::new();
     for (t, task) in group.tasks.iter().enumerate() {
         let at = format!("{at}.tasks[{t}]");
-        self::task(spec, group, &at, task, errors);
+        self::task(spec, &at, task, errors);
         for (p, port) in task.ports.iter().enumerate() {
             let field = format!("{at}.ports[{p}].name");
             if let Some(first) = ports.insert(&port.name, field.clone()) {
@@ -469,23 +368,6 @@ fn group(spec: &JobSpec, at: &str, group: &TaskGroup, errors: &mut Vec<FieldErro
             }
         }
     }
-    for (s, service) in group.services.iter().enumerate() {
-        let at = format!("{at}.services[{s}]");
-        if let Some(task) = &service.task
-            && !group.tasks.iter().any(|t| &t.name == task)
-        {
-            errors.push(FieldError::new(
-                format!("{at}.task"),
-                format!("no task {task:?} in group {:?}", group.name),
-            ));
-        }
-        port_reference(&format!("{at}.port"), &service.port, &ports, errors);
-        for (c, check) in service.checks.iter().enumerate() {
-            if let Some(port) = &check.port {
-                port_reference(&format!("{at}.checks[{c}].port"), port, &ports, errors);
-            }
-        }
-    }
 }
 
 /// Services are named `<job>-<service>`: unique over the whole job, not only the group.
@@ -504,28 +386,7 @@ fn services_unique(spec: &JobSpec, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// A service's or check's port: a task port's name in the group, or a port number.
-fn port_reference(field: &str, port: &str, ports: &HashMap<&str, String>, errors: &mut Vec<FieldError>) {
-    if ports.contains_key(port) {
-        return;
-    }
-    match port.parse::<u32>() {
-        Ok(1..=65535) => {}
-        _ => errors.push(FieldError::new(
-            field,
-            format!(
-                "{port:?} is neither a port of the group's tasks ({}) nor a port number",
-                {
-                    let mut names: Vec<String> = ports.keys().map(|k| (*k).to_owned()).collect();
-                    names.sort();
-                    list(names.iter())
-                }
-            ),
-        )),
-    }
-}
-
-fn task(spec: &JobSpec, group: &TaskGroup, at: &str, task: &Task, errors: &mut Vec<FieldError>) {
+fn task(spec: &JobSpec, at: &str, task: &Task, errors: &mut Vec<FieldError>) {
     for name in task.env.keys() {
         if !env_name(name) {
             errors.push(FieldError::new(
@@ -533,15 +394,6 @@ fn task(spec: &JobSpec, group: &TaskGroup, at: &str, task: &Task, errors: &mut V
                 "an environment variable's name is printable ASCII without '='",
             ));
         }
-    }
-    if !task.templates.is_empty() && group.vault.is_none() {
-        errors.push(FieldError::new(
-            format!("{at}.templates"),
-            format!(
-                "templates are rendered by the secrets agent: group {:?} needs a vault block",
-                group.name
-            ),
-        ));
     }
     if task.dispatch_payload.is_some() && spec.parameterized.is_none() && spec.dispatch.is_none() {
         errors.push(FieldError::new(
@@ -840,7 +692,7 @@ mod tests {
         let one = json!([{"destination": "db.env", "data": SECRET}]);
         refused(
             with_group(json!({"tasks": templates(one.clone())})),
-            "spec.groups[0].tasks[0].templates",
+            "spec.groups[0].tasks[0].templates[0]",
         );
         let vault = json!({"role": "web"});
         assert_eq!(
