@@ -1,1 +1,285 @@
-//! The jobs reconciler against a mock API server.
+//! The jobs reconciler against a mock API server (`crate::mock`): the requests one
+//! reconcile of a service job makes, in order.
+
+use super::{MANAGER, State};
+use crate::{mock, reconciler};
+use capstan_crds::jobs::Job;
+use capstan_jobs::compile;
+use http::Method;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use kube::runtime::{reflector, watcher};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+const JOB_STATUS: &str = "/apis/jobs.capstan.dev/v1alpha1/namespaces/shop/jobs/web/status";
+const REVISIONS: &str = "/apis/apps/v1/namespaces/shop/controllerrevisions";
+const PRIORITY: &str = "/apis/scheduling.k8s.io/v1/priorityclasses/capstan-priority-50";
+const SERVICES: &str = "/api/v1/namespaces/shop/services";
+
+fn spec(image: &str) -> Value {
+    json!({
+        "type": "service",
+        "update": {"canary": 1, "maxParallel": 1},
+        "groups": [{"name": "api", "count": 2, "tasks": [{"name": "server", "image": image}]}],
+    })
+}
+
+fn job(generation: i64, image: &str, status: Value) -> Value {
+    json!({
+        "apiVersion": "jobs.capstan.dev/v1alpha1",
+        "kind": "Job",
+        "metadata": {
+            "name": "web", "namespace": "shop", "uid": "uid-web",
+            "resourceVersion": "7", "generation": generation,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": spec(image),
+        "status": status,
+    })
+}
+
+fn revision(version: i64, image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "ControllerRevision",
+        "metadata": {
+            "name": format!("web-v{version}"), "namespace": "shop",
+            "labels": {"jobs.capstan.dev/job": "web"},
+            "ownerReferences": [{"apiVersion": "jobs.capstan.dev/v1alpha1", "kind": "Job",
+                                 "name": "web", "uid": "uid-web", "controller": true}],
+        },
+        "revision": version,
+        "data": spec(image),
+    })
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {}, "items": items})
+}
+
+fn context(replica_sets: Vec<ReplicaSet>) -> (Arc<crate::context::Context<State>>, mock::ApiServer) {
+    let (base, server) = mock::context();
+    let (jobs, _) = reflector::store();
+    let (pods, _) = reflector::store();
+    let (nodes, _) = reflector::store();
+    let (rs_store, mut rs_writer) = reflector::store();
+    rs_writer.apply_watcher_event(&watcher::Event::Init);
+    for rs in replica_sets {
+        rs_writer.apply_watcher_event(&watcher::Event::InitApply(rs));
+    }
+    rs_writer.apply_watcher_event(&watcher::Event::InitDone);
+    let ctx = base.with(State::new(jobs, pods, rs_store, nodes, Default::default()));
+    (Arc::new(ctx), server)
+}
+
+/// Where the ReplicaSet of `job`'s only group is applied.
+fn replica_set_path(job: &Job) -> String {
+    let hash = compile::template_hash(job, 0);
+    format!(
+        "/apis/apps/v1/namespaces/shop/replicasets/{}",
+        compile::names::replica_set("web", "api", &hash)
+    )
+}
+
+fn conflict() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+           "reason": "Conflict", "code": 409, "message": "modified"})
+}
+
+/// The first reconcile of a service job: version 1 recorded as a ControllerRevision,
+/// its PriorityClass applied, the deployment recorded (a 409 on the way read again),
+/// its ReplicaSet applied with every pod (no older pods: no canary), the status
+/// written, with the DeploymentStarted Event.
+#[tokio::test]
+async fn a_first_reconcile_records_version_1_places_the_replica_set_and_writes_status() {
+    let (ctx, mut server) = context(vec![]);
+    let obj: Job = serde_json::from_value(job(1, "api:1", json!({}))).unwrap();
+    let obj_v1 = obj.clone();
+    let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
+
+    let listed = server
+        .expect(Method::GET, REVISIONS, 200, list("ControllerRevision", vec![]))
+        .await;
+    assert_eq!(
+        listed.query.get("labelSelector").map(String::as_str),
+        Some("jobs.capstan.dev%2Fjob%3Dweb")
+    );
+    let created = server
+        .expect(Method::POST, REVISIONS, 201, revision(1, "api:1"))
+        .await;
+    assert_eq!(created.body["metadata"]["name"], "web-v1");
+    assert_eq!(created.body["revision"], 1);
+    assert_eq!(created.body["data"]["groups"][0]["tasks"][0]["image"], "api:1");
+    assert_eq!(created.body["metadata"]["ownerReferences"][0]["uid"], "uid-web");
+
+    let priority = server.expect(Method::PATCH, PRIORITY, 200, json!({})).await;
+    assert_eq!(
+        priority.query.get("fieldManager").map(String::as_str),
+        Some(MANAGER)
+    );
+
+    // The deployment's decision, before anything moves; the first try conflicts.
+    server
+        .expect(Method::GET, JOB_STATUS, 200, job(1, "api:1", json!({})))
+        .await;
+    server.expect(Method::PATCH, JOB_STATUS, 409, conflict()).await;
+    let mut fresh = job(1, "api:1", json!({}));
+    fresh["metadata"]["resourceVersion"] = json!("8");
+    server.expect(Method::GET, JOB_STATUS, 200, fresh.clone()).await;
+    let recorded = server.expect(Method::PATCH, JOB_STATUS, 200, fresh.clone()).await;
+    assert_eq!(
+        recorded.body["metadata"]["resourceVersion"], "8",
+        "conditional on the fresh read"
+    );
+    let deployment = &mock::applied_status(&recorded, MANAGER)["deployment"];
+    assert_eq!(
+        (&deployment["version"], &deployment["status"]),
+        (&json!(1), &json!("running"))
+    );
+    let event = server.event("shop").await;
+    assert_eq!(event["reason"], "DeploymentStarted");
+    assert_eq!(event["related"]["name"], "web-v1");
+
+    let applied = {
+        let received = server
+            .expect(Method::PATCH, &replica_set_path(&obj_v1), 200, json!({}))
+            .await;
+        assert_eq!(
+            received.query.get("fieldManager").map(String::as_str),
+            Some(MANAGER)
+        );
+        assert_eq!(received.query.get("force").map(String::as_str), Some("true"));
+        received.body
+    };
+    assert_eq!(applied["spec"]["replicas"], 2, "no older pods: every pod at once");
+    assert_eq!(applied["metadata"]["labels"]["jobs.capstan.dev/version"], "1");
+    assert!(applied["metadata"]["annotations"]["jobs.capstan.dev/applied-hash"].is_string());
+
+    server
+        .expect(Method::GET, SERVICES, 200, list("Service", vec![]))
+        .await;
+
+    let mut recorded = fresh.clone();
+    recorded["status"] = json!({"deployment": deployment.clone()});
+    server
+        .expect(Method::GET, JOB_STATUS, 200, recorded.clone())
+        .await;
+    let written = server.expect(Method::PATCH, JOB_STATUS, 200, recorded).await;
+    let status = mock::applied_status(&written, MANAGER);
+    assert_eq!(status["version"], 1);
+    assert_eq!(status["runningVersion"], 1);
+    assert_eq!(status["phase"], "deploying");
+    assert_eq!(status["desired"], 2);
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(status["conditions"][0]["reason"], "Deploying");
+
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+/// A spec change is a new version: the newest revision's spec differs, so version 2 is
+/// recorded; with version 1's pods running it starts with a canary beside them.
+#[tokio::test]
+async fn a_changed_spec_is_version_2_and_starts_with_a_canary() {
+    let old_rs: ReplicaSet = serde_json::from_value(json!({
+        "metadata": {
+            "name": "web-api-0000000000", "namespace": "shop",
+            "labels": {"jobs.capstan.dev/job": "web", "jobs.capstan.dev/group": "api",
+                       "jobs.capstan.dev/version": "1"},
+            "ownerReferences": [{"apiVersion": "jobs.capstan.dev/v1alpha1", "kind": "Job",
+                                 "name": "web", "uid": "uid-web", "controller": true}],
+        },
+        "spec": {"replicas": 2, "selector": {}},
+    }))
+    .unwrap();
+    let (ctx, mut server) = context(vec![old_rs]);
+    let v1_done = json!({
+        "version": 1, "stableVersion": 1, "runningVersion": 1, "observedGeneration": 1,
+        "deployment": {"version": 1, "status": "successful"},
+    });
+    let obj: Job = serde_json::from_value(job(2, "api:2", v1_done.clone())).unwrap();
+    let path = replica_set_path(&obj);
+    let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
+
+    server
+        .expect(
+            Method::GET,
+            REVISIONS,
+            200,
+            list("ControllerRevision", vec![revision(1, "api:1")]),
+        )
+        .await;
+    let created = server
+        .expect(Method::POST, REVISIONS, 201, revision(2, "api:2"))
+        .await;
+    assert_eq!(created.body["metadata"]["name"], "web-v2");
+    assert_eq!(created.body["revision"], 2);
+    server.expect(Method::PATCH, PRIORITY, 200, json!({})).await;
+
+    server
+        .expect(Method::GET, JOB_STATUS, 200, job(2, "api:2", v1_done.clone()))
+        .await;
+    let recorded = server
+        .expect(Method::PATCH, JOB_STATUS, 200, job(2, "api:2", v1_done.clone()))
+        .await;
+    let deployment = mock::applied_status(&recorded, MANAGER)["deployment"].clone();
+    assert_eq!(
+        (&deployment["version"], &deployment["canariesDesired"]),
+        (&json!(2), &json!(1))
+    );
+    assert_eq!(server.event("shop").await["reason"], "DeploymentStarted");
+
+    let canary = server.expect(Method::PATCH, &path, 200, json!({})).await;
+    assert_eq!(
+        canary.body["spec"]["replicas"], 1,
+        "one canary; version 1 keeps its 2 pods"
+    );
+    assert_eq!(canary.body["metadata"]["labels"]["jobs.capstan.dev/version"], "2");
+
+    server
+        .expect(Method::GET, SERVICES, 200, list("Service", vec![]))
+        .await;
+    let mut recorded = job(2, "api:2", v1_done);
+    recorded["status"]["deployment"] = deployment;
+    server
+        .expect(Method::GET, JOB_STATUS, 200, recorded.clone())
+        .await;
+    let written = server.expect(Method::PATCH, JOB_STATUS, 200, recorded).await;
+    let status = mock::applied_status(&written, MANAGER);
+    assert_eq!(
+        (&status["version"], &status["stableVersion"]),
+        (&json!(2), &json!(1))
+    );
+    assert_eq!(status["phase"], "deploying");
+
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+/// A reconcile of a generation the status was written for reads no revision: the
+/// status's version says it.
+#[tokio::test]
+async fn an_unchanged_generation_reads_no_revision() {
+    let (ctx, mut server) = context(vec![]);
+    let settled = json!({
+        "version": 3, "runningVersion": 3, "observedGeneration": 4, "phase": "pending",
+        "deployment": {"version": 3, "status": "successful"},
+    });
+    let obj: Job = serde_json::from_value(job(4, "api:3", settled)).unwrap();
+    let path = replica_set_path(&obj);
+    let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
+    server.expect(Method::PATCH, PRIORITY, 200, json!({})).await;
+    let applied = server.expect(Method::PATCH, &path, 200, json!({})).await;
+    assert_eq!(
+        applied.body["metadata"]["labels"]["jobs.capstan.dev/version"],
+        "3"
+    );
+    // The status changes (summary, Ready), so it is read and written; no revision read.
+    server
+        .expect(Method::GET, JOB_STATUS, 200, job(4, "api:3", json!({})))
+        .await;
+    server
+        .expect(Method::PATCH, JOB_STATUS, 200, job(4, "api:3", json!({})))
+        .await;
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
