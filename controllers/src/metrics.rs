@@ -43,6 +43,27 @@ pub struct Metrics {
     /// Running pods that should be meshed and are not (intentions' `unmeshed`).
     pub unmeshed_pods: Family<NamespaceLabels, Gauge>,
     pub secretsync: SecretSyncMetrics,
+    pub jobs: JobsMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The jobs reconciler's own (its reconciles are `reconcile_runs{controller="jobs"}`).
+#[derive(Clone, Default)]
+pub struct JobsMetrics {
+    /// Service deployments by outcome: started, promoted, successful, failed, reverted.
+    pub deployments: Family<OutcomeLabels, Counter>,
+    /// Versions recorded (a new spec, as a ControllerRevision).
+    pub versions: Counter,
+}
+
+impl JobsMetrics {
+    pub fn deployment(&self, outcome: &'static str) {
+        self.deployments.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
 }
 
 #[derive(Clone)]
@@ -79,6 +100,7 @@ impl Default for Metrics {
                     0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                 ]),
             },
+            jobs: JobsMetrics::default(),
         }
     }
 }
@@ -137,6 +159,16 @@ impl Metrics {
             "secretsync_propagation_seconds",
             "Time from a source change (a KV version's creation, a credential's issue) to the target Secret holding it",
             s.propagation.clone(),
+        );
+        registry.register(
+            "jobs_deployments",
+            "Service job deployments by outcome: started, promoted, successful, failed, reverted",
+            metrics.jobs.deployments.clone(),
+        );
+        registry.register(
+            "jobs_versions",
+            "Job versions recorded (each new spec, as a ControllerRevision)",
+            metrics.jobs.versions.clone(),
         );
         metrics
     }

@@ -326,7 +326,7 @@ impl Reconcile for Job {
     const FINALIZER: Option<&'static str> = None;
 
     async fn reconcile(&self, cx: &Context<State>) -> Result<Action, Error> {
-        let version = revisions::ensure(&cx.client, self).await?;
+        let version = revisions::ensure(cx, self).await?;
         let report = if self.spec.parameterized.is_some() {
             Ok(dispatch::parent(cx, self))
         } else {

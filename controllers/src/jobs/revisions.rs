@@ -8,7 +8,8 @@
 //! a reconcile whose Job's generation is the one its status was written for skips the
 //! comparison (the status's `version` already says it).
 
-use super::{Error, MANAGER};
+use super::{Error, MANAGER, State};
+use crate::context::Context;
 use capstan_crds::jobs::{Job, JobSpec};
 use capstan_jobs::compile::{labels, names};
 use k8s_openapi::{api::apps::v1::ControllerRevision, apimachinery::pkg::runtime::RawExtension};
@@ -33,8 +34,10 @@ pub fn versioned(spec: &JobSpec) -> JobSpec {
     }
 }
 
-/// The version `job.spec` is, recording it as a new revision when it is new.
-pub async fn ensure(client: &kube::Client, job: &Job) -> Result<i64, Error> {
+/// The version `job.spec` is, recording it as a new revision when it is new (counted
+/// in `jobs_versions`).
+pub async fn ensure(cx: &Context<State>, job: &Job) -> Result<i64, Error> {
+    let client = &cx.client;
     let status = job.status.as_ref();
     if let Some(version) = status.and_then(|s| s.version)
         && status.and_then(|s| s.observed_generation) == job.metadata.generation
@@ -63,6 +66,7 @@ pub async fn ensure(client: &kube::Client, job: &Job) -> Result<i64, Error> {
             name: revision.name_any(),
             source,
         })?;
+    cx.metrics.jobs.versions.inc();
     revisions.push(created);
     prune(&api, job, &revisions).await?;
     Ok(version)

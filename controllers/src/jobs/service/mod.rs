@@ -16,7 +16,7 @@ use super::{Error, Phase, Ready, Report, State, reasons, report, revisions, stat
 use crate::context::Context;
 use capstan_crds::{
     ConditionStatus,
-    jobs::{Job, JobSpec},
+    jobs::{DeploymentStatus, GroupSummary, Job, JobSpec},
 };
 use capstan_jobs::compile::{self, PodSet, labels, names};
 use health::{Health, PodHealth};
@@ -85,6 +85,7 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
     if decided {
         status::record_deployment(job, cx, &plan.deployment).await?;
         status::publish(job, cx, &plan.events).await;
+        count(cx, previous, &plan.deployment);
     } else {
         events = std::mem::take(&mut plan.events);
     }
@@ -157,12 +158,32 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
     })
 }
 
+/// Counts the deployment's decisions in `jobs_deployments`.
+fn count(cx: &Context<State>, previous: Option<&DeploymentStatus>, next: &DeploymentStatus) {
+    let metrics = &cx.metrics.jobs;
+    let same = previous.filter(|p| p.version == next.version);
+    if same.is_none() {
+        metrics.deployment("started");
+    }
+    if next.promoted && !same.is_some_and(|p| p.promoted) {
+        metrics.deployment("promoted");
+    }
+    if same.is_none_or(|p| p.status != next.status)
+        && matches!(
+            next.status.as_str(),
+            state::SUCCESSFUL | state::FAILED | state::REVERTED
+        )
+    {
+        metrics.deployment(match next.status.as_str() {
+            state::SUCCESSFUL => "successful",
+            state::FAILED => "failed",
+            _ => "reverted",
+        });
+    }
+}
+
 /// The phase and Ready condition from the deployment and the summary.
-fn verdict(
-    deployment: &capstan_crds::jobs::DeploymentStatus,
-    desired: i32,
-    summary: &[capstan_crds::jobs::GroupSummary],
-) -> (Phase, Ready) {
+fn verdict(deployment: &DeploymentStatus, desired: i32, summary: &[GroupSummary]) -> (Phase, Ready) {
     let healthy: i32 = summary.iter().map(|r| r.healthy).sum();
     let running: i32 = summary.iter().map(|r| r.running).sum();
     let description = deployment.description.clone().unwrap_or_default();
