@@ -4,7 +4,7 @@
 //! parent deletes its runs. The webhook judges the meta and payload against the parent
 //! again when the child is created; the check here only makes the message come first.
 
-use super::{Cluster, FIELD_MANAGER, key_value};
+use super::{Cluster, FIELD_MANAGER, api_error, key_value};
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use capstan_crds::jobs::{Dispatch as DispatchSpec, Job, JobSpec};
@@ -69,6 +69,7 @@ impl Dispatch {
             .api::<Job>()
             .create(&params, &child)
             .await
+            .map_err(api_error)
             .with_context(|| format!("creating the dispatched run of Job {:?}", self.name))?;
         println!("{}", created.name_any());
         Ok(true)

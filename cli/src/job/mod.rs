@@ -106,6 +106,7 @@ impl Cluster {
         self.api::<Job>()
             .get_opt(name)
             .await
+            .map_err(api_error)
             .with_context(|| format!("reading Job {name:?} in namespace {:?}", self.namespace))?
             .with_context(|| format!("no Job {name:?} in namespace {:?}", self.namespace))
     }
@@ -119,6 +120,7 @@ impl Cluster {
             .api::<ControllerRevision>()
             .list(&ListParams::default().labels(&selector))
             .await
+            .map_err(api_error)
             .with_context(|| {
                 format!("listing the versions of Job {name:?} (ControllerRevisions {selector})")
             })?
@@ -154,6 +156,15 @@ impl From<ControllerRevision> for Version {
             created: revision.metadata.creation_timestamp.clone(),
             spec: revision.data.and_then(|data| serde_json::from_value(data.0).ok()),
         }
+    }
+}
+
+/// An error from the API server as its message and reason: kube's own text repeats
+/// the whole Status after them.
+fn api_error(error: kube::Error) -> anyhow::Error {
+    match error {
+        kube::Error::Api(status) => anyhow::anyhow!("{} ({})", status.message, status.reason),
+        other => other.into(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! Job), so the schema, the CEL rules and the admission webhooks all judge it and the
 //! spec compared is the one the server would store, defaults filled in.
 
-use super::{Cluster, FIELD_MANAGER};
+use super::{Cluster, FIELD_MANAGER, api_error};
 use anyhow::{Context as _, bail};
 use capstan_crds::jobs::Job;
 use capstan_jobs::plan::{self, Change, GroupPlan};
@@ -64,6 +64,7 @@ impl Plan {
         let current = jobs
             .get_opt(&name)
             .await
+            .map_err(api_error)
             .with_context(|| format!("reading Job {name:?} in namespace {namespace:?}"))?;
         let dynamic: Api<DynamicObject> = Api::namespaced_with(
             cluster.client.clone(),
@@ -82,12 +83,8 @@ impl Plan {
             }
             None => dynamic.create(&params, &object).await,
         }
-        .map_err(|error| match error {
-            kube::Error::Api(status) => {
-                anyhow::anyhow!("the API server refuses Job {name:?}: {}", status.message)
-            }
-            other => anyhow::Error::new(other).context(format!("dry run of Job {name:?}")),
-        })?;
+        .map_err(api_error)
+        .with_context(|| format!("the API server refuses Job {name:?}"))?;
         // The server drops fields its schema does not know (with a warning the client
         // library does not surface): a misspelled field would otherwise plan as nothing.
         let dropped: Vec<String> = plan::diff(&submitted, judged.data.get("spec").unwrap_or_default())

@@ -1,7 +1,7 @@
 //! `capstan job promote NAME`: sets `spec.promote` to the version whose canaries wait,
 //! which the controller reads as Nomad's `nomad deployment promote`.
 
-use super::{Cluster, FIELD_MANAGER};
+use super::{Cluster, FIELD_MANAGER, api_error};
 use anyhow::{Context as _, bail};
 use capstan_crds::jobs::{DeploymentStatus, Job};
 use kube::{
@@ -57,7 +57,9 @@ impl Promote {
                         self.name
                     )
                 }
-                result => result.with_context(|| format!("setting spec.promote of Job {:?}", self.name))?,
+                result => result
+                    .map_err(api_error)
+                    .with_context(|| format!("setting spec.promote of Job {:?}", self.name))?,
             };
             println!("Job {:?}: promoting the canaries of version {version}", self.name);
         }

@@ -2,7 +2,7 @@
 //! (its ControllerRevision `<job>-v<N>`); the controller records it as a new version and
 //! deploys it like any other change, as `nomad job revert` does.
 
-use super::{Cluster, FIELD_MANAGER};
+use super::{Cluster, FIELD_MANAGER, api_error};
 use anyhow::{Context as _, bail};
 use capstan_crds::jobs::{Job, JobSpec};
 use kube::api::PostParams;
@@ -52,7 +52,9 @@ impl Revert {
                     self.name
                 )
             }
-            result => result.with_context(|| format!("updating the spec of Job {:?}", self.name))?,
+            result => result
+                .map_err(api_error)
+                .with_context(|| format!("updating the spec of Job {:?}", self.name))?,
         };
         println!(
             "Job {:?}: reverted to the spec of version {} (the controller records it as a new version)",

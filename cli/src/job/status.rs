@@ -2,7 +2,7 @@
 //! controller's summary, deployment and children), its versions (ControllerRevisions)
 //! and its pods (labelled `jobs.capstan.dev/job`).
 
-use super::{Cluster, Version, age, fields, optional, table, timestamp};
+use super::{Cluster, Version, age, api_error, fields, optional, table, timestamp};
 use anyhow::Context as _;
 use capstan_crds::jobs::Job;
 use capstan_jobs::{attributes::DEFAULT_DATACENTER_LABEL, compile::labels};
@@ -28,6 +28,7 @@ impl Status {
             .api::<Pod>()
             .list(&ListParams::default().labels(&selector))
             .await
+            .map_err(api_error)
             .with_context(|| format!("listing the pods of Job {:?} ({selector})", self.name))?
             .items;
         pods.sort_by_key(|p| (label(p, labels::GROUP), p.name_any()));
