@@ -1,7 +1,7 @@
 //! `capstan job`: Nomad's job commands over the Job kind (jobs.capstan.dev, cjob).
 //! Each reads and writes the API the way the controller and the webhook expect: the
 //! versions are the ControllerRevisions `<job>-v<N>` the controller records, promotion
-//! and reverts are spec changes (never status writes), and every write carries the
+//! and reverts are spec changes (never status writes), and each carries the
 //! resourceVersion it was computed from, so a concurrent change is refused, not lost.
 
 mod convert;
