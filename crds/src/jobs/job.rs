@@ -76,7 +76,10 @@ pub struct JobSpec {
     pub priority: i32,
     /// Datacenters the job may run in, as globs (`dc*`); default `*`. Matched against the
     /// node label the chart names (topology.kubernetes.io/region by default).
-    #[schemars(length(max = 32), inner(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9*?._-]+$")))]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9*?._-]+$"))
+    )]
     #[serde(default = "default_datacenters")]
     pub datacenters: Vec<String>,
     /// Placement rules every group must satisfy.
@@ -495,11 +498,17 @@ pub struct Resources {
     #[schemars(length(max = 32), regex(pattern = r"^[0-9]+(\.[0-9]+)?m?$"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
-    #[schemars(length(max = 32), regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
     /// Nomad's memory_max: the limit above the reservation.
-    #[schemars(length(max = 32), regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_max: Option<String>,
 }
@@ -700,7 +709,10 @@ pub struct Upstream {
 #[serde(rename_all = "camelCase")]
 pub struct Vault {
     /// The engine's Kubernetes auth role.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+    )]
     pub role: String,
     /// The ServiceAccount the group's pods run as (default: the namespace's `default`).
     #[schemars(length(min = 1, max = 253))]
