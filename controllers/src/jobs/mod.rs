@@ -36,7 +36,7 @@ use crate::{
 };
 use capstan_crds::jobs::{Job, JobStatus, JobType};
 use capstan_jobs::compile::{self, labels};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     apps::v1::{ControllerRevision, DaemonSet, ReplicaSet},
     batch::v1::{CronJob, Job as BatchJob},
@@ -52,7 +52,13 @@ use kube::{
         watcher,
     },
 };
-use std::{future::Future, sync::Arc, time::Duration};
+use parking_lot::RwLock;
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
 
 pub use report::{Note, Phase, Ready, Report};
 
@@ -149,6 +155,8 @@ pub struct State {
     pub jobs: Store<Job>,
     /// Pods with the label `jobs.capstan.dev/job`, trimmed (`trim_pod`).
     pub pods: Store<Pod>,
+    /// Which of those pods each Job has, so that a reconcile does not scan them all.
+    pod_index: Arc<PodIndex>,
     /// ReplicaSets the reconciler made (service groups), without their pod templates.
     pub replica_sets: Store<ReplicaSet>,
     /// Every node, without its images.
@@ -167,6 +175,7 @@ impl State {
         Self {
             jobs,
             pods,
+            pod_index: Arc::default(),
             replica_sets,
             nodes,
             settings,
@@ -175,14 +184,82 @@ impl State {
 
     /// The pods of `job` (by its label, in its namespace).
     pub fn pods_of(&self, job: &Job) -> Vec<Arc<Pod>> {
-        let (namespace, name) = (job.namespace(), job.name_any());
-        self.pods
-            .state_filter(|p| p.metadata.namespace == namespace && p.labels().get(labels::JOB) == Some(&name))
+        let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
+        match self.pod_index.names(&namespace, &name) {
+            Some(names) => names
+                .iter()
+                .filter_map(|pod| self.pods.get(&ObjectRef::new(pod).within(&namespace)))
+                .collect(),
+            // Not fed by a watch (a test's stores): look at every pod.
+            None => self.pods.state_filter(|p| {
+                p.metadata.namespace.as_deref() == Some(namespace.as_str())
+                    && p.labels().get(labels::JOB) == Some(&name)
+            }),
+        }
     }
 
     /// The nodes as the compiler sees them.
     pub fn node_snapshot(&self) -> compile::Nodes {
         compile::Nodes::from_k8s(self.nodes.state().iter().map(|n| n.as_ref()))
+    }
+}
+
+/// The names of each Job's pods by namespace and Job name, fed by the same watch as the
+/// pod store (with the same relist semantics: a relist replaces it whole at its end).
+#[derive(Default)]
+struct PodIndex(RwLock<Index>);
+
+#[derive(Default)]
+struct Index {
+    /// Whether a watch has listed the pods once (before, the index knows nothing).
+    listed: bool,
+    jobs: HashMap<(String, String), BTreeSet<String>>,
+    /// A relist in progress.
+    relist: Option<HashMap<(String, String), BTreeSet<String>>>,
+}
+
+impl PodIndex {
+    fn names(&self, namespace: &str, job: &str) -> Option<Vec<String>> {
+        let index = self.0.read();
+        if !index.listed {
+            return None;
+        }
+        let key = (namespace.to_owned(), job.to_owned());
+        Some(index.jobs.get(&key).map(|n| n.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    fn apply(&self, event: &watcher::Event<Pod>) {
+        let key = |pod: &Pod| Some((pod.namespace()?, pod.labels().get(labels::JOB)?.clone()));
+        let mut index = self.0.write();
+        match event {
+            watcher::Event::Apply(pod) => {
+                if let Some(k) = key(pod) {
+                    index.jobs.entry(k).or_default().insert(pod.name_any());
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(k) = key(pod)
+                    && let Some(names) = index.jobs.get_mut(&k)
+                {
+                    names.remove(&pod.name_any());
+                    if names.is_empty() {
+                        index.jobs.remove(&k);
+                    }
+                }
+            }
+            watcher::Event::Init => index.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(k), Some(relist)) = (key(pod), index.relist.as_mut()) {
+                    relist.entry(k).or_default().insert(pod.name_any());
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(relist) = index.relist.take() {
+                    index.jobs = relist;
+                    index.listed = true;
+                }
+            }
+        }
     }
 }
 
@@ -196,11 +273,6 @@ pub async fn run(
     let owned = || watcher::Config::default().labels(labels::JOB);
 
     let (pods, pod_writer) = reflector::store();
-    let pod_events = watcher(Api::<Pod>::all(client.clone()), owned())
-        .default_backoff()
-        .modify(trim_pod)
-        .reflect(pod_writer)
-        .touched_objects();
     let (replica_sets, rs_writer) = reflector::store();
     let rs_events = watcher(Api::<ReplicaSet>::all(client.clone()), owned())
         .default_backoff()
@@ -221,7 +293,15 @@ pub async fn run(
     let controller = Controller::new(jobs_api, watcher::Config::default().any_semantic());
     let jobs = controller.store();
     let (affected_jobs, affected_pods) = (jobs.clone(), pods.clone());
-    let ctx = Arc::new(base.with(State::new(jobs, pods, replica_sets, nodes, settings)));
+    let state = State::new(jobs, pods, replica_sets, nodes, settings);
+    let pod_index = state.pod_index.clone();
+    let pod_events = watcher(Api::<Pod>::all(client.clone()), owned())
+        .default_backoff()
+        .modify(trim_pod)
+        .reflect(pod_writer)
+        .inspect_ok(move |event| pod_index.apply(event))
+        .touched_objects();
+    let ctx = Arc::new(base.with(state));
     // Aborted with this future (the end of a leadership term aborts the whole task).
     let _collector = AbortOnDrop(tokio::spawn(priority::collect_unused(ctx.clone())));
     controller
@@ -254,6 +334,7 @@ pub async fn run(
 fn trim_pod(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
+    pod.metadata.generate_name = None;
     let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     pod.spec = Some(PodSpec {
         node_name,
@@ -262,7 +343,11 @@ fn trim_pod(pod: &mut Pod) {
     if let Some(status) = pod.status.take() {
         pod.status = Some(PodStatus {
             phase: status.phase,
-            conditions: status.conditions,
+            // Ready is the only condition read (health, status); the others are the
+            // kubelet's steps towards it.
+            conditions: status
+                .conditions
+                .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
             container_statuses: status.container_statuses.map(|cs| {
                 cs.into_iter()
                     .map(|mut c| {
