@@ -6,7 +6,8 @@
 //! beside the old version's, whose unfinished runs are deleted (their pods with them).
 //! Finished runs of older versions stay as history, for the newest [`HISTORY`] older
 //! versions. A run is never rewritten once created: a batch/v1 Job's pod template is
-//! immutable, and a version's spec does not change.
+//! immutable, and a version's spec does not change. A run deleted while its version is
+//! the newest is created again (and runs again).
 //!
 //! The job is complete when every group's run completed, failed when a run exhausted its
 //! backoff limit (the run's Failed condition).
