@@ -139,27 +139,7 @@ impl TestNodes {
     pub async fn add(&mut self, spec: NodeSpec) -> Result<String> {
         self.added += 1;
         let name = format!("{}-{}", self.prefix, self.added);
-        let mut labels = spec.labels;
-        labels.insert(HOSTNAME_LABEL.to_owned(), name.clone());
-        let resources = json!({"cpu": spec.cpu, "memory": spec.memory, "pods": spec.pods});
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "labels": labels,
-                // As hack/cluster.sh's nodes: kwok's marker (it manages every node anyway).
-                "annotations": {"kwok.x-k8s.io/node": "fake"},
-            },
-            "spec": {"taints": spec.taints},
-            // kwok's node stage keeps the allocatable and capacity a node was created with.
-            "status": {
-                "allocatable": resources,
-                "capacity": resources,
-                "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
-                             "kubeletVersion": "fake", "kubeProxyVersion": "fake"},
-            },
-        }))?;
+        let node = node_object(&name, spec)?;
         let nodes = Api::<Node>::all(self.client.clone());
         nodes
             .create(&PostParams::default(), &node)
@@ -173,6 +153,52 @@ impl TestNodes {
         })
         .await?;
         Ok(name)
+    }
+
+    /// Adds `count` nodes like `spec` at once (the benchmark's hundreds) and waits until
+    /// all are Ready; returns their names.
+    pub async fn add_many(&mut self, spec: &NodeSpec, count: usize) -> Result<Vec<String>> {
+        let nodes = Api::<Node>::all(self.client.clone());
+        let mut names = Vec::with_capacity(count);
+        let mut creates = Vec::with_capacity(count);
+        for _ in 0..count {
+            self.added += 1;
+            let name = format!("{}-{}", self.prefix, self.added);
+            creates.push(node_object(&name, spec.clone()));
+            names.push(name);
+        }
+        // Recorded first: a node created before a later create failed is still removed.
+        self.names.extend(names.iter().cloned());
+        futures::stream::iter(creates)
+            .map(|node| {
+                let nodes = nodes.clone();
+                async move {
+                    let node = node?;
+                    nodes.create(&PostParams::default(), &node).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
+        eventually(Duration::from_secs(120), &format!("{count} nodes Ready"), || {
+            let nodes = nodes.clone();
+            let names = &names;
+            async move {
+                let list = nodes.list(&ListParams::default()).await.ok()?;
+                let ready: std::collections::BTreeSet<String> = list
+                    .items
+                    .iter()
+                    .filter(|n| is_node_ready(n))
+                    .map(|n| n.name_any())
+                    .collect();
+                names.iter().all(|n| ready.contains(n)).then_some(())
+            }
+        })
+        .await?;
+        Ok(names)
     }
 
     /// Deletes a node this test added, and waits until it is gone.
@@ -197,6 +223,31 @@ impl Drop for TestNodes {
         args.extend(self.names.iter().map(String::as_str));
         let _ = Command::new("kubectl").args(args).output();
     }
+}
+
+/// A kwok node named `name` (also its hostname label) as `spec` describes it.
+fn node_object(name: &str, spec: NodeSpec) -> Result<Node> {
+    let mut labels = spec.labels;
+    labels.insert(HOSTNAME_LABEL.to_owned(), name.to_owned());
+    let resources = json!({"cpu": spec.cpu, "memory": spec.memory, "pods": spec.pods});
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            // As hack/cluster.sh's nodes: kwok's marker (it manages every node anyway).
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+        },
+        "spec": {"taints": spec.taints},
+        // kwok's node stage keeps the allocatable and capacity a node was created with.
+        "status": {
+            "allocatable": resources,
+            "capacity": resources,
+            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
+                         "kubeletVersion": "fake", "kubeProxyVersion": "fake"},
+        },
+    }))?)
 }
 
 pub fn is_node_ready(node: &Node) -> bool {
