@@ -65,6 +65,13 @@ for name in api db; do
   fi
 done
 kubectl get serviceintentions -n shop
+# The jobs reconciler records each Job's first version; its pods then run on the cluster's
+# nodes (on the local control plane, kwok's simulated ones).
+if ! kubectl wait --for=jsonpath='{.status.version}'=1 cjob/web -n shop --timeout=60s >/dev/null; then
+  tail -n 30 "$CACHE/capstan-controller.log" >&2
+  exit 1
+fi
+kubectl get cjob -n shop
 for _ in $(seq 60); do
   kubectl get configmap capstan-mesh-roots -n "$ns" -o jsonpath='{.data.roots\.pem}' >"$CACHE/mesh-roots.pem" 2>/dev/null || true
   if [ -s "$CACHE/mesh-roots.pem" ] &&
@@ -102,6 +109,23 @@ Capstan is running. Try, in another shell:
     "metadata":{"name":"bad","namespace":"shop"},"spec":{"destination":{"name":"x"},
     "sources":[{"name":"a","action":"allow"},{"name":"a","action":"deny"}]}}'
                                                    # refused at the door: duplicate source
+
+Jobs (Nomad's job model; examples/job.yaml and examples/job-dispatch.yaml):
+
+  kubectl get cjob -n shop                         # TYPE PRIORITY VERSION RUNNING DESIRED STATUS
+  target/debug/capstan job status web -n shop      # like nomad job status: groups, datacenters, deployment
+  kubectl patch cjob web -n shop --type merge -p '{"spec":{"groups":[{"name":"frontend","count":3,
+    "tasks":[{"name":"server","image":"nginx:1.28","ports":[{"name":"http","port":80}]}],
+    "services":[{"name":"web","port":"http","checks":[{"type":"http","path":"/"}]}]}]}}'
+                                                   # version 2: one canary beside version 1
+  target/debug/capstan job promote web -n shop     # promote the canary (autoPromote does it too)
+  target/debug/capstan job history web -n shop     # versions, the stable mark, what changed
+  target/debug/capstan job revert web 1 -n shop    # back to version 1's spec
+  target/debug/capstan job dispatch report -n shop --meta customer=acme --payload README.md
+                                                   # a child run with its meta and payload
+  target/debug/capstan job dispatch report -n shop # refused: meta customer is required
+  target/debug/capstan job plan examples/job.yaml  # what applying would change (server dry run)
+  target/debug/capstan job convert my.nomad.hcl    # a Nomad jobspec as a Job
 
 The secrets engine (Vault's API; any Vault client works) is unsealed for development:
 
