@@ -9,13 +9,17 @@
 //! enabled (between launches too, as Nomad says of a periodic job) and dead while not.
 
 use super::{
-    Error, Phase, Report, State,
+    Error, Phase, Ready, Report, State,
     batch::{self, Run},
+    reasons,
     report::{apply_owned, delete_owned},
     status,
 };
 use crate::context::Context;
-use capstan_crds::jobs::{ChildRun, Job};
+use capstan_crds::{
+    ConditionStatus,
+    jobs::{ChildRun, Job},
+};
 use capstan_jobs::compile::{self, labels};
 use k8s_openapi::api::batch::v1::{CronJob, Job as BatchJob};
 use kube::ResourceExt;
@@ -49,8 +53,7 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
         }
     }
     let launches = launches(batch::labelled::<BatchJob>(cx, job).await?, &crons);
-    let enabled = job.spec.periodic.as_ref().is_some_and(|p| p.enabled);
-    Ok(report(cx, job, &launches, enabled))
+    Ok(report(cx, job, &launches))
 }
 
 /// The launches among `runs`: those whose controller is one of the `crons`, newest first.
@@ -73,7 +76,7 @@ fn launches(runs: Vec<BatchJob>, crons: &BTreeSet<String>) -> Vec<BatchJob> {
 }
 
 /// The children and the summary of the unfinished launches' pods.
-fn report(cx: &Context<State>, job: &Job, launches: &[BatchJob], enabled: bool) -> Report {
+fn report(cx: &Context<State>, job: &Job, launches: &[BatchJob]) -> Report {
     let children = children(launches);
     let active: Vec<&BatchJob> = launches.iter().filter(|l| !Run::of(l).finished()).collect();
     let desired: Vec<(String, i32)> = job
@@ -111,8 +114,27 @@ fn report(cx: &Context<State>, job: &Job, launches: &[BatchJob], enabled: bool) 
         status::pod_ready,
     );
     let (desired, running) = status::totals(&summary);
+    let (phase, ready) = match &job.spec.periodic {
+        Some(p) if p.enabled => (
+            Phase::Running,
+            Ready {
+                status: ConditionStatus::True,
+                reason: reasons::RUNNING,
+                message: format!("launches on its schedule ({})", p.crons.join(", ")),
+            },
+        ),
+        _ => (
+            Phase::Dead,
+            Ready {
+                status: ConditionStatus::True,
+                reason: reasons::DEAD,
+                message: "its schedule is disabled: nothing launches".to_owned(),
+            },
+        ),
+    };
     Report {
-        phase: if enabled { Phase::Running } else { Phase::Dead },
+        phase,
+        ready: Some(ready),
         desired,
         running,
         summary,
