@@ -2,15 +2,15 @@
 //! would (`spec.groups[1].constraints[0].value`). The validating webhook refuses a Job
 //! with any; the controller reports the same as InvalidSpec for one that got past it.
 //!
-//! The schema (patterns, bounds, CEL) already holds shapes and cheap cross-field rules.
+//! The schema (patterns, bounds, CEL) already holds shapes and cheap cross-field rules
+//! (canaries against counts, payloads only on parameterized jobs, templates with vault).
 //! The job is compiled as the controller would compile it (`compile`: placement with its
 //! regexps, version constraints and attributes, tasks, services and their ports,
 //! templates, update blocks, object names), so what the webhook accepts is what the
 //! controller can run. Before that, what the compiler takes as given: cron expressions
 //! and time zones (the API server would refuse the CronJob), names that must be unique
 //! across the job (ports, services, template destinations, spread targets), meta and
-//! environment variable names, a service job's canaries against each group's count, a
-//! payload only where a dispatch gives one; and a dispatched child against its parent
+//! environment variable names; and a dispatched child against its parent
 //! ([`validate_dispatch`]).
 
 use crate::{attributes, compile};
@@ -54,10 +54,9 @@ pub fn validate(job: &Job) -> Vec<FieldError> {
         meta_keys("spec.dispatch.meta", &dispatch.meta, &mut errors);
     }
     periodic(spec, &mut errors);
-    canaries(spec, &mut errors);
     services_unique(spec, &mut errors);
     for (g, group) in spec.groups.iter().enumerate() {
-        self::group(spec, &format!("spec.groups[{g}]"), group, &mut errors);
+        self::group(&format!("spec.groups[{g}]"), group, &mut errors);
     }
     // What the compiler cannot express, each field once: the rules above say it first
     // where both see a problem (their messages name what to change).
@@ -300,29 +299,7 @@ fn time_zone(zone: &str) -> Result<(), String> {
     }
 }
 
-/// A service job's `update.canary` applies to every group without its own (a group's
-/// own is held to its count by the schema; system jobs have none, which the compiler
-/// says).
-fn canaries(spec: &JobSpec, errors: &mut Vec<FieldError>) {
-    let canary = spec.update.as_ref().and_then(|u| u.canary).unwrap_or(0);
-    if spec.type_ != JobType::Service || canary == 0 {
-        return;
-    }
-    for group in &spec.groups {
-        let own = group.update.as_ref().and_then(|u| u.canary);
-        if own.is_none() && canary > group.count {
-            errors.push(FieldError::new(
-                "spec.update.canary",
-                format!(
-                    "{canary} canaries, more than group {:?}'s count of {} (set the group's own update.canary)",
-                    group.name, group.count
-                ),
-            ));
-        }
-    }
-}
-
-fn group(spec: &JobSpec, at: &str, group: &TaskGroup, errors: &mut Vec<FieldError>) {
+fn group(at: &str, group: &TaskGroup, errors: &mut Vec<FieldError>) {
     spreads(at, &group.spreads, errors);
     meta_keys(&format!("{at}.meta"), &group.meta, errors);
     // Ports are the pod's: their names are unique in the group (services and checks
@@ -331,7 +308,7 @@ fn group(spec: &JobSpec, at: &str, group: &TaskGroup, errors: &mut Vec<FieldErro
     let mut templates: HashMap<&str, String> = HashMap::new();
     for (t, task) in group.tasks.iter().enumerate() {
         let at = format!("{at}.tasks[{t}]");
-        self::task(spec, &at, task, errors);
+        self::task(&at, task, errors);
         for (p, port) in task.ports.iter().enumerate() {
             let field = format!("{at}.ports[{p}].name");
             if let Some(first) = ports.insert(&port.name, field.clone()) {
@@ -386,7 +363,7 @@ fn services_unique(spec: &JobSpec, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn task(spec: &JobSpec, at: &str, task: &Task, errors: &mut Vec<FieldError>) {
+fn task(at: &str, task: &Task, errors: &mut Vec<FieldError>) {
     for name in task.env.keys() {
         if !env_name(name) {
             errors.push(FieldError::new(
@@ -394,12 +371,6 @@ fn task(spec: &JobSpec, at: &str, task: &Task, errors: &mut Vec<FieldError>) {
                 "an environment variable's name is printable ASCII without '='",
             ));
         }
-    }
-    if task.dispatch_payload.is_some() && spec.parameterized.is_none() && spec.dispatch.is_none() {
-        errors.push(FieldError::new(
-            format!("{at}.dispatchPayload"),
-            "only a parameterized job (and its dispatched runs) has a payload",
-        ));
     }
 }
 
@@ -588,19 +559,6 @@ mod tests {
     }
 
     #[test]
-    fn the_jobs_canary_is_held_to_each_groups_count() {
-        let message = refused(json!({"spec": {"update": {"canary": 3}}}), "spec.update.canary");
-        assert!(message.contains("\"frontend\""), "{message}");
-        // A group with a canary of its own is the schema's to check.
-        assert_eq!(
-            fields(&job(
-                json!({"spec": {"update": {"canary": 3}, "groups": [group(json!({"update": {"canary": 1}}))]}})
-            )),
-            Vec::<String>::new()
-        );
-    }
-
-    #[test]
     fn system_jobs_have_no_canaries() {
         refused(json!({"spec": {"type": "system"}}), "spec.update.canary");
         refused(
@@ -710,18 +668,6 @@ mod tests {
             with_group(json!({"tasks": templates(long), "vault": vault})),
             "spec.groups[0].tasks[0].templates[0].destination",
         );
-    }
-
-    #[test]
-    fn a_dispatch_payload_needs_a_parameterized_job() {
-        let tasks = json!([{"name": "server", "image": "web:1", "ports": [{"name": "http", "port": 8080}], "dispatchPayload": {"file": "in.json"}}]);
-        refused(
-            with_group(json!({"tasks": tasks})),
-            "spec.groups[0].tasks[0].dispatchPayload",
-        );
-        let batch = json!({"spec": {"type": "batch", "update": null, "parameterized": {},
-            "groups": [group(json!({"tasks": tasks, "services": null}))]}});
-        assert_eq!(fields(&job(batch)), Vec::<String>::new());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Jobs refused at the door on the real API server, each naming its field: by the CRD
-//! schema (an unknown operator) and by capstan-webhook's `/validate-jobs` (a regexp that
-//! does not compile, a job's canary above a group's count, a dispatched child missing
-//! the meta its parent requires), whatever the client asks for (kubectl with
+//! schema (an unknown operator, a job's canary above a group's count, templates without
+//! vault, a payload file on a job nothing dispatches) and by capstan-webhook's
+//! `/validate-jobs` (a regexp that does not compile, a dispatched child missing the meta
+//! its parent requires, or its parent), whatever the client asks for (kubectl with
 //! --validate=false, a plain POST).
 //!
 //! The webhook runs as a process with its chart ServiceAccount's token (so with the
@@ -96,13 +97,34 @@ async fn invalid_jobs_are_refused_naming_the_field_by_schema_and_webhook() -> Re
         "{text}"
     );
 
-    // The job's canary against a group's count (a group's own is the schema's).
+    // The schema's rules across fields: the job's canary against a group's count, a
+    // template without vault, a payload file on a job nothing dispatches.
     let canaries = job(
         "too-many-canaries",
         json!({"type": "service", "update": {"canary": 3}}),
     );
     let text = refusal(&api, &canaries).await;
-    assert!(text.contains("spec.update.canary: 3 canaries"), "{text}");
+    assert!(
+        text.contains("spec.update.canary") && text.contains("more canaries than a group's count"),
+        "{text}"
+    );
+    let template = job(
+        "no-vault",
+        json!({"groups": [{"name": "work", "tasks": [{"name": "main", "image": "busybox:1",
+            "templates": [{"destination": "db.env", "data": "x"}]}]}]}),
+    );
+    let text = refusal(&api, &template).await;
+    assert!(text.contains("spec.groups[0].vault"), "{text}");
+    let payload = job(
+        "no-dispatch",
+        json!({"groups": [{"name": "work", "tasks": [{"name": "main", "image": "busybox:1",
+            "dispatchPayload": {"file": "in.json"}}]}]}),
+    );
+    let text = refusal(&api, &payload).await;
+    assert!(
+        text.contains("spec.groups") && text.contains("dispatchPayload"),
+        "{text}"
+    );
 
     // A dispatched child is judged against its parent (read by the webhook, as its
     // ServiceAccount may: get, nothing more).

@@ -61,6 +61,17 @@ const META_KEY: &str = r"^[A-Za-z_][A-Za-z0-9_.-]*$";
 #[x_kube(validation = kube::core::Rule::new(
     "has(self.dispatch) == has(oldSelf.dispatch) && (!has(self.dispatch) || self.dispatch == oldSelf.dispatch)")
     .message("dispatch: set when a child is dispatched and never changed after").field_path(".dispatch"))]
+// The job's canaries apply to every group without its own (a group's own is held to its
+// count on TaskGroup).
+#[x_kube(validation = kube::core::Rule::new(
+    "self.type != 'service' || !has(self.update) || !has(self.update.canary) || \
+     self.groups.all(g, (has(g.update) && has(g.update.canary)) || self.update.canary <= g.count)")
+    .message("update.canary: more canaries than a group's count (give that group its own update.canary)")
+    .field_path(".update.canary"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.parameterized) || has(self.dispatch) || self.groups.all(g, g.tasks.all(t, !has(t.dispatchPayload)))")
+    .message("groups: a task's dispatchPayload needs a parameterized job (only a dispatch carries a payload)")
+    .field_path(".groups"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.update) || self.type == 'service' || self.type == 'system'")
     .message("update: only service and system jobs have an update strategy").field_path(".update"))]
 pub struct JobSpec {
@@ -402,6 +413,11 @@ pub struct Dispatch {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("self.tasks.all(t, self.tasks.exists_one(u, u.name == t.name))")
     .message("tasks: each task name may appear once in a group").field_path(".tasks"))]
+// The secrets agent renders templates, and only a group with vault gets it.
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.vault) || self.tasks.all(t, !has(t.templates) || size(t.templates) == 0)")
+    .message("vault: the group's tasks have templates, which the secrets agent renders: it needs a vault block")
+    .field_path(".vault"))]
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.update) || !has(self.update.canary) || self.update.canary <= self.count")
     .message("update.canary: more canaries than the group's count").field_path(".update.canary"))]
