@@ -17,6 +17,8 @@ use capstan_crds::jobs::HealthCheck;
 use capstan_jobs::compile::Update;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 
+const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One pod's health at an instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodHealth {
@@ -125,14 +127,17 @@ pub fn judge(pod: &Pod, update: &Update, now: Timestamp) -> Option<PodHealth> {
             None => PodHealth::Waiting { until: None },
         });
     }
-    let healthy_at = ready_since.map(|since| since + update.min_healthy_time);
+    // The API keeps these times to the second, cut down: the pod turned ready (or was
+    // created) up to a second after the time it shows, so a wait counted from it
+    // starts a second later, never ending early.
+    let healthy_at = ready_since.map(|since| since + SECOND + update.min_healthy_time);
     if let Some(at) = healthy_at
         && at <= now
     {
         return Some(PodHealth::Healthy { since: at });
     }
     let created = pod.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
-    let deadline = created + update.healthy_deadline;
+    let deadline = created + SECOND + update.healthy_deadline;
     if deadline <= now {
         return Some(PodHealth::Unhealthy);
     }
@@ -203,20 +208,21 @@ mod tests {
     #[test]
     fn checks_count_a_pod_healthy_after_min_healthy_time_of_readiness() {
         let checks = update(HealthCheck::Checks);
-        assert_eq!(
-            judge(&pod(Some(5), 0), &checks, at(14)),
-            Some(PodHealth::Waiting { until: Some(at(15)) })
-        );
+        // Ready at 5, which the API keeps to the second (before 6): healthy at 16.
         assert_eq!(
             judge(&pod(Some(5), 0), &checks, at(15)),
-            Some(PodHealth::Healthy { since: at(15) })
+            Some(PodHealth::Waiting { until: Some(at(16)) })
+        );
+        assert_eq!(
+            judge(&pod(Some(5), 0), &checks, at(16)),
+            Some(PodHealth::Healthy { since: at(16) })
         );
         assert_eq!(
             judge(&pod(None, 0), &checks, at(30)),
-            Some(PodHealth::Waiting { until: Some(at(60)) })
+            Some(PodHealth::Waiting { until: Some(at(61)) })
         );
         assert_eq!(
-            judge(&pod(None, 0), &checks, at(60)),
+            judge(&pod(None, 0), &checks, at(61)),
             Some(PodHealth::Unhealthy),
             "missed healthy_deadline"
         );
@@ -231,8 +237,8 @@ mod tests {
     fn task_states_count_running_containers_and_manual_judges_nothing() {
         let tasks = update(HealthCheck::TaskStates);
         assert_eq!(
-            judge(&pod(None, 0), &tasks, at(12)),
-            Some(PodHealth::Healthy { since: at(12) })
+            judge(&pod(None, 0), &tasks, at(13)),
+            Some(PodHealth::Healthy { since: at(13) })
         );
         let manual = update(HealthCheck::Manual);
         assert_eq!(
@@ -261,8 +267,8 @@ mod tests {
                 pods: 2,
                 healthy: 1,
                 unhealthy: 1,
-                last_healthy: Some(at(15)),
-                next: Some(at(60)),
+                last_healthy: Some(at(16)),
+                next: Some(at(61)),
             }
         );
     }
