@@ -16,7 +16,7 @@
 use crate::{attributes, compile};
 use base64::Engine as _;
 use capstan_contract::annotations;
-use capstan_crds::jobs::{Dispatch, Job, JobSpec, JobType, PayloadRule, Spread, Task, TaskGroup};
+use capstan_crds::jobs::{Dispatch, Job, JobSpec, PayloadRule, Spread, Task, TaskGroup};
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
@@ -78,30 +78,12 @@ fn overlap(a: &str, b: &str) -> bool {
     within(a, b) || within(b, a)
 }
 
-/// Compiles every group of `job` as the controller would, for any nodes (placement
-/// evaluated against none compiles as well as against many): the first error of each
-/// object it would build.
+/// What compiling `job` would meet, whatever the nodes (`compile::check`), each field
+/// once and each message on one line (the webhook joins them into one message).
 fn compiles(job: &Job) -> Vec<FieldError> {
-    let (nodes, settings) = (compile::Nodes::new([]), compile::Settings::default());
-    let mut results = vec![compile::services(job).map(drop)];
-    if job.spec.dispatch.is_some() {
-        results.push(compile::payload_secret(job).map(drop));
-    }
-    for g in 0..job.spec.groups.len() {
-        results.push(compile::pod_sets(job, g, 1, &nodes, &settings).map(drop));
-        results.push(match job.spec.type_ {
-            JobType::Service => compile::update(job, g).map(drop),
-            JobType::System => compile::daemon_set(job, g, 1, &nodes, &settings).map(drop),
-            // Periodic sysbatch has no form: cron_jobs says so.
-            _ if job.spec.periodic.is_some() => compile::cron_jobs(job, g, 1, &nodes, &settings).map(drop),
-            JobType::Batch => compile::batch_job(job, g, 1, &nodes, &settings).map(drop),
-            JobType::Sysbatch => compile::sysbatch_job(job, g, 1, "node", &nodes, &settings).map(drop),
-        });
-    }
     let mut errors: Vec<FieldError> = Vec::new();
-    for error in results.into_iter().filter_map(Result::err) {
+    for error in compile::check(job, &compile::Settings::default()) {
         if !errors.iter().any(|e| e.field == error.field) {
-            // One line each: the webhook joins them into one message.
             let message = error.message.split_whitespace().collect::<Vec<_>>().join(" ");
             errors.push(FieldError::new(error.field, message));
         }
