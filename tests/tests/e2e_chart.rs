@@ -650,6 +650,32 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
         "may not request tokens for ServiceAccounts of",
     );
 
+    // Pods (N2): a label, an annotation, a finalizer of its own are refused; removing
+    // a finalizer (the credentials reconciler's only write) passes.
+    let pod = format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"held","namespace":"{n}",
+            "finalizers":["secrets.capstan.dev/revoke-credentials"]}},
+            "spec":{{"schedulerName":"e2e-no-scheduler","containers":[{{"name":"app","image":"app:1"}}]}}}}"#
+    );
+    let (ok, out) = kubectl_stdin(&["create", "-f", "-"], &pod);
+    assert!(ok, "{out}");
+    let pod_patch = |patch: &str| kubectl(&["patch", "pod", "held", "-n", n, "--type", "merge", "-p", patch]);
+    for (what, patch) in [
+        ("a pod label", r#"{"metadata":{"labels":{"example.com/x":"y"}}}"#),
+        (
+            "a pod annotation",
+            r#"{"metadata":{"annotations":{"example.com/x":"y"}}}"#,
+        ),
+        (
+            "a pod finalizer",
+            r#"{"metadata":{"finalizers":["secrets.capstan.dev/revoke-credentials","example.com/hold"]}}"#,
+        ),
+    ] {
+        refused(what, pod_patch(patch), "may only remove a pod's finalizers");
+    }
+    let (ok, out) = pod_patch(r#"{"metadata":{"finalizers":null}}"#);
+    assert!(ok, "removing the credentials finalizer: {out}");
+
     // Deployments: an image change, a scale to zero, a new label; the restart passes.
     run(
         "kubectl",
