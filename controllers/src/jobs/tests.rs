@@ -283,3 +283,92 @@ async fn an_unchanged_generation_reads_no_revision() {
     reconcile.await.unwrap().unwrap();
     server.done().await;
 }
+
+/// A controller started while a canary waits for promotion (its predecessor was
+/// killed): the deployment in status and the canary's ReplicaSet, found by its
+/// template's name, are where it resumes. It records nothing new, publishes nothing,
+/// and places no second canary set: its only ReplicaSet write is the same canary, at 1.
+#[tokio::test]
+async fn a_restarted_controller_resumes_a_waiting_canary_without_a_second_set() {
+    let waiting = json!({
+        "version": 2, "stableVersion": 1, "runningVersion": 2, "observedGeneration": 2,
+        "phase": "deploying",
+        "deployment": {"version": 2, "status": "running", "canariesDesired": 1, "canariesPlaced": 1,
+                       "promoted": false, "startedAt": "2026-01-01T00:00:00Z",
+                       "deadline": "2100-01-01T00:00:00Z"},
+    });
+    let obj: Job = serde_json::from_value(job(2, "api:2", waiting.clone())).unwrap();
+    let path = replica_set_path(&obj);
+    let canary_name = path.rsplit('/').next().unwrap().to_owned();
+    let rs = |name: &str, version: i64, replicas: i32| -> ReplicaSet {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": name, "namespace": "shop",
+                "labels": {"jobs.capstan.dev/job": "web", "jobs.capstan.dev/group": "api",
+                           "jobs.capstan.dev/version": version.to_string()},
+                "ownerReferences": [{"apiVersion": "jobs.capstan.dev/v1alpha1", "kind": "Job",
+                                     "name": "web", "uid": "uid-web", "controller": true}],
+            },
+            "spec": {"replicas": replicas, "selector": {}},
+        }))
+        .unwrap()
+    };
+    let (ctx, mut server) = context(vec![rs("web-api-0000000000", 1, 2), rs(&canary_name, 2, 1)]);
+    let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
+
+    server.expect(Method::PATCH, PRIORITY, 200, json!({})).await;
+    let canary = server.expect(Method::PATCH, &path, 200, json!({})).await;
+    assert_eq!(canary.body["spec"]["replicas"], 1);
+    server
+        .expect(Method::GET, JOB_STATUS, 200, job(2, "api:2", waiting.clone()))
+        .await;
+    let written = server
+        .expect(Method::PATCH, JOB_STATUS, 200, job(2, "api:2", waiting))
+        .await;
+    let deployment = &mock::applied_status(&written, MANAGER)["deployment"];
+    assert_eq!(
+        deployment["startedAt"], "2026-01-01T00:00:00Z",
+        "the same deployment"
+    );
+    assert_eq!(deployment["canariesDesired"], 1);
+
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+/// A spec the compiler refuses (it got past the webhook) changes nothing it runs: Ready
+/// is False with reason InvalidSpec and a message naming the field, and one Warning
+/// Event says so.
+#[tokio::test]
+async fn a_spec_that_does_not_compile_is_reported_with_the_field_named() {
+    let (ctx, mut server) = context(vec![]);
+    let mut manifest = job(1, "api:1", json!({"version": 1, "observedGeneration": 1}));
+    manifest["spec"]["groups"][0]["constraints"] =
+        json!([{"operator": "distinct_property", "attribute": "${meta.rack}", "value": "2"}]);
+    let obj: Job = serde_json::from_value(manifest.clone()).unwrap();
+    let reconcile = tokio::spawn(reconciler::reconcile(Arc::new(obj), ctx));
+
+    server.expect(Method::PATCH, PRIORITY, 200, json!({})).await;
+    server
+        .expect(Method::GET, JOB_STATUS, 200, manifest.clone())
+        .await;
+    let written = server.expect(Method::PATCH, JOB_STATUS, 200, manifest).await;
+    let ready = &mock::applied_status(&written, MANAGER)["conditions"][0];
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("False"), &json!("InvalidSpec"))
+    );
+    let message = ready["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("spec.groups[0].constraints[0].value: "),
+        "{message}"
+    );
+    let event = server.event("shop").await;
+    assert_eq!(
+        (&event["type"], &event["reason"]),
+        (&json!("Warning"), &json!("InvalidSpec"))
+    );
+
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
