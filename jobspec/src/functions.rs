@@ -261,7 +261,46 @@ pub fn declare(ctx: &mut Context<'_>) {
             }),
         ),
     ];
-    for (name, def) in defs {
+    // What the arithmetic operators become (crate::hcl's Arithmetic): checked.
+    let arithmetic: Vec<(&str, FuncDef)> = vec![
+        (
+            "capstan_add",
+            fixed(vec![Num, Num], |a| checked(&a, i128::checked_add, |x, y| x + y)),
+        ),
+        (
+            "capstan_sub",
+            fixed(vec![Num, Num], |a| checked(&a, i128::checked_sub, |x, y| x - y)),
+        ),
+        (
+            "capstan_mul",
+            fixed(vec![Num, Num], |a| checked(&a, i128::checked_mul, |x, y| x * y)),
+        ),
+        (
+            "capstan_mod",
+            fixed(vec![Num, Num], |a| checked(&a, i128::checked_rem, |x, y| x % y)),
+        ),
+        (
+            "capstan_div",
+            fixed(vec![Num, Num], |a| {
+                let (x, y) = (
+                    a[0].as_f64().unwrap_or_default(),
+                    a[1].as_f64().unwrap_or_default(),
+                );
+                if y == 0.0 {
+                    return Err("division by zero".into());
+                }
+                number(x / y)
+            }),
+        ),
+        (
+            "capstan_neg",
+            fixed(vec![Num], |a| match integer(&a[0]) {
+                Some(i) => whole_value(-i),
+                None => number(-a[0].as_f64().unwrap_or_default()),
+            }),
+        ),
+    ];
+    for (name, def) in defs.into_iter().chain(arithmetic) {
         ctx.declare_func(name, def);
     }
 }
@@ -383,4 +422,47 @@ fn format(args: FuncArgs) -> Result<Value, String> {
         }
     }
     Ok(out.into())
+}
+
+/// A whole number as i128 (which holds every i64 and u64), None for a fraction.
+fn integer(value: &Value) -> Option<i128> {
+    value
+        .as_i64()
+        .map(i128::from)
+        .or_else(|| value.as_u64().map(i128::from))
+}
+
+fn whole_value(n: i128) -> Result<Value, String> {
+    if let Ok(n) = i64::try_from(n) {
+        return Ok(Value::from(n));
+    }
+    u64::try_from(n)
+        .map(Value::from)
+        .map_err(|_| format!("{n} is out of range"))
+}
+
+/// Integer arithmetic when both are whole (refused when it overflows or divides by
+/// zero), floating point otherwise (refused when it is not finite).
+fn checked(
+    args: &FuncArgs,
+    int: fn(i128, i128) -> Option<i128>,
+    float: fn(f64, f64) -> f64,
+) -> Result<Value, String> {
+    match (integer(&args[0]), integer(&args[1])) {
+        (Some(x), Some(y)) => int(x, y)
+            .ok_or_else(|| "integer overflow or division by zero".to_owned())
+            .and_then(whole_value),
+        _ => {
+            let (x, y) = (
+                args[0].as_f64().unwrap_or_default(),
+                args[1].as_f64().unwrap_or_default(),
+            );
+            let result = float(x, y);
+            if result.is_finite() {
+                number(result)
+            } else {
+                Err("the result is not a finite number".into())
+            }
+        }
+    }
 }

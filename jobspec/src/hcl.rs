@@ -12,9 +12,12 @@ use crate::functions;
 use crate::tree::{Attr, Block};
 use crate::{Error, Result, Untranslated};
 use hcl::edit::Span;
-use hcl::edit::expr::{Expression, TraversalOperator};
+use hcl::edit::expr::{
+    BinaryOperator, Expression, FuncArgs, FuncCall, Null, TraversalOperator, UnaryOperator,
+};
 use hcl::edit::structure::{self, BlockLabel, Structure};
 use hcl::edit::visit::{self, Visit};
+use hcl::edit::visit_mut::{self, VisitMut};
 use hcl::eval::{Context, ErrorKind, Evaluate};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -256,7 +259,9 @@ impl Reader<'_> {
             scoped = scope;
             &scoped
         };
-        let converted: hcl::Expression = expr.clone().into();
+        let mut guarded = expr.clone();
+        Arithmetic.visit_expr_mut(&mut guarded);
+        let converted: hcl::Expression = guarded.into();
         let value = converted.evaluate(scope).map_err(|e| match e.kind() {
             ErrorKind::UndefinedFunc(name) => {
                 Failed::Unsupported(format!("the function {name}() is not supported"))
@@ -426,5 +431,36 @@ fn size(value: &hcl::Value, so_far: usize) -> usize {
         hcl::Value::Array(items) => items.iter().fold(so_far + 2, |n, v| size(v, n + 1)),
         hcl::Value::Object(map) => map.iter().fold(so_far + 2, |n, (k, v)| size(v, n + k.len() + 2)),
         _ => so_far + 8,
+    }
+}
+
+/// Rewrites arithmetic (`a + b`, `-a`, in expressions and in templates' interpolations)
+/// into calls of [`functions`](crate::functions)' checked `capstan_*` functions: hcl-rs
+/// computes integers with Rust's plain operators, which panic on overflow (with debug
+/// assertions) or on a remainder by zero, and a jobspec is untrusted input.
+struct Arithmetic;
+
+impl VisitMut for Arithmetic {
+    fn visit_expr_mut(&mut self, expr: &mut Expression) {
+        visit_mut::visit_expr_mut(self, expr);
+        let take = |e: &mut Expression| std::mem::replace(e, Expression::Null(Null.into()));
+        let (name, args) = match expr {
+            Expression::BinaryOp(op) => {
+                let name = match op.operator.value() {
+                    BinaryOperator::Plus => "capstan_add",
+                    BinaryOperator::Minus => "capstan_sub",
+                    BinaryOperator::Mul => "capstan_mul",
+                    BinaryOperator::Div => "capstan_div",
+                    BinaryOperator::Mod => "capstan_mod",
+                    _ => return,
+                };
+                (name, vec![take(&mut op.lhs_expr), take(&mut op.rhs_expr)])
+            }
+            Expression::UnaryOp(op) if *op.operator.value() == UnaryOperator::Neg => {
+                ("capstan_neg", vec![take(&mut op.expr)])
+            }
+            _ => return,
+        };
+        *expr = Expression::from(FuncCall::new(hcl::edit::Ident::new(name), FuncArgs::from(args)));
     }
 }

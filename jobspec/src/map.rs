@@ -1260,7 +1260,8 @@ impl Mapper {
         }
         let mut n = 2;
         while !seen.insert(name.clone()) {
-            name = dns_label(&format!("{}-{n}", &trimmed[..trimmed.len().min(19)]), 22);
+            let stem: String = trimmed.chars().take(19).collect();
+            name = dns_label(&format!("{stem}-{n}"), 22);
             n += 1;
         }
         if name != raw {

@@ -389,3 +389,53 @@ fn hcl_json_syntax_is_named_not_misread() {
     let err = hcl(r#"{"job": {"j": {}}}"#).unwrap_err();
     assert!(err.to_string().contains("HCL's JSON syntax"), "{err}");
 }
+
+#[test]
+fn service_names_repeated_or_not_ascii_are_made_unique_labels() {
+    let service = |name: &str| format!("service {{\n  name = \"{name}\"\n  port = \"80\"\n}}\n");
+    let source = job(&format!(
+        "{}{}{}{TASK}",
+        service("ünïcødé-sérvice-with-a-long-name"),
+        service("ünïcødé-sérvice-with-a-long-name"),
+        service("web")
+    ));
+    let c = hcl(&source).unwrap();
+    let names: Vec<&str> = c.job.spec.groups[0]
+        .services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 3);
+    assert!(names.iter().all(|n| n.len() <= 22 && n.is_ascii()), "{names:?}");
+    assert_ne!(names[0], names[1]);
+}
+
+#[test]
+fn arithmetic_at_the_edges_does_not_panic() {
+    for expr in [
+        "9223372036854775807 + 1",
+        "-9223372036854775807 - 2",
+        "9223372036854775807 * 9223372036854775807",
+        "-(-9223372036854775807 - 1)",
+        "1 / 0",
+        "1 % 0",
+        "-9223372036854775808 / -1",
+        "18446744073709551615 + 18446744073709551615",
+        "substr(\"abc\", -9223372036854775807, 9223372036854775807)",
+        "element([1], 9223372036854775807)",
+        "format(\"%d\")",
+    ] {
+        // Refused naming the line, or (a value that fits nowhere) named as untranslated.
+        match hcl(&job(&format!("count = {expr}\n{TASK}"))) {
+            Err(err) => assert_eq!(err.line(), 3, "{expr}: {err}"),
+            Ok(c) => assert!(c.untranslated.iter().all(|u| u.line == 3), "{expr}"),
+        }
+    }
+    // Arithmetic that fits still computes, in expressions and in templates.
+    let c = hcl(&job(&format!(
+        "count = 2 * 3 + -1 % 4\nmeta {{ x = \"${{10 / 4}}-${{7 - 9}}\" }}\n{TASK}"
+    )))
+    .unwrap();
+    assert_eq!(c.job.spec.groups[0].count, 5);
+    assert_eq!(c.job.spec.groups[0].meta["x"], "2.5--2");
+}

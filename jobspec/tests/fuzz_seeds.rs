@@ -40,6 +40,7 @@ const EDGE_SEEDS: &[(&str, &[u8])] = &[
     ("json-nulls", b"\x01{\"Job\": {\"ID\": null, \"TaskGroups\": null}}"),
     ("json-truncated", b"\x01{\"Job\": {\"ID\": \"x\", \"TaskGro"),
     ("format-verbs", b"\x00job \"a\" {\n  meta { x = format(\"%5.2f %q %%\", 1, \"y\") }\n}\n"),
+    ("arithmetic-overflow", b"\x00job \"a\" {\n  group \"g\" {\n    count = 9223372036854775807 * 3 + \"${1 % 0}\"\n  }\n}\n"),
     ("duration-odd", b"\x00job \"a\" {\n  update { stagger = \"1.2.3s\" }\n  group \"g\" {\n    task \"t\" {\n      driver = \"docker\"\n      config { image = \"x\" }\n      kill_timeout = \"99999999999999999999999h\"\n    }\n  }\n}\n"),
 ];
 
