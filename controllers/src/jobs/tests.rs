@@ -261,7 +261,7 @@ async fn a_changed_spec_is_version_2_and_starts_with_a_canary() {
 async fn an_unchanged_generation_reads_no_revision() {
     let (ctx, mut server) = context(vec![]);
     let settled = json!({
-        "version": 3, "runningVersion": 3, "observedGeneration": 4, "phase": "pending",
+        "version": 3, "stableVersion": 3, "runningVersion": 3, "observedGeneration": 4, "phase": "pending",
         "deployment": {"version": 3, "status": "successful"},
     });
     let obj: Job = serde_json::from_value(job(4, "api:3", settled)).unwrap();

@@ -106,9 +106,11 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
         );
         plan = restored;
     }
+    // Marked until the status says it (a mark that failed is made again).
     let mut stable_version = None;
     if plan.deployment.status == state::SUCCESSFUL
-        && previous.is_none_or(|p| p.version != version || p.status != state::SUCCESSFUL)
+        && plan.deployment.version == version
+        && stable != Some(version)
     {
         revisions::mark_stable(&cx.client, job, version, stable).await?;
         stable_version = Some(version);
