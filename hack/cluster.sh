@@ -179,9 +179,14 @@ cmd_up() {
   mkdir -p "$CACHE"
   log "starting cluster '$CLUSTER_NAME' (Kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
   local started=$SECONDS
+  # CAPSTAN_CLUSTER_UNTHROTTLED=1: the components without their client rate limits.
+  # hack/bench-jobs.sh asks for it: kube-controller-manager's default (20 requests/s)
+  # creates a few pods a second, which would bound thousands of pods on either path.
+  local unthrottled=()
+  [ "${CAPSTAN_CLUSTER_UNTHROTTLED:-}" = 1 ] && unthrottled=(--disable-qps-limits)
   # Every component listens on loopback only (hack/kwokctl.yaml); RBAC (Node,RBAC
   # authorization) and the default admission plugins are on, as on a real cluster.
-  if ! "$KWOK_DIR/kwokctl" -c "$ROOT/hack/kwokctl.yaml" create cluster --name "$CLUSTER_NAME" --runtime binary \
+  if ! "$KWOK_DIR/kwokctl" -c "$ROOT/hack/kwokctl.yaml" create cluster --name "$CLUSTER_NAME" --runtime binary "${unthrottled[@]}" \
       --kube-apiserver-binary "$KUBE_DIR/kube-apiserver" \
       --kube-controller-manager-binary "$KUBE_DIR/kube-controller-manager" \
       --kube-scheduler-binary "$KUBE_DIR/kube-scheduler" \
