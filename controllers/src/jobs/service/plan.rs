@@ -411,13 +411,17 @@ fn canaries_healthy(group: &Group) -> i32 {
         .sum()
 }
 
-/// Canaries beside the old pods, which keep their count.
+/// Canaries beside the old pods, which keep their count. A set that already has more
+/// pods of this template (a version that changed only the count while the previous
+/// deployment of the same template was rolling) keeps them: they are not taken down to
+/// be placed again.
 fn place_canaries(group: &Group, replicas: &mut BTreeMap<String, i32>) {
     for old in old(group) {
         replicas.insert(old.name.clone(), old.replicas);
     }
-    for set in &group.sets {
-        replicas.insert(set.name.clone(), set.canaries);
+    for (set, observed) in wanted(group) {
+        let running = observed.map_or(0, |o| o.replicas.min(set.count));
+        replicas.insert(set.name.clone(), set.canaries.max(running));
     }
 }
 

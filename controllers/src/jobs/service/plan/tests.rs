@@ -465,3 +465,26 @@ fn unhealthy_old_pods_are_replaced_first_at_no_cost() {
     assert_eq!(plan.replicas["old"], 2);
     assert_eq!(plan.replicas["new"], 2);
 }
+
+#[test]
+fn a_new_version_of_the_same_template_mid_rollout_keeps_the_pods_already_rolled() {
+    // Version 2 had rolled two of four pods when version 3 changed only the count.
+    let mut u = update(1, 1);
+    u.auto_promote = true;
+    let groups = [group(
+        u,
+        5,
+        vec![rs("old", 1, 2, healthy(2)), rs("new", 2, 2, healthy(2))],
+    )];
+    let previous = DeploymentStatus {
+        version: 2,
+        status: state::RUNNING.to_owned(),
+        promoted: true,
+        ..DeploymentStatus::default()
+    };
+    let plan = plan(&Input {
+        version: 3,
+        ..input(0, &groups, Some(&previous))
+    });
+    assert!(plan.replicas["new"] >= 2, "{:?}", plan.replicas);
+}
