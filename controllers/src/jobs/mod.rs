@@ -225,7 +225,13 @@ impl PodIndex {
             return None;
         }
         let key = (namespace.to_owned(), job.to_owned());
-        Some(index.jobs.get(&key).map(|n| n.iter().cloned().collect()).unwrap_or_default())
+        Some(
+            index
+                .jobs
+                .get(&key)
+                .map(|n| n.iter().cloned().collect())
+                .unwrap_or_default(),
+        )
     }
 
     fn apply(&self, event: &watcher::Event<Pod>) {
