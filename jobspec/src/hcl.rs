@@ -236,6 +236,8 @@ impl Reader<'_> {
         Ok(values)
     }
 
+    /// A variable's or local's evaluation failure: an error either way (an unsupported
+    /// function there would make every attribute that uses the value wrong).
     fn failed(&self, span: Option<std::ops::Range<usize>>, block: &str, failed: Failed) -> Error {
         match failed {
             Failed::Unsupported(message) | Failed::Error(message) => self.invalid(span, block, message),
