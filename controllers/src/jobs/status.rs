@@ -319,3 +319,93 @@ pub fn totals(summary: &[GroupSummary]) -> (i32, i32) {
         .iter()
         .fold((0, 0), |(d, r), row| (d + row.desired, r + row.running))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus, PodSpec, PodStatus};
+    use kube::runtime::{reflector, watcher};
+
+    fn node(name: &str, datacenter: &str, ready: bool) -> Node {
+        let mut node = Node::default();
+        node.metadata.name = Some(name.into());
+        node.metadata.labels = Some(BTreeMap::from([("dc".to_owned(), datacenter.to_owned())]));
+        node.status = Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..NodeCondition::default()
+            }]),
+            ..NodeStatus::default()
+        });
+        node
+    }
+
+    fn pod(name: &str, group: &str, node: Option<&str>, phase: &str) -> Arc<Pod> {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.labels = Some(BTreeMap::from([(labels::GROUP.to_owned(), group.to_owned())]));
+        pod.spec = Some(PodSpec {
+            node_name: node.map(str::to_owned),
+            ..PodSpec::default()
+        });
+        pod.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            ..PodStatus::default()
+        });
+        Arc::new(pod)
+    }
+
+    #[test]
+    fn the_summary_counts_each_group_per_datacenter_and_what_is_lost_or_unplaced() {
+        let (nodes, mut writer) = reflector::store();
+        for n in [
+            node("a", "dc1", true),
+            node("b", "dc2", true),
+            node("c", "dc2", false),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(n));
+        }
+        let pods = [
+            pod("web-1", "web", Some("a"), "Running"),
+            pod("web-2", "web", Some("b"), "Running"),
+            pod("web-3", "web", Some("c"), "Running"),
+            pod("web-4", "web", Some("gone"), "Running"),
+            pod("web-5", "web", None, "Pending"),
+            pod("db-1", "db", Some("a"), "Failed"),
+        ];
+        let desired = [("web".to_owned(), 5), ("db".to_owned(), 1)];
+        let summary = summarize(&desired, &pods, &nodes, "dc", |p| p.name_any() != "web-2");
+        let rows: Vec<_> = summary
+            .iter()
+            .map(|r| {
+                (
+                    r.group.as_str(),
+                    r.datacenter.as_str(),
+                    r.desired,
+                    r.placed,
+                    r.running,
+                    r.healthy,
+                    r.unhealthy,
+                    r.failed,
+                    r.lost,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                // No datacenter: the pod on a node that is gone (lost) and the desired
+                // allocations no placed pod accounts for (it and the pending one).
+                ("web", "", 2, 1, 0, 0, 0, 0, 1),
+                ("web", "dc1", 1, 1, 1, 1, 0, 0, 0),
+                // web-2 runs but is judged unhealthy; web-3's node is NotReady: lost.
+                ("web", "dc2", 2, 2, 1, 0, 1, 0, 1),
+                // A finished pod accounts for no desired allocation.
+                ("db", "", 1, 0, 0, 0, 0, 0, 0),
+                ("db", "dc1", 0, 0, 0, 0, 0, 1, 0),
+            ]
+        );
+        assert_eq!(totals(&summary), (6, 2));
+    }
+}
