@@ -201,6 +201,17 @@ impl TestNodes {
         Ok(names)
     }
 
+    /// Sets a node's allocatable (and capacity) pod count, as a kubelet reporting new
+    /// limits would: a node of 0 pods is eligible for a job and fits none of its pods.
+    pub async fn set_pods(&self, name: &str, pods: &str) -> Result<()> {
+        let patch = json!({"status": {"allocatable": {"pods": pods}, "capacity": {"pods": pods}}});
+        Api::<Node>::all(self.client.clone())
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .with_context(|| format!("setting node {name}'s pods to {pods}"))?;
+        Ok(())
+    }
+
     /// Deletes a node this test added, and waits until it is gone.
     pub async fn remove(&mut self, name: &str) -> Result<()> {
         let nodes = Api::<Node>::all(self.client.clone());
