@@ -210,6 +210,10 @@ async fn placement_honours_datacenters_constraints_affinities_and_spreads() -> R
                 group("avoid", 2, json!({"affinities": [
                     {"attribute": "${node.datacenter}", "operator": "=", "value": "dc1", "weight": -100},
                 ]})),
+                // An operator Kubernetes lacks, evaluated against the nodes' names.
+                group("matched", 2, json!({"constraints": [
+                    {"attribute": "${node.unique.name}", "operator": "regexp", "value": format!("^{}$", dc1[0])},
+                ]})),
                 group("even", 4, json!({"spreads": [{"attribute": "${node.datacenter}"}]})),
                 group("targets", 10, json!({"spreads": [{"attribute": "${node.datacenter}", "targets": [
                     {"value": "dc1", "percent": 70}, {"value": "dc2", "percent": 30},
@@ -220,7 +224,7 @@ async fn placement_honours_datacenters_constraints_affinities_and_spreads() -> R
     s.wait("dc2-only", "5 running", |j| status_of(j).running == 5)
         .await?;
     let spread = s
-        .wait("spread", "17 running", |j| status_of(j).running == 17)
+        .wait("spread", "19 running", |j| status_of(j).running == 19)
         .await?;
 
     let pods = s.pods("dc2-only").await?;
@@ -243,6 +247,12 @@ async fn placement_honours_datacenters_constraints_affinities_and_spreads() -> R
         prefer == BTreeMap::from([(dc1[1].clone(), 1)]),
         "weight 100 for {}: {prefer:?}",
         dc1[1]
+    );
+    let matched = count_by(&of_group(&pods, "matched"), &hosts);
+    ensure!(
+        matched == BTreeMap::from([(dc1[0].clone(), 2)]),
+        "regexp ^{}$: {matched:?}",
+        dc1[0]
     );
     let avoid = count_by(&of_group(&pods, "avoid"), &regions);
     ensure!(
@@ -589,13 +599,28 @@ async fn max_parallel_bounds_unavailable_allocations_at_every_step() -> Result<(
             snapshot.available()
         );
     }
-    // It rolled: a moment with both versions serving, and two batches of 2 each held
-    // for minHealthyTime.
+    // It rolled: a moment with both versions serving...
     ensure!(
         history
             .iter()
             .any(|h| h.available_of_version(1) >= 1 && h.available_of_version(2) >= 1),
         "never both versions at once: {history:?}"
+    );
+    // ...and in batches: no more than 2 new allocations until the first ones had been
+    // healthy for minHealthyTime (a rollout that surged all 4 at once would keep every
+    // old one available, and still not respect maxParallel).
+    let first = history
+        .iter()
+        .find(|h| h.live_of_version(2) >= 1)
+        .context("no allocation of version 2")?;
+    let beyond = history
+        .iter()
+        .find(|h| h.live_of_version(2) > 2)
+        .context("version 2 never grew past the first batch")?;
+    let between = beyond.at.duration_since(first.at);
+    ensure!(
+        between >= jiff::SignedDuration::from_millis(900),
+        "a second batch {between:?} after the first, before it was healthy for minHealthyTime"
     );
     ensure!(
         elapsed >= Duration::from_secs(1),
