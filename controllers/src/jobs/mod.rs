@@ -106,6 +106,9 @@ pub enum Error {
     Compile(#[from] compile::CompileError),
     #[error("ControllerRevision {name} holds no Job spec")]
     Revision { name: String },
+    /// The term is ending: the watches that fill the stores stopped before listing.
+    #[error("the pod, ReplicaSet and node watches ended before their first list")]
+    WatchesEnded,
     #[error(transparent)]
     Status(#[from] status_writer::Error),
     #[error(transparent)]
@@ -118,6 +121,7 @@ impl ReconcileError for Error {
             Self::Kube { .. } => "kubernetes",
             Self::Compile(_) => "invalid_spec",
             Self::Revision { .. } => "revision",
+            Self::WatchesEnded => "watches_ended",
             Self::Status(status_writer::Error::Leader(_)) | Self::Leader(_) => "not_leader",
             Self::Status(status_writer::Error::Contended { .. }) => "status_contended",
             Self::Status(_) => "status",
@@ -180,6 +184,18 @@ impl State {
             nodes,
             settings,
         }
+    }
+
+    /// Waits until the pod, ReplicaSet and node stores have each been listed once: a
+    /// reconcile before that (a new leader's first ones) would find no pods and no
+    /// ReplicaSets, and place everything again beside what runs.
+    async fn listed(&self) -> Result<(), Error> {
+        let (pods, replica_sets, nodes) = tokio::join!(
+            self.pods.wait_until_ready(),
+            self.replica_sets.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+        );
+        pods.and(replica_sets).and(nodes).map_err(|_| Error::WatchesEnded)
     }
 
     /// The pods of `job` (by its label, in its namespace).
@@ -417,6 +433,7 @@ impl Reconcile for Job {
     const FINALIZER: Option<&'static str> = None;
 
     async fn reconcile(&self, cx: &Context<State>) -> Result<Action, Error> {
+        cx.state.listed().await?;
         let version = revisions::ensure(cx, self).await?;
         let report = if self.spec.parameterized.is_some() {
             Ok(dispatch::parent(cx, self))

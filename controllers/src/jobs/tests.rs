@@ -59,8 +59,11 @@ fn list(kind: &str, items: Vec<Value>) -> Value {
 fn context(replica_sets: Vec<ReplicaSet>) -> (Arc<crate::context::Context<State>>, mock::ApiServer) {
     let (base, server) = mock::context();
     let (jobs, _) = reflector::store();
-    let (pods, _) = reflector::store();
-    let (nodes, _) = reflector::store();
+    // Listed (empty), as the watches make them before any reconcile.
+    let (pods, mut pod_writer) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
+    let (nodes, mut node_writer) = reflector::store::<k8s_openapi::api::core::v1::Node>();
+    pod_writer.apply_watcher_event(&watcher::Event::InitDone);
+    node_writer.apply_watcher_event(&watcher::Event::InitDone);
     let (rs_store, mut rs_writer) = reflector::store();
     rs_writer.apply_watcher_event(&watcher::Event::Init);
     for rs in replica_sets {
