@@ -126,6 +126,20 @@ async fn invalid_jobs_are_refused_naming_the_field_by_schema_and_webhook() -> Re
         "{text}"
     );
 
+    // A job's type never changes: the old type's objects would keep running beside the
+    // new type's. The schema's transition rule refuses it on update.
+    let created = api.create(&PostParams::default(), &job("typed", json!({}))).await?;
+    let mut retyped = created.clone();
+    retyped.data["spec"]["type"] = json!("sysbatch");
+    match api.replace("typed", &PostParams::default(), &retyped).await {
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains("spec.type") && status.message.contains("cannot change"),
+            "{}",
+            status.message
+        ),
+        other => panic!("a type change was not refused: {other:?}"),
+    }
+
     // A dispatched child is judged against its parent (read by the webhook, as its
     // ServiceAccount may: get, nothing more).
     api.create(

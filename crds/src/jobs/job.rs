@@ -61,6 +61,10 @@ const META_KEY: &str = r"^[A-Za-z_][A-Za-z0-9_.-]*$";
 #[x_kube(validation = kube::core::Rule::new(
     "has(self.dispatch) == has(oldSelf.dispatch) && (!has(self.dispatch) || self.dispatch == oldSelf.dispatch)")
     .message("dispatch: set when a child is dispatched and never changed after").field_path(".dispatch"))]
+// A job's objects are of its type's kinds (ReplicaSets, batch Jobs, DaemonSets, CronJobs):
+// a changed type would leave the old type's objects running beside the new ones.
+#[x_kube(validation = kube::core::Rule::new("self.type == oldSelf.type")
+    .message("type: cannot change; delete the job and create it with the new type").field_path(".type"))]
 // The job's canaries apply to every group without its own (a group's own is held to its
 // count on TaskGroup).
 #[x_kube(validation = kube::core::Rule::new(
