@@ -35,4 +35,9 @@ pub mod agent {
     pub const AUTH_MOUNT: &str = "CAPSTAN_AGENT_AUTH_MOUNT";
     pub const CA_BUNDLE_FILE: &str = "CAPSTAN_AGENT_CA_BUNDLE_FILE";
     pub const POLL_INTERVAL: &str = "CAPSTAN_AGENT_POLL_INTERVAL";
+
+    /// Not a variable: the directory the injector mounts the agent's files at in every
+    /// container and the agent renders into by default (the jobs compiler gives it to
+    /// tasks as Nomad's NOMAD_SECRETS_DIR).
+    pub const SECRETS_DIR: &str = "/capstan/secrets";
 }

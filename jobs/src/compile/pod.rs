@@ -5,7 +5,11 @@
 //! a mounted Secret.
 
 use super::{CompileError, duration, group_at, group_field, labels, names};
-use capstan_contract::annotations::{agent, mesh};
+// SECRETS_DIR: where the agent renders templates, Nomad's `secrets/`.
+use capstan_contract::{
+    annotations::{agent, mesh},
+    env::agent::SECRETS_DIR,
+};
 use capstan_crds::jobs::{
     CheckType, Job, JobType, LifecycleHook, Port, RestartMode, Task, TaskGroup, Template,
 };
@@ -34,9 +38,6 @@ const NODE_IP: &str = "CAPSTAN_NODE_IP";
 /// container (prestart tasks leave files there for the main ones).
 const ALLOC_VOLUME: &str = "nomad-alloc";
 const ALLOC_DIR: &str = "/alloc";
-/// Where the secrets agent writes the rendered templates: the directory the webhook
-/// mounts its volume at (webhook::inject::agent::SECRETS_DIR), Nomad's `secrets/`.
-const SECRETS_DIR: &str = "/capstan/secrets";
 /// Nomad's healthy_deadline where no update block applies (batch and sysbatch groups).
 const DEFAULT_HEALTHY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 /// The annotation a batch/v1 Job in Indexed mode gives each pod: Nomad's alloc index.

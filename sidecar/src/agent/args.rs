@@ -32,7 +32,7 @@ pub struct AgentArgs {
     #[arg(long, env = vars::CA_BUNDLE_FILE, conflicts_with = "ca_bundle")]
     pub ca_bundle_file: Option<PathBuf>,
     /// The folder the files are rendered into (the pod's memory-backed shared volume).
-    #[arg(long, env = vars::DIR, default_value = "/capstan/secrets")]
+    #[arg(long, env = vars::DIR, default_value = vars::SECRETS_DIR)]
     pub dir: PathBuf,
     /// A secret to render: `FILE=PATH`, PATH being `<kv-mount>/data/<key>` or
     /// `<database-mount>/creds/<role>` (repeatable).

@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 
 pub const AGENT_CONTAINER: &str = "capstan-agent";
 pub const SECRETS_VOLUME: &str = "capstan-secrets";
-pub const SECRETS_DIR: &str = "/capstan/secrets";
+pub use capstan_contract::env::agent::SECRETS_DIR;
 pub const TOKEN_VOLUME: &str = "capstan-engine-token";
 pub const TOKEN_DIR: &str = "/var/run/secrets/capstan.dev/engine";
 pub const ADMIN_PORT: i32 = 15021;
