@@ -2,13 +2,21 @@
 //! same run, on a real control plane with hundreds of kwok nodes and a release build of
 //! capstan-controller:
 //!
-//! - for each size N (CAPSTAN_BENCH_JOBS, default `100,1000`): N Jobs of 10 groups of
-//!   count 1, and 10·N one-replica Deployments, each timed from the first create to every
-//!   pod Running (the native path is the baseline: goal ≤ 1.1×); the controller's
-//!   reconciles per second, CPU and peak RSS over the Jobs' run, and its RSS once it
-//!   watches all 10·N pods (goal ≤ 200 MiB at 10,000); how each grows with N (goal: linear);
-//! - a canary promote across CAPSTAN_BENCH_CANARY_JOBS (default 100) service Jobs: the time
-//!   from setting `spec.promote` on all to all stable.
+//! - for each size N (CAPSTAN_BENCH_JOBS, default `100,1000,5000`): N Jobs of 10 groups of
+//!   count 1, and 10·N one-replica Deployments, each timed by a pod watch from the first
+//!   create to every pod Running (the native path is the baseline: goal ≤ 1.1×); the
+//!   controller's reconciles per second, CPU and peak RSS over the Jobs' run, and its RSS
+//!   once it watches all 10·N pods (goal ≤ 200 MiB at 10,000); how each grows with N
+//!   (goal: linear);
+//! - a canary promote across CAPSTAN_BENCH_CANARY_JOBS (default 100) service Jobs (one
+//!   canary each, autoPromote false, minHealthyTime 1s): every Job updated, the time to
+//!   every canary healthy; then `spec.promote` set on all (what `capstan job promote`
+//!   writes), the time to every deployment promoted and to every Job stable at the new
+//!   version, each seen by a watch.
+//!
+//! The controller runs as a process with the chart's ServiceAccount, as the e2e tests run
+//! it, but at the log level it ships with (info): debug logs of tens of thousands of pods
+//! would be a cost of the benchmark, not of the controller.
 //!
 //! Run by `hack/bench-jobs.sh`; never part of the test suite. Figures go to stdout and
 //! target/bench-jobs.json.
@@ -23,12 +31,14 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams, PostParams},
     runtime::watcher,
 };
 use serde_json::{Value, json};
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -36,6 +46,14 @@ const GROUPS: usize = 10;
 /// Creates in flight at once, for both paths (a client applying manifests in parallel).
 const CONCURRENCY: usize = 16;
 const POOL: &str = "bench";
+/// The longest any one wait may take.
+const PATIENCE: Duration = Duration::from_secs(3600);
+
+async fn within<T>(wait: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .context("gave up after an hour")?
+}
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -116,13 +134,60 @@ impl Drop for PeakRss {
     }
 }
 
-async fn reconciles(controller: &ControllerProcess) -> Result<f64> {
-    let text = controller.metrics().await?;
-    labelled_metric(
-        &text,
-        "capstan_controller_reconcile_runs_total{controller=\"jobs\"}",
-    )
-    .context("the jobs reconciler's run counter")
+/// capstan-controller as a process with the chart's ServiceAccount (as
+/// [`ControllerProcess`] starts it), logging at info; killed on drop.
+struct Controller {
+    admin: SocketAddr,
+    log: std::path::PathBuf,
+    child: Child,
+}
+
+impl Controller {
+    async fn start(client: &Client) -> Result<Self> {
+        install_chart();
+        clear_lease(client).await;
+        let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
+        let admin = free_port();
+        let log = repo_root().join("target/bench-jobs-controller.log");
+        let child = Command::new(bin("capstan-controller"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("CAPSTAN_LOG", "info")
+            .args(["--log-format", "json", "--identity", "bench-jobs"])
+            .args(["--namespace", SYSTEM_NAMESPACE, "--lease-name", LEASE_NAME])
+            .args(["--admin-addr", &admin.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting capstan-controller")?;
+        let controller = Self { admin, log, child };
+        eventually(Duration::from_secs(30), "the controller's /healthz", || async {
+            (http_get(admin, "/healthz").await.ok()?.0 == 200).then_some(())
+        })
+        .await?;
+        Ok(controller)
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// The jobs reconciler's runs so far (the series appears at its first run).
+    async fn reconciles(&self) -> Result<f64> {
+        let (code, text) = http_get(self.admin, "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(labelled_metric(
+            &text,
+            "capstan_controller_reconcile_runs_total{controller=\"jobs\"}",
+        )
+        .unwrap_or(0.0))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A namespace of the benchmark's own, deleted (and waited for) by [`drop_namespace`].
@@ -152,40 +217,60 @@ async fn drop_namespace(client: &Client, name: &str) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Starts counting Running pods in `ns`; the returned future ends when `expected` are.
+/// Starts watching `api` (its initial list is in when this returns); the returned future
+/// ends, with the moment the watch saw it, once `expected` objects satisfy `check` at
+/// the same time.
+async fn all_hold<K>(
+    api: Api<K>,
+    expected: usize,
+    check: impl Fn(&K) -> bool + Send + 'static,
+) -> Result<impl Future<Output = Result<Instant>>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut events = Box::pin(watcher::watcher(api, watcher::Config::default()));
+    let mut holding = BTreeSet::new();
+    loop {
+        match events.try_next().await? {
+            Some(watcher::Event::InitApply(o)) if check(&o) => {
+                holding.insert(o.name_any());
+            }
+            Some(watcher::Event::InitDone) => break,
+            Some(_) => {}
+            None => anyhow::bail!("the watch ended"),
+        }
+    }
+    Ok(async move {
+        while holding.len() < expected {
+            match events.try_next().await? {
+                Some(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    if check(&o) {
+                        holding.insert(o.name_any());
+                    } else {
+                        holding.remove(&o.name_any());
+                    }
+                }
+                Some(watcher::Event::Delete(o)) => {
+                    holding.remove(&o.name_any());
+                }
+                Some(_) => {}
+                None => anyhow::bail!("the watch ended"),
+            }
+        }
+        Ok(Instant::now())
+    })
+}
+
+/// Every pod of `ns` Running (see [`all_hold`]).
 async fn running_pods(
     client: &Client,
     ns: &str,
     expected: usize,
-) -> Result<impl Future<Output = Result<()>>> {
-    let api = Api::<Pod>::namespaced(client.clone(), ns);
-    let mut events = Box::pin(watcher::watcher(api, watcher::Config::default()));
-    // The initial (empty) list is in before anything is created.
-    loop {
-        if let Some(watcher::Event::InitDone) = events.try_next().await? {
-            break;
-        }
-    }
-    Ok(async move {
-        let mut running = BTreeSet::new();
-        while running.len() < expected {
-            match events.try_next().await? {
-                Some(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
-                    if phase(&pod) == Some("Running") {
-                        running.insert(pod.name_any());
-                    } else {
-                        running.remove(&pod.name_any());
-                    }
-                }
-                Some(watcher::Event::Delete(pod)) => {
-                    running.remove(&pod.name_any());
-                }
-                Some(_) => {}
-                None => anyhow::bail!("the pod watch ended"),
-            }
-        }
-        Ok(())
+) -> Result<impl Future<Output = Result<Instant>>> {
+    all_hold(Api::<Pod>::namespaced(client.clone(), ns), expected, |pod| {
+        phase(pod) == Some("Running")
     })
+    .await
 }
 
 async fn create_all<K>(api: Api<K>, objects: Vec<K>) -> Result<()>
@@ -250,10 +335,13 @@ struct Round {
     controller_cpu_seconds: f64,
     controller_peak_rss_mib: f64,
     controller_rss_watching_mib: f64,
+    /// Through 10 s after the last pod Running (status writes that follow it).
+    reconciles_settled: f64,
+    controller_cpu_settled_seconds: f64,
     cleanup_seconds: f64,
 }
 
-async fn round(client: &Client, controller: &ControllerProcess, size: usize) -> Result<Round> {
+async fn round(client: &Client, controller: &Controller, size: usize) -> Result<Round> {
     let pods = size * GROUPS;
     println!("-- {size} Jobs of {GROUPS} groups against {pods} one-replica Deployments");
 
@@ -270,8 +358,7 @@ async fn round(client: &Client, controller: &ControllerProcess, size: usize) -> 
         deployments,
     )
     .await?;
-    all_running.await?;
-    let deployments_time = started.elapsed();
+    let deployments_time = within(all_running).await? - started;
     println!(
         "   Deployments: {pods} pods Running in {:.1} s",
         deployments_time.as_secs_f64()
@@ -284,25 +371,31 @@ async fn round(client: &Client, controller: &ControllerProcess, size: usize) -> 
         .map(|j| job(&format!("j{j}")))
         .collect::<Result<Vec<_>>>()?;
     let all_running = running_pods(client, &ns, pods).await?;
-    let (before, reconciles_before) = (usage(&controller.pid())?, reconciles(controller).await?);
+    let (before, reconciles_before) = (usage(&controller.pid())?, controller.reconciles().await?);
     let peak = PeakRss::start(controller.pid());
     let started = Instant::now();
     create_all(Api::<Job>::namespaced(client.clone(), &ns), jobs).await?;
-    all_running.await?;
-    let jobs_time = started.elapsed();
-    let (after, reconciles_after) = (usage(&controller.pid())?, reconciles(controller).await?);
+    let jobs_time = within(all_running).await? - started;
+    let (after, reconciles_after) = (usage(&controller.pid())?, controller.reconciles().await?);
     let peak_mib = peak.mib();
     drop(peak);
     println!(
         "   Jobs:        {pods} pods Running in {:.1} s",
         jobs_time.as_secs_f64()
     );
-    // Settled: the controller holds every pod, node and Job in its caches.
+    // Settled: the controller holds every pod, node and Job in its caches, and has
+    // written the status the last pods' events asked for.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let watching = usage(&controller.pid())?.rss_kib as f64 / 1024.0;
+    let settled = usage(&controller.pid())?;
+    let reconciles_settled = controller.reconciles().await?;
+    let watching = settled.rss_kib as f64 / 1024.0;
     cleanup += drop_namespace(client, &ns).await?;
 
     let reconciled = reconciles_after - reconciles_before;
+    ensure!(
+        reconciled > 0.0,
+        "no jobs reconcile counted in the controller's /metrics"
+    );
     let cpu = after.cpu.saturating_sub(before.cpu).as_secs_f64();
     let round = Round {
         jobs: size,
@@ -315,6 +408,8 @@ async fn round(client: &Client, controller: &ControllerProcess, size: usize) -> 
         controller_cpu_seconds: cpu,
         controller_peak_rss_mib: peak_mib,
         controller_rss_watching_mib: watching,
+        reconciles_settled: reconciles_settled - reconciles_before,
+        controller_cpu_settled_seconds: settled.cpu.saturating_sub(before.cpu).as_secs_f64(),
         cleanup_seconds: cleanup.as_secs_f64(),
     };
     println!(
@@ -328,58 +423,24 @@ async fn round(client: &Client, controller: &ControllerProcess, size: usize) -> 
     Ok(round)
 }
 
-/// `count` service Jobs with one canary each: deployed, updated, then all promoted at
-/// once; the time from the promotes to every Job stable at the new version.
-async fn canary_promote(client: &Client, count: usize) -> Result<f64> {
-    println!("-- a canary promote across {count} Jobs");
-    let ns = "bench-canary";
-    namespace(client, ns).await?;
-    let api = Api::<Job>::namespaced(client.clone(), ns);
-    let service = |name: String, image: &str| -> Result<Job> {
-        Ok(serde_json::from_value(job_manifest(
-            &name,
-            json!({
-                "constraints": [{"attribute": "${node.pool}", "operator": "=", "value": POOL}],
-                "update": {"canary": 1, "maxParallel": 2, "minHealthyTime": "1s",
-                           "healthyDeadline": "5m", "progressDeadline": "10m"},
-                "groups": [{"name": "web", "count": 2, "tasks": [
-                    {"name": "app", "image": image, "resources": {"cpu": "10m", "memory": "16Mi"}},
-                ]}],
-            }),
-        ))?)
-    };
-    let names: Vec<String> = (0..count).map(|i| format!("c{i}")).collect();
-    create_all(
-        api.clone(),
-        names
-            .iter()
-            .map(|n| service(n.clone(), "app:1"))
-            .collect::<Result<_>>()?,
-    )
-    .await?;
-    let all = |check: fn(&Job) -> bool, what: &'static str| {
-        let api = api.clone();
-        async move {
-            eventually(Duration::from_secs(900), what, || async {
-                let list = api.list(&ListParams::default()).await.ok()?;
-                (list.items.len() == count && list.items.iter().all(check)).then_some(())
-            })
-            .await
-        }
-    };
-    all(
-        |j| status_of(j).stable_version == Some(1),
-        "every Job stable at version 1",
-    )
-    .await?;
-    futures::stream::iter(names.clone())
+#[derive(serde::Serialize)]
+struct Promote {
+    jobs: usize,
+    /// From the first update to every canary healthy.
+    canaries_healthy_seconds: f64,
+    /// From the first `spec.promote` to every deployment promoted.
+    promoted_seconds: f64,
+    /// From the first `spec.promote` to every Job stable at version 2 (rolled).
+    stable_seconds: f64,
+}
+
+/// Sets `patch` on every Job in `names`, CONCURRENCY at once.
+async fn patch_all(api: &Api<Job>, names: &[String], patch: Value) -> Result<()> {
+    futures::stream::iter(names)
         .map(|n| {
-            let api = api.clone();
+            let (api, patch) = (api.clone(), patch.clone());
             async move {
-                let patch = json!({"spec": {"groups": [{"name": "web", "count": 2, "tasks": [
-                    {"name": "app", "image": "app:2", "resources": {"cpu": "10m", "memory": "16Mi"}},
-                ]}]}});
-                api.patch(&n, &PatchParams::default(), &Patch::Merge(patch))
+                api.patch(n, &PatchParams::default(), &Patch::Merge(patch))
                     .await
                     .map(|_| ())
             }
@@ -387,125 +448,182 @@ async fn canary_promote(client: &Client, count: usize) -> Result<f64> {
         .buffer_unordered(CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
-    all(
-        |j| {
-            status_of(j)
-                .deployment
-                .is_some_and(|d| d.version == 2 && d.canaries_healthy == 1)
-        },
-        "every canary healthy",
-    )
+    Ok(())
+}
+
+/// `count` service Jobs with one canary each (autoPromote false): deployed, updated, then
+/// all promoted at once.
+async fn canary_promote(client: &Client, count: usize) -> Result<Promote> {
+    println!("-- a canary promote across {count} Jobs");
+    let ns = "bench-canary";
+    namespace(client, ns).await?;
+    let api = Api::<Job>::namespaced(client.clone(), ns);
+    let group = |image: &str| {
+        json!([{"name": "web", "count": 2, "tasks": [
+            {"name": "app", "image": image, "resources": {"cpu": "10m", "memory": "16Mi"}},
+        ]}])
+    };
+    let names: Vec<String> = (0..count).map(|i| format!("c{i}")).collect();
+    let jobs = names
+        .iter()
+        .map(|name| {
+            Ok(serde_json::from_value(job_manifest(
+                name,
+                json!({
+                    "constraints": [{"attribute": "${node.pool}", "operator": "=", "value": POOL}],
+                    "update": {"canary": 1, "autoPromote": false, "maxParallel": 2,
+                               "minHealthyTime": "1s", "healthyDeadline": "5m",
+                               "progressDeadline": "10m"},
+                    "groups": group("app:1"),
+                }),
+            ))?)
+        })
+        .collect::<Result<Vec<Job>>>()?;
+    let stable = |version: i64| move |j: &Job| status_of(j).stable_version == Some(version);
+    let v1 = all_hold(api.clone(), count, stable(1)).await?;
+    create_all(api.clone(), jobs).await?;
+    within(v1).await?;
+
+    let canaries = all_hold(api.clone(), count, |j: &Job| {
+        status_of(j)
+            .deployment
+            .is_some_and(|d| d.version == 2 && d.canaries_healthy >= 1)
+    })
     .await?;
     let started = Instant::now();
-    futures::stream::iter(names)
-        .map(|n| {
-            let api = api.clone();
-            async move {
-                api.patch(
-                    &n,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"promote": 2}})),
-                )
-                .await
-                .map(|_| ())
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
-    all(
-        |j| status_of(j).stable_version == Some(2),
-        "every Job stable at version 2",
-    )
+    patch_all(&api, &names, json!({"spec": {"groups": group("app:2")}})).await?;
+    let canaries_healthy = within(canaries).await? - started;
+    println!(
+        "   {count} Jobs updated: every canary healthy in {:.1} s",
+        canaries_healthy.as_secs_f64()
+    );
+
+    let promoted = all_hold(api.clone(), count, |j: &Job| {
+        status_of(j)
+            .deployment
+            .is_some_and(|d| d.version == 2 && d.promoted)
+    })
     .await?;
-    let promoted = started.elapsed().as_secs_f64();
-    println!("   all {count} promoted and rolled in {promoted:.1} s");
+    let v2 = all_hold(api.clone(), count, stable(2)).await?;
+    let started = Instant::now();
+    patch_all(&api, &names, json!({"spec": {"promote": 2}})).await?;
+    let promoted = within(promoted).await? - started;
+    let rolled = within(v2).await? - started;
+    println!(
+        "   promote set on all {count}: every deployment promoted in {:.1} s, every Job stable at version 2 in {:.1} s",
+        promoted.as_secs_f64(),
+        rolled.as_secs_f64()
+    );
     drop_namespace(client, ns).await?;
-    Ok(promoted)
+    Ok(Promote {
+        jobs: count,
+        canaries_healthy_seconds: canaries_healthy.as_secs_f64(),
+        promoted_seconds: promoted.as_secs_f64(),
+        stable_seconds: rolled.as_secs_f64(),
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let client = client().await;
-    let sizes = env_list("CAPSTAN_BENCH_JOBS", "100,1000");
+    let sizes = env_list("CAPSTAN_BENCH_JOBS", "100,1000,5000");
     let node_count = env_usize("CAPSTAN_BENCH_NODES", 300);
     let canary_jobs = env_usize("CAPSTAN_BENCH_CANARY_JOBS", 100);
     ensure!(!sizes.is_empty(), "CAPSTAN_BENCH_JOBS names no size");
 
     let mut nodes = TestNodes::new(&client, "bench-node");
     let started = Instant::now();
-    let spec = NodeSpec::in_pool(POOL, "dc1")
-        .cpu("64")
-        .memory("256Gi")
-        .pods("250");
-    nodes.add_many(&spec, node_count / 2).await?;
-    nodes
-        .add_many(
-            &NodeSpec::in_pool(POOL, "dc2")
-                .cpu("64")
-                .memory("256Gi")
-                .pods("250"),
-            node_count - node_count / 2,
-        )
-        .await?;
+    for (dc, count) in [("dc1", node_count / 2), ("dc2", node_count - node_count / 2)] {
+        let spec = NodeSpec::in_pool(POOL, dc).cpu("64").memory("256Gi").pods("250");
+        nodes.add_many(&spec, count).await?;
+    }
     println!(
-        "{node_count} kwok nodes Ready in {:.1} s",
+        "{node_count} kwok nodes in 2 datacenters Ready in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let controller = ControllerProcess::sole(&client, "bench-jobs").await?;
+    let controller = Controller::start(&client).await?;
+    // Its caches filled (nodes, the chart's objects): what every figure below adds to.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_mib = usage(&controller.pid())?.rss_kib as f64 / 1024.0;
+    println!("controller RSS idle (caches of {node_count} nodes): {idle_mib:.1} MiB");
 
+    let out = repo_root().join("target/bench-jobs.json");
+    let save = |rounds: &[Round], promote: Option<&Promote>| -> Result<()> {
+        let report = json!({
+            "nodes": node_count,
+            "controller_rss_idle_mib": idle_mib,
+            "rounds": rounds,
+            "canary_promote": promote,
+            "controller_log": controller.log,
+        });
+        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        Ok(())
+    };
     let mut rounds = Vec::new();
     for size in sizes {
         rounds.push(round(&client, &controller, size).await?);
+        save(&rounds, None)?;
     }
     let promote = if canary_jobs > 0 {
         Some(canary_promote(&client, canary_jobs).await?)
     } else {
         None
     };
+    save(&rounds, promote.as_ref())?;
 
     println!("\n== Jobs against Deployments, and growth with the number of Jobs");
     println!(
-        "{:>6} {:>7} {:>9} {:>9} {:>6} {:>11} {:>10} {:>9} {:>10}",
-        "jobs", "pods", "deploy s", "jobs s", "ratio", "reconcile/s", "ctrl CPU s", "peak MiB", "watch MiB"
+        "{:>6} {:>7} {:>9} {:>9} {:>6} {:>11} {:>10} {:>10} {:>11} {:>9} {:>10}",
+        "jobs",
+        "pods",
+        "deploy s",
+        "jobs s",
+        "ratio",
+        "reconcile/s",
+        "rec/Job",
+        "ctrl CPU s",
+        "CPU ms/Job",
+        "peak MiB",
+        "watch MiB"
     );
     for r in &rounds {
         println!(
-            "{:>6} {:>7} {:>9.1} {:>9.1} {:>5.2}x {:>11.1} {:>10.1} {:>9.1} {:>10.1}",
+            "{:>6} {:>7} {:>9.1} {:>9.1} {:>5.2}x {:>11.1} {:>10.1} {:>10.1} {:>11.1} {:>9.1} {:>10.1}",
             r.jobs,
             r.pods,
             r.deployments_seconds,
             r.jobs_seconds,
             r.ratio,
             r.reconciles_per_second,
-            r.controller_cpu_seconds,
+            r.reconciles_settled / r.jobs as f64,
+            r.controller_cpu_settled_seconds,
+            1000.0 * r.controller_cpu_settled_seconds / r.jobs as f64,
             r.controller_peak_rss_mib,
             r.controller_rss_watching_mib
         );
     }
-    if let [first, .., last] = rounds.as_slice() {
-        let k = last.jobs as f64 / first.jobs as f64;
+    for pair in rounds.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let k = b.jobs as f64 / a.jobs as f64;
         println!(
-            "growth {}→{} Jobs ({k:.0}x): time {:.1}x, controller CPU {:.1}x, reconciles {:.1}x, RSS watching {:.2}x (linear: {k:.0}x)",
-            first.jobs,
-            last.jobs,
-            last.jobs_seconds / first.jobs_seconds,
-            last.controller_cpu_seconds / first.controller_cpu_seconds.max(0.01),
-            last.reconciles / first.reconciles.max(1.0),
-            last.controller_rss_watching_mib / first.controller_rss_watching_mib,
+            "growth {}→{} Jobs ({k:.0}x, linear = {k:.0}x): Jobs' time {:.1}x (Deployments' {:.1}x), \
+             reconciles {:.1}x, controller CPU {:.1}x, RSS above idle {:.1}x",
+            a.jobs,
+            b.jobs,
+            b.jobs_seconds / a.jobs_seconds,
+            b.deployments_seconds / a.deployments_seconds,
+            b.reconciles_settled / a.reconciles_settled.max(1.0),
+            b.controller_cpu_settled_seconds / a.controller_cpu_settled_seconds.max(0.01),
+            (b.controller_rss_watching_mib - idle_mib) / (a.controller_rss_watching_mib - idle_mib).max(0.1),
         );
     }
-    if let Some(seconds) = promote {
-        println!("canary promote across {canary_jobs} Jobs: {seconds:.1} s to all stable");
+    if let Some(p) = &promote {
+        println!(
+            "canary promote across {} Jobs: canaries healthy {:.1} s after the updates; \
+             all promoted {:.1} s and all stable {:.1} s after the promotes",
+            p.jobs, p.canaries_healthy_seconds, p.promoted_seconds, p.stable_seconds
+        );
     }
-    let report = json!({
-        "nodes": node_count,
-        "rounds": rounds,
-        "canary_promote": {"jobs": canary_jobs, "seconds": promote},
-        "controller_log": controller.log,
-    });
-    let out = repo_root().join("target/bench-jobs.json");
-    std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
     println!("raw figures: {}", out.display());
     drop(nodes);
     Ok(())
