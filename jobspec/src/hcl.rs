@@ -21,6 +21,12 @@ use hcl::edit::visit_mut::{self, VisitMut};
 use hcl::eval::{Context, ErrorKind, Evaluate};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// How deeply `${...}` may nest in strings (`"a${"b${c}"}"` is 2). hcl-edit's parser
+/// backtracks through nested interpolations in time exponential in their depth when the
+/// strings do not close (found by fuzzing: 1 KiB took seconds past a depth of 20), and
+/// a jobspec needs two or three at most.
+const INTERPOLATION_DEPTH: usize = 16;
+
 /// A value larger than this (bytes of text, roughly) is refused: locals that double a
 /// string or list each time would otherwise grow without bound.
 const VALUE_LIMIT: usize = 1 << 20;
@@ -34,6 +40,7 @@ pub struct Read {
 }
 
 pub fn read(source: &str, vars: &BTreeMap<String, String>) -> Result<Read> {
+    interpolation_depth(source)?;
     let body = hcl::edit::parser::parse_body(source).map_err(|e| Error::Syntax {
         line: e.location().line(),
         column: e.location().column(),
@@ -465,4 +472,84 @@ impl VisitMut for Arithmetic {
         };
         *expr = Expression::from(FuncCall::new(hcl::edit::Ident::new(name), FuncArgs::from(args)));
     }
+}
+
+/// Refuses input whose string interpolations nest deeper than [`INTERPOLATION_DEPTH`],
+/// naming where, before the parser sees it. A lexer of HCL's strings, comments and
+/// braces, enough to count: a quoted string ends at its line's end (HCL's do), heredoc
+/// bodies are read as code (they only ever hold shallow interpolations).
+fn interpolation_depth(source: &str) -> Result<()> {
+    enum Frame {
+        Quoted,
+        /// Inside `${ ... }`, with the `{` opened in it still open.
+        Interpolation(usize),
+    }
+    let mut stack: Vec<Frame> = Vec::new();
+    let (mut line, mut column) = (1, 0);
+    let mut chars = source.chars().peekable();
+    while let Some(c) = chars.next() {
+        column += 1;
+        if c == '\n' {
+            (line, column) = (line + 1, 0);
+            stack.retain(|f| !matches!(f, Frame::Quoted));
+            continue;
+        }
+        match stack.last_mut() {
+            Some(Frame::Quoted) => match c {
+                '\\' => {
+                    chars.next();
+                    column += 1;
+                }
+                '"' => {
+                    stack.pop();
+                }
+                '$' | '%' if chars.peek() == Some(&c) => {
+                    // `$${` and `%%{` are escapes, not interpolations.
+                    chars.next();
+                    column += 1;
+                }
+                '$' | '%' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    column += 1;
+                    stack.push(Frame::Interpolation(0));
+                    let depth = stack
+                        .iter()
+                        .filter(|f| matches!(f, Frame::Interpolation(_)))
+                        .count();
+                    if depth > INTERPOLATION_DEPTH {
+                        return Err(Error::Syntax {
+                            line,
+                            column,
+                            message: format!("interpolations nested more than {INTERPOLATION_DEPTH} deep"),
+                        });
+                    }
+                }
+                _ => {}
+            },
+            frame => match c {
+                '"' => stack.push(Frame::Quoted),
+                '#' => skip_line(&mut chars),
+                '/' if chars.peek() == Some(&'/') => skip_line(&mut chars),
+                '{' => {
+                    if let Some(Frame::Interpolation(open)) = frame {
+                        *open += 1;
+                    }
+                }
+                '}' => match frame {
+                    Some(Frame::Interpolation(0)) => {
+                        stack.pop();
+                    }
+                    Some(Frame::Interpolation(open)) => *open -= 1,
+                    _ => {}
+                },
+                _ => {}
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Skips a comment to (not past) its line's end.
+fn skip_line(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
+    while chars.next_if(|&c| c != '\n').is_some() {}
 }

@@ -439,3 +439,26 @@ fn arithmetic_at_the_edges_does_not_panic() {
     assert_eq!(c.job.spec.groups[0].count, 5);
     assert_eq!(c.job.spec.groups[0].meta["x"], "2.5--2");
 }
+
+#[test]
+fn deeply_nested_interpolations_are_refused_before_parsing() {
+    let nested = |depth: usize| {
+        let open = "\"${".repeat(depth);
+        let close = "}\"".repeat(depth);
+        job(&format!("meta {{ x = {open}1{close} }}\n{TASK}"))
+    };
+    assert!(hcl(&nested(3)).is_ok());
+    let err = hcl(&nested(17)).unwrap_err();
+    assert!(err.to_string().contains("nested more than 16"), "{err}");
+    assert_eq!(err.line(), 3);
+    // Found by the fuzzer: unclosed strings whose parse took seconds.
+    let unclosed = format!("job \"a\" {{\n  g = {}\n}}\n", "1 * 3 + \"${".repeat(40));
+    let started = std::time::Instant::now();
+    assert!(matches!(hcl(&unclosed), Err(Error::Syntax { .. })));
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // Escapes and comments do not count.
+    let escaped = job(&format!(
+        "# \"${{ \"${{ \"${{\nmeta {{ x = \"$${{a}} %%{{b}}\" }}\n{TASK}"
+    ));
+    assert_eq!(hcl(&escaped).unwrap().job.spec.groups[0].meta["x"], "${a} %{b}");
+}
