@@ -375,6 +375,28 @@ pub async fn set_pod_finished(client: &Client, ns: &str, pod: &str, succeeded: b
     Ok(())
 }
 
+/// Deletes namespace `ns` and drops the finalizers of its pods when dropped: a pod the
+/// webhook gave the secrets agent carries the credentials reconciler's finalizer, which
+/// is removed only once the engine revoked the pod's tokens, and a test that runs no
+/// engine would leave its namespace terminating for ever.
+pub struct ReleasePods(pub String);
+
+impl Drop for ReleasePods {
+    fn drop(&mut self) {
+        let ns = &self.0;
+        let _ = Command::new("kubectl")
+            .args(["delete", "namespace", ns, "--wait=false"])
+            .output();
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                "kubectl get pods -n \"$0\" -o name | xargs -r -n1 kubectl patch -n \"$0\" --type=merge -p '{\"metadata\":{\"finalizers\":null}}'",
+                ns,
+            ])
+            .output();
+    }
+}
+
 /// One moment of a watched set of pods: what changed and every pod as it then was.
 #[derive(Clone, Debug)]
 pub struct PodSnapshot {

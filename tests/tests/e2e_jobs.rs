@@ -443,8 +443,17 @@ async fn an_unhealthy_canary_fails_the_deployment_and_auto_reverts() -> Result<(
 
     let updated = service("web", 2, "app:2", update);
     s.apply(&updated)?;
-    // Its readiness fails well within minHealthyTime.
-    let canary = s.pod_of_version("web", 2).await?;
+    // Its readiness fails well within minHealthyTime: once kwok has started it (a pod
+    // still Pending would be made Ready again by kwok's stage).
+    let canary = eventually(STEP, "the canary running", || async {
+        s.pods("web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|p| version_of(p) == Some(2) && phase(p) == Some("Running") && is_ready(p))
+    })
+    .await
+    .map_err(|e| s.failed(e))?;
     set_pod_ready(&s.client, s.ns(), &canary.name_any(), false).await?;
 
     expect_reverted(&s, &updated, 2, 1).await?;
@@ -1048,6 +1057,7 @@ async fn a_sysbatch_job_runs_once_per_eligible_node() -> Result<()> {
 #[tokio::test]
 async fn connect_and_vault_blocks_produce_an_injected_pod() -> Result<()> {
     let s = Setup::new("e2e-jobs-inject").await?;
+    let _release = ReleasePods(s.ns().to_owned());
     let webhook = WebhookProcess::start(&s.client, &["--ca-url", "https://127.0.0.1:8200"]).await?;
     s.apply(&job_manifest(
         "api",
@@ -1163,9 +1173,11 @@ async fn a_controller_killed_mid_deployment_resumes_without_a_second_canary_set(
     let of = |v: i64| pods.iter().filter(|p| version_of(p) == Some(v)).count();
     ensure!(
         of(2) == 1 && of(1) == 2,
-        "still one canary beside two stable: v1 {}, v2 {}",
+        "still one canary beside two stable: v1 {}, v2 {}\nthe pods seen: {:?}\nthe successor's log:\n{}",
         of(1),
-        of(2)
+        of(2),
+        watch.history().last(),
+        tail(&s.controller.logs(), 30)
     );
 
     let promoted_at = jiff::Timestamp::now();
