@@ -73,7 +73,9 @@ impl Convert {
             );
             return Ok(false);
         }
-        let yaml = serde_yaml_ng::to_string(&conversion.job).context("writing the Job as YAML")?;
+        // Not serde_yaml_ng's writer: kubectl reads YAML 1.1 (see yaml.rs).
+        let job = serde_json::to_value(&conversion.job).context("writing the Job as YAML")?;
+        let yaml = super::yaml::to_string(&job);
         match &self.output {
             Some(path) => {
                 std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))?

@@ -11,6 +11,7 @@ mod plan;
 mod promote;
 mod revert;
 mod status;
+mod yaml;
 
 use anyhow::{Context as _, bail};
 use capstan_crds::jobs::{Job, JobSpec};
