@@ -265,7 +265,19 @@ fn rbac_rules_are_least_privilege() {
                                     == serde_json::json!([
                                         "get", "list", "watch", "create", "update", "delete"
                                     ]);
-                            if field == "resources" && !webhook_tls && !engine_ca && !secretsync {
+                            // The jobs reconciler's: server-side apply of a dispatched
+                            // Job's payload Secret, nothing else (controller-guard.yaml
+                            // admits only Secrets a Job owned before the write).
+                            let job_payload = name.ends_with("-controller")
+                                && kind == "ClusterRole"
+                                && rule["resources"] == serde_json::json!(["secrets"])
+                                && rule["verbs"] == serde_json::json!(["patch"]);
+                            if field == "resources"
+                                && !webhook_tls
+                                && !engine_ca
+                                && !secretsync
+                                && !job_payload
+                            {
                                 // Secrets and their subresources (not secretsyncs).
                                 assert!(
                                     value != "secrets" && !value.starts_with("secrets/"),
@@ -765,12 +777,29 @@ async fn the_controllers_credentials_do_not_reach_beyond_secretsync() -> anyhow:
     refused(
         "replacing a Secret it does not own",
         kubectl_stdin(&replace, &replaced.to_string()),
-        "may write only Secrets a SecretSync owns",
+        "may write only Secrets a SecretSync or a Job owns",
     );
     refused(
         "deleting a Secret it does not own",
         kubectl(&["delete", "secret", "victim", "-n", n]),
-        "may write only Secrets a SecretSync owns",
+        "may write only Secrets a SecretSync or a Job owns",
+    );
+    // The jobs reconciler's payload rule (patch, for a dispatched Job's Secret) cannot
+    // adopt a Secret: the guard judges the Secret as it was, so claiming a Job as its
+    // owner in the same write is refused.
+    refused(
+        "adopting a Secret it does not own as a Job's payload",
+        kubectl(&[
+            "patch",
+            "secret",
+            "victim",
+            "-n",
+            n,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"ownerReferences":[{"apiVersion":"jobs.capstan.dev/v1alpha1","kind":"Job","name":"x","uid":"00000000-0000-0000-0000-000000000001"}]},"data":{"k":"ZXZpbA=="}}"#,
+        ]),
+        "may write only Secrets a SecretSync or a Job owns",
     );
     let mut create = vec!["create", "-f", "-"];
     create.push(&as_controller);
