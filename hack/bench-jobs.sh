@@ -13,6 +13,8 @@
 #   CAPSTAN_BENCH_NODES=300            kwok nodes added for the run (removed after)
 #   CAPSTAN_BENCH_CANARY_JOBS=100      Jobs in the canary promote (0 skips it)
 #   CAPSTAN_BENCH_CLUSTER=bench-jobs   the local cluster started when KUBECONFIG names none
+#   CAPSTAN_BENCH_OUT=bench-jobs       names target/<out>.json and target/<out>-controller.log
+#   (CAPSTAN_BENCH_JOBS= with nothing runs the canary promote alone)
 #
 # Both paths' pods are created by kube-controller-manager's ReplicaSet controller. At its
 # default client rate limit (20 requests/s per controller) that alone would take minutes

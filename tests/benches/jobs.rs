@@ -19,7 +19,8 @@
 //! would be a cost of the benchmark, not of the controller.
 //!
 //! Run by `hack/bench-jobs.sh`; never part of the test suite. Figures go to stdout and
-//! target/bench-jobs.json.
+//! target/$CAPSTAN_BENCH_OUT.json (default `bench-jobs`), the controller's log to
+//! target/$CAPSTAN_BENCH_OUT-controller.log.
 
 use anyhow::{Context as _, Result, ensure};
 use capstan_crds::jobs::Job;
@@ -55,12 +56,18 @@ async fn within<T>(wait: impl Future<Output = Result<T>>) -> Result<T> {
         .context("gave up after an hour")?
 }
 
+/// A list of sizes; set and empty runs none (the canary promote alone).
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
         .unwrap_or_else(|_| default.to_owned())
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect()
+}
+
+/// What the run's files in target/ are named after (two runs at once keep theirs apart).
+fn out_name() -> String {
+    std::env::var("CAPSTAN_BENCH_OUT").unwrap_or_else(|_| "bench-jobs".to_owned())
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -148,7 +155,7 @@ impl Controller {
         clear_lease(client).await;
         let kubeconfig = serviceaccount_kubeconfig(client, SYSTEM_NAMESPACE, CONTROLLER_SA).await?;
         let admin = free_port();
-        let log = repo_root().join("target/bench-jobs-controller.log");
+        let log = repo_root().join(format!("target/{}-controller.log", out_name()));
         let child = Command::new(bin("capstan-controller"))
             .env("KUBECONFIG", &kubeconfig)
             .env("CAPSTAN_LOG", "info")
@@ -529,7 +536,10 @@ async fn main() -> Result<()> {
     let sizes = env_list("CAPSTAN_BENCH_JOBS", "100,1000,5000");
     let node_count = env_usize("CAPSTAN_BENCH_NODES", 300);
     let canary_jobs = env_usize("CAPSTAN_BENCH_CANARY_JOBS", 100);
-    ensure!(!sizes.is_empty(), "CAPSTAN_BENCH_JOBS names no size");
+    ensure!(
+        !sizes.is_empty() || canary_jobs > 0,
+        "CAPSTAN_BENCH_JOBS names no size and CAPSTAN_BENCH_CANARY_JOBS is 0: nothing to run"
+    );
 
     let mut nodes = TestNodes::new(&client, "bench-node");
     let started = Instant::now();
@@ -547,7 +557,7 @@ async fn main() -> Result<()> {
     let idle_mib = usage(&controller.pid())?.rss_kib as f64 / 1024.0;
     println!("controller RSS idle (caches of {node_count} nodes): {idle_mib:.1} MiB");
 
-    let out = repo_root().join("target/bench-jobs.json");
+    let out = repo_root().join(format!("target/{}.json", out_name()));
     let save = |rounds: &[Round], promote: Option<&Promote>| -> Result<()> {
         let report = json!({
             "nodes": node_count,
