@@ -36,7 +36,10 @@ use crate::{
 };
 use capstan_crds::jobs::{Job, JobStatus, JobType};
 use capstan_jobs::compile::{self, labels};
-use futures::{StreamExt, TryStreamExt};
+use futures::{
+    FutureExt, StreamExt, TryStreamExt,
+    future::{BoxFuture, Shared},
+};
 use k8s_openapi::api::{
     apps::v1::{ControllerRevision, DaemonSet, ReplicaSet},
     batch::v1::{CronJob, Job as BatchJob},
@@ -166,6 +169,13 @@ pub struct State {
     /// Every node, without its images.
     pub nodes: Store<Node>,
     pub settings: compile::Settings,
+    /// Whether the pod, ReplicaSet and node stores have each been listed once, awaited by
+    /// every reconcile: one future shared by all of them, because a store's own
+    /// `wait_until_ready` keeps the waker of only the last reconcile that polled it (a
+    /// oneshot receiver behind kube-runtime's DelayedInit), so of two reconciles waiting
+    /// at a new leader's start one was never woken and its Job never reconciled again
+    /// (e2e: a promote after a controller restart went unseen).
+    listed: Shared<BoxFuture<'static, bool>>,
 }
 
 impl State {
@@ -176,6 +186,19 @@ impl State {
         nodes: Store<Node>,
         settings: compile::Settings,
     ) -> Self {
+        let listed = {
+            let (pods, replica_sets, nodes) = (pods.clone(), replica_sets.clone(), nodes.clone());
+            async move {
+                let (pods, replica_sets, nodes) = tokio::join!(
+                    pods.wait_until_ready(),
+                    replica_sets.wait_until_ready(),
+                    nodes.wait_until_ready(),
+                );
+                pods.and(replica_sets).and(nodes).is_ok()
+            }
+            .boxed()
+            .shared()
+        };
         Self {
             jobs,
             pods,
@@ -183,6 +206,7 @@ impl State {
             replica_sets,
             nodes,
             settings,
+            listed,
         }
     }
 
@@ -190,12 +214,11 @@ impl State {
     /// reconcile before that (a new leader's first ones) would find no pods and no
     /// ReplicaSets, and place everything again beside what runs.
     async fn listed(&self) -> Result<(), Error> {
-        let (pods, replica_sets, nodes) = tokio::join!(
-            self.pods.wait_until_ready(),
-            self.replica_sets.wait_until_ready(),
-            self.nodes.wait_until_ready(),
-        );
-        pods.and(replica_sets).and(nodes).map_err(|_| Error::WatchesEnded)
+        if self.listed.clone().await {
+            Ok(())
+        } else {
+            Err(Error::WatchesEnded)
+        }
     }
 
     /// The pods of `job` (by its label, in its namespace).

@@ -375,3 +375,42 @@ async fn a_spec_that_does_not_compile_is_reported_with_the_field_named() {
     reconcile.await.unwrap().unwrap();
     server.done().await;
 }
+
+/// Every reconcile waiting for the stores at a new leader's start is woken once they are
+/// listed, not only the last one to wait (a store's own wait keeps one waker).
+#[tokio::test]
+async fn every_reconcile_waiting_for_the_first_lists_is_woken() {
+    let (jobs, _jobs_writer) = reflector::store::<Job>();
+    let (pods, mut pods_writer) = reflector::store();
+    let (replica_sets, mut rs_writer) = reflector::store::<ReplicaSet>();
+    let (nodes, mut nodes_writer) = reflector::store();
+    let state = Arc::new(State::new(
+        jobs,
+        pods,
+        replica_sets,
+        nodes,
+        compile::Settings::default(),
+    ));
+    // Two tasks, as the controller runs two reconciles: each has its own waker.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let state = state.clone();
+            tokio::spawn(async move { state.listed().await.is_ok() })
+        })
+        .collect();
+    // Both wait (each polled once) before the lists arrive.
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    assert!(waiting.iter().all(|task| !task.is_finished()));
+    pods_writer.apply_watcher_event(&watcher::Event::InitDone);
+    rs_writer.apply_watcher_event(&watcher::Event::InitDone);
+    nodes_writer.apply_watcher_event(&watcher::Event::InitDone);
+    for task in waiting {
+        let listed = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("every waiting reconcile is woken")
+            .unwrap();
+        assert!(listed);
+    }
+}
