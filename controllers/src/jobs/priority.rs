@@ -4,8 +4,9 @@
 //!
 //! The classes are cluster-scoped and shared by every Job of that priority, so no Job
 //! owns one (an owner reference cannot cross from a namespaced owner). [`ensure`] applies
-//! the Job's class on every reconcile (one idempotent server-side apply, which also
-//! brings back a class someone deleted); [`collect_unused`] deletes, once per resync
+//! the Job's class the first time a leadership term meets its priority, and again after
+//! each resync period (which brings back a class someone deleted) — not on every
+//! reconcile: the benchmark counted one apply per reconcile, thousands a minute; [`collect_unused`] deletes, once per resync
 //! period, each class labelled as Capstan's whose priority no Job has, unless it is
 //! younger than [`GRACE`] (a Job created meanwhile may not be in the store yet; its next
 //! reconcile would recreate the class, but its pods could be refused in between).
@@ -28,6 +29,9 @@ pub const GRACE: Duration = Duration::from_secs(600);
 /// Applies the PriorityClass the pods of `job` name.
 pub async fn ensure(cx: &Context<State>, job: &Job) -> Result<(), Error> {
     cx.leadership.ensure()?;
+    if cx.state.priorities_applied.lock().contains(&job.spec.priority) {
+        return Ok(());
+    }
     let class = compile::priority_class(job.spec.priority);
     let name = class.name_any();
     Api::<PriorityClass>::all(cx.client.clone())
@@ -39,6 +43,7 @@ pub async fn ensure(cx: &Context<State>, job: &Job) -> Result<(), Error> {
             name,
             source,
         })?;
+    cx.state.priorities_applied.lock().insert(job.spec.priority);
     Ok(())
 }
 
@@ -51,6 +56,7 @@ pub async fn collect_unused(cx: Arc<Context<State>>) {
     let mut every = tokio::time::interval(cx.config.resync);
     loop {
         every.tick().await;
+        cx.state.priorities_applied.lock().clear();
         if let Err(error) = collect(&cx).await {
             tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "Deleting unused PriorityClasses");
         }
