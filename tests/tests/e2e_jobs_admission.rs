@@ -128,7 +128,9 @@ async fn invalid_jobs_are_refused_naming_the_field_by_schema_and_webhook() -> Re
 
     // A job's type never changes: the old type's objects would keep running beside the
     // new type's. The schema's transition rule refuses it on update.
-    let created = api.create(&PostParams::default(), &job("typed", json!({}))).await?;
+    let created = api
+        .create(&PostParams::default(), &job("typed", json!({})))
+        .await?;
     let mut retyped = created.clone();
     retyped.data["spec"]["type"] = json!("sysbatch");
     match api.replace("typed", &PostParams::default(), &retyped).await {
