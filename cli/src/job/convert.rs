@@ -7,7 +7,7 @@
 use super::key_value;
 use anyhow::Context as _;
 use capstan_jobspec::{Conversion, Format, Options};
-use std::{collections::BTreeMap, io::Read as _, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct Convert {
@@ -39,15 +39,7 @@ impl Convert {
     /// jobspec's own.
     pub fn run(self, namespace: Option<String>) -> anyhow::Result<bool> {
         let shown = self.file.display().to_string();
-        let source = if self.file.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading standard input")?;
-            text
-        } else {
-            std::fs::read_to_string(&self.file).with_context(|| format!("reading {shown}"))?
-        };
+        let source = super::read_input(&self.file)?;
         let vars = self
             .vars
             .iter()

@@ -237,6 +237,17 @@ fn key_value(given: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
+/// A file's text, or standard input's for `-` (plan and convert take either).
+fn read_input(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading standard input")?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

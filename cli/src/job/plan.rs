@@ -11,7 +11,7 @@ use kube::{
     Api, Resource as _,
     api::{ApiResource, DynamicObject, PostParams},
 };
-use std::{io::Read as _, path::PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Plan {
@@ -22,15 +22,7 @@ pub struct Plan {
 impl Plan {
     /// True when applying the file would change nothing.
     pub async fn run(self, cluster: &Cluster) -> anyhow::Result<bool> {
-        let text = if self.file.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading standard input")?;
-            text
-        } else {
-            std::fs::read_to_string(&self.file).with_context(|| format!("reading {}", self.file.display()))?
-        };
+        let text = super::read_input(&self.file)?;
         let mut object: DynamicObject = serde_yaml_ng::from_str(&text)
             .with_context(|| format!("{}: not a Kubernetes object in YAML", self.file.display()))?;
         let (api_version, kind) = object
