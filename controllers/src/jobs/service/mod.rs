@@ -29,7 +29,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
 };
 use plan::{Input, state};
 use std::{
@@ -462,26 +462,11 @@ async fn write_services(cx: &Context<State>, job: &Job, running: &Job) -> Result
         return Ok(());
     }
     let namespace = job.namespace().unwrap_or_default();
-    let selector = format!("{}={}", labels::JOB, job.name_any());
-    let listed = Api::<Service>::namespaced(cx.client.clone(), &namespace)
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|source| Error::Kube {
-            action: "listing",
-            kind: "Service".into(),
-            name: selector,
-            source,
-        })?;
-    for old in listed.items {
+    for old in super::batch::owned::<Service>(cx, job).await? {
         let name = old.name_any();
-        let owned = old
-            .owner_references()
+        if !services
             .iter()
-            .any(|o| Some(&o.uid) == job.uid().as_ref());
-        if owned
-            && !services
-                .iter()
-                .any(|s| s.metadata.name.as_deref() == Some(name.as_str()))
+            .any(|s| s.metadata.name.as_deref() == Some(name.as_str()))
         {
             report::delete_owned::<Service>(&cx.client, &namespace, &name).await?;
         }
