@@ -65,14 +65,7 @@ pub fn report(cx: &Context<State>, job: &Job, version: i64, runs: &[Option<Run>]
         .into_iter()
         .filter(|p| p.labels().get(labels::VERSION) == Some(&version))
         .collect();
-    let summary = status::summarize(
-        &desired,
-        &pods,
-        &cx.state.nodes,
-        &cx.state.settings.datacenter_label,
-        status::pod_ready,
-    );
-    let (desired, running) = status::totals(&summary);
+    let (summary, desired, running) = cx.state.summary(&desired, &pods, status::pod_ready);
     Report {
         phase: phase(runs),
         desired,

@@ -106,14 +106,7 @@ fn report(cx: &Context<State>, job: &Job, launches: &[BatchJob]) -> Report {
                 .is_some_and(|n| active_names.contains(n))
         })
         .collect();
-    let summary = status::summarize(
-        &desired,
-        &pods,
-        &cx.state.nodes,
-        &cx.state.settings.datacenter_label,
-        status::pod_ready,
-    );
-    let (desired, running) = status::totals(&summary);
+    let (summary, desired, running) = cx.state.summary(&desired, &pods, status::pod_ready);
     let (phase, ready) = match &job.spec.periodic {
         Some(p) if p.enabled => (
             Phase::Running,

@@ -246,6 +246,27 @@ pub fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+impl super::State {
+    /// [`summarize`] over this state's nodes and datacenter label, with the summary's
+    /// desired and running totals (what every job type reports).
+    pub fn summary(
+        &self,
+        desired: &[(String, i32)],
+        pods: &[Arc<Pod>],
+        healthy: impl Fn(&Pod) -> bool,
+    ) -> (Vec<GroupSummary>, i32, i32) {
+        let summary = summarize(
+            desired,
+            pods,
+            &self.nodes,
+            &self.settings.datacenter_label,
+            healthy,
+        );
+        let (desired, running) = totals(&summary);
+        (summary, desired, running)
+    }
+}
+
 /// The summary per group and datacenter. `desired` is each group's desired count, in
 /// the spec's order; a group's desired allocations are attributed to the datacenters
 /// its unfinished pods are placed in, and what no placed pod accounts for to the row

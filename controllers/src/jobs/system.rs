@@ -49,14 +49,7 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
         }
     }
     let pods = cx.state.pods_of(job);
-    let summary = status::summarize(
-        &desired,
-        &pods,
-        &cx.state.nodes,
-        &settings.datacenter_label,
-        status::pod_ready,
-    );
-    let (desired, running) = status::totals(&summary);
+    let (summary, desired, running) = cx.state.summary(&desired, &pods, status::pod_ready);
     Ok(Report {
         phase: phase(running, rolled.contains(&true)),
         desired,

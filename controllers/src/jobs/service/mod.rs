@@ -130,20 +130,13 @@ pub async fn apply(cx: &Context<State>, job: &Job, version: i64) -> Result<Repor
         .iter()
         .map(|g| (g.name.as_str(), &g.update))
         .collect();
-    let summary = status::summarize(
-        &desired,
-        &pods,
-        &state.nodes,
-        &state.settings.datacenter_label,
-        |pod| {
-            pod.labels()
-                .get(labels::GROUP)
-                .and_then(|g| updates.get(g.as_str()))
-                .and_then(|u| health::judge(pod, u, now))
-                .is_some_and(|h| matches!(h, PodHealth::Healthy { .. }))
-        },
-    );
-    let (desired, running_pods) = status::totals(&summary);
+    let (summary, desired, running_pods) = state.summary(&desired, &pods, |pod| {
+        pod.labels()
+            .get(labels::GROUP)
+            .and_then(|g| updates.get(g.as_str()))
+            .and_then(|u| health::judge(pod, u, now))
+            .is_some_and(|h| matches!(h, PodHealth::Healthy { .. }))
+    });
     let (phase, ready) = verdict(&plan.deployment, desired, &summary);
     Ok(Report {
         phase,
